@@ -1,0 +1,63 @@
+"""Named experiment settings, as plain data.
+
+``gradkit align --preset NAME`` and ``gradkit train --preset NAME`` start from these dicts;
+explicit flags override them. Keys are the flag names with ``-`` written as ``_``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ALIGN_DEFAULTS", "PRESETS", "preset"]
+
+# Defaults of `gradkit align`, the gist's setting without a stated width/batch filled in.
+ALIGN_DEFAULTS: dict = dict(
+    depth=20,
+    width=100,
+    activation="linear",
+    init="gaussian",
+    gain=None,
+    bias=False,
+    targets="iid",
+    target_scale=1.0,
+    batch=50,
+    seeds=10,
+)
+
+PRESETS: dict[str, dict] = {
+    # The gist: a random 20-layer network with random targets.
+    "gist20": dict(ALIGN_DEFAULTS),
+    # The authors' follow-up code: reachable (teacher) targets ...
+    "achievable": dict(
+        depth=8,
+        width=200,
+        activation="centered_leaky_clip",
+        init="gaussian",
+        gain=1.6,
+        bias=False,
+        targets="teacher",
+        target_scale=1.0,
+        batch=1000,
+        seeds=10,
+    ),
+    # ... and the same network with unreachable iid targets.
+    "unachievable": dict(
+        depth=8,
+        width=200,
+        activation="centered_leaky_clip",
+        init="gaussian",
+        gain=1.6,
+        bias=False,
+        targets="iid",
+        target_scale=1.0,
+        batch=1000,
+        seeds=10,
+    ),
+    "base": dict(ALIGN_DEFAULTS, depth=12, width=100),
+    "narrow": dict(ALIGN_DEFAULTS, depth=12, width=30),
+}
+
+
+def preset(name: str) -> dict:
+    """A copy of the preset ``name`` (one of :data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {name!r}")
+    return dict(PRESETS[name])
