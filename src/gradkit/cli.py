@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command -> {subject -> module}; each module exposes add_arguments(parser) and run(args).
@@ -68,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.run(args)
     except (ValueError, TypeError) as error:
-        # User-facing errors (bad flag values) print cleanly instead of a traceback.
+        # User-facing errors (bad flag values) print cleanly instead of a traceback;
+        # GRADKIT_DEBUG=1 shows the traceback when hunting a bug.
+        if os.environ.get("GRADKIT_DEBUG"):
+            raise
         parser.exit(2, f"gradkit {args.command}: error: {error}\n")
     return int(result or 0)
 
