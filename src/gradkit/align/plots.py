@@ -1,0 +1,124 @@
+"""Plots of ``gradkit align``: the mean alignment matrix, cosine by distance, sweep curves.
+
+All functions draw headless (``_io.pyplot``), write one PNG and return its path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+from .._io import pyplot
+
+__all__ = ["plot_by_distance", "plot_matrix", "plot_sweep"]
+
+
+def plot_matrix(matrix: np.ndarray, path: str | Path, *, title: str = "") -> Path:
+    """Heatmap of an ``L×L`` alignment matrix ``S[i, j]`` (NaN cells left blank).
+
+    Rows are the layer ``i`` whose parameters ``φ_i`` the gradients are taken for, columns the
+    loss ``ℓ_j``; layers are numbered from 1 as in the gist. The colour scale is symmetric
+    around 0 so that negative alignment stands out.
+    """
+    plt = pyplot()
+    matrix = np.asarray(matrix, dtype=np.float64)
+    depth = matrix.shape[0]
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    limit = max(float(np.nanmax(np.abs(matrix))), 1e-12)
+    image = ax.imshow(
+        np.ma.masked_invalid(matrix),
+        cmap="RdBu_r",
+        vmin=-limit,
+        vmax=limit,
+        extent=(0.5, depth + 0.5, depth + 0.5, 0.5),
+        interpolation="nearest",
+    )
+    colorbar = fig.colorbar(image, ax=ax)
+    colorbar.set_label("cos(∂ℓ_i/∂φ_i, ∂ℓ_j/∂φ_i)")
+    ax.set_xlabel("j (loss ℓ_j)")
+    ax.set_ylabel("i (parameters φ_i)")
+    ticks = _ticks(depth)
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_title(_wrap("mean alignment matrix\n" + title), fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_by_distance(
+    mean: Sequence[float],
+    low: Sequence[float],
+    high: Sequence[float],
+    path: str | Path,
+    *,
+    baseline: float | None = None,
+    title: str = "",
+) -> Path:
+    """Mean cosine ``S[i, i+d]`` against the distance ``d = j − i``, with a shaded band
+    ``[low, high]`` (the 5–95 % quantiles), the zero line and the random baseline ``1/√P``."""
+    plt = pyplot()
+    distance = np.arange(1, len(mean) + 1)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.fill_between(distance, low, high, alpha=0.25, color="C0", label="5–95 % of pairs")
+    ax.plot(distance, mean, "o-", color="C0", markersize=3, label="mean")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    if baseline is not None:
+        ax.axhline(baseline, color="C3", linestyle="--", linewidth=1, label="random 1/√P")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("distance j − i")
+    ax.set_ylabel("cos(local, distant)")
+    ax.set_title(_wrap(title), fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_sweep(
+    curves: Sequence[Sequence[float]], labels: Sequence[str], path: str | Path, *, title: str = ""
+) -> Path:
+    """One mean-cosine-by-distance curve per sweep setting, on shared axes."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    cmap = plt.get_cmap("tab20" if len(curves) > 10 else "tab10")
+    for k, (curve, label) in enumerate(zip(curves, labels, strict=True)):
+        distance = np.arange(1, len(curve) + 1)
+        ax.plot(distance, curve, "o-", markersize=2.5, color=cmap(k % cmap.N), label=label)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("distance j − i")
+    ax.set_ylabel("mean cos(local, distant)")
+    ax.set_title(_wrap(title), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(
+        fontsize=6 if len(curves) > 8 else 8,
+        ncol=2 if len(curves) > 12 else 1,
+        loc="center left",
+        bbox_to_anchor=(1.01, 0.5),
+    )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _ticks(depth: int) -> list[int]:
+    step = max(1, int(np.ceil(depth / 10)))
+    return list(range(1, depth + 1, step))
+
+
+def _wrap(text: str, width: int = 90) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width) for line in text.splitlines())
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
