@@ -1,0 +1,611 @@
+"""Time soft top-k forward+backward against the seed baseline, torch.topk and a sigmoid pass.
+
+Every number is a median wall time (``time.perf_counter``) of one call of
+``out = f(x); out.backward(u)`` on CPU in float32, with a fixed upstream gradient ``u``, after
+warm-up calls, all methods timed round-robin in one process so that their ratios share the
+same machine load:
+
+* ``gradkit``: :func:`gradkit.soft_topk` (``τ = 1``);
+* ``seed``: the seed post's algorithm, :func:`gradkit.topk.reference.seed_topk` (64 bisection
+  steps, per-element autograd for ``σ'``) — the baseline;
+* ``sigmoid``: one ``torch.sigmoid`` forward+backward, the cost of one pass over memory;
+* ``torch.topk``: hard top-k, forward only (no gradient exists) — the floor;
+* peers when installed (``pip install difftopk pytopk``): ``difftopk`` (a relaxed bitonic
+  sorting network returning a ``(b, n, k)`` soft top-k matrix; its dense matrices need
+  ``O(b·n²·log²n)`` memory, so it is skipped where that exceeds a budget) and ``pytopk``
+  (``NoisedTopK``: the smoothed k-th largest *value* per row, 5 noise samples; a different
+  output, listed for scale).
+
+Ratios reported per shape: ``speedup vs seed = seed / gradkit``, ``× sigmoid pass =
+gradkit / sigmoid``, ``× torch.topk = gradkit / torch.topk``. The issue's targets are
+``speedup vs seed ≥ 10`` and ``× sigmoid pass ≤ 10`` at every shape. Before timing, each
+shape checks that gradkit and the seed agree (max ``|Δp|`` and ``|Δ∂L/∂x|``, and ``Σp − k``).
+
+Slow methods get fewer repeats rather than being skipped: each method gets
+``clamp(budget / t_first, 3, repeats)`` repeats, where ``t_first`` is its first call's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import _io
+from .reference import seed_topk
+from .soft_topk import soft_topk
+
+__all__ = [
+    "DEFAULT_SHAPES",
+    "QUICK_SHAPES",
+    "TARGET_SIGMOID_PASSES",
+    "TARGET_SPEEDUP_VS_SEED",
+    "Shape",
+    "add_arguments",
+    "format_table",
+    "main",
+    "plot_ratios",
+    "run",
+    "run_benchmark",
+]
+
+#: The issue's targets: at least this many times faster than the seed …
+TARGET_SPEEDUP_VS_SEED = 10.0
+#: … and at most this many times the cost of one sigmoid forward+backward pass.
+TARGET_SIGMOID_PASSES = 10.0
+
+#: Minimum number of timed calls per method and shape, however slow the method.
+MIN_REPEATS = 3
+#: difftopk's dense sorting network is skipped where its estimated memory exceeds this.
+DIFFTOPK_MEMORY_BUDGET_BYTES = 3 * 2**30
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark case: ``batch`` rows of ``n`` scores, soft top-``k`` over each row."""
+
+    batch: int
+    n: int
+    k: int
+    label: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.batch}×{self.n}, k={self.k}"
+
+
+DEFAULT_SHAPES = (
+    Shape(4096, 64, 2, "MoE routing"),
+    Shape(256, 1000, 10, "classification"),
+    Shape(64, 32000, 10, "vocabulary"),
+    Shape(64, 32000, 1000, "vocabulary, large k"),
+    Shape(8, 200000, 10, "long rows"),
+)
+QUICK_SHAPES = (
+    Shape(32, 16, 2, "quick"),
+    Shape(4, 64, 5, "quick"),
+)
+
+#: Method keys in table order, with their display names.
+METHOD_NAMES = {
+    "gradkit": "gradkit.soft_topk",
+    "seed": "seed (baseline)",
+    "sigmoid": "sigmoid pass (fwd+bwd)",
+    "torch_topk": "torch.topk (hard, fwd only: floor)",
+    "difftopk": "difftopk (bitonic)",
+    "pytopk": "pytopk NoisedTopK",
+}
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass
+class _Prepared:
+    """A method ready to time: ``step()`` runs one call; or a reason it cannot run."""
+
+    step: Callable[[], None] | None
+    skipped: str | None = None
+
+
+def _forward_backward(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
+    """Return ``step()`` running ``forward(x).backward(u)`` with a fixed random ``u``."""
+    leaf = x.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        upstream = torch.randn_like(forward(leaf))
+
+    def step() -> None:
+        leaf.grad = None
+        forward(leaf).backward(upstream)
+
+    return step
+
+
+def _forward_only(forward: Callable[[torch.Tensor], Any], x: torch.Tensor):
+    def step() -> None:
+        with torch.no_grad():
+            forward(x)
+
+    return step
+
+
+def _import_quietly(name: str):
+    """Import an optional peer; difftopk prints a torch_sparse notice on import."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return __import__(name)
+
+
+def _difftopk_memory_bytes(shape: Shape) -> float:
+    """Rough peak memory of difftopk's dense bitonic network forward+backward.
+
+    Each of the ``L(L+1)/2`` layers (``L = ⌈log₂ n⌉``) keeps two ``(b, n, 2^L/2)`` float32
+    mixing tensors for backward; 1.5× covers the temporaries (measured: 2.0 GB at 4096×64).
+    """
+    levels = max(1, math.ceil(math.log2(shape.n)))
+    layers = levels * (levels + 1) // 2
+    return 1.5 * 2 * layers * shape.batch * shape.n * (2**levels / 2) * 4
+
+
+def _prepare(method: str, shape: Shape, x: torch.Tensor, peers: bool) -> _Prepared:
+    k = shape.k
+    if method == "gradkit":
+        return _Prepared(_forward_backward(lambda t: soft_topk(t, k, dim=-1), x))
+    if method == "seed":
+        return _Prepared(_forward_backward(lambda t: seed_topk(t, k), x))
+    if method == "sigmoid":
+        return _Prepared(_forward_backward(torch.sigmoid, x))
+    if method == "torch_topk":
+        return _Prepared(_forward_only(lambda t: torch.topk(t, k, dim=-1), x))
+    if not peers:
+        return _Prepared(None, "peers disabled (--no-peers)")
+    if method == "difftopk":
+        try:
+            difftopk = _import_quietly("difftopk")
+        except ImportError:
+            return _Prepared(None, "not installed")
+        need = _difftopk_memory_bytes(shape)
+        if need > DIFFTOPK_MEMORY_BUDGET_BYTES:
+            return _Prepared(None, f"needs ~{need / 2**30:.0f} GiB (dense O(b·n²·log²n) network)")
+        network = difftopk.DiffTopkNet("bitonic", shape.n, k, steepness=10.0)
+        return _Prepared(_forward_backward(lambda t: network(t)[1], x))
+    if method == "pytopk":
+        try:
+            pytopk = _import_quietly("pytopk")
+        except ImportError:
+            return _Prepared(None, "not installed")
+        smoothed_kth_value = pytopk.NoisedTopK(k=k, epsilon=1.0, n_sample=5, dim=-1)
+        return _Prepared(_forward_backward(smoothed_kth_value, x))
+    raise ValueError(f"unknown method {method!r}; choose from {sorted(METHOD_NAMES)}")
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _timed(step: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def _agreement(shape: Shape, x: torch.Tensor) -> dict[str, float]:
+    """Max differences between gradkit and the seed on ``x`` (forward, and VJP with one ``u``)."""
+    upstream = torch.randn_like(x)
+    results = {}
+    for name, forward in (
+        ("gradkit", lambda t: soft_topk(t, shape.k, dim=-1)),
+        ("seed", lambda t: seed_topk(t, shape.k)),
+    ):
+        leaf = x.detach().clone().requires_grad_(True)
+        p = forward(leaf)
+        (gradient,) = torch.autograd.grad(p, leaf, upstream)
+        results[name] = (p.detach(), gradient)
+    (p_gradkit, g_gradkit), (p_seed, g_seed) = results["gradkit"], results["seed"]
+    return {
+        "max_abs_diff_p": (p_gradkit - p_seed).abs().max().item(),
+        "max_abs_diff_grad": (g_gradkit - g_seed).abs().max().item(),
+        "max_abs_sum_error_gradkit": (p_gradkit.sum(-1) - shape.k).abs().max().item(),
+        "max_abs_sum_error_seed": (p_seed.sum(-1) - shape.k).abs().max().item(),
+    }
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def _measure_shape(
+    shape: Shape,
+    *,
+    methods: Sequence[str],
+    repeats: int,
+    warmup: int,
+    budget_s: float,
+    peers: bool,
+    generator: torch.Generator,
+) -> dict[str, Any]:
+    x = torch.randn(shape.batch, shape.n, generator=generator, dtype=torch.float32)
+    agreement = _agreement(shape, x)
+
+    prepared = {m: _prepare(m, shape, x, peers) for m in methods}
+    runnable = {m: p.step for m, p in prepared.items() if p.step is not None}
+    planned: dict[str, int] = {}
+    for method, step in runnable.items():
+        first = _timed(step)  # the first call also warms up (allocator, vmap tracing)
+        # Slow methods get fewer repeats (and no extra warm-up) instead of being skipped.
+        extra_warmup = warmup - 1 if first < budget_s / 4 else 0
+        for _ in range(max(0, extra_warmup)):
+            first = min(first, _timed(step))
+        planned[method] = max(MIN_REPEATS, min(repeats, int(budget_s / max(first, 1e-9))))
+
+    times: dict[str, list[float]] = {m: [] for m in runnable}
+    # Round-robin over methods, so a burst of load on the shared CPU hits all of them alike.
+    for round_index in range(max(planned.values(), default=0)):
+        for method, step in runnable.items():
+            if round_index < planned[method]:
+                times[method].append(_timed(step))
+
+    measured: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        if method in times:
+            ms = [1e3 * t for t in times[method]]
+            measured[method] = {
+                "median_ms": statistics.median(ms),
+                "min_ms": min(ms),
+                "repeats": len(ms),
+            }
+        else:
+            measured[method] = {"skipped": prepared[method].skipped}
+
+    def median(method: str) -> float | None:
+        return measured.get(method, {}).get("median_ms")
+
+    gradkit_ms = median("gradkit")
+    ratios = {
+        "speedup_vs_seed": _ratio(median("seed"), gradkit_ms),
+        "x_sigmoid_pass": _ratio(gradkit_ms, median("sigmoid")),
+        "x_torch_topk": _ratio(gradkit_ms, median("torch_topk")),
+        "speedup_vs_difftopk": _ratio(median("difftopk"), gradkit_ms),
+        "speedup_vs_pytopk": _ratio(median("pytopk"), gradkit_ms),
+    }
+    speedup, sigmoid_passes = ratios["speedup_vs_seed"], ratios["x_sigmoid_pass"]
+    targets = {
+        "speedup_vs_seed_met": speedup is not None and speedup >= TARGET_SPEEDUP_VS_SEED,
+        "x_sigmoid_pass_met": sigmoid_passes is not None
+        and sigmoid_passes <= TARGET_SIGMOID_PASSES,
+    }
+    return {
+        "shape": [shape.batch, shape.n],
+        "k": shape.k,
+        "label": shape.label,
+        "methods": measured,
+        "ratios": ratios,
+        "targets": targets,
+        "agreement": agreement,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _environment(threads: int) -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "gradkit": _version("gradkit"),
+        "difftopk": _version("difftopk"),
+        "pytopk": _version("pytopk"),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def run_benchmark(
+    shapes: Sequence[Shape] = DEFAULT_SHAPES,
+    *,
+    threads: int | None = None,
+    repeats: int = 30,
+    warmup: int = 2,
+    budget_s: float = 1.5,
+    seed: int = 0,
+    peers: bool = True,
+    quick: bool = False,
+) -> dict[str, Any]:
+    """Measure every method at every shape; return ``{config, environment, results, summary}``.
+
+    ``torch``'s thread count is set to ``threads`` (default: the machine's cores) for the
+    measurement and restored afterwards.
+    """
+    if threads is None:
+        threads = os.cpu_count() or 1
+    _check_positive_int("threads", threads)
+    _check_positive_int("repeats", repeats)
+    if not (isinstance(warmup, int) and warmup >= 0):
+        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+    if not budget_s > 0:
+        raise ValueError(f"budget must be > 0 seconds, got {budget_s!r}")
+    for shape in shapes:
+        if not 0 < shape.k < shape.n:
+            raise ValueError(f"shape {shape.name}: k must satisfy 0 < k < n")
+
+    methods = list(METHOD_NAMES)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # peers draw noise from the global generator
+    try:
+        results = [
+            _measure_shape(
+                shape,
+                methods=methods,
+                repeats=repeats,
+                warmup=warmup,
+                budget_s=budget_s,
+                peers=peers,
+                generator=generator,
+            )
+            for shape in _io.progress(shapes, "bench topk: shape")
+        ]
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    config = {
+        "shapes": [asdict(s) for s in shapes],
+        "dtype": "float32",
+        "device": "cpu",
+        "temperature": 1.0,
+        "threads": threads,
+        "repeats": repeats,
+        "min_repeats": MIN_REPEATS,
+        "warmup": warmup,
+        "budget_s": budget_s,
+        "seed": seed,
+        "peers": peers,
+        "quick": quick,
+        "methods": METHOD_NAMES,
+        "timing": "median of perf_counter wall times of forward+backward (torch.topk: forward)",
+    }
+    summary = {
+        "target_speedup_vs_seed": TARGET_SPEEDUP_VS_SEED,
+        "target_x_sigmoid_pass": TARGET_SIGMOID_PASSES,
+        "speedup_vs_seed_met_everywhere": all(r["targets"]["speedup_vs_seed_met"] for r in results),
+        "x_sigmoid_pass_met_everywhere": all(r["targets"]["x_sigmoid_pass_met"] for r in results),
+    }
+    return {
+        "config": config,
+        "environment": _environment(threads),
+        "results": results,
+        "summary": summary,
+    }
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """Markdown tables of the timings, ratios and agreement checks, plus machine info."""
+    env = report["environment"]
+    lines = [
+        f"torch {env['torch']}, {env['threads']} thread(s), CPU: {env['cpu']} "
+        f"({env['cpu_count']} cores), Python {env['python']}; float32, median ms of "
+        "forward+backward",
+        "",
+        "| shape (b×n) | k | "
+        + " | ".join(f"{METHOD_NAMES[m]} ms" for m in METHOD_NAMES)
+        + " | speedup vs seed | × sigmoid pass | × torch.topk |",
+        "|" + "---|" * (2 + len(METHOD_NAMES) + 3),
+    ]
+    notes: dict[str, str] = {}
+    for result in report["results"]:
+        cells = []
+        for method in METHOD_NAMES:
+            entry = result["methods"][method]
+            if "median_ms" in entry:
+                cells.append(f"{entry['median_ms']:.3g}")
+            else:
+                cells.append("n/a")
+                notes.setdefault(f"{method}: {entry['skipped']}", "")
+        ratios = result["ratios"]
+        batch, n = result["shape"]
+        lines.append(
+            f"| {batch}×{n} | {result['k']} | "
+            + " | ".join(cells)
+            + f" | {_cell(ratios['speedup_vs_seed'], '.1f')}×"
+            + f" | {_cell(ratios['x_sigmoid_pass'], '.1f')}"
+            + f" | {_cell(ratios['x_torch_topk'], '.1f')} |"
+        )
+    if notes:
+        lines += ["", "n/a: " + "; ".join(notes)]
+    lines += [
+        "",
+        "| shape (b×n) | k | max abs Δp vs seed | max abs Δ∂L/∂x vs seed "
+        "| max abs Σp−k gradkit | max abs Σp−k seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in report["results"]:
+        a = result["agreement"]
+        batch, n = result["shape"]
+        lines.append(
+            f"| {batch}×{n} | {result['k']} | {a['max_abs_diff_p']:.2e} "
+            f"| {a['max_abs_diff_grad']:.2e} | {a['max_abs_sum_error_gradkit']:.2e} "
+            f"| {a['max_abs_sum_error_seed']:.2e} |"
+        )
+    summary = report["summary"]
+    lines += [
+        "",
+        f"Target ≥ {TARGET_SPEEDUP_VS_SEED:g}× faster than the seed at every shape: "
+        + ("met" if summary["speedup_vs_seed_met_everywhere"] else "NOT met"),
+        f"Target ≤ {TARGET_SIGMOID_PASSES:g}× one sigmoid pass at every shape: "
+        + ("met" if summary["x_sigmoid_pass_met_everywhere"] else "NOT met"),
+    ]
+    return "\n".join(lines)
+
+
+def plot_ratios(report: dict[str, Any], path: str | Path) -> Path:
+    """Bar plot of the three ratios per shape, with the targets drawn as dashed lines."""
+    plt = _io.pyplot()
+    from matplotlib import ticker
+
+    results = report["results"]
+    labels = [f"{r['shape'][0]}×{r['shape'][1]}\nk={r['k']}" for r in results]
+    panels = (
+        ("speedup_vs_seed", "speedup vs seed (seed / gradkit)", TARGET_SPEEDUP_VS_SEED, "≥"),
+        ("x_sigmoid_pass", "× sigmoid pass (gradkit / sigmoid)", TARGET_SIGMOID_PASSES, "≤"),
+        ("x_torch_topk", "× torch.topk (gradkit / hard top-k fwd)", None, ""),
+    )
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
+    for axis, (key, title, target, relation) in zip(axes, panels, strict=True):
+        values = [r["ratios"][key] for r in results]
+        heights = [v if v is not None else 0.0 for v in values]
+        bars = axis.bar(range(len(results)), heights, color="tab:blue")
+        for bar, value in zip(bars, values, strict=True):
+            axis.annotate(
+                _cell(value, ".1f"),
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        if target is not None:
+            axis.axhline(
+                target, color="tab:red", linestyle="--", label=f"target {relation}{target:g}"
+            )
+            axis.legend(fontsize=8)
+        axis.set_xticks(range(len(results)), labels, fontsize=7)
+        axis.set_yscale("log")
+        # Bars start at 1 (a ratio of one) and the target line stays in view.
+        shown = [v for v in values if v] + ([target] if target else []) + [1.0]
+        axis.set_ylim(min(shown) / 2, max(shown) * 2)
+        axis.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_title(title, fontsize=9)
+    env = report["environment"]
+    figure.suptitle(
+        f"gradkit soft top-k, CPU float32, torch {env['torch']}, {env['threads']} thread(s)",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``gradkit bench topk`` (also ``python benchmarks/topk.py``)."""
+    parser.add_argument("--json", metavar="FILE", help="also write the results JSON to FILE")
+    parser.add_argument(
+        "--out", metavar="DIR", help="run folder for results.json and the plot (default: runs/…)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for the measurement (default: the machine's cores)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="max timed calls per method (default 30; quick 3)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="warm-up calls per method, first included"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds per method and shape that set its repeats (default 1.5; quick 0.2)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny shapes and few repeats (a smoke test)"
+    )
+    parser.add_argument(
+        "--no-peers", action="store_true", help="skip difftopk/pytopk even when installed"
+    )
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark from parsed flags: print the table, write JSON (and a PNG)."""
+    quick = bool(args.quick)
+    repeats = args.repeats if args.repeats is not None else (3 if quick else 30)
+    budget = args.budget if args.budget is not None else (0.2 if quick else 1.5)
+    if args.threads is not None:
+        _check_positive_int("--threads", args.threads)
+    report = run_benchmark(
+        QUICK_SHAPES if quick else DEFAULT_SHAPES,
+        threads=args.threads,
+        repeats=repeats,
+        warmup=args.warmup,
+        budget_s=budget,
+        seed=args.seed,
+        peers=not args.no_peers,
+        quick=quick,
+    )
+    print(format_table(report))
+    run_dir = _io.new_run_dir("bench-topk", args.out)
+    written = [_io.write_json(run_dir / "results.json", report)]
+    if args.json:
+        written.append(_io.write_json(args.json, report))
+    if not args.no_plot:
+        written.append(plot_ratios(report, run_dir / "ratios.png"))
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m gradkit.topk.benchmark`` / ``python benchmarks/topk.py`` entry point."""
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/topk.py", description=(__doc__ or "").strip().splitlines()[0]
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
