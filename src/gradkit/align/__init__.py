@@ -1,5 +1,12 @@
 """The gradient-alignment lab: random deep nets, layerwise targets, alignment measurements."""
 
+from .measure import (
+    alignment_matrix,
+    alignment_matrix_naive,
+    alignment_report,
+    alignment_report_naive,
+    per_loss_gradients,
+)
 from .networks import ACTIVATIONS, INITS, DenseLayer, KWinnersTakeAll, forward_states, make_mlp
 from .presets import PRESETS, preset
 from .targets import TARGET_MODES, layer_losses, make_targets
@@ -11,9 +18,14 @@ __all__ = [
     "TARGET_MODES",
     "DenseLayer",
     "KWinnersTakeAll",
+    "alignment_matrix",
+    "alignment_matrix_naive",
+    "alignment_report",
+    "alignment_report_naive",
     "forward_states",
     "layer_losses",
     "make_mlp",
     "make_targets",
+    "per_loss_gradients",
     "preset",
 ]
