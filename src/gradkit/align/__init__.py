@@ -1,5 +1,6 @@
 """The gradient-alignment lab: random deep nets, layerwise targets, alignment measurements."""
 
+from .decompose import decomposition, decomposition_naive
 from .measure import (
     alignment_matrix,
     alignment_matrix_naive,
@@ -22,6 +23,8 @@ __all__ = [
     "alignment_matrix_naive",
     "alignment_report",
     "alignment_report_naive",
+    "decomposition",
+    "decomposition_naive",
     "forward_states",
     "layer_losses",
     "make_mlp",

@@ -1,0 +1,180 @@
+"""The gist's internal/external analysis of the alignment, for every pair of layers.
+
+For the square loss the cotangent of ``ℓ_j = ‖s_j − s_j*‖²`` at ``s_j`` splits into a part
+that depends only on the network's own states and a part carried by the target::
+
+    ∂ℓ_j/∂s_j = 2 s_j  +  (−2 s_j*)
+
+Back-propagation is linear in the cotangent, so every gradient splits the same way:
+
+    g_ij = ∂ℓ_j/∂φ_i = in_ij + ex_ij,
+    in_ij = the gradient with the target set to zero (s_j* = 0): a function of the input only,
+    ex_ij = g_ij − in_ij = −2 (s_j*)ᵀ-weighted vjp: the target-dependent part.
+
+(The gist writes ``g = internal − external`` with ``external = +s*ᵀ x``; ours carries the
+sign, so ``g = in + ex`` and the four cross terms below simply add up.) With
+``a = g_ii`` (local) and ``b = g_ij`` (distant, ``j ≥ i``)::
+
+    cos(a, b) = ⟨in_ii + ex_ii, in_ij + ex_ij⟩ / (‖g_ii‖‖g_ij‖)
+              = in_in + in_ex + ex_in + ex_ex,
+    in_in[i, j] = ⟨in_ii, in_ij⟩ / (‖g_ii‖‖g_ij‖),   in_ex = ⟨in_ii, ex_ij⟩ / (…),
+    ex_in[i, j] = ⟨ex_ii, in_ij⟩ / (…),              ex_ex = ⟨ex_ii, ex_ij⟩ / (…),
+
+normalised by the *full* gradients' norms, so the four terms sum to ``S[i, j]`` exactly
+(up to rounding). First letter: the local gradient's part; second: the distant one's.
+In a linear network ``⟨in_ii, in_ij⟩ = 4‖P W_i AᵀA‖² ≥ 0`` (``P = W_j⋯W_{i+1}``, ``A`` the
+layer's input): the internal parts never disagree — the gist's explanation of the alignment.
+
+Computed by the same single reverse sweep as :func:`gradkit.align.measure.alignment_report`
+with two cotangent channels (internal, external) per loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .measure import (
+    _check_inputs,
+    _check_method,
+    _check_target_shapes,
+    _cosine,
+    _Grads,
+    _inner,
+    _reverse_sweep,
+    _sq_norm,
+    per_loss_gradients,
+)
+
+__all__ = ["DECOMPOSITION_KEYS", "decomposition", "decomposition_naive"]
+
+DECOMPOSITION_KEYS = (
+    "in_in",
+    "in_ex",
+    "ex_in",
+    "ex_ex",
+    "in_in_raw",
+    "in_ex_raw",
+    "ex_in_raw",
+    "ex_ex_raw",
+    "matrix",
+    "grad_norms",
+    "internal_norms",
+    "external_norms",
+)
+
+_TERMS = (("in_in", 0, 0), ("in_ex", 0, 1), ("ex_in", 1, 0), ("ex_ex", 1, 1))
+
+
+def _split_seed(s: Tensor, target: Tensor) -> Tensor:
+    """The two cotangent channels of ``ℓ = ‖s − s*‖²``: internal ``2s``, external ``−2s*``."""
+    return torch.stack([2 * s, -2 * target])
+
+
+def _finish(raw: dict[str, Tensor], sq_full: Tensor) -> dict[str, Tensor]:
+    """Normalise the raw inner products by ``‖g_ii‖‖g_ij‖`` and mask below the diagonal."""
+    n = sq_full.shape[0]
+    upper = torch.ones(n, n, dtype=torch.bool).triu()
+    diag = torch.diagonal(sq_full).unsqueeze(1)
+    out: dict[str, Tensor] = {}
+    for name, _, _ in _TERMS:
+        denom = torch.sqrt(diag * sq_full)
+        value = raw[name] / torch.where(denom > 0, denom, torch.ones_like(denom))
+        out[name] = torch.where(upper & (denom > 0), value, math.nan)
+    for name, _, _ in _TERMS:
+        out[f"{name}_raw"] = torch.where(upper, raw[name], math.nan)
+    full_dot = raw["in_in"] + raw["in_ex"] + raw["ex_in"] + raw["ex_ex"]
+    out["matrix"] = torch.where(upper, _cosine(full_dot, diag, sq_full), math.nan)
+    out["grad_norms"] = torch.where(upper, sq_full.sqrt(), math.nan)
+    out["internal_norms"] = torch.where(upper, raw["sq_in"].sqrt(), math.nan)
+    out["external_norms"] = torch.where(upper, raw["sq_ex"].sqrt(), math.nan)
+    return out
+
+
+def decomposition(
+    layers: Sequence[nn.Module],
+    x: Tensor,
+    targets: Sequence[Tensor],
+    *,
+    method: str = "auto",
+) -> dict[str, Tensor]:
+    """Internal/external decomposition of every local–distant pair (module docstring).
+
+    Args:
+        layers, x, targets, method: as in :func:`gradkit.align.measure.alignment_report`.
+
+    Returns:
+        float64 ``(L, L)`` tensors, entries ``j ≥ i`` (NaN below the diagonal):
+
+        * ``in_in``, ``in_ex``, ``ex_in``, ``ex_ex``: the normalised cross terms; they sum to
+          ``matrix``. NaN where ``g_ii`` or ``g_ij`` is zero.
+        * ``in_in_raw`` … ``ex_ex_raw``: the unnormalised inner products
+          ``⟨in_ii, in_ij⟩`` etc.
+        * ``matrix``: ``S[i, j] = cos(g_ii, g_ij)`` (the diagonal computed, ``1 ± rounding``).
+        * ``grad_norms``, ``internal_norms``, ``external_norms``: ``‖g_ij‖``, ``‖in_ij‖``,
+          ``‖ex_ij‖``.
+    """
+    _check_method(method)
+    n = len(_check_inputs(layers, x, targets)[0])
+    raw = {
+        name: torch.full((n, n), math.nan, dtype=torch.float64)
+        for name in ("in_in", "in_ex", "ex_in", "ex_ex", "sq_in", "sq_ex", "sq_full")
+    }
+
+    def consume(i: int, grads: _Grads, num_params: int) -> None:
+        m = n - i
+        pairs = grads.view(m, 2)  # (j, channel)
+        parts = (pairs[:, 0], pairs[:, 1])  # internal, external stacks over j ≥ i
+        for name, a, b in _TERMS:
+            raw[name][i, i:] = _inner(parts[a][0], parts[b]).double().cpu()
+        raw["sq_in"][i, i:] = _sq_norm(parts[0]).double().cpu()
+        raw["sq_ex"][i, i:] = _sq_norm(parts[1]).double().cpu()
+        raw["sq_full"][i, i:] = _sq_norm(parts[0] + parts[1]).double().cpu()
+
+    _reverse_sweep(layers, x, targets, _split_seed, consume, method)
+    return _finish(raw, raw["sq_full"])
+
+
+def decomposition_naive(
+    layers: Sequence[nn.Module], x: Tensor, targets: Sequence[Tensor]
+) -> dict[str, Tensor]:
+    """:func:`decomposition` by brute force: ``in_ij`` from one backward per loss with zero
+    targets, ``g_ij`` from one backward per loss with the real ones, ``ex_ij = g_ij − in_ij``.
+    """
+    layers_list, _ = _check_inputs(layers, x, targets)
+    n = len(layers_list)
+    zeros = [torch.zeros_like(t) for t in targets]
+    full = per_loss_gradients(layers_list, x, targets)
+    internal = per_loss_gradients(layers_list, x, zeros)
+    with torch.no_grad():  # shape check only
+        states, s = [], x
+        for layer in layers_list:
+            s = layer(s)
+            states.append(s)
+        _check_target_shapes(states, targets)
+
+    def flat(parts: list[Tensor]) -> Tensor:
+        return torch.cat([p.reshape(-1) for p in parts]).double()
+
+    raw = {
+        name: torch.full((n, n), math.nan, dtype=torch.float64)
+        for name in ("in_in", "in_ex", "ex_in", "ex_ex", "sq_in", "sq_ex", "sq_full")
+    }
+    for i in range(n):
+        g_local = flat(full[i][i])
+        in_local = flat(internal[i][i])
+        ex_local = g_local - in_local
+        for j in range(i, n):
+            g = flat(full[j][i])
+            in_ = flat(internal[j][i])
+            ex = g - in_
+            local_parts, distant_parts = (in_local, ex_local), (in_, ex)
+            for name, a, b in _TERMS:
+                raw[name][i, j] = torch.dot(local_parts[a], distant_parts[b]).item()
+            raw["sq_in"][i, j] = torch.dot(in_, in_).item()
+            raw["sq_ex"][i, j] = torch.dot(ex, ex).item()
+            raw["sq_full"][i, j] = torch.dot(g, g).item()
+    return _finish(raw, raw["sq_full"])
