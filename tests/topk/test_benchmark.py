@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +136,15 @@ def test_benchmark_cli_reports_bad_flag_cleanly(tmp_path, capsys):
         benchmark.main(["--quick", "--repeats", "0", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "repeats must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_benchmarks_script_runs_the_package_benchmark(tmp_path, monkeypatch, capsys):
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "topk.py"
+    argv = [str(script), "--quick", "--no-peers", "--no-plot", "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["quick"] is True
+    assert not (tmp_path / "ratios.png").exists()
+    assert "speedup vs seed" in capsys.readouterr().out
