@@ -401,7 +401,11 @@ def summarize(matrices: np.ndarray) -> AlignmentSummary:
 
 
 def _decomposition_by_distance(decompositions: list[dict], depth: int) -> dict | None:
-    """Mean of each decomposition term at each distance ``d = 1 … L−1`` (pooled like S)."""
+    """Mean of each decomposition term at each distance ``d = 1 … L−1`` (pooled like S).
+
+    Also the median ratio ``‖in_ij‖/‖ex_ij‖`` at each distance ``d = 0 … L−1`` (``d = 0``:
+    the local gradient itself).
+    """
     if not decompositions:
         return None
     out: dict[str, Any] = {"distance": list(range(1, depth))}
@@ -412,6 +416,19 @@ def _decomposition_by_distance(decompositions: list[dict], depth: int) -> dict |
         ]
         rows, cols = np.triu_indices(depth, k=1)
         out.setdefault("mean_over_pairs", {})[term] = float(stack[:, rows, cols].mean())
+    if "internal_norms" in decompositions[0] and "external_norms" in decompositions[0]:
+        # How big the target-free part of each gradient is against the target-carried part:
+        # the cosine can only be driven by in·in when ‖in‖ is not small against ‖ex‖.
+        ratio = np.stack(
+            [
+                np.asarray(d["internal_norms"]) / np.asarray(d["external_norms"])
+                for d in decompositions
+            ]
+        )
+        out["internal_external_norm_ratio"] = [
+            float(np.median(np.diagonal(ratio, offset=d, axis1=1, axis2=2)))
+            for d in range(0, depth)
+        ]
     return out
 
 
@@ -496,11 +513,8 @@ def _cell(value: Any) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return "–"  # e.g. the last layer has no distant gradient
     if isinstance(value, float):
-        return (
-            f"{value:.3g}"
-            if abs(value) >= 1e3 or (value != 0 and abs(value) < 1e-3)
-            else (f"{value:.3f}")
-        )
+        # Cosines print as fixed decimals (0.000 reads as "nothing"); big norms as 3 digits.
+        return f"{value:.3g}" if abs(value) >= 1e4 else f"{value:.3f}"
     return str(value)
 
 
@@ -525,9 +539,18 @@ def _print_run_summary(result: dict, n_seeds: int) -> None:
     decomposition = result["decomposition"]
     header = ["j−i", "mean cos", "5 %", "95 %"]
     if decomposition is not None:
+        # The four terms add up to the mean cosine; ‖in‖/‖ex‖ is that of the distant gradient.
+        terms = ("in_in", "in_ex", "ex_in", "ex_ex")
         header += ["in·in", "in·ex", "ex·in", "ex·ex"]
+        ratio = decomposition.get("internal_external_norm_ratio")
+        if ratio is not None:
+            header.append("‖in‖/‖ex‖")
         rows = [
-            (*row, *(decomposition[t][row[0] - 1] for t in ("in_in", "in_ex", "ex_in", "ex_ex")))
+            (
+                *row,
+                *(decomposition[t][row[0] - 1] for t in terms),
+                *(() if ratio is None else (ratio[row[0]],)),
+            )
             for row in rows
         ]
     print()

@@ -1,0 +1,213 @@
+"""`gradkit align [run|sweep]`: outputs, statistics, flag resolution and errors (tiny nets)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gradkit.align import experiment
+from gradkit.align.presets import ALIGN_DEFAULTS, PRESETS
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TINY = ["--depth", "3", "--width", "5", "--batch", "4", "--seeds", "2"]
+
+
+def gradkit(argv: list[str]) -> int:
+    from gradkit.cli import main
+
+    return main(argv)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gradkit align")
+    experiment.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def assert_png(path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
+    assert len(data) > 5_000, f"{path.name} is suspiciously small ({len(data)} bytes)"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("align")
+    assert gradkit(["align", *TINY, "--out", str(out)]) == 0
+    return out, json.loads((out / "alignment.json").read_text())
+
+
+def test_run_writes_contract_json_and_plots(tiny_run):
+    out, result = tiny_run
+    for key in (
+        "config",
+        "matrices",
+        "mean_by_distance",
+        "fraction_all_positive",
+        "band_by_distance",
+        "fraction_positive_pairs",
+        "per_layer",
+        "decomposition",
+        "environment",
+        "timing",
+    ):
+        assert key in result, key
+    depth = 3
+    assert result["config"]["depth"] == depth and result["config"]["seeds"] == 2
+    assert len(result["matrices"]) == 2
+    for matrix in result["matrices"]:
+        assert len(matrix) == depth and all(len(row) == depth for row in matrix)
+        for i, j in itertools.product(range(depth), repeat=2):
+            if j < i:
+                assert matrix[i][j] is None  # NaN below the diagonal is written as null
+            else:
+                assert -1.0 - 1e-9 <= matrix[i][j] <= 1.0 + 1e-9
+        assert all(math.isclose(matrix[i][i], 1.0, rel_tol=1e-9) for i in range(depth))
+    assert len(result["mean_by_distance"]) == depth - 1
+    assert 0.0 <= result["fraction_all_positive"] <= 1.0
+    assert 0.0 <= result["fraction_positive_pairs"] <= 1.0
+    assert len(result["band_by_distance"]["p05"]) == depth - 1
+    assert len(result["per_layer"]["random_baseline"]) == depth
+    assert result["environment"]["torch"]
+    assert_png(out / "alignment.png")
+    assert_png(out / "by_distance.png")
+
+
+def test_summary_statistics_match_an_independent_computation(tiny_run):
+    _, result = tiny_run
+    matrices = [
+        np.array([[np.nan if v is None else v for v in row] for row in m])
+        for m in result["matrices"]
+    ]
+    depth = len(matrices[0])
+    for d in range(1, depth):
+        values = [m[i, i + d] for m in matrices for i in range(depth - d)]
+        assert result["mean_by_distance"][d - 1] == pytest.approx(sum(values) / len(values))
+        low, high = (
+            result["band_by_distance"]["p05"][d - 1],
+            result["band_by_distance"]["p95"][d - 1],
+        )
+        assert min(values) - 1e-12 <= low <= high <= max(values) + 1e-12
+    pairs = [[m[i, j] for i in range(depth) for j in range(i + 1, depth)] for m in matrices]
+    positive = [v > 0 for seed in pairs for v in seed]
+    assert result["fraction_positive_pairs"] == pytest.approx(sum(positive) / len(positive))
+    all_positive = [all(v > 0 for v in seed) for seed in pairs]
+    assert result["fraction_all_positive"] == pytest.approx(sum(all_positive) / len(all_positive))
+    # The decomposition's four terms add up to the cosine, so their means add up too.
+    decomposition = result["decomposition"]
+    total = np.sum([decomposition[t] for t in ("in_in", "in_ex", "ex_in", "ex_ex")], axis=0)
+    np.testing.assert_allclose(total, result["mean_by_distance"], atol=1e-9)
+
+
+def test_summarize_on_hand_made_matrices():
+    nan = math.nan
+    first = [[1, 0.5, 0.2], [nan, 1, 0.4], [nan, nan, 1]]
+    second = [[1, 0.3, -0.1], [nan, 1, 0.6], [nan, nan, 1]]
+    summary = experiment.summarize(np.array([first, second]))
+    assert summary.mean_by_distance == pytest.approx([(0.5 + 0.4 + 0.3 + 0.6) / 4, 0.05])
+    assert summary.fraction_positive_pairs == pytest.approx(5 / 6)
+    assert summary.fraction_all_positive == pytest.approx(0.5)
+    assert summary.positive_pairs_per_seed == [3, 2]
+    with pytest.raises(ValueError, match="seeds, L, L"):
+        experiment.summarize(np.ones((2, 3, 4)))
+
+
+def test_same_seeds_reproduce_and_first_seed_changes_the_draw(tmp_path):
+    argv = ["align", *TINY, "--no-decompose"]
+    gradkit([*argv, "--out", str(tmp_path / "a")])
+    gradkit([*argv, "--out", str(tmp_path / "b")])
+    gradkit([*argv, "--first-seed", "5", "--out", str(tmp_path / "c")])
+    a, b, c = (json.loads((tmp_path / n / "alignment.json").read_text()) for n in "abc")
+    assert a["matrices"] == b["matrices"]
+    assert a["matrices"] != c["matrices"]
+    assert a["decomposition"] is None
+
+
+def test_preset_then_flags_override_it():
+    settings = experiment.resolve_settings(parse(["--preset", "achievable", "--width", "50"]))
+    achievable = PRESETS["achievable"]
+    assert settings["width"] == (50,)  # explicit flag beats the preset
+    for key in ("depth", "activation", "gain", "targets", "batch"):
+        assert settings[key] == (achievable[key],), key
+    settings = experiment.resolve_settings(
+        parse(["--preset", "unachievable", "--targets", "teacher"])
+    )
+    assert settings["targets"] == ("teacher",)
+    assert settings["activation"] == (PRESETS["unachievable"]["activation"],)
+    defaults = experiment.resolve_settings(parse([]))
+    for key in ("depth", "width", "activation", "init", "targets", "batch", "seeds"):
+        assert defaults[key] == (ALIGN_DEFAULTS[key],), key
+    assert experiment.resolve_settings(parse(["--bias"]))["bias"] == (True,)
+
+
+def test_gain_auto_resolves_to_the_activation_default(tmp_path):
+    gradkit(["align", *TINY, "--activation", "relu", "--no-decompose", "--out", str(tmp_path)])
+    config = json.loads((tmp_path / "alignment.json").read_text())["config"]
+    assert config["gain"] == pytest.approx(math.sqrt(2.0))
+    assert config["gain_requested"] is None
+
+
+def test_sweep_writes_one_row_per_grid_point(tmp_path, capsys):
+    argv = [
+        "align",
+        "sweep",
+        "--activation",
+        "linear,tanh",
+        "--width",
+        "3,4",
+        "--depth",
+        "3",
+        "--batch",
+        "4",
+        "--seeds",
+        "2",
+        "--no-decompose",
+        "--out",
+        str(tmp_path),
+    ]
+    assert gradkit(argv) == 0
+    table = capsys.readouterr().out
+    assert "| width | activation |" in table
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    assert result["config"]["swept"] == ["width", "activation"]
+    grid = [(row["setting"]["width"], row["setting"]["activation"]) for row in result["rows"]]
+    assert sorted(grid) == sorted(itertools.product([3, 4], ["linear", "tanh"]))
+    for row in result["rows"]:
+        assert len(row["mean_by_distance"]) == 2
+        assert row["cos_d1"] == row["mean_by_distance"][0]
+        assert row["cos_dmax"] == row["mean_by_distance"][-1]
+    with open(tmp_path / "sweep.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4
+    assert {"width", "activation", "cos_d1", "fraction_all_positive"} <= set(rows[0])
+    assert_png(tmp_path / "sweep.png")
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "allowed"),
+    [
+        (["--activation", "sigmoid"], "--activation", "linear"),
+        (["--init", "xavier"], "--init", "orthogonal"),
+        (["--targets", "random"], "--targets", "teacher"),
+        (["--width", "0"], "--width", "≥ 1"),
+        (["--depth", "1"], "--depth", "≥ 2"),
+        (["--gain", "-1"], "--gain", "> 0"),
+        (["--target-scale", "nan"], "--target-scale", "> 0"),
+        (["--preset", "nope"], "--preset", "gist20"),
+        (["--width", "30,100"], "--width", "gradkit align sweep"),  # a list outside sweep mode
+        (["sweep", "--seeds", "2,3"], "--seeds", "one value"),
+    ],
+)
+def test_bad_flags_exit_2_naming_the_flag(argv, flag, allowed, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gradkit(["align", *argv, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert flag in message and allowed in message, message
+    assert not (tmp_path / "alignment.json").exists()
