@@ -39,7 +39,9 @@ class _SoftTopKFunction(torch.autograd.Function):
         _, k, temperature = inputs
         ctx.temperature = temperature
         ctx.k_is_tensor = isinstance(k, Tensor)
+        ctx.out_dtype = output.dtype
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -52,6 +54,22 @@ class _SoftTopKFunction(torch.autograd.Function):
         if not (ctx.k_is_tensor and ctx.needs_input_grad[1]):
             grad_k = None
         return grad_x, grad_k, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent: Tensor | None, k_tangent: Tensor | None, _) -> Tensor:
+        # The Jacobian in x, (diag(v) − v vᵀ/Σv)/τ, is symmetric: the JVP is the VJP formula.
+        (p,) = ctx.saved_tensors
+        compute_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        p = p.to(compute_dtype)
+        if x_tangent is None:
+            x_tangent = torch.zeros_like(p)
+        tangent, _ = soft_topk_vjp(x_tangent.to(compute_dtype), p, ctx.temperature)
+        if ctx.k_is_tensor and k_tangent is not None:
+            v = p - p * p
+            total = v.sum(dim=-1, keepdim=True)
+            share = v / torch.where(total > 0, total, torch.ones_like(total))
+            tangent = tangent + share * k_tangent.to(compute_dtype).unsqueeze(-1)
+        return tangent.to(ctx.out_dtype)
 
     @staticmethod
     def vmap(info, in_dims, x: Tensor, k: Tensor | float, temperature: float):
@@ -123,7 +141,7 @@ def _hard_mask(x: Tensor, k: Tensor | float, soft: Tensor) -> Tensor:
     else:
         _, index = torch.topk(x, int(k), dim=-1, sorted=False)
         chosen = torch.ones(index.shape, dtype=soft.dtype, device=x.device)
-    mask = torch.zeros(x.shape, dtype=soft.dtype, device=x.device).scatter_(-1, index, chosen)
+    mask = torch.zeros(x.shape, dtype=soft.dtype, device=x.device).scatter(-1, index, chosen)
     # −inf entries are never selected; a slice with a NaN is NaN, as in the soft value.
     mask = torch.where(x == -math.inf, 0.0, mask).to(soft.dtype)
     return torch.where(torch.isnan(soft), soft, mask)
