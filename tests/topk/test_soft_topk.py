@@ -240,6 +240,18 @@ def test_module_matches_function_and_repr():
         SoftTopK(2, temperature=0)
 
 
+def test_module_with_tensor_budgets():
+    x = _randn(3, 6)
+    budget = torch.tensor([1.0, 2.0, 3.5], dtype=torch.float64)
+    layer = SoftTopK(budget)
+    assert "k" in dict(layer.named_buffers())  # follows .to(device)
+    torch.testing.assert_close(layer(x).sum(-1), budget)
+    learnable = SoftTopK(torch.nn.Parameter(budget.clone()))
+    assert "k" in dict(learnable.named_parameters())
+    learnable(x)[:, 0].sum().backward()
+    assert learnable.k.grad is not None and torch.isfinite(learnable.k.grad).all()
+
+
 def test_docstring_teaches_the_operator():
     doc = soft_topk.__doc__
     for needle in ("σ((x_i − θ)/τ)", "Σ_i p_i = k", "Example", "hard", "−inf", "Complexity"):

@@ -213,6 +213,12 @@ def test_half_precision_is_preserved_and_finite(dtype):
     assert big.dtype == dtype and torch.isfinite(big).all()
 
 
+def test_half_precision_gradient_saturates_instead_of_overflowing():
+    x = torch.zeros(2, 2, dtype=torch.float16)  # ties: gradient 1/(8τ) = 1.25e7 > 65504
+    grad = _grad(x, lambda a: soft_topk(a, 1, temperature=1e-8))
+    assert torch.isfinite(grad).all() and grad.abs().max() == torch.finfo(torch.float16).max
+
+
 # ------------------------------------------------------------------------------ hard
 
 

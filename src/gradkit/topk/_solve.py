@@ -250,6 +250,11 @@ def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
         gap = mass_lo - mass_hi
         weight = torch.clamp((k_finite - mass_hi) / torch.where(gap != 0, gap, 1.0), 0.0, 1.0)
         p = torch.where(unresolved, weight * p_lo + (1 - weight) * p_hi, p)
+    tied = (x_max == x_min) & ~trivial
+    if bool(tied.any()):
+        # Exactly tied slices: p = k/n without the rounding of t (which is off by an ulp of
+        # x/τ when τ ≪ |x|).
+        p = torch.where(tied, k_finite / torch.clamp(n, min=1.0), p)
     if finite is not None:
         share = torch.clamp(k / torch.clamp(n_positive, min=1.0), max=1.0)
         p = torch.where(finite, p, torch.where(positive, share, 0.0))

@@ -50,7 +50,7 @@ class _SoftTopKFunction(torch.autograd.Function):
         grad_x, grad_k = soft_topk_vjp(
             grad_output.to(compute_dtype), p.to(compute_dtype), ctx.temperature
         )
-        grad_x = grad_x.to(p.dtype)
+        grad_x = _to_dtype_saturating(grad_x, p.dtype)
         if not (ctx.k_is_tensor and ctx.needs_input_grad[1]):
             grad_k = None
         return grad_x, grad_k, None
@@ -69,7 +69,7 @@ class _SoftTopKFunction(torch.autograd.Function):
             total = v.sum(dim=-1, keepdim=True)
             share = v / torch.where(total > 0, total, torch.ones_like(total))
             tangent = tangent + share * k_tangent.to(compute_dtype).unsqueeze(-1)
-        return tangent.to(ctx.out_dtype)
+        return _to_dtype_saturating(tangent, ctx.out_dtype)
 
     @staticmethod
     def vmap(info, in_dims, x: Tensor, k: Tensor | float, temperature: float):
@@ -82,6 +82,18 @@ class _SoftTopKFunction(torch.autograd.Function):
             k = k.movedim(k_dim, 0) if k_dim is not None else k.expand(batch, *k.shape)
             k = k.expand(x.shape[:-1])
         return _SoftTopKFunction.apply(x, k, temperature), 0
+
+
+def _to_dtype_saturating(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cast a float32 result down to half precision without overflowing to ±inf.
+
+    Gradients scale as 1/τ; in float16 (max 65504) a small τ would otherwise turn a finite
+    gradient into inf.  Saturating keeps training finite; NaN (a NaN slice) stays NaN.
+    """
+    if t.dtype != dtype and dtype in (torch.float16, torch.bfloat16):
+        limit = torch.finfo(dtype).max
+        t = t.clamp(-limit, limit)
+    return t.to(dtype)
 
 
 def _check_k_tensor(k: Tensor, n: int) -> None:
@@ -206,7 +218,9 @@ def soft_topk(
         * Equal entries get equal ``p``: a slice of ties gives ``k/n`` everywhere.
         * Any scale of ``x/τ`` (1e−6 … 1e30) gives finite values and gradients; saturated
           slices (every ``p`` within rounding of 0 or 1) get a zero gradient.
-        * float16/bfloat16 inputs are solved in float32 and returned in their own dtype.
+        * float16/bfloat16 inputs are solved in float32 and returned in their own dtype; their
+          gradients (which scale as 1/τ) saturate at the dtype's largest finite value
+          instead of overflowing to inf.
 
     Complexity:
         ``O(n)`` memory and time per slice for each of the few solver passes (typically
@@ -274,7 +288,10 @@ class SoftTopK(nn.Module):
         self, k: float | Tensor, dim: int = -1, temperature: float = 1.0, hard: bool = False
     ):
         super().__init__()
-        self.k = k
+        if isinstance(k, Tensor) and not isinstance(k, nn.Parameter):
+            self.register_buffer("k", k)  # moves with .to(device); a Parameter k is learnable
+        else:
+            self.k = k
         self.dim = dim
         self.temperature = _check_temperature(temperature)
         self.hard = bool(hard)
