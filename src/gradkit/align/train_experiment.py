@@ -1,0 +1,516 @@
+"""Local versus global training with layerwise targets (random targets, or a digits teacher).
+
+Trains the same network from the same initial weights, on the same minibatches, with the same
+momentum SGD, once following only the local gradients ``∂ℓ_i/∂φ_i`` and once the global
+``∂(Σ_j ℓ_j)/∂φ_i``, and records at regular checkpoints (full batch, no update) every layer's
+loss, the total, and ``cos(∂ℓ_i/∂φ_i, ∂L/∂φ_i)`` per layer.
+
+Presets (explicit flags override them):
+
+  achievable     depth 8, width 200, centered_leaky_clip, gaussian gain 1.6, 1000 samples,
+                 teacher targets (gradkit.align.presets); 10k steps, lr 0.01, momentum 0.9,
+                 minibatch 100, 3 seeds
+  unachievable   the same network with iid N(0, 1) targets
+  digits         scikit-learn's digits: a teacher MLP 64-128-128-10 trained on the labels,
+                 its hidden states and logits are the targets of fresh students; relu and
+                 kwta (soft top-k winners); test accuracy of teacher and students
+  tiny           a seconds-long synthetic smoke test
+
+Loss convention: ℓ_i = (1/B) Σ_b ‖s_{i,b} − s*_{i,b}‖² (summed over units, averaged over the
+minibatch), the gist's per-example loss; see gradkit.align.training.
+
+Writes DIR/train.json, DIR/losses.png and DIR/alignment_over_training.png, and prints a
+comparison table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .. import _io
+from .networks import ACTIVATIONS, INITS, make_mlp
+from .presets import PRESETS
+from .targets import TARGET_MODES, make_targets
+from .training import TRAIN_MODES, copy_network, train
+
+__all__ = [
+    "TRAIN_PRESETS",
+    "add_arguments",
+    "resolve_config",
+    "run",
+    "run_experiment",
+    "summarize",
+]
+
+# Training settings per preset. Synthetic presets take their network from
+# gradkit.align.presets.PRESETS[network] (depth, width, activation, init, gain, bias,
+# targets, target_scale; its `batch` is the number of samples) and add the training keys.
+_SYNTHETIC_TRAINING = dict(
+    steps=10_000, lr=0.01, momentum=0.9, batch_size=100, eval_every=250, seeds=3
+)
+TRAIN_PRESETS: dict[str, dict] = {
+    "achievable": dict(network="achievable", **_SYNTHETIC_TRAINING),
+    "unachievable": dict(network="unachievable", **_SYNTHETIC_TRAINING),
+    "digits": dict(
+        data="digits",
+        activation="relu,kwta",
+        depth=3,
+        width=128,
+        test_fraction=0.25,
+        teacher_steps=1500,
+        teacher_lr=1e-3,
+        steps=2000,
+        # lr 0.01 diverges here: the teacher's logits and hidden states are large, so the
+        # students' regression is ~10x stiffer than the synthetic presets'.
+        lr=0.001,
+        momentum=0.9,
+        batch_size=100,
+        eval_every=250,
+        seeds=3,
+    ),
+    "tiny": dict(
+        network="achievable",
+        depth=3,
+        width=16,
+        samples=64,
+        steps=40,
+        lr=0.01,
+        momentum=0.9,
+        batch_size=16,
+        eval_every=10,
+        seeds=2,
+    ),
+}
+
+# Flags that override preset keys (dest name -> type); None means "keep the preset's".
+_OVERRIDES = (
+    "steps",
+    "lr",
+    "momentum",
+    "batch_size",
+    "eval_every",
+    "seeds",
+    "activation",
+    "depth",
+    "width",
+    "gain",
+    "init",
+    "samples",
+    "targets",
+    "target_scale",
+    "teacher_steps",
+    "teacher_lr",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``gradkit train``."""
+    parser.add_argument(
+        "--preset",
+        default="achievable",
+        help=f"one of {', '.join(TRAIN_PRESETS)} (default achievable)",
+    )
+    parser.add_argument("--mode", default="both", help="local, global or both (default both)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, …)")
+    parser.add_argument("--steps", type=int, help="SGD updates per run")
+    parser.add_argument("--lr", type=float, help="learning rate")
+    parser.add_argument("--momentum", type=float, help="SGD momentum in [0, 1)")
+    parser.add_argument("--batch-size", type=int, help="examples per update")
+    parser.add_argument("--eval-every", type=int, help="steps between full-batch checkpoints")
+    parser.add_argument(
+        "--activation",
+        help=f"activation, or a comma list for digits ({', '.join(ACTIVATIONS)})",
+    )
+    parser.add_argument("--depth", type=int, help="number of layers L")
+    parser.add_argument("--width", type=int, help="units per (hidden) layer")
+    parser.add_argument("--gain", type=float, help="weight init gain (synthetic)")
+    parser.add_argument("--init", choices=INITS, help="weight init (synthetic)")
+    parser.add_argument("--samples", type=int, help="number of inputs (synthetic)")
+    parser.add_argument("--targets", help=f"target kind (synthetic): {', '.join(TARGET_MODES)}")
+    parser.add_argument("--target-scale", type=float, help="scale of iid targets")
+    parser.add_argument("--teacher-steps", type=int, help="Adam steps of the digits teacher")
+    parser.add_argument("--teacher-lr", type=float, help="Adam lr of the digits teacher")
+    parser.add_argument(
+        "--no-alignment",
+        action="store_true",
+        help="skip the cos(local, global) measurements (faster)",
+    )
+    parser.add_argument(
+        "--dtype", choices=("float32", "float64"), default="float32", help="default float32"
+    )
+    parser.add_argument("--out", help="output folder (default runs/train-<time>)")
+
+
+def resolve_config(args: argparse.Namespace) -> dict:
+    """The run's settings: the preset, its network, then every flag that was given."""
+    if args.preset not in TRAIN_PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(TRAIN_PRESETS)}; got {args.preset!r}")
+    modes = list(TRAIN_MODES) if args.mode == "both" else [args.mode]
+    if args.mode != "both" and args.mode not in TRAIN_MODES:
+        raise ValueError(f"--mode must be one of local, global, both; got {args.mode!r}")
+    config = dict(TRAIN_PRESETS[args.preset])
+    if "network" in config:
+        network = dict(PRESETS[config["network"]])
+        network["samples"] = network.pop("batch")
+        network.pop("seeds", None)
+        config = {**network, **config}
+    for key in _OVERRIDES:
+        value = getattr(args, key, None)
+        if value is not None:
+            config[key] = value
+    config.update(
+        preset=args.preset,
+        modes=modes,
+        dtype=args.dtype,
+        measure_alignment=not args.no_alignment,
+    )
+    _validate(config)
+    return config
+
+
+def _validate(config: dict) -> None:
+    def positive_int(key: str) -> None:
+        value = config.get(key)
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"--{key.replace('_', '-')} must be an integer ≥ 1, got {value!r}")
+
+    for key in ("steps", "batch_size", "eval_every", "seeds", "depth", "width", "samples"):
+        positive_int(key)
+    if not config["lr"] > 0:
+        raise ValueError(f"--lr must be > 0, got {config['lr']!r}")
+    if not 0 <= config["momentum"] < 1:
+        raise ValueError(f"--momentum must be in [0, 1), got {config['momentum']!r}")
+    activations = str(config["activation"]).split(",")
+    for activation in activations:
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"--activation must be one of {', '.join(ACTIVATIONS)} (comma-separated for "
+                f"digits); got {activation!r}"
+            )
+    if "data" not in config:
+        if len(activations) != 1:
+            raise ValueError("--activation takes a single activation for synthetic presets")
+        if config["targets"] not in TARGET_MODES:
+            raise ValueError(
+                f"--targets must be one of {', '.join(TARGET_MODES)}; got {config['targets']!r}"
+            )
+        if config["batch_size"] > config["samples"]:
+            raise ValueError(
+                f"--batch-size must be ≤ the number of samples {config['samples']}, "
+                f"got {config['batch_size']}"
+            )
+
+
+def _mean_std(values: list) -> dict:
+    """Mean and sample standard deviation over seeds (std 0 for a single seed)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    std = t.std(0) if t.shape[0] > 1 else torch.zeros_like(t[0])
+    return {"mean": t.mean(0).tolist(), "std": std.tolist()}
+
+
+def _at_fraction(history: dict, fraction: float) -> float:
+    """Total loss at the first checkpoint at or past ``fraction`` of training."""
+    steps = history["step"]
+    goal = fraction * steps[-1]
+    index = next(i for i, s in enumerate(steps) if s >= goal)
+    return history["total_loss"][index]
+
+
+def summarize(histories: list[dict]) -> dict:
+    """Final numbers of one mode over seeds: ``{key: {"mean", "std"}}``.
+
+    ``total_loss`` and ``layer_loss`` (one per layer) at the end; ``total_loss_at_10pct`` and
+    ``total_loss_at_50pct`` of the steps (how fast); ``local_global_cosine`` per layer at the
+    start and the end of training, when measured.
+    """
+    summary = {
+        "total_loss": _mean_std([h["total_loss"][-1] for h in histories]),
+        "layer_loss": _mean_std([h["layer_loss"][-1] for h in histories]),
+        "total_loss_at_10pct": _mean_std([_at_fraction(h, 0.1) for h in histories]),
+        "total_loss_at_50pct": _mean_std([_at_fraction(h, 0.5) for h in histories]),
+    }
+    if all("local_global_cosine" in h for h in histories):
+        summary["local_global_cosine_start"] = _mean_std(
+            [h["local_global_cosine"][0] for h in histories]
+        )
+        summary["local_global_cosine_end"] = _mean_std(
+            [h["local_global_cosine"][-1] for h in histories]
+        )
+    for key in ("test_accuracy", "train_accuracy", "test_layer_loss"):
+        if all(key in h for h in histories):
+            summary[key] = _mean_std([h[key] for h in histories])
+    return summary
+
+
+def _synthetic_runs(config: dict, dtype: torch.dtype) -> dict:
+    histories: dict[str, list] = {mode: [] for mode in config["modes"]}
+    jobs = [(seed, mode) for seed in range(config["seeds"]) for mode in config["modes"]]
+    cache: dict[int, tuple] = {}
+    for seed, mode in _io.progress(jobs, desc="gradkit train: (seed, mode) runs"):
+        if seed not in cache:
+            cache.clear()
+            net = make_mlp(
+                config["depth"], config["width"], config["activation"],
+                init=config["init"], gain=config["gain"], bias=config["bias"],
+                seed=seed, dtype=dtype,
+            )  # fmt: skip
+            # Inputs x ~ N(0, I) from their own stream, so they differ from the weights' draw.
+            generator = torch.Generator().manual_seed(10_007 + seed)
+            x = torch.randn(config["samples"], config["width"], generator=generator, dtype=dtype)
+            targets = make_targets(
+                net, x, config["targets"], scale=config["target_scale"], seed=seed
+            )
+            cache[seed] = (net, x, targets)
+        net, x, targets = cache[seed]
+        history = train(
+            copy_network(net), x, targets, mode,
+            steps=config["steps"], lr=config["lr"], momentum=config["momentum"],
+            batch_size=config["batch_size"], eval_every=config["eval_every"], seed=seed,
+            measure_alignment=config["measure_alignment"],
+        )  # fmt: skip
+        histories[mode].append(history)
+    return {
+        "history": histories,
+        "final": {mode: summarize(hs) for mode, hs in histories.items()},
+    }
+
+
+def _digits_runs(config: dict, dtype: torch.dtype) -> dict:
+    from .digits import digits_run
+
+    activations = str(config["activation"]).split(",")
+    jobs = [(a, seed) for a in activations for seed in range(config["seeds"])]
+    by_activation: dict[str, dict] = {
+        a: {"history": {m: [] for m in config["modes"]}, "teacher": [], "finals": {}}
+        for a in activations
+    }
+    for activation, seed in _io.progress(jobs, desc="gradkit train: (activation, seed) runs"):
+        result = digits_run(
+            activation=activation, modes=tuple(config["modes"]), seed=seed,
+            depth=config["depth"], width=config["width"],
+            test_fraction=config["test_fraction"], teacher_steps=config["teacher_steps"],
+            teacher_lr=config["teacher_lr"], steps=config["steps"], lr=config["lr"],
+            momentum=config["momentum"], batch_size=config["batch_size"],
+            eval_every=config["eval_every"], measure_alignment=config["measure_alignment"],
+            dtype=dtype,
+        )  # fmt: skip
+        entry = by_activation[activation]
+        entry["teacher"].append(result["teacher"])
+        for mode in config["modes"]:
+            # Final accuracies ride along with the history so summarize() sees them.
+            history = dict(result["history"][mode])
+            for key in ("test_accuracy", "train_accuracy", "test_layer_loss"):
+                history[key] = result["final"][mode][key]
+            entry["history"][mode].append(history)
+    final_by_activation, history_by_activation = {}, {}
+    for activation, entry in by_activation.items():
+        final = {mode: summarize(hs) for mode, hs in entry["history"].items()}
+        final["teacher"] = {
+            "test_accuracy": _mean_std([t["test_accuracy"] for t in entry["teacher"]]),
+            "train_accuracy": _mean_std([t["train_accuracy"] for t in entry["teacher"]]),
+        }
+        final_by_activation[activation] = final
+        history_by_activation[activation] = entry["history"]
+    primary = activations[0]
+    return {
+        "history": history_by_activation[primary],
+        "final": final_by_activation[primary],
+        "primary_activation": primary,
+        "history_by_activation": history_by_activation,
+        "final_by_activation": final_by_activation,
+    }
+
+
+def run_experiment(config: dict) -> dict:
+    """Run every (seed, mode) of ``config`` (see :func:`resolve_config`) and summarise."""
+    dtype = torch.float64 if config["dtype"] == "float64" else torch.float32
+    start = time.perf_counter()
+    if config.get("data") == "digits":
+        result = _digits_runs(config, dtype)
+    else:
+        result = _synthetic_runs(config, dtype)
+    return {"config": config, **result, "runtime_s": time.perf_counter() - start}
+
+
+def _fmt(stat: dict, digits: int = 3) -> str:
+    mean, std = stat["mean"], stat["std"]
+    if mean is None or not math.isfinite(mean):
+        return "diverged"
+    return f"{mean:.{digits}g} ± {std:.2g}"
+
+
+def comparison_table(result: dict) -> str:
+    """The markdown table printed at the end of a run."""
+    lines = []
+    by_activation = result.get("final_by_activation") or {"": result["final"]}
+    depth = len(next(iter(result["history"].values()))[0]["layer_loss"][0])
+    header = [
+        "mode",
+        "ℓ total @10%",
+        "ℓ total @50%",
+        "ℓ total final",
+        "ℓ_1 final",
+        f"ℓ_{depth} final",
+    ]
+    has_cos = any(
+        "local_global_cosine_end" in f
+        for fs in by_activation.values()
+        for m, f in fs.items()
+        if m != "teacher"
+    )
+    if has_cos:
+        header.append("mean_i cos(local, global) start → end")
+    has_acc = "digits" == result["config"].get("data")
+    if has_acc:
+        header = ["activation", *header, "test accuracy"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for activation, finals in by_activation.items():
+        if has_acc:
+            teacher = finals["teacher"]["test_accuracy"]
+            lines.append(
+                f"| {activation} | teacher (backprop, cross-entropy) |"
+                + " |" * (len(header) - 3)
+                + f" {teacher['mean']:.4f} ± {teacher['std']:.4f} |"
+            )
+        for mode in result["config"]["modes"]:
+            f = finals[mode]
+            layer = f["layer_loss"]
+            cells = [
+                mode,
+                _fmt(f["total_loss_at_10pct"]),
+                _fmt(f["total_loss_at_50pct"]),
+                _fmt(f["total_loss"]),
+                _fmt({"mean": layer["mean"][0], "std": layer["std"][0]}),
+                _fmt({"mean": layer["mean"][-1], "std": layer["std"][-1]}),
+            ]
+            if has_cos:
+                start = f.get("local_global_cosine_start", {}).get("mean")
+                end = f.get("local_global_cosine_end", {}).get("mean")
+                cells.append(
+                    f"{sum(start) / len(start):.3f} → {sum(end) / len(end):.3f}"
+                    if start and end and None not in start + end
+                    else "n/a"
+                )
+            if has_acc:
+                acc = f["test_accuracy"]
+                cells = [activation, *cells, f"{acc['mean']:.4f} ± {acc['std']:.4f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _curve_sets(result: dict) -> dict[str, list[dict]]:
+    """``{label: [history per seed]}`` for every (activation, mode) trained."""
+    if "history_by_activation" in result:
+        return {
+            f"{activation} {mode}": histories
+            for activation, by_mode in result["history_by_activation"].items()
+            for mode, histories in by_mode.items()
+        }
+    return dict(result["history"])
+
+
+def _band(histories: list[dict], key: str, layer: int | None):
+    steps = histories[0]["step"]
+    values = torch.tensor(
+        [[row if layer is None else row[layer] for row in h[key]] for h in histories],
+        dtype=torch.float64,
+    )
+    return steps, values.mean(0), values.min(0).values, values.max(0).values
+
+
+def plot_losses(result: dict, path: Path) -> Path:
+    """Loss curves of every mode (mean over seeds, min–max band), log scale: the total, then
+    one panel per group of layers (one layer per panel up to 11 layers)."""
+    plt = _io.pyplot()
+    curves = _curve_sets(result)
+    depth = len(next(iter(curves.values()))[0]["layer_loss"][0])
+    per_panel = max(1, math.ceil(depth / 11))
+    groups = [list(range(i, min(i + per_panel, depth))) for i in range(0, depth, per_panel)]
+    panels = 1 + len(groups)
+    cols = min(4, panels)
+    rows = math.ceil(panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for panel, ax in enumerate(axes.flat):
+        if panel >= panels:
+            ax.axis("off")
+            continue
+        layers = [None] if panel == 0 else groups[panel - 1]
+        key = "total_loss" if panel == 0 else "layer_loss"
+        for c, (label, histories) in enumerate(curves.items()):
+            for j, layer in enumerate(layers):
+                steps, mean, low, high = _band(histories, key, layer)
+                style = ("-", "--", ":", "-.")[j % 4]
+                ax.plot(steps, mean, style, color=colors[c % len(colors)],
+                        label=label if j == 0 else None)  # fmt: skip
+                ax.fill_between(steps, low, high, color=colors[c % len(colors)], alpha=0.15)
+        names = ", ".join(f"ℓ_{i + 1}" for i in layers) if panel else "total Σ ℓ_i"
+        ax.set_title(names)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        if panel == 0:
+            ax.legend(fontsize=8)
+    config = result["config"]
+    fig.suptitle(
+        f"gradkit train --preset {config['preset']}: layerwise loss, local vs global "
+        f"(mean over {config['seeds']} seeds, band = min–max)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_alignment(result: dict, path: Path) -> Path:
+    """``cos(∂ℓ_i/∂φ_i, ∂L/∂φ_i)`` per layer over training, one panel per trained mode."""
+    plt = _io.pyplot()
+    curves = {
+        label: hs for label, hs in _curve_sets(result).items() if "local_global_cosine" in hs[0]
+    }
+    fig, axes = plt.subplots(
+        1, max(1, len(curves)), figsize=(4.5 * max(1, len(curves)), 3.5), squeeze=False
+    )
+    if not curves:
+        axes[0, 0].text(0.5, 0.5, "alignment not measured (--no-alignment)", ha="center")
+        axes[0, 0].axis("off")
+    cmap = plt.get_cmap("viridis")
+    for ax, (label, histories) in zip(axes.flat, curves.items(), strict=False):
+        depth = len(histories[0]["local_global_cosine"][0])
+        for layer in range(depth):
+            steps, mean, _, _ = _band(histories, "local_global_cosine", layer)
+            ax.plot(steps, mean, color=cmap(layer / max(1, depth - 1)), label=f"layer {layer + 1}")
+        ax.set_title(f"trained {label}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cos(local, global)")
+        ax.set_ylim(-1.05, 1.05)
+        ax.axhline(0, color="grey", lw=0.5)
+    if curves:
+        axes.flat[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"gradkit train --preset {result['config']['preset']}: alignment over training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    """``gradkit train``: run, write ``train.json`` and the plots, print the table."""
+    config = resolve_config(args)
+    out = _io.new_run_dir("train", args.out)
+    try:
+        result = run_experiment(config)
+    except ImportError as error:  # the digits extra is missing: say how to install it
+        raise SystemExit(f"gradkit train: error: {error}") from error
+    _io.write_json(out / "train.json", result)
+    plot_losses(result, out / "losses.png")
+    plot_alignment(result, out / "alignment_over_training.png")
+    print(comparison_table(result))
+    print(f"\n{result['runtime_s']:.1f} s; wrote {out / 'train.json'}, losses.png, "
+          "alignment_over_training.png")  # fmt: skip
+    return 0

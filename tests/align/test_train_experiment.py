@@ -1,0 +1,198 @@
+"""`gradkit train`: outputs and their contract keys, presets, summaries, digits, errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pytest
+import torch
+
+from gradkit.align import train_experiment
+from gradkit.align.digits import load_digits_split, make_classifier
+from gradkit.align.presets import PRESETS
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DIGITS_TINY = [
+    "--preset", "digits", "--seeds", "1", "--steps", "12", "--eval-every", "6",
+    "--teacher-steps", "40", "--teacher-lr", "0.01", "--width", "12", "--activation", "relu,kwta",
+]  # fmt: skip
+
+
+def gradkit(argv: list[str]) -> int:
+    from gradkit.cli import main
+
+    return main(argv)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gradkit train")
+    train_experiment.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def assert_png(path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
+    assert len(data) > 5_000, f"{path.name} is suspiciously small ({len(data)} bytes)"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train-tiny")
+    assert gradkit(["train", "--preset", "tiny", "--mode", "both", "--out", str(out)]) == 0
+    return out, json.loads((out / "train.json").read_text())
+
+
+def test_cli_writes_contract_json_and_plots(tiny_run):
+    out, result = tiny_run
+    assert_png(out / "losses.png")
+    assert_png(out / "alignment_over_training.png")
+    config = result["config"]
+    assert config["preset"] == "tiny" and config["modes"] == ["local", "global"]
+    seeds, depth = config["seeds"], config["depth"]
+    for mode in ("local", "global"):
+        histories = result["history"][mode]
+        assert len(histories) == seeds
+        for history in histories:
+            steps = history["step"]
+            assert steps[0] == 0 and steps[-1] == config["steps"]
+            assert len(history["layer_loss"]) == len(steps)
+            assert all(len(row) == depth for row in history["layer_loss"])
+            assert len(history["local_global_cosine"]) == len(steps)
+            assert history["total_loss"][-1] == pytest.approx(sum(history["layer_loss"][-1]))
+        final = result["final"][mode]
+        totals = torch.tensor([h["total_loss"][-1] for h in histories], dtype=torch.float64)
+        assert final["total_loss"]["mean"] == pytest.approx(totals.mean().item())
+        assert final["total_loss"]["std"] == pytest.approx(totals.std().item())
+        assert len(final["layer_loss"]["mean"]) == depth
+        assert final["local_global_cosine_end"]["mean"][-1] == pytest.approx(1.0)
+
+
+def test_both_modes_start_from_identical_weights_and_differ_afterwards(tiny_run):
+    _, result = tiny_run
+    for local, global_ in zip(result["history"]["local"], result["history"]["global"], strict=True):
+        assert local["layer_loss"][0] == global_["layer_loss"][0]
+        assert local["local_global_cosine"][0] == global_["local_global_cosine"][0]
+        assert local["total_loss"][-1] != global_["total_loss"][-1]
+
+
+def test_synthetic_presets_take_their_network_from_presets_py():
+    for name in ("achievable", "unachievable"):
+        config = train_experiment.resolve_config(parse(["--preset", name]))
+        network = PRESETS[name]
+        for key in ("depth", "width", "activation", "init", "gain", "targets"):
+            assert config[key] == network[key]
+        assert config["samples"] == network["batch"] == 1000
+        assert (config["steps"], config["lr"], config["momentum"]) == (10_000, 0.01, 0.9)
+        assert (config["batch_size"], config["seeds"]) == (100, 3)
+
+
+def test_flags_override_the_preset():
+    config = train_experiment.resolve_config(
+        parse(["--preset", "unachievable", "--steps", "7", "--lr", "0.5", "--mode", "local"])
+    )
+    assert (config["steps"], config["lr"], config["modes"]) == (7, 0.5, ["local"])
+    assert config["depth"] == PRESETS["unachievable"]["depth"]
+
+
+def test_single_mode_records_only_that_mode(tmp_path):
+    argv = ["train", "--preset", "tiny", "--mode", "global", "--seeds", "1", "--steps", "5"]
+    assert gradkit([*argv, "--eval-every", "5", "--out", str(tmp_path), "--no-alignment"]) == 0
+    result = json.loads((tmp_path / "train.json").read_text())
+    assert set(result["history"]) == set(result["final"]) == {"global"}
+    assert result["history"]["global"][0]["step"] == [0, 5]
+    assert "local_global_cosine" not in result["history"]["global"][0]
+    assert_png(tmp_path / "losses.png")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "nope"], "--preset must be one of achievable, unachievable, digits, tiny"),
+        (["--mode", "distant"], "--mode must be one of local, global, both"),
+        (["--activation", "softmax"], "--activation must be one of"),
+        (["--preset", "tiny", "--batch-size", "1000"], "--batch-size must be ≤"),
+        (["--lr", "-1"], "--lr must be > 0"),
+        (["--momentum", "1"], "--momentum must be in"),
+        (["--steps", "0"], "--steps must be an integer ≥ 1"),
+        (["--targets", "random"], "--targets must be one of iid, uncentered, teacher"),
+    ],
+)
+def test_bad_flags_exit_with_a_clear_error(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gradkit(["train", *argv, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_digits_tiny_reports_accuracies_for_teacher_and_both_modes(tmp_path):
+    pytest.importorskip("sklearn")
+    assert gradkit(["train", *DIGITS_TINY, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "train.json").read_text())
+    final = result["final"]
+    assert result["primary_activation"] == "relu"
+    for stats in (final["local"], final["global"], final["teacher"]):
+        accuracy = stats["test_accuracy"]
+        assert 0.0 <= accuracy["mean"] <= 1.0 and accuracy["std"] == 0.0
+    # A teacher trained 40 Adam steps on 10 classes is far above chance (0.1).
+    assert final["teacher"]["test_accuracy"]["mean"] > 0.5
+    assert set(result["final_by_activation"]) == {"relu", "kwta"}
+    assert result["final_by_activation"]["relu"] == final
+    kwta = result["final_by_activation"]["kwta"]
+    assert 0.0 <= kwta["global"]["test_accuracy"]["mean"] <= 1.0
+    history = result["history"]["local"][0]
+    assert len(history["layer_loss"][0]) == 3 and history["step"] == [0, 6, 12]
+    assert len(history["checkpoint_test_accuracy"]) == 3
+    assert_png(tmp_path / "losses.png")
+    assert_png(tmp_path / "alignment_over_training.png")
+
+
+def test_digits_split_is_standardised_disjoint_and_fixed_by_seed():
+    pytest.importorskip("sklearn")
+    x_train, y_train, x_test, y_test = load_digits_split(seed=4, test_fraction=0.25)
+    assert x_train.shape[1] == 64 and x_train.shape[0] + x_test.shape[0] == 1797
+    assert x_test.shape[0] == round(0.25 * 1797)
+    assert x_train.dtype == torch.float32 and y_train.dtype == torch.long
+    varying = x_train.std(0) > 0
+    torch.testing.assert_close(x_train.mean(0), torch.zeros(64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_train.std(0)[varying], torch.ones(int(varying.sum())))
+    again = load_digits_split(seed=4, test_fraction=0.25)
+    assert torch.equal(again[0], x_train) and torch.equal(again[3], y_test)
+    other = load_digits_split(seed=5, test_fraction=0.25)
+    assert not torch.equal(other[1], y_train)
+    with pytest.raises(ValueError, match="test_fraction"):
+        load_digits_split(test_fraction=1.5)
+
+
+def test_digits_without_scikit_learn_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # makes `import sklearn...` fail
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match=r'pip install "gradkit\[digits\]"'):
+        load_digits_split()
+    with pytest.raises(SystemExit, match=r'pip install "gradkit\[digits\]"'):
+        gradkit(["train", *DIGITS_TINY, "--out", str(tmp_path)])
+
+
+def test_classifier_has_hidden_activation_and_linear_logits():
+    net = make_classifier(64, 12, 10, "kwta", depth=3, seed=1)
+    assert [layer.activation_name for layer in net] == ["kwta", "kwta", "linear"]
+    assert net[-1].linear.out_features == 10 and net[0].linear.in_features == 64
+    assert all(layer.linear.bias is not None for layer in net)
+    with pytest.raises(ValueError, match="depth must be"):
+        make_classifier(64, 12, 10, depth=1)
+
+
+def test_summarize_mean_std_over_seeds():
+    histories = [
+        {"step": [0, 5, 10], "total_loss": [9.0, 4.0, 1.0], "layer_loss": [[5, 4], [3, 1], [1, 0]]},
+        {"step": [0, 5, 10], "total_loss": [9.0, 6.0, 3.0], "layer_loss": [[5, 4], [4, 2], [2, 1]]},
+    ]
+    summary = train_experiment.summarize(histories)
+    assert summary["total_loss"] == {"mean": 2.0, "std": pytest.approx(2**0.5)}
+    assert summary["layer_loss"]["mean"] == [1.5, 0.5]
+    assert summary["total_loss_at_10pct"]["mean"] == 5.0  # first checkpoint ≥ 1 step
+    assert summary["total_loss_at_50pct"]["mean"] == 5.0
+    one = train_experiment.summarize(histories[:1])
+    assert one["total_loss"] == {"mean": 1.0, "std": 0.0}
