@@ -514,7 +514,9 @@ def _cell(value: Any) -> str:
         return "–"  # e.g. the last layer has no distant gradient
     if isinstance(value, float):
         # Cosines print as fixed decimals (0.000 reads as "nothing"); big norms as 3 digits.
-        return f"{value:.3g}" if abs(value) >= 1e4 else f"{value:.3f}"
+        if abs(value) >= 1e3:
+            return f"{value:.3g}"
+        return f"{value:.3f}" if round(value, 3) != 0 else "0.000"  # never "-0.000"
     return str(value)
 
 
@@ -772,9 +774,10 @@ def _run_sweep(args: argparse.Namespace, settings: dict[str, tuple]) -> int:
     )
     plots.plot_sweep(
         [r["summary"].mean_by_distance for r in results],
-        [", ".join(f"{k}={_cell(r['setting'][k])}" for k in swept) or "setting" for r in results],
+        [", ".join(_cell(r["setting"][k]) for k in swept) or "setting" for r in results],
         out / "sweep.png",
-        title="gradkit align sweep: " + (", ".join(swept) or "one setting"),
+        title=f"gradkit align sweep ({n_seeds} seeds; {fixed_text})",
+        legend_title=", ".join(swept) or None,
     )
     print(f"\nwrote {out / 'sweep.json'}, sweep.csv, sweep.md, sweep.png")
     return 0

@@ -78,27 +78,50 @@ def plot_by_distance(
 
 
 def plot_sweep(
-    curves: Sequence[Sequence[float]], labels: Sequence[str], path: str | Path, *, title: str = ""
+    curves: Sequence[Sequence[float]],
+    labels: Sequence[str],
+    path: str | Path,
+    *,
+    title: str = "",
+    legend_title: str | None = None,
 ) -> Path:
-    """One mean-cosine-by-distance curve per sweep setting, on shared axes."""
+    """One mean-cosine-by-distance curve per sweep setting, on shared axes.
+
+    Many settings get a wider figure and the legend in columns below the axes, so the plot
+    area keeps its size.
+    """
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    many = len(curves) > 8
+    fig, ax = plt.subplots(figsize=(9.0, 6.0) if many else (7.5, 4.8))
     cmap = plt.get_cmap("tab20" if len(curves) > 10 else "tab10")
+    markers = "os^vD<>"
     for k, (curve, label) in enumerate(zip(curves, labels, strict=True)):
         distance = np.arange(1, len(curve) + 1)
-        ax.plot(distance, curve, "o-", markersize=2.5, color=cmap(k % cmap.N), label=label)
+        ax.plot(
+            distance,
+            curve,
+            marker=markers[k % len(markers)],
+            markersize=3,
+            color=cmap(k % cmap.N),
+            label=label,
+        )
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("distance j − i")
     ax.set_ylabel("mean cos(local, distant)")
     ax.set_title(_wrap(title), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(
-        fontsize=6 if len(curves) > 8 else 8,
-        ncol=2 if len(curves) > 12 else 1,
-        loc="center left",
-        bbox_to_anchor=(1.01, 0.5),
-    )
+    if many:
+        ax.legend(
+            title=legend_title,
+            fontsize=7,
+            title_fontsize=8,
+            ncol=3,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.12),
+        )
+    else:
+        ax.legend(title=legend_title, fontsize=8, title_fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
