@@ -119,7 +119,7 @@ def test_summarize_on_hand_made_matrices():
 
 
 def test_same_seeds_reproduce_and_first_seed_changes_the_draw(tmp_path):
-    argv = ["align", *TINY, "--no-decompose"]
+    argv = ["align", *TINY, "--no-decompose", "--no-plots"]
     gradkit([*argv, "--out", str(tmp_path / "a")])
     gradkit([*argv, "--out", str(tmp_path / "b")])
     gradkit([*argv, "--first-seed", "5", "--out", str(tmp_path / "c")])
@@ -127,6 +127,7 @@ def test_same_seeds_reproduce_and_first_seed_changes_the_draw(tmp_path):
     assert a["matrices"] == b["matrices"]
     assert a["matrices"] != c["matrices"]
     assert a["decomposition"] is None
+    assert not list((tmp_path / "a").glob("*.png"))  # --no-plots
 
 
 def test_preset_then_flags_override_it():
@@ -147,7 +148,8 @@ def test_preset_then_flags_override_it():
 
 
 def test_gain_auto_resolves_to_the_activation_default(tmp_path):
-    gradkit(["align", *TINY, "--activation", "relu", "--no-decompose", "--out", str(tmp_path)])
+    argv = ["align", *TINY, "--activation", "relu", "--no-decompose", "--no-plots"]
+    gradkit([*argv, "--out", str(tmp_path)])
     config = json.loads((tmp_path / "alignment.json").read_text())["config"]
     assert config["gain"] == pytest.approx(math.sqrt(2.0))
     assert config["gain_requested"] is None

@@ -207,6 +207,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also split each cosine into internal/external terms (gist §'So what is going on')",
     )
     parser.add_argument(
+        "--plots",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the PNG plots (--no-plots: JSON/CSV and the printed tables only)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
         default="float64",
@@ -677,17 +683,19 @@ def _run_single(args: argparse.Namespace, settings: dict[str, tuple]) -> int:
         f"{setting['activation']}, L={setting['depth']}, width={setting['width']}, "
         f"{setting['targets']} targets, batch={setting['batch']}, {n_seeds} seeds"
     )
-    plots.plot_matrix(summary.mean_matrix, out / "alignment.png", title=title)
-    baseline = result["per_layer"].get("random_baseline")
-    plots.plot_by_distance(
-        summary.mean_by_distance,
-        summary.band_by_distance["p05"],
-        summary.band_by_distance["p95"],
-        out / "by_distance.png",
-        baseline=None if baseline is None else float(np.mean(baseline)),
-        title=title,
-    )
-    print(f"wrote {out / 'alignment.json'}, alignment.png, by_distance.png")
+    if getattr(args, "plots", True):
+        plots.plot_matrix(summary.mean_matrix, out / "alignment.png", title=title)
+        baseline = result["per_layer"].get("random_baseline")
+        plots.plot_by_distance(
+            summary.mean_by_distance,
+            summary.band_by_distance["p05"],
+            summary.band_by_distance["p95"],
+            out / "by_distance.png",
+            baseline=None if baseline is None else float(np.mean(baseline)),
+            title=title,
+        )
+    written = "alignment.png, by_distance.png" if getattr(args, "plots", True) else "no plots"
+    print(f"wrote {out / 'alignment.json'} ({written})")
     return 0
 
 
@@ -772,13 +780,14 @@ def _run_sweep(args: argparse.Namespace, settings: dict[str, tuple]) -> int:
             "environment": _environment(),
         },
     )
-    plots.plot_sweep(
-        [r["summary"].mean_by_distance for r in results],
-        [", ".join(_cell(r["setting"][k]) for k in swept) or "setting" for r in results],
-        out / "sweep.png",
-        title=f"gradkit align sweep ({n_seeds} seeds; {fixed_text})",
-        legend_title=", ".join(swept) or None,
-    )
+    if getattr(args, "plots", True):
+        plots.plot_sweep(
+            [r["summary"].mean_by_distance for r in results],
+            [", ".join(_cell(r["setting"][k]) for k in swept) or "setting" for r in results],
+            out / "sweep.png",
+            title=f"gradkit align sweep ({n_seeds} seeds; {fixed_text})",
+            legend_title=", ".join(swept) or None,
+        )
     print(f"\nwrote {out / 'sweep.json'}, sweep.csv, sweep.md, sweep.png")
     return 0
 
