@@ -118,23 +118,23 @@ def decomposition(
           ``‖ex_ij‖``.
     """
     _check_method(method)
-    n = len(_check_inputs(layers, x, targets)[0])
+    layers, params = _check_inputs(layers, x, targets)
+    n = len(layers)
     raw = {
         name: torch.full((n, n), math.nan, dtype=torch.float64)
         for name in ("in_in", "in_ex", "ex_in", "ex_ex", "sq_in", "sq_ex", "sq_full")
     }
 
     def consume(i: int, grads: _Grads, num_params: int) -> None:
-        m = n - i
-        pairs = grads.view(m, 2)  # (j, channel)
-        parts = (pairs[:, 0], pairs[:, 1])  # internal, external stacks over j ≥ i
+        # The stack is ordered (j, channel): even entries internal, odd external.
+        parts = (grads[0::2], grads[1::2])
         for name, a, b in _TERMS:
             raw[name][i, i:] = _inner(parts[a][0], parts[b]).double().cpu()
         raw["sq_in"][i, i:] = _sq_norm(parts[0]).double().cpu()
         raw["sq_ex"][i, i:] = _sq_norm(parts[1]).double().cpu()
         raw["sq_full"][i, i:] = _sq_norm(parts[0] + parts[1]).double().cpu()
 
-    _reverse_sweep(layers, x, targets, _split_seed, consume, method)
+    _reverse_sweep(layers, params, x, targets, _split_seed, consume, method)
     return _finish(raw, raw["sq_full"])
 
 

@@ -1,0 +1,334 @@
+"""Time the one-sweep alignment matrix against the naive loop of one backward per loss.
+
+For each case (depth ``L``, width ``w``, batch ``B``, dtype) a random MLP
+(:func:`~gradkit.align.networks.make_mlp`, linear, Gaussian init) with iid targets is
+measured by
+
+* ``fast``: :func:`gradkit.align.measure.alignment_matrix` — one reverse sweep carrying a
+  stack of cotangents, weight gradients never formed (Gram identity);
+* ``naive``: :func:`gradkit.align.measure.alignment_matrix_naive` — ``L`` calls of
+  ``torch.autograd.grad``, every ``∂ℓ_j/∂φ_i`` flattened, cosines one by one (the baseline);
+
+and, with ``--report``, the full :func:`~gradkit.align.measure.alignment_report` against
+:func:`~gradkit.align.measure.alignment_report_naive`. Times are medians of wall time
+(``time.perf_counter``) in one process, after one warm-up call; slow methods get fewer
+repeats (``clamp(budget / t_first, 1, repeats)``; a warm-up call longer than the budget is
+itself the one timing). Before timing,
+each case checks that both methods agree (``max |ΔS|``).
+
+Where the speed-up comes from, per pair ``(i, j ≥ i)`` of a width-``w`` layer: any exact
+method must form ``∂ℓ_j/∂s_i`` (``B × w``) at ``B·w²`` multiply-adds. The naive loop also
+forms the weight gradient ``∂ℓ_j/∂W_i`` (another ``B·w²``) and then streams that ``w²``-float
+tensor through memory several times (flatten/concatenate, dot, norm); the sweep instead does
+``B·w·min(B, w + 1)`` multiply-adds for the compressed gradient and touches ``O(B·w)`` memory,
+with all pairs of a layer in one large matrix product. Its matrix-product work is therefore
+``≈ 1.25/2`` of the naive loop's at the large size; the rest of the gain is memory traffic
+and per-call overhead, so the measured ratio depends on the machine's memory bandwidth and
+load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import _io
+from .measure import (
+    alignment_matrix,
+    alignment_matrix_naive,
+    alignment_report,
+    alignment_report_naive,
+)
+from .networks import make_mlp
+from .targets import make_targets
+
+__all__ = [
+    "DEFAULT_CASES",
+    "QUICK_CASES",
+    "Case",
+    "add_arguments",
+    "format_table",
+    "main",
+    "plot_times",
+    "run",
+    "run_benchmark",
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark setting: depth ``L``, width ``w``, batch ``B``, dtype name."""
+
+    depth: int
+    width: int
+    batch: int
+    dtype: str = "float64"
+
+    @property
+    def name(self) -> str:
+        return f"L={self.depth} w={self.width} B={self.batch} {self.dtype}"
+
+
+DEFAULT_CASES = tuple(
+    Case(depth, width, batch, dtype)
+    for depth, width, batch in ((20, 100, 50), (100, 512, 128))
+    for dtype in ("float64", "float32")
+)
+QUICK_CASES = (Case(6, 16, 8, "float64"), Case(20, 100, 50, "float64"))
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+    return value
+
+
+def _time(fn: Callable[[], Any], first: float, repeats: int, budget_s: float) -> tuple[float, int]:
+    """Median wall time of ``fn`` over ``clamp(budget/first, 1, repeats)`` calls.
+
+    A method whose first (warm-up) call already took the whole budget is not called again:
+    that call is its single timing (the large naive loop takes minutes).
+    """
+    if first >= budget_s:
+        return first, 1
+    count = max(1, min(repeats, int(budget_s / max(first, 1e-9))))
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), count
+
+
+def _measure_case(
+    case: Case, *, repeats: int, budget_s: float, seed: int, report: bool
+) -> list[dict[str, Any]]:
+    dtype = _DTYPES[case.dtype]
+    net = make_mlp(case.depth, case.width, "linear", seed=seed, dtype=dtype)
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(case.batch, case.width, generator=generator, dtype=torch.float64).to(dtype)
+    targets = make_targets(net, x, "iid", seed=seed + 2)
+    pairs = [("matrix", alignment_matrix, alignment_matrix_naive)]
+    if report:
+        pairs.append(("report", alignment_report, alignment_report_naive))
+    rows = []
+    for what, fast, naive in pairs:
+        # Warm-up calls, also the agreement check and the first-call times that set repeats.
+        start = time.perf_counter()
+        out_fast = fast(net, x, targets)
+        first_fast = time.perf_counter() - start
+        start = time.perf_counter()
+        out_naive = naive(net, x, targets)
+        first_naive = time.perf_counter() - start
+        s_fast = out_fast if what == "matrix" else out_fast["matrix"]
+        s_naive = out_naive if what == "matrix" else out_naive["matrix"]
+        max_diff = (s_fast - s_naive).nan_to_num(0).abs().max().item()
+        t_fast, n_fast = _time(lambda f=fast: f(net, x, targets), first_fast, repeats, budget_s)
+        t_naive, n_naive = _time(lambda f=naive: f(net, x, targets), first_naive, repeats, budget_s)
+        rows.append(
+            {
+                **asdict(case),
+                "case": case.name,
+                "what": what,
+                "fast_ms": 1e3 * t_fast,
+                "naive_ms": 1e3 * t_naive,
+                "speedup": t_naive / t_fast,
+                "fast_repeats": n_fast,
+                "naive_repeats": n_naive,
+                "max_abs_diff": max_diff,
+            }
+        )
+    return rows
+
+
+def run_benchmark(
+    cases: Sequence[Case] = DEFAULT_CASES,
+    *,
+    threads: int | None = None,
+    repeats: int = 5,
+    budget_s: float = 20.0,
+    seed: int = 0,
+    report: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Measure every case; return ``{config, environment, results}``.
+
+    ``torch``'s thread count is set to ``threads`` (default: the machine's cores) during the
+    measurement and restored afterwards.
+    """
+    threads = _check_positive_int("threads", threads if threads is not None else os.cpu_count())
+    _check_positive_int("repeats", repeats)
+    if not (isinstance(budget_s, (int, float)) and budget_s > 0):
+        raise ValueError(f"budget must be a number of seconds > 0, got {budget_s!r}")
+    for case in cases:
+        if case.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {case.dtype!r}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        items = _io.progress(cases, "bench align") if show_progress else cases
+        results = [
+            row
+            for case in items
+            for row in _measure_case(
+                case, repeats=repeats, budget_s=budget_s, seed=seed, report=report
+            )
+        ]
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "config": {
+            "cases": [asdict(case) for case in cases],
+            "threads": threads,
+            "repeats": repeats,
+            "budget_s": budget_s,
+            "seed": seed,
+            "report": report,
+            "network": "make_mlp(depth, width, 'linear', init='gaussian'), iid targets",
+        },
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+        },
+        "results": results,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The results as a markdown table."""
+    lines = [
+        "| what | L | width | batch | dtype | fast (ms) | naive (ms) | speedup | max abs ΔS |",
+        "|---|--:|--:|--:|---|--:|--:|--:|--:|",
+    ]
+    for row in result["results"]:
+        lines.append(
+            f"| {row['what']} | {row['depth']} | {row['width']} | {row['batch']} | "
+            f"{row['dtype']} | {row['fast_ms']:.1f} | {row['naive_ms']:.1f} | "
+            f"{row['speedup']:.1f}× | {row['max_abs_diff']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_times(result: dict[str, Any], path: str | Path) -> Path:
+    """Bar chart of fast and naive times per case (log scale), speed-up written on top."""
+    plt = _io.pyplot()
+    rows = result["results"]
+    labels = [f"{r['what']}\n{r['case']}".replace(" float", "\nfloat") for r in rows]
+    positions = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(rows)), 4.5))
+    width = 0.38
+    ax.bar(
+        [p - width / 2 for p in positions],
+        [r["naive_ms"] for r in rows],
+        width,
+        label="naive loop (one backward per loss)",
+        color="tab:gray",
+    )
+    ax.bar(
+        [p + width / 2 for p in positions],
+        [r["fast_ms"] for r in rows],
+        width,
+        label="one reverse sweep",
+        color="tab:blue",
+    )
+    for p, r in zip(positions, rows, strict=True):
+        ax.text(p, r["naive_ms"] * 1.15, f"{r['speedup']:.1f}×", ha="center", fontsize=9)
+    ax.set_yscale("log")
+    ax.set_ylabel("wall time per call (ms, log)")
+    ax.set_xticks(list(positions), labels, fontsize=8)
+    ax.set_title(f"alignment matrix: fast vs naive ({result['config']['threads']} threads)")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``gradkit bench align`` (also ``python benchmarks/align.py``)."""
+    parser.add_argument("--quick", action="store_true", help="small cases only (a smoke test)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results JSON to FILE")
+    parser.add_argument(
+        "--out", metavar="DIR", help="run folder for results.json and the plot (default: runs/…)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for the measurement (default: the machine's cores)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="max timed calls per method (default 5; quick 3)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds per method and case that set its repeats (default 20; quick 1)",
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="also time the full alignment_report against its naive reference",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of weights and data")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run from parsed flags: print the table, write results.json (+ --json FILE) and a PNG."""
+    quick = bool(args.quick)
+    repeats = args.repeats if args.repeats is not None else (3 if quick else 5)
+    budget = args.budget if args.budget is not None else (1.0 if quick else 20.0)
+    _check_positive_int("--repeats", repeats)
+    if args.threads is not None:
+        _check_positive_int("--threads", args.threads)
+    if not (math.isfinite(budget) and budget > 0):
+        raise ValueError(f"--budget must be a number of seconds > 0, got {budget!r}")
+    result = run_benchmark(
+        QUICK_CASES if quick else DEFAULT_CASES,
+        threads=args.threads,
+        repeats=repeats,
+        budget_s=budget,
+        seed=args.seed,
+        report=bool(args.report),
+    )
+    print(format_table(result))
+    out = _io.new_run_dir("bench-align", args.out)
+    _io.write_json(out / "results.json", result)
+    if args.json:
+        _io.write_json(args.json, result)
+    if not args.no_plot:
+        plot_times(result, out / "bench_align.png")
+    print(f"results: {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python benchmarks/align.py [flags]``: the same as ``gradkit bench align``."""
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/align.py", description=__doc__.strip().splitlines()[0]
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, TypeError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
