@@ -213,3 +213,42 @@ def test_bad_flags_exit_2_naming_the_flag(argv, flag, allowed, tmp_path, capsys)
     message = capsys.readouterr().err
     assert flag in message and allowed in message, message
     assert not (tmp_path / "alignment.json").exists()
+
+
+def _setting(**changes) -> dict:
+    base = dict(
+        depth=8,
+        width=30,
+        activation="linear",
+        init="gaussian",
+        gain=None,
+        bias=False,
+        targets="iid",
+        target_scale=1.0,
+        batch=50,
+    )
+    return {**base, **changes}
+
+
+def test_findings_hold_on_a_small_network():
+    """The README's qualitative findings, on an 8-layer net (fixed seeds, so deterministic)."""
+    seeds = range(4)
+    linear = experiment.measure_setting(_setting(), seeds)["summary"]
+    assert linear.fraction_all_positive == 1.0
+    assert linear.mean_by_distance[0] > 0.5
+    assert linear.mean_by_distance[0] > linear.mean_by_distance[-1] > 0
+    # Orthogonal weights make W Wᵀ = I, the gist's "autoencoder" condition: no decay with j − i.
+    orthogonal = experiment.measure_setting(_setting(init="orthogonal"), seeds)["summary"]
+    assert orthogonal.mean_by_distance[-1] == pytest.approx(
+        orthogonal.mean_by_distance[0], abs=0.05
+    )
+    # Saturating tanh with targets large against the states: the alignment is gone.
+    tanh = experiment.measure_setting(_setting(activation="tanh", target_scale=4.0), seeds)
+    assert abs(tanh["summary"].mean_by_distance[-1]) < 0.05
+    assert tanh["summary"].fraction_all_positive == 0.0
+    # With iid targets the cross terms average out: the cosine is the internal·internal term.
+    result = experiment.measure_setting(_setting(), seeds)
+    decomposition = result["decomposition"]
+    np.testing.assert_allclose(
+        decomposition["in_in"], result["summary"].mean_by_distance, atol=0.05
+    )
