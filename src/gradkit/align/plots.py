@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.colors import ListedColormap
 from matplotlib.ticker import MaxNLocator
 
 from .._io import pyplot
@@ -21,19 +22,34 @@ def plot_matrix(matrix: np.ndarray, path: str | Path, *, title: str = "") -> Pat
 
     Rows are the layer ``i`` whose parameters ``φ_i`` the gradients are taken for, columns the
     loss ``ℓ_j``; layers are numbered from 1 as in the gist. The colour scale is symmetric
-    around 0 so that negative alignment stands out.
+    around 0 so that negative alignment stands out, and spans the off-diagonal values (the
+    diagonal ``S[i, i] = 1`` is drawn grey).
     """
     plt = pyplot()
     matrix = np.asarray(matrix, dtype=np.float64)
     depth = matrix.shape[0]
     fig, ax = plt.subplots(figsize=(6.4, 5.4))
-    limit = max(float(np.nanmax(np.abs(matrix))), 1e-12)
+    # Scale the colours to the off-diagonal cosines: the diagonal is 1 by definition and would
+    # otherwise wash every distant pair out to the palest shade (it is drawn grey instead).
+    off_diagonal = matrix[np.triu_indices(depth, k=1)]
+    off_diagonal = off_diagonal[np.isfinite(off_diagonal)]
+    values = off_diagonal if off_diagonal.size else matrix[np.isfinite(matrix)]
+    limit = max(float(np.abs(values).max()) if values.size else 1.0, 1e-12)
+    extent = (0.5, depth + 0.5, depth + 0.5, 0.5)
+    diagonal = np.eye(depth, dtype=bool)
     image = ax.imshow(
-        np.ma.masked_invalid(matrix),
+        np.ma.masked_invalid(np.where(diagonal, np.nan, matrix)),
         cmap="RdBu_r",
         vmin=-limit,
         vmax=limit,
-        extent=(0.5, depth + 0.5, depth + 0.5, 0.5),
+        extent=extent,
+        interpolation="nearest",
+    )
+    # The diagonal (S[i, i] = 1, or NaN for a zero local gradient) in grey, off the colour scale.
+    ax.imshow(
+        np.ma.masked_invalid(np.where(diagonal & np.isfinite(matrix), 1.0, np.nan)),
+        cmap=ListedColormap(["0.55"]),
+        extent=extent,
         interpolation="nearest",
     )
     colorbar = fig.colorbar(image, ax=ax)
@@ -43,7 +59,7 @@ def plot_matrix(matrix: np.ndarray, path: str | Path, *, title: str = "") -> Pat
     ticks = _ticks(depth)
     ax.set_xticks(ticks)
     ax.set_yticks(ticks)
-    ax.set_title(_wrap("mean alignment matrix\n" + title), fontsize=9)
+    ax.set_title(_wrap("mean alignment matrix (diagonal = 1, grey)\n" + title), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
