@@ -1,0 +1,81 @@
+"""The thin dispatcher: every command is wired, helps, and turns user errors into exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from gradkit import cli
+
+COMMANDS = [
+    ["bench", "topk"],
+    ["bench", "align"],
+    ["demo", "topk"],
+    ["align"],
+    ["train"],
+]
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("bench", "demo", "align", "train"):
+        assert name in out
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_each_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: gradkit " + " ".join(command) in capsys.readouterr().out
+
+
+def test_unknown_command_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["nonsense"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_user_error_is_a_clean_message_not_a_traceback(monkeypatch, capsys):
+    parser = cli.build_parser()
+    args = parser.parse_args(["demo", "topk"])
+
+    def broken_run(_args):
+        raise ValueError("k must lie in [0, n]")
+
+    monkeypatch.setattr(args, "run", broken_run)
+    monkeypatch.setattr(cli, "build_parser", lambda: _FixedParser(parser, args))
+    monkeypatch.delenv("GRADKIT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "topk"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "gradkit demo: error: k must lie in [0, n]" in err
+    assert "Traceback" not in err
+
+
+class _FixedParser:
+    """A parser stand-in that returns prepared arguments but keeps the real exit()."""
+
+    def __init__(self, parser, args):
+        self._parser, self._args = parser, args
+
+    def parse_args(self, argv):
+        return self._args
+
+    def exit(self, status, message):
+        self._parser.exit(status, message)
+
+
+def test_module_entry_point_runs():
+    done = subprocess.run(
+        [sys.executable, "-m", "gradkit.cli", "--help"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "gradkit" in done.stdout
