@@ -252,3 +252,12 @@ def test_findings_hold_on_a_small_network():
     np.testing.assert_allclose(
         decomposition["in_in"], result["summary"].mean_by_distance, atol=0.05
     )
+
+
+def test_run_accepts_a_hand_made_namespace(tmp_path):
+    args = argparse.Namespace(depth=3, width="4", batch=4, seeds=1, out=str(tmp_path), plots=False)
+    assert experiment.run(args) == 0
+    result = json.loads((tmp_path / "alignment.json").read_text())
+    assert result["config"]["width"] == 4 and len(result["matrices"]) == 1
+    with pytest.raises(ValueError, match="--activation"):
+        experiment.run(argparse.Namespace(activation="sigmoid", out=str(tmp_path)))

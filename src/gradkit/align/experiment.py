@@ -794,6 +794,20 @@ def _run_sweep(args: argparse.Namespace, settings: dict[str, tuple]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``gradkit align`` (one setting) or ``gradkit align sweep`` (a grid)."""
+    # A hand-made Namespace may carry only some flags: the rest take their CLI defaults.
+    for name, default in (
+        ("mode", "run"),
+        ("preset", None),
+        ("decompose", True),
+        ("plots", True),
+        ("dtype", "float64"),
+        ("first_seed", 0),
+        ("out", None),
+    ):
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
+    if not (isinstance(args.first_seed, int) and args.first_seed >= 0):
+        raise ValueError(f"--first-seed must be an integer ≥ 0; got {args.first_seed!r}")
     settings = resolve_settings(args)
     if getattr(args, "dtype", "float64") not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {args.dtype!r}")
