@@ -749,7 +749,6 @@ def _run_sweep(args: argparse.Namespace, settings: dict[str, tuple]) -> int:
     table = _markdown(header, [[row[k] for k in (*swept, *labels)] for row in rows])
     print()
     print(table)
-    fixed_text = ", ".join(f"{k}={'auto' if v is None else _cell(v)}" for k, v in fixed.items())
     (out / "sweep.md").write_text(f"Fixed: {fixed_text}; seeds={n_seeds}.\n\n{table}\n")
     with open(out / "sweep.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
