@@ -308,3 +308,20 @@ def test_bad_inputs_raise_clear_errors():
         net[1].linear.weight[0, 0] = math.nan
     with pytest.raises(ValueError, match=r"layers\[1\] has a non-finite parameter"):
         alignment_report(net, x, targets)
+
+
+def test_per_row_cosine_skips_dead_units_and_matches_a_hand_computation():
+    # Unit 0 of layer 0 is dead for every example (huge negative bias): its gradient row is
+    # zero, its cosine undefined, and the per-row mean is over the other rows only.
+    net, x, targets = data(3, 4, 6, "relu", bias=True, seed=12)
+    with torch.no_grad():
+        net[0].linear.bias[0] = -1e3
+    report = alignment_report(net, x, targets)
+    per_loss = per_loss_gradients(net, x, targets)
+    local = torch.cat([g.reshape(4, -1) for g in per_loss[0][0]], dim=1)  # rows [W[o], b[o]]
+    distant = sum(torch.cat([g.reshape(4, -1) for g in per_loss[j][0]], dim=1) for j in (1, 2))
+    assert local[0].abs().max() == 0 and distant[0].abs().max() == 0
+    cosines = torch.nn.functional.cosine_similarity(local[1:], distant[1:], dim=1)
+    assert report["local_distant_cosine_per_row"][0].item() == pytest.approx(
+        cosines.mean().item(), abs=1e-12
+    )
