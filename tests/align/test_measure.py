@@ -325,3 +325,40 @@ def test_per_row_cosine_skips_dead_units_and_matches_a_hand_computation():
     assert report["local_distant_cosine_per_row"][0].item() == pytest.approx(
         cosines.mean().item(), abs=1e-12
     )
+
+
+class _NoVmapSquare(torch.autograd.Function):
+    """``x²`` whose backward reads a Python scalar: it cannot run under vmap."""
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        scale = 2.0 if bool(grad.abs().sum() >= 0) else 0.0  # data-dependent: no vmap
+        return scale * grad * x
+
+
+class NoVmapLayer(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.linear = nn.Linear(n, n, dtype=torch.float64)
+
+    def forward(self, a):
+        return _NoVmapSquare.apply(torch.tanh(self.linear(a)))
+
+
+def test_generic_path_falls_back_when_a_backward_cannot_be_vmapped():
+    torch.manual_seed(0)
+    layers = nn.Sequential(NoVmapLayer(3), NoVmapLayer(3), NoVmapLayer(3))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    targets = [torch.randn(4, 3, dtype=torch.float64) for _ in range(3)]
+    assert_reports_equal(
+        alignment_report(layers, x, targets), alignment_report_naive(layers, x, targets)
+    )

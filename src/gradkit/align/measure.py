@@ -27,10 +27,11 @@ backwards, each with a weight gradient) by ``L²/2`` stacked cotangent products 
   ``F = Ã`` when ``n_in + 1 ≤ B`` and ``F = Rᵀ`` from ``Ãᵀ = QR`` otherwise, and use the
   *compressed gradient* ``δ_jᵀ F`` (``n_out × min(B, n_in + 1)``): it has the same inner
   products as ``g_j`` — also row by row, ``⟨g_j[o], g_k[o]⟩ = δ_j[:, o]ᵀ K δ_k[:, o]`` —
-  at a fraction of the size. Elementwise activations multiply by ``h'(z)``; any other
-  activation (``kwta``) goes through a batched autograd vjp.
+  at a fraction of the size. Elementwise activations multiply by ``h'(z)``; a row-wise one
+  (``kwta``) is differentiated once on ``N`` stacked copies of ``z`` (one plain backward).
 * **generic path** (any other ``nn.Module``): ``torch.autograd.grad(..., is_grads_batched=
-  True)`` on the layer alone gives the stacked parameter gradients and input cotangents.
+  True)`` on the layer alone gives the stacked parameter gradients and input cotangents
+  (one call per cotangent if a custom autograd Function in the layer cannot be vmapped).
 
 Both paths equal :func:`alignment_report_naive` (one ``autograd.grad`` per loss, flattened
 gradients, explicit cosines) to float64 rounding; the tests check that.
@@ -245,7 +246,7 @@ class _DenseBackend:
         self.num_params = weight.numel() + (bias.numel() if bias is not None else 0)
         self.rows = weight.shape[0]
         self.derivative = None
-        self.act_graph = None
+        self.activation = None
         if activation is None or isinstance(activation, nn.Identity):
             s = z
         elif elementwise:
@@ -257,11 +258,9 @@ class _DenseBackend:
                 (self.derivative,) = torch.autograd.grad(out, zr, torch.ones_like(out))
             s = out.detach()
         else:
-            with torch.enable_grad():
-                zr = z.detach().requires_grad_(True)
-                out = activation(zr)
-            self.act_graph = (zr, out)
-            s = out.detach()
+            # A row-wise activation (kwta): its vjp is taken in backward, on N copies of z.
+            self.activation, self.z = activation, z
+            s = activation(z)
         self.output = s.reshape(*a.shape[:-1], weight.shape[0])
         self._factor: Tensor | None = None
 
@@ -286,9 +285,13 @@ class _DenseBackend:
         cot = stack.reshape(n, -1, self.rows)  # (N, B, n_out)
         if self.derivative is not None:
             delta = cot * self.derivative
-        elif self.act_graph is not None:
-            zr, out = self.act_graph
-            (delta,) = torch.autograd.grad(out, zr, cot, is_grads_batched=True)
+        elif self.activation is not None:
+            # One plain backward through the activation applied to N copies of z: each copy
+            # is an independent batch of rows, so this is N vjps at once, exactly, without
+            # relying on vmap support in the activation's autograd Function.
+            with torch.enable_grad():
+                copies = self.z.expand(n, *self.z.shape).clone().requires_grad_(True)
+                (delta,) = torch.autograd.grad(self.activation(copies), copies, cot)
         else:
             delta = cot
         # Compressed gradients Fᵀ δ_j: (N, r, n_out), row o of g_j ↔ column o.
@@ -321,9 +324,7 @@ class _GenericBackend:
         """As :meth:`_DenseBackend.backward`, by one batched autograd call."""
         need_input = reserve > 0
         inputs = ([self.input] if need_input else []) + self.params
-        grads = torch.autograd.grad(
-            self.graph_output, inputs, stack, is_grads_batched=True, allow_unused=True
-        )
+        grads = _batched_vjp(self.graph_output, inputs, stack)
         grads = [
             torch.zeros(stack.shape[0], *t.shape, dtype=stack.dtype, device=stack.device)
             if g is None
@@ -337,6 +338,35 @@ class _GenericBackend:
             return grads_out, None
         cot_in = grads[0]
         return grads_out, torch.cat([cot_in.new_empty(reserve, *cot_in.shape[1:]), cot_in])
+
+
+def _batched_vjp(
+    output: Tensor, inputs: Sequence[Tensor], cotangents: Tensor
+) -> tuple[Tensor | None, ...]:
+    """``∂⟨output, c_n⟩/∂inputs`` for each cotangent ``c_n`` of the stack ``cotangents``.
+
+    One ``autograd.grad(..., is_grads_batched=True)`` call (the backward under vmap). An
+    autograd Function whose backward has no vmap support makes that raise; then it is one
+    call per cotangent — slower, same numbers.
+    """
+    try:
+        return torch.autograd.grad(
+            output,
+            inputs,
+            cotangents,
+            is_grads_batched=True,
+            retain_graph=True,
+            allow_unused=True,
+        )
+    except RuntimeError:
+        per_cotangent = [
+            torch.autograd.grad(output, inputs, c, retain_graph=True, allow_unused=True)
+            for c in cotangents
+        ]
+        return tuple(
+            None if parts[0] is None else torch.stack(parts)
+            for parts in zip(*per_cotangent, strict=True)
+        )
 
 
 def _dense_parts(layer: nn.Module) -> tuple[nn.Linear, nn.Module | None, bool] | None:
