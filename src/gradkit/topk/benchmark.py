@@ -322,7 +322,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _environment(threads: int) -> dict[str, Any]:
+def _environment(threads: int, load_before: float | None) -> dict[str, Any]:
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -334,7 +334,16 @@ def _environment(threads: int) -> dict[str, Any]:
         "difftopk": _version("difftopk"),
         "pytopk": _version("pytopk"),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_average_1min_before": load_before,
+        "load_average_1min_after": _load_average(),
     }
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on every platform
+        return None
 
 
 def run_benchmark(
@@ -366,6 +375,7 @@ def run_benchmark(
             raise ValueError(f"shape {shape.name}: k must satisfy 0 < k < n")
 
     methods = list(METHOD_NAMES)
+    load_before = _load_average()  # other processes' load, before ours adds to it
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(seed)
@@ -410,7 +420,7 @@ def run_benchmark(
     }
     return {
         "config": config,
-        "environment": _environment(threads),
+        "environment": _environment(threads, load_before),
         "results": results,
         "summary": summary,
     }
@@ -430,6 +440,16 @@ def format_table(report: dict[str, Any]) -> str:
         f"torch {env['torch']}, {env['threads']} thread(s), CPU: {env['cpu']} "
         f"({env['cpu_count']} cores), Python {env['python']}; float32, median ms of "
         "forward+backward",
+    ]
+    load = env.get("load_average_1min_before")
+    if load is not None and load + env["threads"] > (env["cpu_count"] or 1) + 1:
+        # Other processes compete for the cores: a multi-threaded op then waits for a
+        # descheduled worker thread, so every timing (and ratio) is inflated unevenly.
+        lines.append(
+            f"WARNING: the machine was busy (1-min load average {load:.1f} before the run, "
+            f"{env['cpu_count']} cores): timings are noisy; re-run when idle or use --threads 1"
+        )
+    lines += [
         "",
         "| shape (b×n) | k | "
         + " | ".join(f"{METHOD_NAMES[m]} ms" for m in METHOD_NAMES)
