@@ -27,8 +27,9 @@ backwards, each with a weight gradient) by ``L²/2`` stacked cotangent products 
   ``F = Ã`` when ``n_in + 1 ≤ B`` and ``F = Rᵀ`` from ``Ãᵀ = QR`` otherwise, and use the
   *compressed gradient* ``δ_jᵀ F`` (``n_out × min(B, n_in + 1)``): it has the same inner
   products as ``g_j`` — also row by row, ``⟨g_j[o], g_k[o]⟩ = δ_j[:, o]ᵀ K δ_k[:, o]`` —
-  at a fraction of the size. Elementwise activations multiply by ``h'(z)``; a row-wise one
-  (``kwta``) is differentiated once on ``N`` stacked copies of ``z`` (one plain backward).
+  at a fraction of the size. Elementwise activations multiply by ``h'(z)``; ``kwta`` uses the
+  closed-form soft top-k Jacobian; any other activation goes through autograd on the
+  activation alone (:func:`_batched_vjp`).
 * **generic path** (any other ``nn.Module``): ``torch.autograd.grad(..., is_grads_batched=
   True)`` on the layer alone gives the stacked parameter gradients and input cotangents
   (one call per cotangent if a custom autograd Function in the layer cannot be vmapped).
@@ -53,7 +54,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .networks import DenseLayer
+from .networks import DenseLayer, KWinnersTakeAll
 
 __all__ = [
     "REPORT_KEYS",
@@ -247,6 +248,7 @@ class _DenseBackend:
         self.rows = weight.shape[0]
         self.derivative = None
         self.activation = None
+        self.kwta = None
         if activation is None or isinstance(activation, nn.Identity):
             s = z
         elif elementwise:
@@ -257,10 +259,25 @@ class _DenseBackend:
                 out = activation(zr)
                 (self.derivative,) = torch.autograd.grad(out, zr, torch.ones_like(out))
             s = out.detach()
+        elif isinstance(activation, KWinnersTakeAll):
+            # kwta(z) = z ⊙ p, p = soft_topk(z, k, τ), whose Jacobian is the closed form
+            # (diag(v) − v vᵀ/Σv)/τ with v = p(1 − p): the N vjps are a few array operations.
+            from gradkit import soft_topk  # the top-k package imports nothing from here
+
+            k = activation.winners(z.shape[-1])
+            self.kwta = (
+                z,
+                soft_topk(z, k, dim=-1, temperature=activation.temperature),
+                activation.temperature,
+            )
+            s = z * self.kwta[1]  # = activation(z), without a second solve
         else:
-            # A row-wise activation (kwta): its vjp is taken in backward, on N copies of z.
-            self.activation, self.z = activation, z
-            s = activation(z)
+            # Any other activation: keep its graph, take the N vjps in backward.
+            with torch.enable_grad():
+                zr = z.detach().requires_grad_(True)
+                out = activation(zr)
+            self.activation = (zr, out)
+            s = out.detach()
         self.output = s.reshape(*a.shape[:-1], weight.shape[0])
         self._factor: Tensor | None = None
 
@@ -285,13 +302,20 @@ class _DenseBackend:
         cot = stack.reshape(n, -1, self.rows)  # (N, B, n_out)
         if self.derivative is not None:
             delta = cot * self.derivative
+        elif self.kwta is not None:
+            z, p, temperature = self.kwta
+            v = p * (1 - p)
+            u = cot * z  # cotangent of p
+            vu = v * u
+            total = v.sum(-1, keepdim=True)
+            # Saturated rows (Σv = 0, every p within rounding of 0 or 1) pass no gradient
+            # through the selection, as in soft_topk's own backward.
+            safe_total = torch.where(total > 0, total, torch.ones_like(total))
+            through_p = (vu - v * vu.sum(-1, keepdim=True) / safe_total) / temperature
+            delta = cot * p + torch.where(total > 0, through_p, torch.zeros_like(through_p))
         elif self.activation is not None:
-            # One plain backward through the activation applied to N copies of z: each copy
-            # is an independent batch of rows, so this is N vjps at once, exactly, without
-            # relying on vmap support in the activation's autograd Function.
-            with torch.enable_grad():
-                copies = self.z.expand(n, *self.z.shape).clone().requires_grad_(True)
-                (delta,) = torch.autograd.grad(self.activation(copies), copies, cot)
+            zr, out = self.activation
+            (delta,) = _batched_vjp(out, [zr], cot)
         else:
             delta = cot
         # Compressed gradients Fᵀ δ_j: (N, r, n_out), row o of g_j ↔ column o.
