@@ -294,6 +294,8 @@ def test_bad_inputs_raise_clear_errors():
         alignment_report(net, x, [targets[0], targets[1][:, :2], targets[2]])
     with pytest.raises(TypeError, match="x must be a floating"):
         alignment_report(net, x.long(), targets)
+    with pytest.raises(TypeError, match=r"x has dtype torch\.float32"):
+        alignment_report(net, x.float(), targets)
     with pytest.raises(ValueError, match="x must be finite"):
         alignment_report(net, torch.full_like(x, math.nan), targets)
     with pytest.raises(ValueError, match=r"targets\[2\] must be finite"):

@@ -123,6 +123,12 @@ def _check_inputs(
             if not torch.isfinite(p.detach()).all():
                 raise ValueError(f"layers[{i}] has a non-finite parameter (NaN or inf)")
         params.append(phi)
+    first_dtype = params[0][0].dtype
+    if x.dtype != first_dtype:
+        raise TypeError(
+            f"x has dtype {x.dtype} but layers[0]'s parameters are {first_dtype}; "
+            "cast one of them (e.g. x.to(dtype))"
+        )
     for j, t in enumerate(targets):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"targets[{j}] must be a floating-point tensor, got {type(t).__name__}")
