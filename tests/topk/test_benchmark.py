@@ -81,6 +81,8 @@ def test_quick_benchmark_writes_contract_json(tmp_path, capsys):
         assert result["shape"] == [shape.batch, shape.n] and result["k"] == shape.k
         medians = {m: result["methods"][m]["median_ms"] for m in CONTRACT_METHODS}
         assert all(ms > 0 for ms in medians.values())
+        assert all(result["methods"][m]["median_cpu_ms"] >= 0 for m in CONTRACT_METHODS)
+        assert result["ratios_from_cpu_time"].keys() == result["ratios"].keys()
         assert result["methods"]["difftopk"] == {"skipped": "peers disabled (--no-peers)"}
         ratios = result["ratios"]
         assert ratios["speedup_vs_seed"] == pytest.approx(medians["seed"] / medians["gradkit"])
@@ -92,6 +94,7 @@ def test_quick_benchmark_writes_contract_json(tmp_path, capsys):
     assert (out / "ratios.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "speedup vs seed" in printed and "torch.topk" in printed
+    assert "CPU time" in printed  # the one-thread run also prints the CPU-time ratios
 
 
 def test_benchmark_restores_thread_count():

@@ -195,10 +195,15 @@ def _prepare(method: str, shape: Shape, x: torch.Tensor, peers: bool) -> _Prepar
 # --------------------------------------------------------------------------- measuring
 
 
-def _timed(step: Callable[[], None]) -> float:
-    start = time.perf_counter()
+def _timed(step: Callable[[], None]) -> tuple[float, float]:
+    """Wall time (``perf_counter``) and CPU time of all threads (``process_time``) of a call.
+
+    The CPU time does not count the time a thread waits while descheduled, so on a busy
+    machine with ``--threads 1`` it is the steadier measure of the work done.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
     step()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _agreement(shape: Shape, x: torch.Tensor) -> dict[str, float]:
@@ -245,14 +250,14 @@ def _measure_shape(
     runnable = {m: p.step for m, p in prepared.items() if p.step is not None}
     planned: dict[str, int] = {}
     for method, step in runnable.items():
-        first = _timed(step)  # the first call also warms up (allocator, vmap tracing)
+        first = _timed(step)[0]  # the first call also warms up (allocator, vmap tracing)
         # Slow methods get fewer repeats (and no extra warm-up) instead of being skipped.
         extra_warmup = warmup - 1 if first < budget_s / 4 else 0
         for _ in range(max(0, extra_warmup)):
-            first = min(first, _timed(step))
+            first = min(first, _timed(step)[0])
         planned[method] = max(MIN_REPEATS, min(repeats, int(budget_s / max(first, 1e-9))))
 
-    times: dict[str, list[float]] = {m: [] for m in runnable}
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in runnable}
     # Round-robin over methods, so a burst of load on the shared CPU hits all of them alike.
     for round_index in range(max(planned.values(), default=0)):
         for method, step in runnable.items():
@@ -262,10 +267,12 @@ def _measure_shape(
     measured: dict[str, dict[str, Any]] = {}
     for method in methods:
         if method in times:
-            ms = [1e3 * t for t in times[method]]
+            ms = [1e3 * wall for wall, _ in times[method]]
+            cpu_ms = [1e3 * cpu for _, cpu in times[method]]
             measured[method] = {
                 "median_ms": statistics.median(ms),
                 "min_ms": min(ms),
+                "median_cpu_ms": statistics.median(cpu_ms),
                 "repeats": len(ms),
             }
         else:
@@ -300,6 +307,7 @@ def _measure_shape(
         # The same ratios from the fastest call of each method: on a shared CPU the minimum
         # is the least disturbed by other processes, so a large gap flags a noisy run.
         "ratios_from_min": ratios_of("min_ms"),
+        "ratios_from_cpu_time": ratios_of("median_cpu_ms"),
         "targets": targets,
         "agreement": agreement,
     }
@@ -480,6 +488,24 @@ def format_table(report: dict[str, Any]) -> str:
     for method, reasons in skipped.items():
         text = "; ".join(f"{', '.join(shapes)}: {why}" for why, shapes in reasons.items())
         lines += ["", f"n/a — {METHOD_NAMES[method]}: {text}"]
+    if env["threads"] == 1:
+        # With one thread, CPU time excludes the waits of a descheduled thread: on a shared
+        # machine these ratios are the steadier ones (with more threads it counts spinning).
+        lines += [
+            "",
+            "Same ratios from the median CPU time (process_time), steadier on a busy machine:",
+            "",
+            "| shape (b×n) | k | speedup vs seed | × sigmoid pass | × torch.topk |",
+            "|---|---|---|---|---|",
+        ]
+        for result in report["results"]:
+            ratios = result["ratios_from_cpu_time"]
+            batch, n = result["shape"]
+            lines.append(
+                f"| {batch}×{n} | {result['k']} | {_cell(ratios['speedup_vs_seed'], '.1f')}×"
+                f" | {_cell(ratios['x_sigmoid_pass'], '.1f')}"
+                f" | {_cell(ratios['x_torch_topk'], '.1f')} |"
+            )
     lines += [
         "",
         "| shape (b×n) | k | max abs Δp vs seed | max abs Δ∂L/∂x vs seed "
