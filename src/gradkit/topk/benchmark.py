@@ -23,6 +23,12 @@ shape checks that gradkit and the seed agree (max ``|Δp|`` and ``|Δ∂L/∂x|`
 
 Slow methods get fewer repeats rather than being skipped: each method gets
 ``clamp(budget / t_first, 3, repeats)`` repeats, where ``t_first`` is its first call's time.
+
+The JSON also keeps each method's fastest call and its median CPU time (``process_time``,
+all threads), with the same ratios computed from those (``ratios_from_min``,
+``ratios_from_cpu_time``). On a shared machine wall times swell whenever a thread is
+descheduled; with ``--threads 1`` the CPU-time ratios are the steadier ones (and are printed
+too), while with more threads CPU time also counts the workers' spinning.
 """
 
 from __future__ import annotations
