@@ -256,3 +256,12 @@ def test_docstring_teaches_the_operator():
     doc = soft_topk.__doc__
     for needle in ("σ((x_i − θ)/τ)", "Σ_i p_i = k", "Example", "hard", "−inf", "Complexity"):
         assert needle in doc
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import gradkit.topk.soft_topk as module
+
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 4 and result.failed == 0
