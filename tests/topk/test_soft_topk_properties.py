@@ -171,3 +171,16 @@ def test_torch_compile_matches_eager():
     value_compiled.backward()
     torch.testing.assert_close(value_compiled, value_eager)
     torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+
+
+def test_backward_accepts_a_batch_of_cotangents():
+    # `is_grads_batched` vmaps the backward itself (as jacrev and batched vjps do): it must be
+    # written with out-of-place ops, and equal one backward per cotangent.
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    p = soft_topk(x, 3, temperature=0.5)
+    cotangents = torch.randn(6, 4, 12, dtype=torch.float64)
+    batched = torch.autograd.grad(p, x, cotangents, is_grads_batched=True, retain_graph=True)[0]
+    one_by_one = torch.stack(
+        [torch.autograd.grad(p, x, c, retain_graph=True)[0] for c in cotangents]
+    )
+    torch.testing.assert_close(batched, one_by_one, rtol=0, atol=1e-13)

@@ -405,26 +405,17 @@ def soft_topk_vjp(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, 
 
         ∂L/∂x = (g⊙v − v·Σ(g⊙v)/S) / τ = v⊙(g − c)/τ,    ∂L/∂k = c = Σ(g⊙v) / S.
 
-    Saturated slices (``S = 0``) get an exact zero, not 0/0.  When autograd records this
-    computation (double backward, ``create_graph=True``) it is written with differentiable
-    ops on the *output* ``p``; otherwise it runs in place in one buffer (six passes, one
-    allocation: on CPU a fresh large allocation costs as much as a pass).
+    Saturated slices (``S = 0``) get an exact zero, not 0/0.  Written with differentiable
+    out-of-place ops on the *output* ``p``, so double backward works and the backward can run
+    under ``torch.func`` transforms (``vmap`` of the vjp, ``is_grads_batched``, ``jacrev``); an
+    in-place variant measured only ~3 % faster, not worth losing those.
     """
-    if torch.is_grad_enabled():
-        # v/τ in one fused, twice-differentiable pass (the scale cancels in grad_k).
-        v = torch.ops.aten.sigmoid_backward(p.new_full((), 1.0 / temperature), p)
-        total = v.sum(dim=-1, keepdim=True)
-        total = torch.where(total > 0, total, torch.ones_like(total))
-        gv = grad * v
-        grad_k = gv.sum(dim=-1, keepdim=True) / total
-        grad_x = torch.addcmul(gv, v, grad_k, value=-1.0)
-        return grad_x, grad_k.squeeze(-1)
+    # v/τ in one fused, twice-differentiable pass (the scale cancels in grad_k);
     # v = (1 − p)·p is accurate to rounding even where p ≈ 1 (unlike Σp − Σp²).
-    buffer = torch.ops.aten.sigmoid_backward(p.new_ones(()), p)
-    total = buffer.sum(dim=-1, keepdim=True)
+    v = torch.ops.aten.sigmoid_backward(p.new_full((), 1.0 / temperature), p)
+    total = v.sum(dim=-1, keepdim=True)
     total = torch.where(total > 0, total, torch.ones_like(total))
-    grad_k = torch.mul(buffer, grad, out=buffer).sum(dim=-1, keepdim=True).div_(total)
-    # (g − c)/τ, then ⊙ v — both written over the same buffer.
-    torch.add(grad_k * (-1.0 / temperature), grad, alpha=1.0 / temperature, out=buffer)
-    torch.ops.aten.sigmoid_backward.grad_input(buffer, p, grad_input=buffer)
-    return buffer, grad_k.squeeze(-1)
+    gv = grad * v
+    grad_k = gv.sum(dim=-1, keepdim=True) / total
+    grad_x = torch.addcmul(gv, v, grad_k, value=-1.0)
+    return grad_x, grad_k.squeeze(-1)
