@@ -573,6 +573,7 @@ def plot_ratios(report: dict[str, Any], path: str | Path) -> Path:
         shown = [v for v in values if v] + ([target] if target else []) + [1.0]
         axis.set_ylim(min(shown) / 2, max(shown) * 2)
         axis.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.yaxis.set_minor_formatter(ticker.NullFormatter())
         axis.set_title(title, fontsize=9)
     env = report["environment"]
     figure.suptitle(
