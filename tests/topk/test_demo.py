@@ -27,7 +27,7 @@ def test_sgd_lowers_the_loss_and_learns_the_target():
         batch=3, n=6, k=2, steps=150, temperature=0.5, lr=50.0, seed=1, print_fn=lambda _: None
     )
     assert result["final_loss"] < 0.1 * result["initial_loss"]
-    assert result["rows_matched"] == result["rows"] == 3
+    assert result["rows_matched"] == result["rows_rounded_matched"] == result["rows"] == 3
     # the soft top-k keeps Σp = k all along
     assert max(h["max_abs_sum_error"] for h in result["history"]) < 1e-8
     assert torch.allclose(result["final_probabilities"].round(), result["target"])

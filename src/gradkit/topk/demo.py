@@ -20,6 +20,7 @@ gradient ``p(1 − p)`` is tiny, and a random target then takes many thousands o
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from typing import Any
 
@@ -75,16 +76,18 @@ def train_scores(
 ) -> dict[str, Any]:
     """Run the demo and return its history and final state.
 
-    Returns a dict with ``scores``/``probabilities``/``target`` (initial and final tensors),
+    Returns a dict with ``initial_scores``/``final_scores``, ``initial_probabilities``/
+    ``final_probabilities`` (the soft top-k before and after) and ``target`` (tensors),
     ``history`` (``step``, ``loss``, ``max |Σp − k|`` per logged step), ``initial_loss``,
-    ``final_loss`` and ``rows_matched`` (rows whose hard top-k equals the target set).
+    ``final_loss``, ``rows_matched`` (rows whose hard top-k equals the target set) and
+    ``rows_rounded_matched`` (rows whose rounded soft top-k equals the target mask).
     """
     _check("batch", batch, isinstance(batch, int) and batch >= 1, "an integer >= 1")
     _check("n", n, isinstance(n, int) and n >= 2, "an integer >= 2")
     _check("k", k, isinstance(k, int) and 0 < k < n, f"an integer with 0 < k < n = {n}")
-    _check("temperature", temperature, temperature > 0, "> 0")
+    _check("temperature", temperature, math.isfinite(temperature) and temperature > 0, "> 0")
     _check("steps", steps, isinstance(steps, int) and steps >= 1, "an integer >= 1")
-    _check("lr", lr, lr > 0, "> 0")
+    _check("lr", lr, math.isfinite(lr) and lr > 0, "finite and > 0")
     _check("target", target, target in ("random", "initial"), "'random' or 'initial'")
     log_every = log_every or max(1, steps // 10)
     _check("log_every", log_every, isinstance(log_every, int) and log_every >= 1, ">= 1")
@@ -126,6 +129,7 @@ def train_scores(
     with torch.no_grad():
         final_loss, final_p = loss_and_probabilities()
     rows_matched = int((topk_mask(scores.detach(), k) == mask).all(dim=-1).sum())
+    rows_rounded_matched = int((final_p.round() == mask).all(dim=-1).sum())
     return {
         "initial_scores": initial,
         "final_scores": scores.detach(),
@@ -136,6 +140,7 @@ def train_scores(
         "initial_loss": initial_loss,
         "final_loss": final_loss.item(),
         "rows_matched": rows_matched,
+        "rows_rounded_matched": rows_rounded_matched,
         "rows": batch,
     }
 
@@ -200,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         f"\nloss {result['initial_loss']:.3e} → {result['final_loss']:.3e}; hard top-k equals "
         f"the target in {result['rows_matched']}/{result['rows']} rows"
         + (" — all match" if result["rows_matched"] == result["rows"] else "")
+        + f"; round(p) equals it in {result['rows_rounded_matched']}/{result['rows']}"
         + f"  ({time.perf_counter() - start:.1f}s)"
     )
     if args.json:
