@@ -151,3 +151,15 @@ def test_benchmarks_script_runs_the_package_benchmark(tmp_path, monkeypatch, cap
     assert json.loads((tmp_path / "results.json").read_text())["config"]["quick"] is True
     assert not (tmp_path / "ratios.png").exists()
     assert "speedup vs seed" in capsys.readouterr().out
+
+
+def test_gradkit_bench_topk_command(tmp_path, capsys):
+    from gradkit.cli import main as gradkit_main
+
+    out = tmp_path / "run"
+    args = ["bench", "topk", "--quick", "--no-peers", "--no-plot", "--threads", "1"]
+    assert gradkit_main([*args, "--out", str(out)]) == 0
+    assert {"config", "environment", "results"} <= json.loads(
+        (out / "results.json").read_text()
+    ).keys()
+    assert "speedup vs seed" in capsys.readouterr().out

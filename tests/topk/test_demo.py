@@ -63,3 +63,14 @@ def test_run_prints_progress_and_writes_json(tmp_path, capsys):
 def test_bad_settings_raise_value_error(kwargs, name):
     with pytest.raises(ValueError, match=f"^{name} must"):
         demo.train_scores(n=6, steps=1, **kwargs)
+
+
+def test_gradkit_demo_topk_command(capsys):
+    from gradkit.cli import main as gradkit_main
+
+    assert gradkit_main(["demo", "topk", "--steps", "10", "--batch", "2"]) == 0
+    assert "hard top-k equals the target" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        gradkit_main(["demo", "topk", "--k", "10", "--n", "10"])
+    assert exit_info.value.code == 2
+    assert "k must be an integer with 0 < k < n = 10" in capsys.readouterr().err
