@@ -17,7 +17,9 @@ Presets (explicit flags override them):
   tiny           a seconds-long synthetic smoke test
 
 Loss convention: ℓ_i = (1/B) Σ_b ‖s_{i,b} − s*_{i,b}‖² (summed over units, averaged over the
-minibatch), the gist's per-example loss; see gradkit.align.training.
+minibatch), the gist's per-example loss; see gradkit.align.training. On the synthetic presets
+lr 0.01 is past the global mode's stability edge (local trains, global stalls or climbs);
+compare with --lr 0.001, where both train.
 
 Writes DIR/train.json, DIR/losses.png and DIR/alignment_over_training.png, and prints a
 comparison table.
