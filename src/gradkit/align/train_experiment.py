@@ -43,6 +43,9 @@ from .training import TRAIN_MODES, copy_network, train
 __all__ = [
     "TRAIN_PRESETS",
     "add_arguments",
+    "comparison_table",
+    "plot_alignment",
+    "plot_losses",
     "resolve_config",
     "run",
     "run_experiment",
@@ -288,8 +291,7 @@ def _digits_runs(config: dict, dtype: torch.dtype) -> dict:
     activations = str(config["activation"]).split(",")
     jobs = [(a, seed) for a in activations for seed in range(config["seeds"])]
     by_activation: dict[str, dict] = {
-        a: {"history": {m: [] for m in config["modes"]}, "teacher": [], "finals": {}}
-        for a in activations
+        a: {"history": {m: [] for m in config["modes"]}, "teacher": []} for a in activations
     }
     for activation, seed in _io.progress(jobs, desc="gradkit train: (activation, seed) runs"):
         result = digits_run(
