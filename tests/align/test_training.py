@@ -207,20 +207,3 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
         train(net, x, targets, mode, **settings)
     with pytest.raises(ValueError, match="mode must be one of"):
         layerwise_losses(net, x, targets, "distant")
-
-
-def test_alignment_falls_back_to_the_naive_report_without_a_batching_rule(monkeypatch):
-    from gradkit.align import measure
-
-    net, x, targets = tiny_problem()
-    want = measure.alignment_report_naive(net, x, targets)["local_global_cosine"]
-
-    def no_vmap(*_args, **_kwargs):
-        raise RuntimeError("Batching rule not implemented for aten::mul.out")
-
-    monkeypatch.setattr(measure, "alignment_report", no_vmap)
-    with pytest.warns(RuntimeWarning, match="alignment_report_naive"):
-        history = train(copy_network(net), x, targets, "local", steps=0, lr=LR, batch_size=BATCH)
-    torch.testing.assert_close(
-        torch.tensor(history["local_global_cosine"][0], dtype=torch.float64), want
-    )

@@ -35,7 +35,6 @@ given (so callers copy one network for both), draws the minibatch order from ``s
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -145,20 +144,8 @@ def checkpoint_steps(steps: int, eval_every: int) -> list[int]:
 def _alignment(layers: Sequence[nn.Module], x: torch.Tensor, targets: Sequence[torch.Tensor]):
     from . import measure  # the lab's one implementation of the cosines
 
-    try:
-        report = measure.alignment_report(layers, x, targets)
-    except RuntimeError as error:
-        # The fast report batches vector-Jacobian products with vmap; a layer whose backward
-        # has no batching rule (e.g. an op with out=) cannot take that path. The naive report
-        # (one backward per loss) gives the same numbers without vmap.
-        if "atching rule" not in str(error):
-            raise
-        warnings.warn(
-            f"alignment_report failed under vmap ({error}); using alignment_report_naive",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        report = measure.alignment_report_naive(layers, x, targets)
+    # Layers whose backward cannot be vmapped are handled inside alignment_report itself.
+    report = measure.alignment_report(layers, x, targets)
     keep = ("local_global_cosine", "local_distant_cosine")
     return {key: torch.as_tensor(report[key]).tolist() for key in keep if key in report}
 
