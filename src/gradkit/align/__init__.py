@@ -11,12 +11,14 @@ from .measure import (
 from .networks import ACTIVATIONS, INITS, DenseLayer, KWinnersTakeAll, forward_states, make_mlp
 from .presets import PRESETS, preset
 from .targets import TARGET_MODES, layer_losses, make_targets
+from .training import TRAIN_MODES, layerwise_losses, train, train_step
 
 __all__ = [
     "ACTIVATIONS",
     "INITS",
     "PRESETS",
     "TARGET_MODES",
+    "TRAIN_MODES",
     "DenseLayer",
     "KWinnersTakeAll",
     "alignment_matrix",
@@ -27,8 +29,11 @@ __all__ = [
     "decomposition_naive",
     "forward_states",
     "layer_losses",
+    "layerwise_losses",
     "make_mlp",
     "make_targets",
     "per_loss_gradients",
     "preset",
+    "train",
+    "train_step",
 ]
