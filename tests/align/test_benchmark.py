@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
+from support import PNG_SIGNATURE, parse_flags
 
 from gradkit.align import benchmark
 from gradkit.align.benchmark import Case
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    benchmark.add_arguments(parser)
-    return parser.parse_args(argv)
 
 
 def test_run_benchmark_checks_agreement_and_reports_ratios():
@@ -38,8 +30,9 @@ def test_run_benchmark_checks_agreement_and_reports_ratios():
 def test_cli_writes_json_and_plot(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(benchmark, "QUICK_CASES", (Case(2, 4, 3, "float64"),))
     out, extra = tmp_path / "run", tmp_path / "extra.json"
-    args = parse(
-        ["--quick", "--out", str(out), "--json", str(extra), "--threads", "1", "--repeats", "1"]
+    args = parse_flags(
+        benchmark,
+        ["--quick", "--out", str(out), "--json", str(extra), "--threads", "1", "--repeats", "1"],
     )
     assert benchmark.run(args) == 0
     result = json.loads((out / "results.json").read_text())
@@ -69,7 +62,7 @@ def test_cli_dispatch_reaches_this_module(tmp_path, monkeypatch):
 )
 def test_bad_flags_raise_value_errors(argv, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        benchmark.run(parse(["--quick", "--out", str(tmp_path), *argv]))
+        benchmark.run(parse_flags(benchmark, ["--quick", "--out", str(tmp_path), *argv]))
 
 
 def test_bad_case_dtype_is_rejected():

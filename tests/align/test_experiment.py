@@ -10,30 +10,12 @@ import math
 
 import numpy as np
 import pytest
+from support import assert_png, gradkit, parse_flags
 
 from gradkit.align import experiment
 from gradkit.align.presets import ALIGN_DEFAULTS, PRESETS
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--depth", "3", "--width", "5", "--batch", "4", "--seeds", "2"]
-
-
-def gradkit(argv: list[str]) -> int:
-    from gradkit.cli import main
-
-    return main(argv)
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="gradkit align")
-    experiment.add_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def assert_png(path) -> None:
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
-    assert len(data) > 5_000, f"{path.name} is suspiciously small ({len(data)} bytes)"
 
 
 @pytest.fixture(scope="module")
@@ -131,20 +113,22 @@ def test_same_seeds_reproduce_and_first_seed_changes_the_draw(tmp_path):
 
 
 def test_preset_then_flags_override_it():
-    settings = experiment.resolve_settings(parse(["--preset", "achievable", "--width", "50"]))
+    settings = experiment.resolve_settings(
+        parse_flags(experiment, ["--preset", "achievable", "--width", "50"])
+    )
     achievable = PRESETS["achievable"]
     assert settings["width"] == (50,)  # explicit flag beats the preset
     for key in ("depth", "activation", "gain", "targets", "batch"):
         assert settings[key] == (achievable[key],), key
     settings = experiment.resolve_settings(
-        parse(["--preset", "unachievable", "--targets", "teacher"])
+        parse_flags(experiment, ["--preset", "unachievable", "--targets", "teacher"])
     )
     assert settings["targets"] == ("teacher",)
     assert settings["activation"] == (PRESETS["unachievable"]["activation"],)
-    defaults = experiment.resolve_settings(parse([]))
+    defaults = experiment.resolve_settings(parse_flags(experiment, []))
     for key in ("depth", "width", "activation", "init", "targets", "batch", "seeds"):
         assert defaults[key] == (ALIGN_DEFAULTS[key],), key
-    assert experiment.resolve_settings(parse(["--bias"]))["bias"] == (True,)
+    assert experiment.resolve_settings(parse_flags(experiment, ["--bias"]))["bias"] == (True,)
 
 
 def test_gain_auto_resolves_to_the_activation_default(tmp_path):

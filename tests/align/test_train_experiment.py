@@ -2,40 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import pytest
 import torch
+from support import assert_png, gradkit, parse_flags
 
 from gradkit.align import train_experiment
 from gradkit.align.digits import load_digits_split, make_classifier
 from gradkit.align.presets import PRESETS
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DIGITS_TINY = [
     "--preset", "digits", "--seeds", "1", "--steps", "12", "--eval-every", "6",
     "--teacher-steps", "40", "--teacher-lr", "0.01", "--width", "12", "--activation", "relu,kwta",
 ]  # fmt: skip
-
-
-def gradkit(argv: list[str]) -> int:
-    from gradkit.cli import main
-
-    return main(argv)
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="gradkit train")
-    train_experiment.add_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def assert_png(path) -> None:
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
-    assert len(data) > 5_000, f"{path.name} is suspiciously small ({len(data)} bytes)"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +61,7 @@ def test_both_modes_start_from_identical_weights_and_differ_afterwards(tiny_run)
 
 def test_synthetic_presets_take_their_network_from_presets_py():
     for name in ("achievable", "unachievable"):
-        config = train_experiment.resolve_config(parse(["--preset", name]))
+        config = train_experiment.resolve_config(parse_flags(train_experiment, ["--preset", name]))
         network = PRESETS[name]
         for key in ("depth", "width", "activation", "init", "gain", "targets"):
             assert config[key] == network[key]
@@ -91,7 +72,10 @@ def test_synthetic_presets_take_their_network_from_presets_py():
 
 def test_flags_override_the_preset():
     config = train_experiment.resolve_config(
-        parse(["--preset", "unachievable", "--steps", "7", "--lr", "0.5", "--mode", "local"])
+        parse_flags(
+            train_experiment,
+            ["--preset", "unachievable", "--steps", "7", "--lr", "0.5", "--mode", "local"],
+        )
     )
     assert (config["steps"], config["lr"], config["modes"]) == (7, 0.5, ["local"])
     assert config["depth"] == PRESETS["unachievable"]["depth"]

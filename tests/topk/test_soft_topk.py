@@ -6,26 +6,11 @@ import math
 
 import pytest
 import torch
+from support import reference_soft_topk
+from support import seeded_randn as _randn
 from torch.autograd import gradcheck, gradgradcheck
 
 from gradkit import SoftTopK, soft_topk
-
-
-def reference_soft_topk(x: torch.Tensor, k, temperature: float = 1.0) -> torch.Tensor:
-    """Independent float64 reference: 200 plain bisection steps on θ, last dimension.
-
-    ``k`` is a number or a tensor of shape ``x.shape[:-1]``.  Finite inputs only.
-    """
-    x = x.double()
-    k = torch.as_tensor(k, dtype=torch.float64).expand(x.shape[:-1]).unsqueeze(-1)
-    lo = x.min(dim=-1, keepdim=True).values - 50 * temperature
-    hi = x.max(dim=-1, keepdim=True).values + 50 * temperature
-    for _ in range(200):
-        mid = lo / 2 + hi / 2
-        mass = torch.sigmoid((x - mid) / temperature).sum(dim=-1, keepdim=True)
-        lo = torch.where(mass > k, mid, lo)
-        hi = torch.where(mass > k, hi, mid)
-    return torch.sigmoid((x - (lo / 2 + hi / 2)) / temperature)
 
 
 def mpmath_soft_topk(values: list[float], k: float, temperature: float) -> list[float]:
@@ -44,10 +29,6 @@ def mpmath_soft_topk(values: list[float], k: float, temperature: float) -> list[
                 hi = mid
         theta = (lo + hi) / 2
         return [float(1 / (1 + mpmath.exp(-(v - theta) / tau))) for v in xs]
-
-
-def _randn(*shape, seed=0, dtype=torch.float64):
-    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------- values

@@ -6,28 +6,12 @@ import math
 
 import pytest
 import torch
+from support import reference_soft_topk
+from support import seeded_randn as _randn
 
 from gradkit import soft_topk
 
 INF = math.inf
-
-
-def reference_soft_topk(x: torch.Tensor, k, temperature: float = 1.0) -> torch.Tensor:
-    """Independent float64 reference (plain bisection on θ, last dim, finite inputs)."""
-    x = x.double()
-    k = torch.as_tensor(k, dtype=torch.float64).expand(x.shape[:-1]).unsqueeze(-1)
-    lo = x.min(dim=-1, keepdim=True).values - 50 * temperature
-    hi = x.max(dim=-1, keepdim=True).values + 50 * temperature
-    for _ in range(200):
-        mid = lo / 2 + hi / 2
-        mass = torch.sigmoid((x - mid) / temperature).sum(dim=-1, keepdim=True)
-        lo = torch.where(mass > k, mid, lo)
-        hi = torch.where(mass > k, hi, mid)
-    return torch.sigmoid((x - (lo / 2 + hi / 2)) / temperature)
-
-
-def _randn(*shape, seed=0, dtype=torch.float64):
-    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
 def _grad(x: torch.Tensor, fn, seed=1) -> torch.Tensor:

@@ -1,0 +1,54 @@
+"""Helpers shared by the test modules (importable because pytest puts ``tests/`` on the path)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def reference_soft_topk(x: torch.Tensor, k, temperature: float = 1.0) -> torch.Tensor:
+    """Independent float64 reference: 200 plain bisection steps on θ, last dimension.
+
+    ``k`` is a number or a tensor of shape ``x.shape[:-1]``.  Finite inputs only.
+    """
+    x = x.double()
+    k = torch.as_tensor(k, dtype=torch.float64).expand(x.shape[:-1]).unsqueeze(-1)
+    lo = x.min(dim=-1, keepdim=True).values - 50 * temperature
+    hi = x.max(dim=-1, keepdim=True).values + 50 * temperature
+    for _ in range(200):
+        mid = lo / 2 + hi / 2
+        mass = torch.sigmoid((x - mid) / temperature).sum(dim=-1, keepdim=True)
+        lo = torch.where(mass > k, mid, lo)
+        hi = torch.where(mass > k, hi, mid)
+    return torch.sigmoid((x - (lo / 2 + hi / 2)) / temperature)
+
+
+def seeded_randn(*shape, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``torch.randn`` from its own generator, so tests do not depend on each other's order."""
+    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+def gradkit(argv: list[str]) -> int:
+    """Run the ``gradkit`` command line in-process; return its exit code."""
+    from gradkit.cli import main
+
+    return main(argv)
+
+
+def parse_flags(module: ModuleType, argv: list[str], prog: str = "gradkit") -> argparse.Namespace:
+    """Parse ``argv`` with the flags that ``module.add_arguments`` declares."""
+    parser = argparse.ArgumentParser(prog=prog)
+    module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def assert_png(path: Path) -> None:
+    """``path`` holds a real, non-trivial PNG image."""
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{Path(path).name} is not a PNG"
+    assert len(data) > 5_000, f"{Path(path).name} is suspiciously small ({len(data)} bytes)"
