@@ -22,6 +22,20 @@ ALIGN_DEFAULTS: dict = dict(
     seeds=10,
 )
 
+# The network of the authors' follow-up code: 8 layers of 200 units, 1000 samples,
+# centered_leaky_clip, W ~ N(0, 1.6²/fan_in); the two presets below differ only in targets.
+_FOLLOW_UP: dict = dict(
+    depth=8,
+    width=200,
+    activation="centered_leaky_clip",
+    init="gaussian",
+    gain=1.6,
+    bias=False,
+    target_scale=1.0,
+    batch=1000,
+    seeds=10,
+)
+
 PRESETS: dict[str, dict] = {
     # The gist: a random 20-layer network with random targets. The gist states neither width,
     # batch, init nor target scale; this is the plain choice (linear, W ~ N(0, 1/fan_in),
@@ -42,32 +56,10 @@ PRESETS: dict[str, dict] = {
         batch=50,
         seeds=10,
     ),
-    # The authors' follow-up code: reachable (teacher) targets ...
-    "achievable": dict(
-        depth=8,
-        width=200,
-        activation="centered_leaky_clip",
-        init="gaussian",
-        gain=1.6,
-        bias=False,
-        targets="teacher",
-        target_scale=1.0,
-        batch=1000,
-        seeds=10,
-    ),
-    # ... and the same network with unreachable iid targets.
-    "unachievable": dict(
-        depth=8,
-        width=200,
-        activation="centered_leaky_clip",
-        init="gaussian",
-        gain=1.6,
-        bias=False,
-        targets="iid",
-        target_scale=1.0,
-        batch=1000,
-        seeds=10,
-    ),
+    # The authors' follow-up code: reachable (teacher) targets, and the same network with
+    # unreachable iid targets.
+    "achievable": dict(_FOLLOW_UP, targets="teacher"),
+    "unachievable": dict(_FOLLOW_UP, targets="iid"),
     "base": dict(ALIGN_DEFAULTS, depth=12, width=100),
     "narrow": dict(ALIGN_DEFAULTS, depth=12, width=30),
 }
