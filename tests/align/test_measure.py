@@ -149,8 +149,8 @@ def test_generic_modules_equal_naive():
     assert_reports_equal(alignment_report(layers, x, targets), want)
     assert_reports_equal(alignment_report(layers, x, targets, method="generic"), want)
     # Diagonal has no matrix parameter: its per-row cosine is the whole-vector cosine.
-    assert want["local_distant_cosine_per_row"][2] == pytest.approx(
-        want["local_distant_cosine"][2], abs=1e-12
+    assert want["local_distant_cosine_per_row"][2].item() == pytest.approx(
+        want["local_distant_cosine"][2].item(), abs=1e-12
     )
 
 
@@ -214,7 +214,7 @@ def test_matrix_layout_and_derived_keys():
     assert report["local_distant_cosine"][-1].isnan()
     assert report["local_distant_cosine_per_row"][-1].isnan()
     assert report["distant_norm"][-1].isnan()
-    assert report["local_global_cosine"][-1] == pytest.approx(1.0)  # global = local there
+    assert report["local_global_cosine"][-1].item() == pytest.approx(1.0)  # global = local there
     params = torch.tensor([6 * 6 + 6.0] * 5, dtype=torch.float64)
     torch.testing.assert_close(report["num_params"], params)
     torch.testing.assert_close(report["random_baseline"], params.rsqrt())
