@@ -138,7 +138,7 @@ def test_benchmark_cli_reports_bad_flag_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["--quick", "--repeats", "0", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "repeats must be an integer >= 1" in capsys.readouterr().err
+    assert "repeats must be an integer ≥ 1" in capsys.readouterr().err
 
 
 def test_benchmarks_script_runs_the_package_benchmark(tmp_path, monkeypatch, capsys):

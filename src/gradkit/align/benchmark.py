@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ from typing import Any
 
 import torch
 
-from .. import _io
+from .. import _bench, _io
 from .measure import (
     alignment_matrix,
     alignment_matrix_naive,
@@ -88,12 +87,6 @@ DEFAULT_CASES = tuple(
 QUICK_CASES = (Case(6, 16, 8, "float64"), Case(20, 100, 50, "float64"))
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
-    return value
 
 
 def _time(fn: Callable[[], Any], first: float, repeats: int, budget_s: float) -> tuple[float, int]:
@@ -169,16 +162,16 @@ def run_benchmark(
     ``torch``'s thread count is set to ``threads`` (default: the machine's cores) during the
     measurement and restored afterwards.
     """
-    threads = _check_positive_int("threads", threads if threads is not None else os.cpu_count())
-    _check_positive_int("repeats", repeats)
+    threads = _bench.check_positive_int(
+        "threads", threads if threads is not None else os.cpu_count()
+    )
+    _bench.check_positive_int("repeats", repeats)
     if not (isinstance(budget_s, (int, float)) and budget_s > 0):
         raise ValueError(f"budget must be a number of seconds > 0, got {budget_s!r}")
     for case in cases:
         if case.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {case.dtype!r}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _bench.torch_threads(threads):
         items = _io.progress(cases, "bench align") if show_progress else cases
         results = [
             row
@@ -187,8 +180,6 @@ def run_benchmark(
                 case, repeats=repeats, budget_s=budget_s, seed=seed, report=report
             )
         ]
-    finally:
-        torch.set_num_threads(previous)
     return {
         "config": {
             "cases": [asdict(case) for case in cases],
@@ -199,13 +190,7 @@ def run_benchmark(
             "report": report,
             "network": "make_mlp(depth, width, 'linear', init='gaussian'), iid targets",
         },
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-        },
+        "environment": _bench.environment(threads),
         "results": results,
     }
 
@@ -297,9 +282,9 @@ def run(args: argparse.Namespace) -> int:
     quick = bool(args.quick)
     repeats = args.repeats if args.repeats is not None else (3 if quick else 5)
     budget = args.budget if args.budget is not None else (1.0 if quick else 20.0)
-    _check_positive_int("--repeats", repeats)
+    _bench.check_positive_int("--repeats", repeats)
     if args.threads is not None:
-        _check_positive_int("--threads", args.threads)
+        _bench.check_positive_int("--threads", args.threads)
     if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"--budget must be a number of seconds > 0, got {budget!r}")
     result = run_benchmark(

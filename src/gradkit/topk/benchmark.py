@@ -38,7 +38,6 @@ import contextlib
 import io
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -50,7 +49,7 @@ from typing import Any
 
 import torch
 
-from .. import _io
+from .. import _bench, _io
 from .reference import seed_topk
 from .soft_topk import soft_topk
 
@@ -319,16 +318,6 @@ def _measure_shape(
     }
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -338,26 +327,13 @@ def _version(package: str) -> str | None:
 
 def _environment(threads: int, load_before: float | None) -> dict[str, Any]:
     return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
+        **_bench.environment(threads),
         "gradkit": _version("gradkit"),
         "difftopk": _version("difftopk"),
         "pytopk": _version("pytopk"),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_1min_before": load_before,
-        "load_average_1min_after": _load_average(),
+        "load_average_1min_after": _bench.load_average(),
     }
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):  # not available on every platform
-        return None
 
 
 def run_benchmark(
@@ -378,8 +354,8 @@ def run_benchmark(
     """
     if threads is None:
         threads = os.cpu_count() or 1
-    _check_positive_int("threads", threads)
-    _check_positive_int("repeats", repeats)
+    _bench.check_positive_int("threads", threads)
+    _bench.check_positive_int("repeats", repeats)
     if not (isinstance(warmup, int) and warmup >= 0):
         raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
     if not budget_s > 0:
@@ -389,12 +365,10 @@ def run_benchmark(
             raise ValueError(f"shape {shape.name}: k must satisfy 0 < k < n")
 
     methods = list(METHOD_NAMES)
-    load_before = _load_average()  # other processes' load, before ours adds to it
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    load_before = _bench.load_average()  # other processes' load, before ours adds to it
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # peers draw noise from the global generator
-    try:
+    with _bench.torch_threads(threads):
         results = [
             _measure_shape(
                 shape,
@@ -407,8 +381,6 @@ def run_benchmark(
             )
             for shape in _io.progress(shapes, "bench topk: shape")
         ]
-    finally:
-        torch.set_num_threads(previous_threads)
 
     config = {
         "shapes": [asdict(s) for s in shapes],
@@ -590,11 +562,6 @@ def plot_ratios(report: dict[str, Any], path: str | Path) -> Path:
 # --------------------------------------------------------------------------- command line
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``gradkit bench topk`` (also ``python benchmarks/topk.py``)."""
     parser.add_argument("--json", metavar="FILE", help="also write the results JSON to FILE")
@@ -635,7 +602,7 @@ def run(args: argparse.Namespace) -> int:
     repeats = args.repeats if args.repeats is not None else (3 if quick else 30)
     budget = args.budget if args.budget is not None else (0.2 if quick else 1.5)
     if args.threads is not None:
-        _check_positive_int("--threads", args.threads)
+        _bench.check_positive_int("--threads", args.threads)
     report = run_benchmark(
         QUICK_SHAPES if quick else DEFAULT_SHAPES,
         threads=args.threads,
