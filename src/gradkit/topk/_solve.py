@@ -289,20 +289,32 @@ def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
     # (amin + amax is several times faster than aminmax on CPU)
     x_min = x.amin(dim=-1, keepdim=True)
     x_max = x.amax(dim=-1, keepdim=True)
-    if not isinstance(k, Tensor) and bool(torch.isfinite(x_max - x_min).all()):
-        k = float(k)
-        if k in (0.0, float(n_total)):
-            return torch.full_like(x, 0.0 if k == 0 else 1.0, dtype=out_dtype)
-        magnitude = float(torch.maximum(x_max.abs(), x_min.abs()).max())
-        if magnitude * inv_tau <= limit:
-            return _solve_shared_budget(x, k, inv_tau, x_min, x_max).to(out_dtype)
+    if not isinstance(k, Tensor):
+        # One host sync for every check of the common path.  The spread x_max − x_min is
+        # finite exactly when the slice is (NaN and ±inf propagate into it; max reductions
+        # propagate NaN); x_max = x_min implies a zero spread (the converse is checked below).
+        spread = x_max - x_min
+        spread_max, spread_min, top, bottom = torch.stack(
+            (spread.amax(), spread.amin(), x_max.amax(), x_min.amin())
+        ).tolist()
+        if math.isfinite(spread_max):
+            k = float(k)
+            if k in (0.0, float(n_total)):
+                return torch.full_like(x, 0.0 if k == 0 else 1.0, dtype=out_dtype)
+            if max(abs(top), abs(bottom)) * inv_tau <= limit:
+                maybe_tied = spread_min == 0
+                solved = _solve_shared_budget(x, k, inv_tau, x_min, x_max, maybe_tied)
+                return solved.to(out_dtype)
     return _solve_general(x, k, inv_tau, x_min, x_max).to(out_dtype)
 
 
 def _solve_shared_budget(
-    x: Tensor, k: float, inv_tau: float, x_min: Tensor, x_max: Tensor
+    x: Tensor, k: float, inv_tau: float, x_min: Tensor, x_max: Tensor, maybe_tied: bool = True
 ) -> Tensor:
-    """The common case — finite input, one budget ``0 < k < n`` — with scalar bookkeeping."""
+    """The common case — finite input, one budget ``0 < k < n`` — with scalar bookkeeping.
+
+    ``maybe_tied=False`` promises that no slice has ``x_max = x_min`` (skips that check).
+    """
     n = float(x.shape[-1])
     flipped = k > 0.5 * n
     sign = -1.0 if flipped else 1.0
@@ -322,6 +334,8 @@ def _solve_shared_budget(
 
     p = buffer if (current and not flipped) else membership(t, out=buffer)
     p = _blend_collapsed(membership, lo, hi, k, collapsed, p)
+    if not maybe_tied:
+        return p
     tied = x_max == x_min
     if bool(tied.any()):
         # Exactly tied slices: p = k/n exactly, without the rounding of t (which is off by an
