@@ -178,12 +178,13 @@ def _solve_shift(
         hi = torch.where(above, hi, t)
         step = _newton_step(iteration, excess, distance, slope, p)
         t_next = t + step
-        inside = (t_next > lo) & (t_next < hi)  # NaN (zero slope) fails too
+        inside = (t_next > lo).logical_and_(t_next < hi)  # NaN (zero slope) fails too
         # Newton's error contracts as err_next ≲ step² (|g''/g'| ≤ 2 for sums of
         # sigmoids), so a step below √tol lands within tol of the root.
         small = step.square_() <= t.abs().clamp_(min=1.0).mul_(4 * eps)
-        flags = torch.stack((met.all(), (inside | met).all(), (small | met).all())).tolist()
-        all_met, all_inside, all_small = flags
+        # One host sync: all met, all inside or met, all small or met.
+        flags = torch.stack((met, inside, small)).logical_or_(met)
+        all_met, all_inside, all_small = flags.flatten(1).all(dim=1).tolist()
         if all_met:
             return t, lo, hi, None, p, True
         if not all_inside:

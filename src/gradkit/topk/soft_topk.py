@@ -46,11 +46,15 @@ class _SoftTopKFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         (p,) = ctx.saved_tensors
-        compute_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        grad_x, grad_k = soft_topk_vjp(
-            grad_output.to(compute_dtype), p.to(compute_dtype), ctx.temperature
-        )
-        grad_x = _to_dtype_saturating(grad_x, p.dtype)
+        if p.dtype in (torch.float32, torch.float64) and grad_output.dtype == p.dtype:
+            # The common case: no casts (each .to costs a dispatch even when it is a no-op).
+            grad_x, grad_k = soft_topk_vjp(grad_output, p, ctx.temperature)
+        else:
+            compute_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            grad_x, grad_k = soft_topk_vjp(
+                grad_output.to(compute_dtype), p.to(compute_dtype), ctx.temperature
+            )
+            grad_x = _to_dtype_saturating(grad_x, p.dtype)
         if not (ctx.k_is_tensor and ctx.needs_input_grad[1]):
             grad_k = None
         return grad_x, grad_k, None
@@ -245,7 +249,8 @@ def soft_topk(
     dim = _normalize_dim(dim, x.dim())
     temperature = _check_temperature(temperature)
     n = x.shape[dim]
-    x_last = x.movedim(dim, -1)
+    last = dim == x.dim() - 1
+    x_last = x if last else x.movedim(dim, -1)
     batch_shape = x_last.shape[:-1]
 
     if isinstance(k, Tensor):
@@ -274,7 +279,7 @@ def soft_topk(
         mask = _hard_mask(x_last.detach(), k_arg, p.detach())
         # Straight-through: value exactly `mask` (p − p is exactly 0), gradient that of p.
         p = mask + (p - p.detach())
-    return p.movedim(-1, dim)
+    return p if last else p.movedim(-1, dim)
 
 
 class SoftTopK(nn.Module):
