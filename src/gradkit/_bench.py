@@ -6,6 +6,7 @@ The measurements themselves stay next to the code they measure (``gradkit.topk.b
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import time
@@ -16,7 +17,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_positive_int", "cpu_model", "environment", "load_average", "torch_threads"]
+__all__ = [
+    "add_common_arguments",
+    "check_positive_int",
+    "cpu_model",
+    "environment",
+    "load_average",
+    "torch_threads",
+]
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -67,3 +75,44 @@ def environment(threads: int) -> dict[str, Any]:
         "threads": threads,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    unit: str,
+    repeats: tuple[int, int],
+    budget: tuple[float, float],
+    quick_help: str,
+) -> None:
+    """The flags every ``gradkit bench`` command shares.
+
+    ``repeats`` and ``budget`` are the (default, ``--quick``) values shown in the help; ``unit``
+    names what one measurement is of ("shape", "case").
+    """
+    parser.add_argument("--json", metavar="FILE", help="also write the results JSON to FILE")
+    parser.add_argument(
+        "--out", metavar="DIR", help="run folder for results.json and the plot (default: runs/…)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for the measurement (default: the machine's cores)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"max timed calls per method (default {repeats[0]}; quick {repeats[1]})",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"seconds per method and {unit} that set its repeats "
+        f"(default {budget[0]:g}; quick {budget[1]:g})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")

@@ -248,33 +248,18 @@ def plot_times(result: dict[str, Any], path: str | Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``gradkit bench align`` (also ``python benchmarks/align.py``)."""
-    parser.add_argument("--quick", action="store_true", help="small cases only (a smoke test)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results JSON to FILE")
-    parser.add_argument(
-        "--out", metavar="DIR", help="run folder for results.json and the plot (default: runs/…)"
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads for the measurement (default: the machine's cores)",
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="max timed calls per method (default 5; quick 3)"
-    )
-    parser.add_argument(
-        "--budget",
-        type=float,
-        default=None,
-        help="seconds per method and case that set its repeats (default 20; quick 1)",
+    _bench.add_common_arguments(
+        parser,
+        unit="case",
+        repeats=(5, 3),
+        budget=(20.0, 1.0),
+        quick_help="small cases only (a smoke test)",
     )
     parser.add_argument(
         "--report",
         action="store_true",
         help="also time the full alignment_report against its naive reference",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed of weights and data")
-    parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -564,36 +564,19 @@ def plot_ratios(report: dict[str, Any], path: str | Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``gradkit bench topk`` (also ``python benchmarks/topk.py``)."""
-    parser.add_argument("--json", metavar="FILE", help="also write the results JSON to FILE")
-    parser.add_argument(
-        "--out", metavar="DIR", help="run folder for results.json and the plot (default: runs/…)"
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads for the measurement (default: the machine's cores)",
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="max timed calls per method (default 30; quick 3)"
+    _bench.add_common_arguments(
+        parser,
+        unit="shape",
+        repeats=(30, 3),
+        budget=(1.5, 0.2),
+        quick_help="tiny shapes and few repeats (a smoke test)",
     )
     parser.add_argument(
         "--warmup", type=int, default=2, help="warm-up calls per method, first included"
     )
     parser.add_argument(
-        "--budget",
-        type=float,
-        default=None,
-        help="seconds per method and shape that set its repeats (default 1.5; quick 0.2)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny shapes and few repeats (a smoke test)"
-    )
-    parser.add_argument(
         "--no-peers", action="store_true", help="skip difftopk/pytopk even when installed"
     )
-    parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
 
 
 def run(args: argparse.Namespace) -> int:
