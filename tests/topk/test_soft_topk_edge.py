@@ -257,3 +257,32 @@ def test_empty_inputs():
     assert soft_topk(torch.empty(3, 0), 0).shape == (3, 0)
     with pytest.raises(ValueError, match="k"):
         soft_topk(torch.empty(3, 0), 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [0.1, 0.03, 0.01, 0.001])
+@pytest.mark.parametrize(("shape", "k"), [((512, 64), 2), ((64, 1000), 10), ((16, 2000), 700.5)])
+def test_small_temperatures_converge_in_a_handful_of_passes(
+    monkeypatch, dtype, temperature, shape, k
+):
+    # At small τ most entries saturate: the solve must start near the root (order statistics)
+    # and stop once a step is below the resolution of θ, not creep by bisection. Counted in
+    # solver passes (deterministic), not in seconds.
+    from gradkit.topk import _solve
+
+    passes = []
+    counted = _solve._newton_step
+
+    def counting(*args, **kwargs):
+        passes.append(1)
+        return counted(*args, **kwargs)
+
+    monkeypatch.setattr(_solve, "_newton_step", counting)
+    x = _randn(*shape, seed=3, dtype=dtype)
+    p = soft_topk(x, k, temperature=temperature)
+    assert len(passes) <= 8, f"{len(passes)} solver passes"
+    # Σp = k to the resolution of θ in the dtype: |θ| ≈ max|x|/τ units, one ulp each.
+    theta_ulp = torch.finfo(dtype).eps * x.abs().max().item() / temperature
+    assert (p.sum(-1) - k).abs().max().item() <= 8 * torch.finfo(dtype).eps * k + 2 * theta_ulp
+    if dtype == torch.float64:
+        torch.testing.assert_close(p, reference_soft_topk(x, k, temperature), atol=1e-9, rtol=0)

@@ -29,7 +29,12 @@ that saturated entries create cost one step instead of dozens.  The first steps 
 cheaper one-tail form (all of the slope on one side, ``δ = ±log(1 + |F − k|/Σv)``), which
 never overshoots.  The start is the log-sum-exp bound ``t₀ = LSE(w) − log k`` (``σ(z) < eᶻ``
 makes it a point right of the root; it is exact in the lower tail, so small budgets often
-need a single evaluation).
+need a single evaluation).  When a slice spans many units of ``τ`` (small temperatures) most
+entries saturate and that bound lands many plateaus away from the root; there the start comes
+from order statistics instead (a partial sort of ``⌊k⌋ + 1`` values: midway between the
+``k``-th and ``(k+1)``-th largest for an integer budget), which is nearly exact.  A slice is
+solved once its mass is within tolerance or once the step falls below the resolution of ``t``
+(``t + δ == t``: no representable ``t`` is closer).
 
 Two phases.  The *fast* phase takes these steps for all slices at once with one host sync per
 pass and stops when every slice's mass is within ``8·eps·max(k, 1)`` of ``k`` or every step is
@@ -41,7 +46,7 @@ when it is wide (a bracket spanning 1e−30..1e30 is cut in ≤ 64 steps, not 20
 arithmetically otherwise, and after ``_NEWTON_STEPS`` passes only bisection is used — so the
 solve ends after at most ``_NEWTON_STEPS + bits + 2`` passes (78 in float64, 46 in float32)
 whatever the data.  Typical
-inputs take 1–4 passes at τ = 1 and 5–10 at τ = 0.1.  A bracket that collapses onto a jump of
+inputs take 1–4 passes at τ = 1 and 3–6 at τ = 0.1 … 0.001.  A bracket that collapses onto a jump of
 ``F`` the dtype cannot resolve (entries tied at the resolution limit straddle the root) is
 resolved by blending its two ends so that the budget is met exactly.
 
@@ -64,6 +69,9 @@ _NEWTON_STEPS = 12
 _FAST_STEPS = 6
 # Newton-type steps that use the one-tail model before the (one pass dearer) two-tail model.
 _ONE_TAIL_STEPS = 2
+# Slices spread over more than this many units of τ start from order statistics (a partial
+# sort) instead of the log-sum-exp bound, which small temperatures make far from the root.
+_SPREAD_FOR_ORDER_START = 16.0
 # A bracket wider than this (in units of τ) is bisected in its floating-point ordering.
 _WIDE_BRACKET = 64.0
 
@@ -132,6 +140,7 @@ def _solve_shift(
     w_min: Tensor,
     w_max: Tensor,
     done: Tensor | None,
+    start: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor, bool]:
     """Solve ``Σ_i σ(w_i − t) = k`` for ``t`` (shape ``(..., 1)``) on the slices not ``done``.
 
@@ -141,6 +150,7 @@ def _solve_shift(
     bracket ``lo ≤ t ≤ hi``, a mask of the slices whose bracket collapsed onto a jump of ``F``
     (ties at the resolution limit straddling the root; ``None`` when there are none), the
     work buffer, and whether that buffer holds ``σ(w − t)`` at the returned ``t``.
+    ``start`` (shape ``(..., 1)``), when given, replaces the log-sum-exp starting point.
     """
     eps = torch.finfo(w.dtype).eps
     if done is not None:  # dead slices get a harmless k = 1 of n = 2
@@ -153,11 +163,14 @@ def _solve_shift(
     hi = w_max - logit_k
     tol_mass = 8 * eps * (torch.clamp(k, min=1.0) if isinstance(k, Tensor) else max(k, 1.0))
     p = torch.empty_like(w)
-    # Start from the log-sum-exp bound: σ(z) < eᶻ, so F(t) < Σ e^{w − t} = k at
-    # t = LSE(w) − log k, a point right of the root and exact in the lower tail.
-    exp_sum = torch.sub(w, w_max, out=p).exp_().sum(dim=-1, keepdim=True)
-    hi = torch.minimum(hi, w_max + torch.log(exp_sum) - log_k)
-    t = hi
+    if start is None:
+        # Start from the log-sum-exp bound: σ(z) < eᶻ, so F(t) < Σ e^{w − t} = k at
+        # t = LSE(w) − log k, a point right of the root and exact in the lower tail.
+        exp_sum = torch.sub(w, w_max, out=p).exp_().sum(dim=-1, keepdim=True)
+        hi = torch.minimum(hi, w_max + torch.log(exp_sum) - log_k)
+        t = hi
+    else:
+        t = torch.minimum(torch.maximum(start, lo), hi)
 
     # Fast phase: plain safeguarded steps, one host sync per pass.  Any slice that needs a
     # bisection sends the whole solve on to the careful phase below.
@@ -178,6 +191,10 @@ def _solve_shift(
         hi = torch.where(above, hi, t)
         step = _newton_step(iteration, excess, distance, slope, p)
         t_next = t + step
+        # A step below the resolution of t (t + δ == t) cannot improve the slice: it is
+        # solved to its dtype's precision (without this, the unmoved t fails the strict
+        # bracket test and bisection creeps back linearly).
+        met |= t_next == t
         inside = (t_next > lo).logical_and_(t_next < hi)  # NaN (zero slope) fails too
         # Newton's error contracts as err_next ≲ step² (|g''/g'| ≤ 2 for sums of
         # sigmoids), so a step below √tol lands within tol of the root.
@@ -233,7 +250,12 @@ def _solve_shift_careful(
         width_tol = t.abs().clamp_(min=1.0).mul_(4 * eps)
         stepped = newton_ok & (step.square_() <= width_tol)
         # Slices whose mass already meets the budget keep t, so p stays reusable.
-        keep = done | (distance <= tol_mass) | ((hi - lo <= width_tol) & ~newton_ok)
+        keep = (
+            done
+            | (distance <= tol_mass)
+            | (t_newton == t)  # below the resolution of t: solved (see the fast phase)
+            | ((hi - lo <= width_tol) & ~newton_ok)
+        )
         done = keep | stepped
         move = ~keep
         if bool((move & ~newton_ok).any()):
@@ -304,17 +326,45 @@ def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
                 return torch.full_like(x, 0.0 if k == 0 else 1.0, dtype=out_dtype)
             if max(abs(top), abs(bottom)) * inv_tau <= limit:
                 maybe_tied = spread_min == 0
-                solved = _solve_shared_budget(x, k, inv_tau, x_min, x_max, maybe_tied)
+                solved = _solve_shared_budget(
+                    x, k, inv_tau, x_min, x_max, maybe_tied, spread_max * inv_tau
+                )
                 return solved.to(out_dtype)
     return _solve_general(x, k, inv_tau, x_min, x_max).to(out_dtype)
 
 
+def _order_statistics_start(w: Tensor, k: float) -> Tensor:
+    """A start for ``t`` from the ``⌊k⌋+1`` largest ``w``: nearly exact when ``w`` is spread out.
+
+    When the entries are many units of ``τ`` apart every ``σ(w_i − t)`` is close to 0 or 1
+    except near ``t``, so with ``m = ⌊k⌋`` and ``f = k − m``: for an integer budget the root
+    sits midway between the ``m``-th and ``(m+1)``-th largest entries, and for a fractional
+    one at ``w_(m+1) − logit(f)`` (that entry carries the fraction ``f``).  The log-sum-exp
+    start is exact only in the lower tail and, at small ``τ``, lands many plateaus of
+    saturated entries away from the root; this one costs a partial sort of ``m + 1`` values.
+    """
+    m = math.floor(k)
+    fraction = k - m
+    top = torch.topk(w, m + 1, dim=-1, sorted=True).values
+    if fraction == 0.0:
+        return 0.5 * (top[..., m - 1 : m] + top[..., m : m + 1])
+    return top[..., m : m + 1] - math.log(fraction / (1.0 - fraction))
+
+
 def _solve_shared_budget(
-    x: Tensor, k: float, inv_tau: float, x_min: Tensor, x_max: Tensor, maybe_tied: bool = True
+    x: Tensor,
+    k: float,
+    inv_tau: float,
+    x_min: Tensor,
+    x_max: Tensor,
+    maybe_tied: bool = True,
+    spread: float = 0.0,
 ) -> Tensor:
     """The common case — finite input, one budget ``0 < k < n`` — with scalar bookkeeping.
 
     ``maybe_tied=False`` promises that no slice has ``x_max = x_min`` (skips that check).
+    ``spread`` is the largest ``(x_max − x_min)/τ`` over slices: above
+    :data:`_SPREAD_FOR_ORDER_START` the solve starts from order statistics.
     """
     n = float(x.shape[-1])
     flipped = k > 0.5 * n
@@ -325,9 +375,9 @@ def _solve_shared_budget(
         w_min, w_max = x_max * factor, x_min * factor
     else:
         w_min, w_max = (x_min, x_max) if factor == 1.0 else (x_min * factor, x_max * factor)
-    t, lo, hi, collapsed, buffer, current = _solve_shift(
-        w, n - k if flipped else k, n, w_min, w_max, None
-    )
+    budget = n - k if flipped else k
+    start = _order_statistics_start(w, budget) if spread > _SPREAD_FOR_ORDER_START else None
+    t, lo, hi, collapsed, buffer, current = _solve_shift(w, budget, n, w_min, w_max, None, start)
 
     def membership(shift: Tensor, out: Tensor | None = None) -> Tensor:
         z = torch.sub(w, shift, out=out) if out is not None else torch.sub(w, shift)

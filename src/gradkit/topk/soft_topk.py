@@ -229,13 +229,14 @@ def soft_topk(
           instead of overflowing to inf.
 
     Complexity:
-        ``O(n)`` time and memory per slice, no sorting.  The forward takes a few passes over
-        the data (1–4 solver passes at ``τ = 1``, each ``w − t``, ``σ``, ``Σp``, ``Σp²``):
-        safeguarded Newton steps on an exact two-tail model from a log-sum-exp start,
-        converging to the dtype's precision; a bracket with float-ordering bisection bounds
-        adversarial inputs to at most 78 passes (float64).  The backward is one ``O(n)``
-        pass over ``p`` (six memory passes, one buffer).  ``hard=True`` adds a
-        :func:`torch.topk`.
+        ``O(n)`` time and memory per slice.  The forward takes a few passes over the data
+        (1–4 solver passes at ``τ = 1``, 3–6 at small ``τ``; each ``w − t``, ``σ``, ``Σp``,
+        ``Σp²``): safeguarded Newton steps on an exact two-tail model from a log-sum-exp
+        start, or, for slices spread over many ``τ``, from order statistics (a partial sort
+        of ``⌊k⌋ + 1`` values), converging to the dtype's precision; a bracket with
+        float-ordering bisection bounds adversarial inputs to at most 78 passes (float64).
+        The backward is ``O(n)``: a few out-of-place elementwise passes over ``p``.
+        ``hard=True`` adds a :func:`torch.topk`.
 
     Raises:
         TypeError: ``x`` is not a floating tensor, or ``temperature``/``dim`` has a bad type.
