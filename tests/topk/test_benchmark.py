@@ -163,3 +163,13 @@ def test_gradkit_bench_topk_command(tmp_path, capsys):
         (out / "results.json").read_text()
     ).keys()
     assert "speedup vs seed" in capsys.readouterr().out
+
+
+def test_temperature_reaches_gradkit_and_the_seed(tmp_path):
+    # At τ the seed gets x/τ (its own scaling), so both compute σ((x − θ)/τ) and must agree.
+    report = benchmark.run_benchmark(benchmark.QUICK_SHAPES, quick=True, temperature=0.05)
+    assert report["config"]["temperature"] == 0.05
+    for row in report["results"]:
+        assert row["agreement"]["max_abs_diff_p"] < 1e-4
+    with pytest.raises(ValueError, match="temperature"):
+        benchmark.run_benchmark(benchmark.QUICK_SHAPES, quick=True, temperature=0.0)

@@ -164,12 +164,17 @@ def _difftopk_memory_bytes(shape: Shape) -> float:
     return 1.5 * 2 * layers * shape.batch * shape.n * (2**levels / 2) * 4
 
 
-def _prepare(method: str, shape: Shape, x: torch.Tensor, peers: bool) -> _Prepared:
+def _prepare(
+    method: str, shape: Shape, x: torch.Tensor, peers: bool, temperature: float = 1.0
+) -> _Prepared:
     k = shape.k
     if method == "gradkit":
-        return _Prepared(_forward_backward(lambda t: soft_topk(t, k, dim=-1), x))
+        return _Prepared(
+            _forward_backward(lambda t: soft_topk(t, k, dim=-1, temperature=temperature), x)
+        )
     if method == "seed":
-        return _Prepared(_forward_backward(lambda t: seed_topk(t, k), x))
+        # The seed has no temperature: its demo scales the scores instead (σ((x − θ)/τ)).
+        return _Prepared(_forward_backward(lambda t: seed_topk(t / temperature, k), x))
     if method == "sigmoid":
         return _Prepared(_forward_backward(torch.sigmoid, x))
     if method == "torch_topk":
@@ -211,13 +216,13 @@ def _timed(step: Callable[[], None]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _agreement(shape: Shape, x: torch.Tensor) -> dict[str, float]:
+def _agreement(shape: Shape, x: torch.Tensor, temperature: float = 1.0) -> dict[str, float]:
     """Max differences between gradkit and the seed on ``x`` (forward, and VJP with one ``u``)."""
     upstream = torch.randn_like(x)
     results = {}
     for name, forward in (
-        ("gradkit", lambda t: soft_topk(t, shape.k, dim=-1)),
-        ("seed", lambda t: seed_topk(t, shape.k)),
+        ("gradkit", lambda t: soft_topk(t, shape.k, dim=-1, temperature=temperature)),
+        ("seed", lambda t: seed_topk(t / temperature, shape.k)),
     ):
         leaf = x.detach().clone().requires_grad_(True)
         p = forward(leaf)
@@ -247,11 +252,12 @@ def _measure_shape(
     budget_s: float,
     peers: bool,
     generator: torch.Generator,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
     x = torch.randn(shape.batch, shape.n, generator=generator, dtype=torch.float32)
-    agreement = _agreement(shape, x)
+    agreement = _agreement(shape, x, temperature)
 
-    prepared = {m: _prepare(m, shape, x, peers) for m in methods}
+    prepared = {m: _prepare(m, shape, x, peers, temperature) for m in methods}
     runnable = {m: p.step for m, p in prepared.items() if p.step is not None}
     planned: dict[str, int] = {}
     for method, step in runnable.items():
@@ -346,6 +352,7 @@ def run_benchmark(
     seed: int = 0,
     peers: bool = True,
     quick: bool = False,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
     """Measure every method at every shape; return ``{config, environment, results, summary}``.
 
@@ -360,6 +367,8 @@ def run_benchmark(
         raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
     if not budget_s > 0:
         raise ValueError(f"budget must be > 0 seconds, got {budget_s!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     for shape in shapes:
         if not 0 < shape.k < shape.n:
             raise ValueError(f"shape {shape.name}: k must satisfy 0 < k < n")
@@ -378,6 +387,7 @@ def run_benchmark(
                 budget_s=budget_s,
                 peers=peers,
                 generator=generator,
+                temperature=temperature,
             )
             for shape in _io.progress(shapes, "bench topk: shape")
         ]
@@ -386,7 +396,7 @@ def run_benchmark(
         "shapes": [asdict(s) for s in shapes],
         "dtype": "float32",
         "device": "cpu",
-        "temperature": 1.0,
+        "temperature": temperature,
         "threads": threads,
         "repeats": repeats,
         "min_repeats": MIN_REPEATS,
@@ -424,8 +434,8 @@ def format_table(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
         f"torch {env['torch']}, {env['threads']} thread(s), CPU: {env['cpu']} "
-        f"({env['cpu_count']} cores), Python {env['python']}; float32, median ms of "
-        "forward+backward",
+        f"({env['cpu_count']} cores), Python {env['python']}; float32, "
+        f"τ = {report['config']['temperature']:g}, median ms of forward+backward",
     ]
     load = env.get("load_average_1min_before")
     if load is not None and load + env["threads"] > (env["cpu_count"] or 1) + 1:
@@ -577,6 +587,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-peers", action="store_true", help="skip difftopk/pytopk even when installed"
     )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="τ of the soft top-k (the seed gets x/τ, its own way of scaling); default 1",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -595,6 +611,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         peers=not args.no_peers,
         quick=quick,
+        temperature=args.temperature,
     )
     print(format_table(report))
     run_dir = _io.new_run_dir("bench-topk", args.out)
