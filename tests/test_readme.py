@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
@@ -19,6 +20,5 @@ def test_readme_has_python_examples():
 def test_readme_example_runs(index):
     namespace: dict = {}
     exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), namespace)
-    # Each example ends with named results; they must exist and hold tensors.
-    produced = [value for name, value in namespace.items() if not name.startswith("__")]
-    assert produced
+    # Each example computes named tensor results (gates, S, …): at least one must exist.
+    assert any(isinstance(value, torch.Tensor) for value in namespace.values())
