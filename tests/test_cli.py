@@ -79,3 +79,12 @@ def test_module_entry_point_runs():
     )
     assert done.returncode == 0, done.stderr
     assert "gradkit" in done.stdout
+
+
+def test_version(capsys):
+    from gradkit import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gradkit {__version__}"

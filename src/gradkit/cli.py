@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gradkit",
         description="Differentiable top-k and a gradient-alignment lab.",
     )
+    from gradkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"gradkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for name, subjects, help_text in (
