@@ -54,6 +54,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..topk._solve import soft_topk_vjp
 from .networks import DenseLayer, KWinnersTakeAll
 
 __all__ = [
@@ -310,15 +311,11 @@ class _DenseBackend:
             delta = cot * self.derivative
         elif self.kwta is not None:
             z, p, temperature = self.kwta
-            v = p * (1 - p)
-            u = cot * z  # cotangent of p
-            vu = v * u
-            total = v.sum(-1, keepdim=True)
-            # Saturated rows (Σv = 0, every p within rounding of 0 or 1) pass no gradient
-            # through the selection, as in soft_topk's own backward.
-            safe_total = torch.where(total > 0, total, torch.ones_like(total))
-            through_p = (vu - v * vu.sum(-1, keepdim=True) / safe_total) / temperature
-            delta = cot * p + torch.where(total > 0, through_p, torch.zeros_like(through_p))
+            # d(z ⊙ p) = dz ⊙ p + z ⊙ dp: the cotangent of p is cot ⊙ z, pulled back through
+            # soft_topk's own closed-form vjp, broadcast over the N stacked cotangents
+            # (saturated rows pass no gradient through the selection there too).
+            through_p, _ = soft_topk_vjp(cot * z, p, temperature)
+            delta = cot * p + through_p
         elif self.activation is not None:
             zr, out = self.activation
             (delta,) = _batched_vjp(out, [zr], cot)
