@@ -40,7 +40,6 @@ from torch import Tensor, nn
 from .measure import (
     _check_inputs,
     _check_method,
-    _check_target_shapes,
     _cosine,
     _Grads,
     _inner,
@@ -74,8 +73,9 @@ def _split_seed(s: Tensor, target: Tensor) -> Tensor:
     return torch.stack([2 * s, -2 * target])
 
 
-def _finish(raw: dict[str, Tensor], sq_full: Tensor) -> dict[str, Tensor]:
+def _finish(raw: dict[str, Tensor]) -> dict[str, Tensor]:
     """Normalise the raw inner products by ``‖g_ii‖‖g_ij‖`` and mask below the diagonal."""
+    sq_full = raw["sq_full"]
     n = sq_full.shape[0]
     upper = torch.ones(n, n, dtype=torch.bool).triu()
     diag = torch.diagonal(sq_full).unsqueeze(1)
@@ -135,7 +135,7 @@ def decomposition(
         raw["sq_full"][i, i:] = _sq_norm(parts[0] + parts[1]).double().cpu()
 
     _reverse_sweep(layers, params, x, targets, _split_seed, consume, method)
-    return _finish(raw, raw["sq_full"])
+    return _finish(raw)
 
 
 def decomposition_naive(
@@ -149,12 +149,6 @@ def decomposition_naive(
     zeros = [torch.zeros_like(t) for t in targets]
     full = per_loss_gradients(layers_list, x, targets)
     internal = per_loss_gradients(layers_list, x, zeros)
-    with torch.no_grad():  # shape check only
-        states, s = [], x
-        for layer in layers_list:
-            s = layer(s)
-            states.append(s)
-        _check_target_shapes(states, targets)
 
     def flat(parts: list[Tensor]) -> Tensor:
         return torch.cat([p.reshape(-1) for p in parts]).double()
@@ -177,4 +171,4 @@ def decomposition_naive(
             raw["sq_in"][i, j] = torch.dot(in_, in_).item()
             raw["sq_ex"][i, j] = torch.dot(ex, ex).item()
             raw["sq_full"][i, j] = torch.dot(g, g).item()
-    return _finish(raw, raw["sq_full"])
+    return _finish(raw)

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from ..topk._solve import soft_topk_vjp
-from .networks import DenseLayer, KWinnersTakeAll
+from .networks import DenseLayer, KWinnersTakeAll, forward_states
 
 __all__ = [
     "REPORT_KEYS",
@@ -581,26 +581,11 @@ def per_loss_gradients(
     ``torch.autograd.grad`` per loss — the naive reference the fast sweep is tested against."""
     layers, params = _check_inputs(layers, x, targets)
     with torch.enable_grad():
-        states, s = [], x.detach()
-        for layer in layers:
-            s = layer(s)
-            states.append(s)
-        targets = _check_target_shapes(states, targets)
-        grads = []
-        for j, (s, t) in enumerate(zip(states, targets, strict=True)):
-            loss = (s - t).pow(2).sum()
-            flat = [p for phi in params[: j + 1] for p in phi]
-            g = torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True)
-            g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, flat, strict=True)]
-            row, k = [], 0
-            for i in range(len(layers)):
-                if i > j:
-                    row.append(None)
-                    continue
-                row.append(list(g[k : k + len(params[i])]))
-                k += len(params[i])
-            grads.append(row)
-    return grads
+        losses = _naive_states_and_losses(layers, params, x, targets)
+        return [
+            [*_naive_loss_gradients(losses, params, j), *[None] * (len(layers) - j - 1)]
+            for j in range(len(layers))
+        ]
 
 
 def _naive_cos(a: Tensor, b: Tensor) -> float:
@@ -611,10 +596,7 @@ def _naive_cos(a: Tensor, b: Tensor) -> float:
 
 
 def _naive_states_and_losses(layers, params, x, targets):
-    states, s = [], x.detach()
-    for layer in layers:
-        s = layer(s)
-        states.append(s)
+    states = forward_states(layers, x.detach())
     targets = _check_target_shapes(states, targets)
     return [(s - t).pow(2).sum() for s, t in zip(states, targets, strict=True)]
 
