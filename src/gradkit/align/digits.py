@@ -23,8 +23,15 @@ import math
 import torch
 from torch import nn
 
-from .networks import ACTIVATIONS, DenseLayer, default_gain, reinitialize
-from .training import TRAIN_MODES, copy_network, evaluate_losses, minibatch_indices, train
+from .networks import ACTIVATIONS, DenseLayer, default_gain, forward_states, reinitialize
+from .training import (
+    TRAIN_MODES,
+    check_mode,
+    copy_network,
+    evaluate_losses,
+    minibatch_indices,
+    train,
+)
 
 __all__ = [
     "accuracy",
@@ -131,15 +138,6 @@ def train_teacher(
     return net
 
 
-def _states(net: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
-    with torch.no_grad():
-        states, s = [], x
-        for layer in net:
-            s = layer(s)
-            states.append(s)
-    return states
-
-
 def digits_run(
     *,
     activation: str = "relu",
@@ -164,9 +162,8 @@ def digits_run(
     "final": {mode: {"test_accuracy", "train_accuracy", "layer_loss", "total_loss",
     "test_layer_loss"}}}``; each history also records ``checkpoint_test_accuracy``.
     """
-    for mode in modes:
-        if mode not in TRAIN_MODES:
-            raise ValueError(f"mode must be one of {', '.join(TRAIN_MODES)}; got {mode!r}")
+    for mode in modes:  # before the teacher's training, not after
+        check_mode(mode)
     x_train, y_train, x_test, y_test = load_digits_split(seed, test_fraction, dtype)
     classes = int(y_train.max().item()) + 1
     teacher = make_classifier(
@@ -181,8 +178,9 @@ def digits_run(
         batch_size=batch_size,
         seed=seed,
     )
-    targets = _states(teacher, x_train)
-    test_targets = _states(teacher, x_test)
+    with torch.no_grad():
+        targets = forward_states(teacher, x_train)
+        test_targets = forward_states(teacher, x_test)
     student = make_classifier(
         x_train.shape[1],
         width,

@@ -40,8 +40,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .targets import layer_losses
+
 __all__ = [
     "TRAIN_MODES",
+    "check_mode",
     "checkpoint_steps",
     "copy_network",
     "evaluate_losses",
@@ -54,7 +57,8 @@ __all__ = [
 TRAIN_MODES = ("local", "global")
 
 
-def _check_mode(mode: str) -> None:
+def check_mode(mode: str) -> None:
+    """A ``ValueError`` naming :data:`TRAIN_MODES` unless ``mode`` is one of them."""
     if mode not in TRAIN_MODES:
         raise ValueError(f"mode must be one of {', '.join(TRAIN_MODES)}; got {mode!r}")
 
@@ -71,16 +75,15 @@ def layerwise_losses(
     ``φ_i`` exactly ``∂ℓ_i/∂φ_i``; in ``global`` mode the states stay connected and it gives
     ``∂(Σ_j ℓ_j)/∂φ_i``. The returned values are the same in both modes.
     """
-    _check_mode(mode)
+    check_mode(mode)
     if len(layers) != len(targets):
         raise ValueError(f"got {len(layers)} layers but {len(targets)} targets")
-    losses = []
-    state = x
-    for layer, target in zip(layers, targets, strict=True):
+    states, state = [], x
+    for layer in layers:
         state = layer(state.detach() if mode == "local" else state)
-        # Sum over units, mean over examples: per-example squared distance, batch-averaged.
-        losses.append((state - target).pow(2).sum() / state.shape[0])
-    return torch.stack(losses)
+        states.append(state)
+    # The lab's ‖s_i − s_i*‖² (summed over batch and units), averaged over the examples.
+    return layer_losses(states, targets) / x.shape[0]
 
 
 @torch.no_grad()
@@ -144,10 +147,8 @@ def checkpoint_steps(steps: int, eval_every: int) -> list[int]:
 def _alignment(layers: Sequence[nn.Module], x: torch.Tensor, targets: Sequence[torch.Tensor]):
     from . import measure  # the lab's one implementation of the cosines
 
-    # Layers whose backward cannot be vmapped are handled inside alignment_report itself.
     report = measure.alignment_report(layers, x, targets)
-    keep = ("local_global_cosine", "local_distant_cosine")
-    return {key: torch.as_tensor(report[key]).tolist() for key in keep if key in report}
+    return {key: report[key].tolist() for key in ("local_global_cosine", "local_distant_cosine")}
 
 
 def train(
@@ -189,7 +190,7 @@ def train(
         per checkpoint, plus ``"local_global_cosine"``/``"local_distant_cosine"`` (one list of
         ``L`` per checkpoint) when measured, and one list per ``metrics`` key.
     """
-    _check_mode(mode)
+    check_mode(mode)
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a number > 0, got {lr!r}")
     if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
