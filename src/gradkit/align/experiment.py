@@ -26,7 +26,6 @@ import argparse
 import csv
 import itertools
 import math
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import _io
+from .. import _bench, _io
 from .networks import ACTIVATIONS, INITS, default_gain, make_mlp
 from .presets import ALIGN_DEFAULTS, PRESETS
 from .targets import TARGET_MODES, make_targets
@@ -614,13 +613,7 @@ def _print_run_summary(result: dict, n_seeds: int) -> None:
 
 
 def _environment() -> dict:
-    return {
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "threads": torch.get_num_threads(),
-    }
+    return {**_bench.environment(torch.get_num_threads()), "numpy": np.__version__}
 
 
 def _result_json(result: dict) -> dict:
