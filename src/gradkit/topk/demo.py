@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
             args.json,
             {
                 "config": {k: v for k, v in vars(args).items() if k != "run"},
-                **{k: v for k, v in result.items()},
+                **result,
             },
         )
         print(f"wrote {path}")
