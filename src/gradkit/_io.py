@@ -19,7 +19,7 @@ import torch
 
 T = TypeVar("T")
 
-__all__ = ["new_run_dir", "progress", "pyplot", "to_jsonable", "write_json"]
+__all__ = ["new_run_dir", "progress", "pyplot", "save_figure", "to_jsonable", "write_json"]
 
 
 def new_run_dir(command: str, out: str | Path | None = None) -> Path:
@@ -107,3 +107,12 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 110, bbox_inches: str | None = None) -> Path:
+    """Save ``fig`` as ``path`` (creating its folder), close it, and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches=bbox_inches)
+    pyplot().close(fig)
+    return path

@@ -240,10 +240,7 @@ def plot_times(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"alignment matrix: fast vs naive ({result['config']['threads']} threads)")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _io.save_figure(fig, path, dpi=120)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.ticker import MaxNLocator
 
-from .._io import pyplot
+from .._io import pyplot, save_figure
 
 __all__ = ["plot_by_distance", "plot_matrix", "plot_sweep"]
 
@@ -61,7 +61,7 @@ def plot_matrix(matrix: np.ndarray, path: str | Path, *, title: str = "") -> Pat
     ax.set_yticks(ticks)
     ax.set_title(_wrap("mean alignment matrix (diagonal = 1, grey)\n" + title), fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_by_distance(
@@ -90,7 +90,7 @@ def plot_by_distance(
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_sweep(
@@ -139,7 +139,7 @@ def plot_sweep(
     else:
         ax.legend(title=legend_title, fontsize=8, title_fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def _ticks(depth: int) -> list[int]:
@@ -151,13 +151,3 @@ def _wrap(text: str, width: int = 90) -> str:
     import textwrap
 
     return "\n".join(textwrap.fill(line, width) for line in text.splitlines())
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path

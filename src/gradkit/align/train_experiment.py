@@ -466,9 +466,7 @@ def plot_losses(result: dict, path: Path) -> Path:
         f"(mean over {config['seeds']} seeds, band = min–max)"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _io.save_figure(fig, path)
 
 
 def plot_alignment(result: dict, path: Path) -> Path:
@@ -498,9 +496,7 @@ def plot_alignment(result: dict, path: Path) -> Path:
         axes.flat[0].legend(fontsize=7, ncol=2)
     fig.suptitle(f"gradkit train --preset {result['config']['preset']}: alignment over training")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _io.save_figure(fig, path)
 
 
 def run(args: argparse.Namespace) -> int:

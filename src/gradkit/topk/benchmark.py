@@ -563,10 +563,7 @@ def plot_ratios(report: dict[str, Any], path: str | Path) -> Path:
         fontsize=10,
     )
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _io.save_figure(figure, path)
 
 
 # --------------------------------------------------------------------------- command line
