@@ -259,11 +259,12 @@ def test_empty_inputs():
         soft_topk(torch.empty(3, 0), 1)
 
 
+@pytest.mark.parametrize("k_per_slice", [False, True], ids=["k_number", "k_tensor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("temperature", [0.1, 0.03, 0.01, 0.001])
 @pytest.mark.parametrize(("shape", "k"), [((512, 64), 2), ((64, 1000), 10), ((16, 2000), 700.5)])
 def test_small_temperatures_converge_in_a_handful_of_passes(
-    monkeypatch, dtype, temperature, shape, k
+    monkeypatch, dtype, temperature, shape, k, k_per_slice
 ):
     # At small τ most entries saturate: the solve must start near the root (order statistics)
     # and stop once a step is below the resolution of θ, not creep by bisection. Counted in
@@ -279,7 +280,8 @@ def test_small_temperatures_converge_in_a_handful_of_passes(
 
     monkeypatch.setattr(_solve, "_newton_step", counting)
     x = _randn(*shape, seed=3, dtype=dtype)
-    p = soft_topk(x, k, temperature=temperature)
+    budget = torch.full(shape[:-1], float(k), dtype=dtype) if k_per_slice else k
+    p = soft_topk(x, budget, temperature=temperature)
     assert len(passes) <= 8, f"{len(passes)} solver passes"
     # Σp = k to the resolution of θ in the dtype: |θ| ≈ max|x|/τ units, one ulp each.
     theta_ulp = torch.finfo(dtype).eps * x.abs().max().item() / temperature

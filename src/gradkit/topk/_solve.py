@@ -333,7 +333,7 @@ def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
     return _solve_general(x, k, inv_tau, x_min, x_max).to(out_dtype)
 
 
-def _order_statistics_start(w: Tensor, k: float) -> Tensor:
+def _order_statistics_start(w: Tensor, k: Tensor | float) -> Tensor:
     """A start for ``t`` from the ``⌊k⌋+1`` largest ``w``: nearly exact when ``w`` is spread out.
 
     When the entries are many units of ``τ`` apart every ``σ(w_i − t)`` is close to 0 or 1
@@ -342,13 +342,28 @@ def _order_statistics_start(w: Tensor, k: float) -> Tensor:
     one at ``w_(m+1) − logit(f)`` (that entry carries the fraction ``f``).  The log-sum-exp
     start is exact only in the lower tail and, at small ``τ``, lands many plateaus of
     saturated entries away from the root; this one costs a partial sort of ``m + 1`` values.
+    ``k`` is one number or a ``(..., 1)`` tensor of per-slice budgets; the result may lie
+    outside the bracket (e.g. ``−inf`` past a slice's finite entries) and is clamped by the
+    caller.
     """
-    m = math.floor(k)
+    if not isinstance(k, Tensor):
+        m = math.floor(k)
+        fraction = k - m
+        top = torch.topk(w, m + 1, dim=-1, sorted=True).values
+        if fraction == 0.0:
+            return 0.5 * (top[..., m - 1 : m] + top[..., m : m + 1])
+        return top[..., m : m + 1] - math.log(fraction / (1.0 - fraction))
+    m = k.floor()
     fraction = k - m
-    top = torch.topk(w, m + 1, dim=-1, sorted=True).values
-    if fraction == 0.0:
-        return 0.5 * (top[..., m - 1 : m] + top[..., m : m + 1])
-    return top[..., m : m + 1] - math.log(fraction / (1.0 - fraction))
+    count = min(int(m.max()) + 1, w.shape[-1])
+    top = torch.topk(w, count, dim=-1, sorted=True).values
+    index = m.long().clamp(0, count - 1)
+    at_m = top.gather(-1, index)  # the (m+1)-th largest
+    before_m = top.gather(-1, (index - 1).clamp(min=0))  # the m-th largest
+    integer = fraction == 0
+    # (the unused branch of each where may be ±inf or NaN; it is discarded)
+    fractional_start = at_m - torch.log(fraction / (1.0 - fraction))
+    return torch.where(integer, 0.5 * (before_m + at_m), fractional_start)
 
 
 def _solve_shared_budget(
@@ -437,7 +452,11 @@ def _solve_general(
     w_min = torch.where(flip, -u_max, u_min)
     w_max = torch.where(flip, -u_min, u_max)
     trivial = k_solve <= 0
-    t, lo, hi, collapsed, buffer, current = _solve_shift(w, k_solve, n, w_min, w_max, trivial)
+    spread = float((u_max - u_min).max())
+    start = _order_statistics_start(w, k_solve) if spread > _SPREAD_FOR_ORDER_START else None
+    t, lo, hi, collapsed, buffer, current = _solve_shift(
+        w, k_solve, n, w_min, w_max, trivial, start
+    )
     # Trivial slices: nothing (or everything) is selected.
     any_trivial = bool(trivial.any())
     if any_trivial:
