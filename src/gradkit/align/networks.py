@@ -135,11 +135,10 @@ class DenseLayer(nn.Module):
         """Re-draw ``W`` (and zero ``b``) following this layer's init, from ``generator``."""
         weight = self.linear.weight
         fan_in = weight.shape[1]
+        draw = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
         if self.init == "gaussian":
-            draw = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
             weight.copy_(draw * (self.gain / math.sqrt(fan_in)))
         else:
-            draw = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
             rows, cols = weight.shape
             # QR of the taller orientation gives orthonormal columns; sign-fix for uniformity.
             q, r = torch.linalg.qr(draw if rows >= cols else draw.T)
