@@ -98,7 +98,10 @@ def test_nan_poisons_only_its_own_slice():
     p = soft_topk(x, 2)
     assert torch.isnan(p[1]).all()
     clean = soft_topk(x[[0, 2]], 2)
-    assert torch.equal(p[[0, 2]], clean)
+    # The other slices are solved as if alone (same threshold); only σ's vectorised kernel
+    # may round their tails differently for a different tensor length: an ulp or two.
+    eps = torch.finfo(x.dtype).eps
+    torch.testing.assert_close(p[[0, 2]], clean, rtol=0, atol=4 * eps)
     grad = _grad(x, lambda a: soft_topk(a, 2))
     assert torch.isfinite(grad[[0, 2]]).all()
     # Along another dim, the NaN poisons its column only.
@@ -272,13 +275,13 @@ def test_small_temperatures_converge_in_a_handful_of_passes(
     from gradkit.topk import _solve
 
     passes = []
-    counted = _solve._newton_step
+    counted = _solve._evaluate
 
     def counting(*args, **kwargs):
         passes.append(1)
         return counted(*args, **kwargs)
 
-    monkeypatch.setattr(_solve, "_newton_step", counting)
+    monkeypatch.setattr(_solve, "_evaluate", counting)
     x = _randn(*shape, seed=3, dtype=dtype)
     budget = torch.full(shape[:-1], float(k), dtype=dtype) if k_per_slice else k
     p = soft_topk(x, budget, temperature=temperature)

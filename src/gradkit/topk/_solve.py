@@ -107,30 +107,59 @@ def _two_tail_step(excess: Tensor, slope: Tensor, upper_slope: Tensor) -> Tensor
     ``δ = 0``, so near the root the step is Newton's; when every entry sits in a tail it is
     exact, so plateaus of saturated entries cost one step, not dozens.
     """
-    a = torch.minimum(torch.clamp(upper_slope, min=0.0), slope)
+    a = torch.clamp(upper_slope, min=0.0).clamp_(max=slope)
     b = slope - a
-    # With y = eᵟ:  a·y² − c·y − b = 0,  c = F − k + a − b;  take the positive root stably.
-    c = excess + a - b
-    root = torch.sqrt(c * c + 4 * a * b)
-    up = torch.log(c + root) - torch.log(2 * a)
-    down = torch.log(2 * b) - torch.log(root - c)
-    return torch.where(c >= 0, up, down)
+    # With y = eᵟ:  a·y² − c·y − b = 0,  c = F − k + a − b;  take the positive root stably:
+    # y = (c + r)/(2a) for c ≥ 0 and y = 2b/(r − c) for c < 0, with r = √(c² + 4ab).
+    c = (excess + a).sub_(b)
+    root = torch.addcmul(c * c, a, b, value=4.0).sqrt_()
+    upward = c >= 0
+    numerator = torch.where(upward, c + root, 2 * b)
+    denominator = torch.where(upward, 2 * a, root - c)
+    return torch.log(numerator).sub_(torch.log(denominator))
 
 
 def _log(value: Tensor | float) -> Tensor | float:
     return torch.log(value) if isinstance(value, Tensor) else math.log(value)
 
 
+def _evaluate(w: Tensor, t: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+    """One solver pass: ``p ← σ(w − t)`` in place; returns ``F = Σ p`` and ``Σ v = Σ p(1 − p)``.
+
+    ``Σ p(1 − p) = Σp − Σp²`` (one fused norm pass); after the flip ``k ≤ n/2``, so the
+    cancellation only hurts saturated slices, where bisection takes over.
+    """
+    torch.sigmoid_(torch.sub(w, t, out=p))
+    mass = p.sum(dim=-1, keepdim=True)
+    slope = mass - torch.linalg.vector_norm(p, dim=-1, keepdim=True).square_()
+    return mass, slope
+
+
+def _one_tail_step(excess: Tensor, distance: Tensor, slope: Tensor) -> Tensor:
+    """``δ = ±log(1 + |F − k|/Σv)``: the one-tail model (all of the slope on the side where the
+    root lies) is exact when every entry sits in that tail, and it never overshoots the root."""
+    return torch.log1p(distance / slope).copysign_(excess)
+
+
+def _upper_slope(p: Tensor, reuse_p: bool) -> Tensor:
+    """``a = Σ p·v``, the part of the slope that belongs to the entries above ``t``.
+
+    ``reuse_p=True`` overwrites ``p`` (the caller no longer needs it) instead of filling a
+    fresh buffer, which on CPU costs about as much as the pass itself.
+    """
+    if reuse_p:
+        p_times_v = torch.ops.aten.sigmoid_backward.grad_input(p, p, grad_input=p)
+    else:
+        p_times_v = torch.ops.aten.sigmoid_backward(p, p)
+    return p_times_v.sum(dim=-1, keepdim=True)
+
+
 def _newton_step(iteration: int, excess: Tensor, distance: Tensor, slope: Tensor, p: Tensor):
-    """The model-based Newton step from ``t`` (see the module docstring)."""
+    """The careful phase's model-based Newton step from ``t`` (see the module docstring)."""
     if iteration < _ONE_TAIL_STEPS:
-        # One-tail model (all of the slope on the side where the root lies): exact when every
-        # entry sits in that tail, and it never overshoots the root.
-        return torch.log1p(distance / slope).copysign_(excess)
-    # Slow slices (staircases of saturated entries): pay one more pass for the part Σ p·v of
-    # the slope that belongs to the entries above t.
-    upper_slope = torch.ops.aten.sigmoid_backward(p, p).sum(dim=-1, keepdim=True)
-    return _two_tail_step(excess, slope, upper_slope)
+        return _one_tail_step(excess, distance, slope)
+    # Slow slices (staircases of saturated entries): pay one more pass for Σ p·v.
+    return _two_tail_step(excess, slope, _upper_slope(p, reuse_p=False))
 
 
 def _solve_shift(
@@ -172,47 +201,49 @@ def _solve_shift(
     else:
         t = torch.minimum(torch.maximum(start, lo), hi)
 
-    # Fast phase: plain safeguarded steps, one host sync per pass.  Any slice that needs a
-    # bisection sends the whole solve on to the careful phase below.
-    met = done
+    # Fast phase: model steps for all slices at once, one or two cheap host syncs per pass,
+    # no bracket bookkeeping beyond clamping t into the starting bracket.  Every decision is
+    # per slice, so a slice's result does not depend on the rest of the batch.  A slice that
+    # does not converge in a few passes sends the solve on to the careful phase.
+    frozen = done
     for iteration in range(_FAST_STEPS):
-        torch.sigmoid_(torch.sub(w, t, out=p))
-        mass = p.sum(dim=-1, keepdim=True)
-        # Σ p(1 − p) = Σp − Σp² (one fused norm pass); after the flip k ≤ n/2, so the
-        # cancellation only hurts saturated slices, where bisection takes over.
-        slope = mass - torch.linalg.vector_norm(p, dim=-1, keepdim=True).square_()
+        mass, slope = _evaluate(w, t, p)
         excess = mass - k
         distance = excess.abs()
-        met = distance <= tol_mass
-        if done is not None:
-            met |= done
-        above = excess > 0
-        lo = torch.where(above, t, lo)
-        hi = torch.where(above, hi, t)
-        step = _newton_step(iteration, excess, distance, slope, p)
-        t_next = t + step
-        # A step below the resolution of t (t + δ == t) cannot improve the slice: it is
-        # solved to its dtype's precision (without this, the unmoved t fails the strict
-        # bracket test and bisection creeps back linearly).
-        met |= t_next == t
-        inside = (t_next > lo).logical_and_(t_next < hi)  # NaN (zero slope) fails too
-        # Newton's error contracts as err_next ≲ step² (|g''/g'| ≤ 2 for sums of
-        # sigmoids), so a step below √tol lands within tol of the root.
-        small = step.square_() <= t.abs().clamp_(min=1.0).mul_(4 * eps)
-        # One host sync: all met, all inside or met, all small or met.
-        flags = torch.stack((met, inside, small)).logical_or_(met)
-        all_met, all_inside, all_small = flags.flatten(1).all(dim=1).tolist()
-        if all_met:
-            return t, lo, hi, None, p, True
-        if not all_inside:
-            t = torch.where(met, t, torch.where(inside, t_next, _midpoint(lo, hi)))
-            break
-        t = torch.where(met, t, t_next)
-        if all_small:
+        solved = distance <= tol_mass
+        if frozen is not None:
+            solved |= frozen
+        # The one-tail step first (no extra pass): it is Newton's to second order, so its
+        # error after the step is ≲ δ²/2 (the model) + δ²/2 (Newton's, |F''/F'| ≤ 1), and a
+        # step with δ² below the resolution eps·|t| of t finishes the slice.  Solved slices
+        # stay put (a saturated one would divide 0 by 0).
+        step = torch.where(solved, 0.0, _one_tail_step(excess, distance, slope))
+        resolution = t.abs().clamp_(min=1.0).mul_(eps)
+        finished = (step.square() <= resolution).logical_or_(solved)
+        if bool(finished.all()):
+            if bool(solved.all()):
+                return t, lo, hi, None, p, True
+            return torch.clamp(t + step, lo, hi), lo, hi, None, p, False
+        # The other slices take the two-tail step: one more pass (Σ p·v, computed in p, no
+        # longer needed), and the model then also has F's curvature, so its error after a
+        # step is ≲ (Σv²/Σv)·|δ|³ ≤ |δ|³/4 (cubic convergence).
+        two_tail_step = _two_tail_step(excess, slope, _upper_slope(p, reuse_p=True))
+        step = torch.where(finished, step, two_tail_step)
+        finished |= two_tail_step.abs().pow_(3) <= resolution.mul_(4.0)
+        # (an infinite step is clamped to the bracket; NaN means a degenerate model)
+        t = torch.clamp(t + step, lo, hi)
+        all_finished, all_finite = torch.stack((finished.all(), t.isfinite().all())).tolist()
+        if not all_finite:
+            t = torch.where(t.isfinite(), t, hi)
+            break  # the careful phase bisects the degenerate slices
+        if all_finished:
             return t, lo, hi, None, p, False
+        frozen = finished
     else:
         iteration = _FAST_STEPS
-    return _solve_shift_careful(w, k, lo, hi, t, met, tol_mass, p, iteration + 1)
+    if frozen is None:
+        frozen = torch.zeros_like(t, dtype=torch.bool)
+    return _solve_shift_careful(w, k, lo, hi, t, frozen, tol_mass, p, iteration + 1)
 
 
 def _solve_shift_careful(
@@ -235,9 +266,7 @@ def _solve_shift_careful(
     move = done
     last = _NEWTON_STEPS + 8 * w.element_size() + 2
     for iteration in range(first_iteration, max(last, first_iteration + 1)):
-        torch.sigmoid_(torch.sub(w, t, out=p))
-        mass = p.sum(dim=-1, keepdim=True)
-        slope = mass - torch.linalg.vector_norm(p, dim=-1, keepdim=True).square_()
+        mass, slope = _evaluate(w, t, p)
         excess = mass - k
         distance = excess.abs()
         lo = torch.where(excess > 0, t, lo)
@@ -489,11 +518,13 @@ def soft_topk_vjp(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, 
 
         ∂L/∂x = (g⊙v − v·Σ(g⊙v)/S) / τ = v⊙(g − c)/τ,    ∂L/∂k = c = Σ(g⊙v) / S.
 
-    Saturated slices (``S = 0``) get an exact zero, not 0/0.  Written with differentiable
-    out-of-place ops on the *output* ``p``, so double backward works and the backward can run
-    under ``torch.func`` transforms (``vmap`` of the vjp, ``is_grads_batched``, ``jacrev``); an
-    in-place variant measured only ~3 % faster, not worth losing those.
+    Saturated slices (``S = 0``) get an exact zero, not 0/0.  When the backward itself is
+    differentiated (``create_graph=True``, ``torch.func`` transforms, ``torch.compile``) this
+    is written with differentiable out-of-place ops on the *output* ``p``, so double backward
+    works; otherwise it runs in place in the one buffer it returns (:func:`_vjp_in_place`).
     """
+    if not torch.is_grad_enabled() and grad.shape == p.shape and _plain_tensors(grad, p):
+        return _vjp_in_place(grad, p, temperature)
     # v/τ in one fused, twice-differentiable pass (the scale cancels in grad_k);
     # v = (1 − p)·p is accurate to rounding even where p ≈ 1 (unlike Σp − Σp²).
     v = torch.ops.aten.sigmoid_backward(p.new_full((), 1.0 / temperature), p)
@@ -503,3 +534,36 @@ def soft_topk_vjp(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, 
     grad_k = gv.sum(dim=-1, keepdim=True) / total
     grad_x = torch.addcmul(gv, v, grad_k, value=-1.0)
     return grad_x, grad_k.squeeze(-1)
+
+
+def _plain_tensors(*tensors: Tensor) -> bool:
+    """Whether in-place and ``out=`` tricks are safe: no ``torch.func`` transform, no batched
+    (``is_grads_batched``) or wrapped tensor, no ``torch.compile`` tracing."""
+    functorch = getattr(torch._C, "_functorch", None)
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if functorch is None or active is None or active() or torch.compiler.is_compiling():
+        return False
+    return not any(
+        functorch.is_legacy_batchedtensor(t) or functorch.is_functorch_wrapped_tensor(t)
+        for t in tensors
+    )
+
+
+def _vjp_in_place(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """:func:`soft_topk_vjp` for a backward that is not itself differentiated.
+
+    Allocates only the result, no temporaries: on CPU every fresh full-size buffer costs a
+    round of page faults (about as much as two passes over it), more than the extra pass
+    this spends (six passes, each ``σ'``-type op fused: ``g·v``, ``Σ``, ``v``, ``Σ``, ``g − c``,
+    ``(g − c)·v``).
+    """
+    out = torch.ops.aten.sigmoid_backward(grad, p)  # g⊙v
+    weighted = out.sum(dim=-1, keepdim=True)
+    torch.ops.aten.sigmoid_backward.grad_input(p.new_ones(()), p, grad_input=out)  # v
+    total = out.sum(dim=-1, keepdim=True)
+    grad_k = weighted.div_(torch.where(total > 0, total, 1.0))
+    torch.sub(grad, grad_k, out=out)
+    torch.ops.aten.sigmoid_backward.grad_input(out, p, grad_input=out)  # v⊙(g − c)
+    if temperature != 1.0:
+        out.mul_(1.0 / temperature)
+    return out, grad_k.squeeze(-1)
