@@ -206,7 +206,9 @@ def _solve_shift(
     # per slice, so a slice's result does not depend on the rest of the batch.  A slice that
     # does not converge in a few passes sends the solve on to the careful phase.
     frozen = done
-    for iteration in range(_FAST_STEPS):
+    passes = 0
+    while passes < _FAST_STEPS:
+        passes += 1
         mass, slope = _evaluate(w, t, p)
         excess = mass - k
         distance = excess.abs()
@@ -239,11 +241,9 @@ def _solve_shift(
         if all_finished:
             return t, lo, hi, None, p, False
         frozen = finished
-    else:
-        iteration = _FAST_STEPS
     if frozen is None:
         frozen = torch.zeros_like(t, dtype=torch.bool)
-    return _solve_shift_careful(w, k, lo, hi, t, frozen, tol_mass, p, iteration + 1)
+    return _solve_shift_careful(w, k, lo, hi, t, frozen, tol_mass, p, passes)
 
 
 def _solve_shift_careful(
