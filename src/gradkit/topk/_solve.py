@@ -61,6 +61,8 @@ import math
 import torch
 from torch import Tensor
 
+from . import _native
+
 __all__ = ["soft_topk_vjp", "solve_soft_topk"]
 
 # Newton steps allowed before the solve switches to pure bisection (which cannot stall).
@@ -328,6 +330,22 @@ def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
     out_dtype = x.dtype
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(dtype)
+    if not isinstance(k, Tensor) and x.numel() > 0 and 0 < float(k) < x.shape[-1]:
+        # The fused CPU kernel, when built and applicable (see _native.py); the rows it
+        # leaves (non-finite, small τ, degenerate) are solved below, as are all other cases.
+        native = _native.solve(x, float(k), min(1.0 / temperature, torch.finfo(dtype).max / 16))
+        if native is not None:
+            p, row_status = native
+            left = row_status != 0
+            if bool(left.any()):
+                p[left] = _solve_torch(x[left], k, temperature)
+            return p.to(out_dtype)
+    return _solve_torch(x, k, temperature).to(out_dtype)
+
+
+def _solve_torch(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
+    """:func:`solve_soft_topk` with PyTorch ops only (``x`` float32 or float64)."""
+    out_dtype = dtype = x.dtype
     n_total = x.shape[-1]
     if x.numel() == 0:
         return torch.zeros_like(x, dtype=out_dtype)
@@ -524,7 +542,8 @@ def soft_topk_vjp(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, 
     works; otherwise it runs in place in the one buffer it returns (:func:`_vjp_in_place`).
     """
     if not torch.is_grad_enabled() and grad.shape == p.shape and _plain_tensors(grad, p):
-        return _vjp_in_place(grad, p, temperature)
+        fused = _native.vjp(grad, p, temperature)
+        return fused if fused is not None else _vjp_in_place(grad, p, temperature)
     # v/τ in one fused, twice-differentiable pass (the scale cancels in grad_k);
     # v = (1 − p)·p is accurate to rounding even where p ≈ 1 (unlike Σp − Σp²).
     v = torch.ops.aten.sigmoid_backward(p.new_full((), 1.0 / temperature), p)

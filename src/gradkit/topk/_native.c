@@ -1,0 +1,334 @@
+/* Fused CPU kernels for gradkit.soft_topk: one slice (row) at a time, in cache.
+ *
+ * The PyTorch path spends most of its time outside arithmetic: every solver pass is four or
+ * five separate full-size ops (w − t, σ, Σp, Σp², …), each streaming the tensor through
+ * memory, plus dozens of small per-slice ops.  Here a row is solved while it sits in L1/L2:
+ * each evaluation of F(t) = Σ σ(w_i − t) is one fused loop that also yields the slope and
+ * the curvature term, so the model-based Newton step of _solve.py costs one pass.
+ *
+ * Scope: finite rows with one shared budget 0 < k < n whose spread (max − min)/τ is at most
+ * SPREAD_LIMIT (the log-sum-exp start is good there).  Any other row gets status != 0 and
+ * the caller solves it with the PyTorch path, which handles ±inf, NaN, small temperatures
+ * (order-statistics start), collapsed brackets and the rest.  Math and symbols follow
+ * _solve.py: z_i = w_i − t, p_i = σ(z_i), v_i = p_i(1 − p_i), F = Σp, F' = −Σv.
+ *
+ * Plain C99, compiled on first use by _native.py: with -fopenmp but linked against no OpenMP
+ * library, so that it runs on the OpenMP runtime PyTorch has already loaded; or, where that
+ * cannot load, with pthreads.
+ * exp is a local Cody–Waite + polynomial version (≤ 2 ulp) that the compiler vectorises.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#define SPREAD_LIMIT 16.0
+#define MAX_PASSES 64
+#define BLOCK 256 /* elements per partial sum (accurate, vectorisable summation) */
+
+/* ------------------------------------------------------------------ vectorisable exp */
+
+static inline float exp_f32(float x) {
+    /* e^x = 2^m · e^r with m = round(x / ln 2) and |r| ≤ ln2/2 (Cody–Waite split of ln 2),
+       e^r from Cephes' degree-6 minimax polynomial.  The clamp keeps 2^m·e^r normal. */
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    /* round to nearest by the 1.5·2²³ trick (vectorises, unlike roundf) */
+    float m = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - m * 0.693359375f;
+    r = r - m * -2.12194440e-4f;
+    float q = 1.9875691500e-4f;
+    q = q * r + 1.3981999507e-3f;
+    q = q * r + 8.3334519073e-3f;
+    q = q * r + 4.1665795894e-2f;
+    q = q * r + 1.6666665459e-1f;
+    q = q * r + 5.0000001201e-1f;
+    float e = q * (r * r) + r + 1.0f;
+    int32_t bits;
+    memcpy(&bits, &e, sizeof bits);
+    bits += (int32_t)m * (1 << 23);
+    memcpy(&e, &bits, sizeof e);
+    return e;
+}
+
+static inline double exp_f64(double x) {
+    /* The same scheme in double: fdlibm's split of ln 2, Taylor to degree 13 on |r| ≤ 0.347
+       (truncation below 1e-17 relative). */
+    x = x < -708.0 ? -708.0 : (x > 709.0 ? 709.0 : x);
+    double m = (x * 1.4426950408889634074 + 6755399441055744.0) - 6755399441055744.0;
+    double r = x - m * 6.93147180369123816490e-01;
+    r = r - m * 1.90821492927058770002e-10;
+    double q = 1.0 / 6227020800.0;
+    q = q * r + 1.0 / 479001600.0;
+    q = q * r + 1.0 / 39916800.0;
+    q = q * r + 1.0 / 3628800.0;
+    q = q * r + 1.0 / 362880.0;
+    q = q * r + 1.0 / 40320.0;
+    q = q * r + 1.0 / 5040.0;
+    q = q * r + 1.0 / 720.0;
+    q = q * r + 1.0 / 120.0;
+    q = q * r + 1.0 / 24.0;
+    q = q * r + 1.0 / 6.0;
+    q = q * r + 0.5;
+    double e = q * (r * r) + r + 1.0;
+    int64_t bits;
+    memcpy(&bits, &e, sizeof bits);
+    bits += (int64_t)m * ((int64_t)1 << 52);
+    memcpy(&e, &bits, sizeof e);
+    return e;
+}
+
+/* ------------------------------------------------------------------ per-row solve
+ * Instantiated for float and double by the macro below.  Scalars are double throughout.
+ *
+ * status: 0 solved here; 1 not finite; 2 spread too large (small τ); 3 did not converge.
+ */
+
+#define DEFINE_ROW_KERNELS(T, SUFFIX, EXP, EPS, LIMIT)                                           \
+    /* One evaluation of F from the stored E_i = e^{w_i − w_max} ∈ (0, 1]: with the scale        \
+       c = e^{w_max − t}, each σ(w_i − t) = cE_i/(1 + cE_i) costs a multiply and a divide, no    \
+       exp.  Returns Σp, Σv and Σp·v; writes the caller's p (p, or 1 − p when flipped) when      \
+       asked. */                                                                                 \
+    static void evaluate_##SUFFIX(T *e, int64_t n, double scale, int write, int flipped,         \
+                                  double *mass, double *slope, double *upper) {                  \
+        double sum_p = 0.0, sum_v = 0.0, sum_pv = 0.0;                                           \
+        const T c = (T)scale;                                                                    \
+        for (int64_t start = 0; start < n; start += BLOCK) {                                     \
+            int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
+            T block_p = 0, block_v = 0, block_pv = 0;                                            \
+            _Pragma("omp simd reduction(+ : block_p, block_v, block_pv)")                        \
+            for (int64_t i = start; i < stop; ++i) {                                             \
+                T y = c * e[i];                                                                  \
+                T q = (T)1 / ((T)1 + y); /* 1 − p, accurate however saturated */                 \
+                T p = y * q;                                                                     \
+                T v = p * q;                                                                     \
+                block_p += p;                                                                    \
+                block_v += v;                                                                    \
+                block_pv += p * v;                                                               \
+            }                                                                                    \
+            sum_p += block_p;                                                                    \
+            sum_v += block_v;                                                                    \
+            sum_pv += block_pv;                                                                  \
+            if (write) {                                                                         \
+                _Pragma("omp simd")                                                              \
+                for (int64_t i = start; i < stop; ++i) {                                         \
+                    T y = c * e[i];                                                              \
+                    T q = (T)1 / ((T)1 + y);                                                     \
+                    e[i] = flipped ? q : y * q;                                                  \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        *mass = sum_p;                                                                           \
+        *slope = sum_v;                                                                          \
+        *upper = sum_pv;                                                                         \
+    }                                                                                            \
+                                                                                                 \
+    static int solve_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double inv_tau) {     \
+        /* Work in w = s·x/τ with s = −1 when k > n/2 (solve the complement, budget ≤ n/2). */   \
+        int flipped = k > 0.5 * (double)n;                                                       \
+        double scale = flipped ? -inv_tau : inv_tau;                                             \
+        double budget = flipped ? (double)n - k : k;                                             \
+        /* min, max and a finiteness probe (x·0 is NaN for NaN and ±inf) in one pass. */         \
+        T top = x[0], bottom = x[0], probe = 0;                                                  \
+        _Pragma("omp simd reduction(max : top) reduction(min : bottom) reduction(+ : probe)")    \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            top = x[i] > top ? x[i] : top;                                                       \
+            bottom = x[i] < bottom ? x[i] : bottom;                                              \
+            probe += x[i] * (T)0;                                                                \
+        }                                                                                        \
+        double x_max = (double)top, x_min = (double)bottom;                                      \
+        /* Non-finite rows, and |x/τ| beyond max/16 (where the torch path caps 1/τ so that no    \
+           difference overflows), are left to the caller (status 1). */                          \
+        if (probe != 0 || !(fabs(x_max * inv_tau) <= (LIMIT)) ||                                 \
+            !(fabs(x_min * inv_tau) <= (LIMIT)))                                                 \
+            return 1;                                                                            \
+        double spread = (x_max - x_min) * inv_tau;                                               \
+        if (spread > SPREAD_LIMIT) return 2; /* small τ: the order-statistics start */           \
+        if (x_max == x_min) { /* exact ties: p = k/n */                                          \
+            for (int64_t i = 0; i < n; ++i) out[i] = (T)(k / (double)n);                         \
+            return 0;                                                                            \
+        }                                                                                        \
+        const T sc = (T)scale, w_top = (T)(flipped ? -x_min * inv_tau : x_max * inv_tau);        \
+        /* E_i = e^{w_i − w_max} into out (≥ e^−16: normal), and Σ E_i. */                       \
+        double exp_sum = 0.0;                                                                    \
+        for (int64_t start = 0; start < n; start += BLOCK) {                                     \
+            int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
+            T block = 0;                                                                         \
+            _Pragma("omp simd reduction(+ : block)")                                             \
+            for (int64_t i = start; i < stop; ++i) {                                             \
+                T e = EXP(x[i] * sc - w_top);                                                    \
+                out[i] = e;                                                                      \
+                block += e;                                                                      \
+            }                                                                                    \
+            exp_sum += block;                                                                    \
+        }                                                                                        \
+        /* Solve for the scale c = e^{w_max − t} (t relative to the row's max: c's relative      \
+           resolution eps is θ's absolute resolution in units of τ).  F increases with c; the    \
+           root lies in [e^{logit(k/n)}, e^{spread + logit(k/n)}], and the log-sum-exp start     \
+           c₀ = k/ΣE lies left of it (σ(z) < eᶻ, so F(c₀) < k), exact in the lower tail.  A      \
+           step δ in t multiplies c by e^−δ, so no exp or log is needed per pass. */             \
+        double odds = budget / ((double)n - budget);                                             \
+        double lo = odds, hi = odds * exp(spread);                                               \
+        double c = budget / exp_sum;                                                             \
+        if (c > lo) lo = c;                                                                      \
+        if (c > hi) c = hi;                                                                      \
+        const double tol_mass = 8.0 * EPS * (budget > 1.0 ? budget : 1.0);                       \
+        for (int pass = 0;; ++pass) {                                                            \
+            if (pass == MAX_PASSES) return 3;                                                    \
+            double mass, slope, upper;                                                           \
+            evaluate_##SUFFIX(out, n, c, 0, flipped, &mass, &slope, &upper);                     \
+            double excess = mass - budget;                                                       \
+            if (fabs(excess) <= tol_mass) break;                                                 \
+            if (excess > 0) hi = c; else lo = c;                                                 \
+            /* Two-tail model F(t + δ) ≈ F − a(eᵟ − 1) + b(e⁻ᵟ − 1) = k (see _solve.py), with    \
+               F's value, slope and curvature at δ = 0 (cubic convergence); y = eᵟ solves        \
+               a·y² − g·y − b = 0, g = F − k + a − b. */                                         \
+            double a = upper < 0 ? 0 : (upper > slope ? slope : upper);                          \
+            double b = slope - a;                                                                \
+            double g = excess + a - b;                                                           \
+            double root = sqrt(g * g + 4.0 * a * b);                                             \
+            double y = g >= 0 ? (g + root) / (2.0 * a) : (2.0 * b) / (root - g);                 \
+            double next = c / y;                                                                 \
+            if (!(next > lo && next < hi)) { /* outside the bracket (or NaN): bisect */          \
+                if (hi - lo <= 4.0 * EPS * hi) return 3; /* collapsed: the torch path */         \
+                c = sqrt(lo * hi); /* the midpoint in t */                                       \
+                continue;                                                                        \
+            }                                                                                    \
+            if (next == c) break; /* below the resolution of c */                                \
+            c = next;                                                                            \
+            /* The error after a two-tail step is ≲ |δ|³/4 (|y − 1| ≈ |δ|): done below eps. */   \
+            double change = fabs(y - 1.0);                                                       \
+            if (change * change * change <= 4.0 * EPS) break;                                    \
+        }                                                                                        \
+        double mass, slope, upper;                                                               \
+        evaluate_##SUFFIX(out, n, c, 1, flipped, &mass, &slope, &upper);                         \
+        return 0;                                                                                \
+    }                                                                                            \
+                                                                                                 \
+    /* grad_x = v⊙(g − c)/τ with c = Σ g·v / Σ v (0 for a saturated row); returns c. */          \
+    static double vjp_row_##SUFFIX(const T *g, const T *p, T *out, int64_t n, double inv_tau) {  \
+        double sum_v = 0.0, sum_gv = 0.0;                                                        \
+        for (int64_t start = 0; start < n; start += BLOCK) {                                     \
+            int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
+            T block_v = 0, block_gv = 0;                                                         \
+            _Pragma("omp simd reduction(+ : block_v, block_gv)")                                 \
+            for (int64_t i = start; i < stop; ++i) {                                             \
+                T v = p[i] * ((T)1 - p[i]);                                                      \
+                block_v += v;                                                                    \
+                block_gv += g[i] * v;                                                            \
+            }                                                                                    \
+            sum_v += block_v;                                                                    \
+            sum_gv += block_gv;                                                                  \
+        }                                                                                        \
+        double c = sum_v > 0 ? sum_gv / sum_v : 0.0;                                             \
+        const T cs = (T)c, scale = (T)inv_tau;                                                   \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; ++i) out[i] = p[i] * ((T)1 - p[i]) * (g[i] - cs) * scale;     \
+        return c;                                                                                \
+    }                                                                                            \
+
+DEFINE_ROW_KERNELS(float, f32, exp_f32, 1.1920928955078125e-07, 3.4028234663852886e38 / 16)
+DEFINE_ROW_KERNELS(double, f64, exp_f64, 2.220446049250313e-16, 1.7976931348623157e308 / 16)
+
+/* ------------------------------------------------------------------ threading */
+
+typedef struct {
+    int op; /* 0 solve f32, 1 solve f64, 2 vjp f32, 3 vjp f64 */
+    const void *a;
+    const void *b;
+    void *out;
+    void *aux; /* status (int32) for solves, c (same dtype as out) for vjps */
+    int64_t row_begin, row_end, n;
+    double k, inv_tau;
+} Job;
+
+static void run_job(const Job *job) {
+    for (int64_t row = job->row_begin; row < job->row_end; ++row) {
+        int64_t offset = row * job->n;
+        switch (job->op) {
+        case 0:
+            ((int32_t *)job->aux)[row] = solve_row_f32((const float *)job->a + offset,
+                                                       (float *)job->out + offset, job->n,
+                                                       job->k, job->inv_tau);
+            break;
+        case 1:
+            ((int32_t *)job->aux)[row] = solve_row_f64((const double *)job->a + offset,
+                                                       (double *)job->out + offset, job->n,
+                                                       job->k, job->inv_tau);
+            break;
+        case 2:
+            ((float *)job->aux)[row] = (float)vjp_row_f32(
+                (const float *)job->a + offset, (const float *)job->b + offset,
+                (float *)job->out + offset, job->n, job->inv_tau);
+            break;
+        default:
+            ((double *)job->aux)[row] = vjp_row_f64(
+                (const double *)job->a + offset, (const double *)job->b + offset,
+                (double *)job->out + offset, job->n, job->inv_tau);
+        }
+    }
+}
+
+#ifndef _OPENMP
+static void *thread_main(void *arg) {
+    run_job((const Job *)arg);
+    return NULL;
+}
+#endif
+
+#define MAX_THREADS 64
+/* Rows of less than this many elements in total are not worth a thread. */
+#define MIN_ELEMENTS_PER_THREAD 16384
+
+static int run_parallel(Job base, int64_t rows, int threads) {
+    int64_t useful = (rows * base.n) / MIN_ELEMENTS_PER_THREAD;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > useful) threads = (int)useful;
+    if (threads > rows) threads = (int)rows;
+    if (threads < 1) threads = 1;
+    Job jobs[MAX_THREADS];
+    for (int j = 0; j < threads; ++j) {
+        jobs[j] = base;
+        jobs[j].row_begin = rows * j / threads;
+        jobs[j].row_end = rows * (j + 1) / threads;
+    }
+    if (threads == 1) {
+        run_job(&jobs[0]);
+        return 1;
+    }
+#ifdef _OPENMP
+    /* Built to share PyTorch's OpenMP runtime (its GOMP symbols are resolved at load time):
+       torch's worker threads, still spinning after its last parallel op, run these rows
+       instead of competing with threads of our own for the same cores. */
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int j = 0; j < threads; ++j) run_job(&jobs[j]);
+#else
+    pthread_t handles[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int j = 1; j < threads; ++j)
+        started[j] = pthread_create(&handles[j], NULL, thread_main, &jobs[j]) == 0;
+    run_job(&jobs[0]);
+    for (int j = 1; j < threads; ++j) {
+        if (started[j])
+            pthread_join(handles[j], NULL);
+        else
+            run_job(&jobs[j]); /* could not start a thread: do its rows here */
+    }
+#endif
+    return threads;
+}
+
+/* ------------------------------------------------------------------ exported API */
+
+int gradkit_solve(int is_double, const void *x, void *out, int32_t *status, int64_t rows,
+                  int64_t n, double k, double inv_tau, int threads) {
+    Job job = {is_double ? 1 : 0, x, NULL, out, status, 0, rows, n, k, inv_tau};
+    return run_parallel(job, rows, threads);
+}
+
+int gradkit_vjp(int is_double, const void *grad, const void *p, void *out, void *c,
+                int64_t rows, int64_t n, double inv_tau, int threads) {
+    Job job = {is_double ? 3 : 2, grad, p, out, c, 0, rows, n, 0.0, inv_tau};
+    return run_parallel(job, rows, threads);
+}
+
+int gradkit_abi_version(void) { return 1; }

@@ -1,0 +1,271 @@
+"""Optional fused CPU kernels for :func:`gradkit.soft_topk` (``_native.c``), built on first use.
+
+The PyTorch path (:mod:`gradkit.topk._solve`) is exact and general but pays, per solver pass,
+four or five full-size ops and dozens of small per-slice ops.  ``_native.c`` solves one row
+at a time while it sits in cache, with the same model-based Newton step, so a pass is one
+fused loop.  It is plain C99 (no Python or PyTorch headers): the first call compiles it with
+the system C compiler in well under a second and caches the shared library under
+``$GRADKIT_CACHE_DIR`` (default ``~/.cache/gradkit``), keyed by the source, the compiler and
+the CPU; later processes load the cached file.
+
+Everything here is an optimisation with a fallback, never a requirement:
+
+* no compiler, a failed build, ``GRADKIT_NATIVE=0``, a non-CPU or non-contiguous tensor, a
+  dtype other than float32/float64, ``torch.func`` transforms or ``torch.compile`` tracing:
+  the PyTorch path runs instead;
+* rows the kernel does not take on (non-finite entries, spreads over 16·τ where the
+  order-statistics start is needed, a bracket collapsed onto a jump of ``F``) come back with a
+  nonzero status and are solved by the PyTorch path.
+
+:func:`status` says whether the kernel is in use and, if not, why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "solve", "status", "vjp"]
+
+_SOURCE = Path(__file__).with_name("_native.c")
+_FLAGS = ["-O3", "-fPIC", "-std=c99"]
+_ABI_VERSION = 1
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_reason: str | None = None  # why the kernel is not in use (None while it is, or untried)
+_tried = False
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("GRADKIT_CACHE_DIR"):
+        return Path(os.environ["GRADKIT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gradkit"
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: a library built for one CPU may not run on another
+    (a cache directory shared over NFS), so the CPU is part of the cache key."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+#: Build variants, tried in order.  "openmp": compiled with -fopenmp but linked against no
+#: OpenMP library, so its parallel loops run on the OpenMP runtime PyTorch has already loaded
+#: (torch's spinning worker threads would otherwise compete with threads of our own for the
+#: same cores); it only loads where torch's runtime exports GOMP symbols.  "pthreads": its
+#: own threads, anywhere.
+_VARIANTS = {"openmp": ["-fopenmp"], "pthreads": ["-pthread", "-fopenmp-simd"]}
+
+
+def _build(compiler: str, variant: str, target: Path) -> None:
+    """Compile ``_native.c`` into ``target`` (atomically: a temp file, then a rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        objects = Path(scratch) / "topk.o"
+        output = Path(scratch) / target.name
+        error = ""
+        for arch in (["-march=native"], []):  # not every compiler knows -march=native
+            steps = [
+                [
+                    compiler,
+                    *_FLAGS,
+                    *arch,
+                    *_VARIANTS[variant],
+                    "-c",
+                    str(_SOURCE),
+                    "-o",
+                    str(objects),
+                ],
+                [compiler, "-shared", str(objects), "-o", str(output), "-lm", "-pthread"],
+            ]
+            for command in steps:
+                result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+                if result.returncode != 0:
+                    error = (result.stderr or result.stdout).strip()[-500:]
+                    break
+            else:
+                os.replace(output, target)
+                return
+        raise RuntimeError(f"{compiler} failed: {error}")
+
+
+def _load() -> ctypes.CDLL | None:
+    """The compiled kernel library, building it if needed; ``None`` (with a reason) if not."""
+    global _library, _reason, _tried
+    if _tried:
+        return _library
+    with _lock:
+        if _tried:
+            return _library
+        _tried = True
+        if os.environ.get("GRADKIT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+            _reason = "disabled by GRADKIT_NATIVE=0"
+            return None
+        compiler = _compiler()
+        if compiler is None:
+            _reason = "no C compiler found (set CC, or install gcc/clang)"
+            return None
+        try:
+            version = subprocess.run(
+                [compiler, "--version"], capture_output=True, text=True, timeout=30
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as error:
+            _reason = f"cannot run the C compiler {compiler}: {error}"
+            return None
+        failures = []
+        library = None
+        for variant in _VARIANTS:
+            key = hashlib.sha256(
+                b"\0".join(
+                    part.encode()
+                    for part in (
+                        _SOURCE.read_text(encoding="utf-8"),
+                        " ".join(_FLAGS + _VARIANTS[variant]),
+                        compiler,
+                        version,
+                        _cpu_signature(),
+                        sys.platform,
+                    )
+                )
+            ).hexdigest()[:16]
+            suffix = ".dylib" if sys.platform == "darwin" else ".so"
+            target = _cache_dir() / f"topk_native_{variant}_{key}{suffix}"
+            try:
+                if not target.exists():
+                    _build(compiler, variant, target)
+                library = ctypes.CDLL(str(target))
+                if library.gradkit_abi_version() != _ABI_VERSION:
+                    raise RuntimeError("stale library (ABI version mismatch)")
+                break
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                failures.append(f"{variant}: {error}")
+                library = None
+        if library is None:
+            _reason = "build or load failed: " + "; ".join(failures)
+            return None
+        int64, double, pointer = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+        library.gradkit_solve.argtypes = [
+            ctypes.c_int,
+            pointer,
+            pointer,
+            pointer,
+            int64,
+            int64,
+            double,
+            double,
+            ctypes.c_int,
+        ]
+        library.gradkit_solve.restype = ctypes.c_int
+        library.gradkit_vjp.argtypes = [
+            ctypes.c_int,
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            int64,
+            int64,
+            double,
+            ctypes.c_int,
+        ]
+        library.gradkit_vjp.restype = ctypes.c_int
+        _library = library
+        return library
+
+
+def status() -> str:
+    """``"in use"``, or why the fused CPU kernel is not (building it first if needed)."""
+    return "in use" if _load() is not None else f"not in use: {_reason}"
+
+
+def available() -> bool:
+    """Whether the fused CPU kernel is built and enabled."""
+    return _load() is not None
+
+
+def _eligible(*tensors: Tensor) -> bool:
+    """Tensors the kernel can take: plain contiguous CPU float32/float64, outside transforms."""
+    from ._solve import _plain_tensors  # (imported here: _solve imports this module)
+
+    first = tensors[0]
+    return (
+        first.dtype in (torch.float32, torch.float64)
+        and all(
+            t.device.type == "cpu" and t.dtype == first.dtype and t.is_contiguous() for t in tensors
+        )
+        and _plain_tensors(*tensors)
+        and _load() is not None
+    )
+
+
+def solve(x: Tensor, k: float, inv_tau: float) -> tuple[Tensor, Tensor] | None:
+    """``p = σ((x − θ)/τ)`` with ``Σp = k`` along the last dimension, by the fused kernel.
+
+    ``x`` is finite-or-not, shape ``(..., n)``, ``0 < k < n``.  Returns ``(p, status)`` with a
+    per-row int32 ``status`` (nonzero: the row was not solved; the caller must solve it), or
+    ``None`` when the kernel cannot take ``x`` at all.
+    """
+    if not _eligible(x):
+        return None
+    n = x.shape[-1]
+    rows = x.numel() // n
+    p = torch.empty_like(x)
+    row_status = torch.empty(x.shape[:-1], dtype=torch.int32)
+    _library.gradkit_solve(
+        int(x.dtype == torch.float64),
+        x.data_ptr(),
+        p.data_ptr(),
+        row_status.data_ptr(),
+        rows,
+        n,
+        float(k),
+        float(inv_tau),
+        torch.get_num_threads(),
+    )
+    return p, row_status
+
+
+def vjp(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, Tensor] | None:
+    """The closed-form vector–Jacobian product (see :func:`~gradkit.topk._solve.soft_topk_vjp`)
+    by the fused kernel: ``(∂L/∂x, ∂L/∂k)``, or ``None`` when the kernel cannot take it."""
+    if grad.shape != p.shape or not _eligible(p, grad):
+        return None
+    n = p.shape[-1]
+    rows = p.numel() // n if n else 0
+    if rows == 0 or n == 0:
+        return None
+    out = torch.empty_like(p)
+    grad_k = torch.empty(p.shape[:-1], dtype=p.dtype)
+    _library.gradkit_vjp(
+        int(p.dtype == torch.float64),
+        grad.data_ptr(),
+        p.data_ptr(),
+        out.data_ptr(),
+        grad_k.data_ptr(),
+        rows,
+        n,
+        1.0 / temperature,
+        torch.get_num_threads(),
+    )
+    return out, grad_k
