@@ -12,6 +12,9 @@ from torch.autograd import gradcheck, gradgradcheck
 
 from gradkit import SoftTopK, soft_topk
 
+# Every test here runs on both paths (see conftest.py).
+pytestmark = pytest.mark.usefixtures("solver_path")
+
 
 def mpmath_soft_topk(values: list[float], k: float, temperature: float) -> list[float]:
     """50-digit reference for one slice (bisection in mpmath, which torch's sympy brings)."""

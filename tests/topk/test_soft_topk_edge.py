@@ -11,6 +11,9 @@ from support import seeded_randn as _randn
 
 from gradkit import soft_topk
 
+# Every test here runs on both paths (see conftest.py).
+pytestmark = pytest.mark.usefixtures("solver_path")
+
 INF = math.inf
 
 

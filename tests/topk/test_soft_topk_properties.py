@@ -11,6 +11,9 @@ from hypothesis.extra.numpy import arrays
 
 from gradkit import soft_topk
 
+# Every test here runs on both paths (see conftest.py).
+pytestmark = pytest.mark.usefixtures("solver_path")
+
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 
 

@@ -22,6 +22,7 @@ Everything here is an optimisation with a fallback, never a requirement:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -31,12 +32,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "solve", "status", "vjp"]
+__all__ = ["available", "disabled", "solve", "status", "vjp"]
 
 _SOURCE = Path(__file__).with_name("_native.c")
 _FLAGS = ["-O3", "-fPIC", "-std=c99"]
@@ -45,13 +47,24 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _reason: str | None = None  # why the kernel is not in use (None while it is, or untried)
 _tried = False
+_switched_off = 0  # nesting depth of `disabled()` blocks
 
 
 def _cache_dir() -> Path:
+    """``$GRADKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/gradkit`` or ``~/.cache/gradkit``; a
+    per-user temporary directory where that is not writable (read-only homes on clusters)."""
     if os.environ.get("GRADKIT_CACHE_DIR"):
         return Path(os.environ["GRADKIT_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "gradkit"
+    preferred = Path(base) / "gradkit"
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred
+    except OSError:
+        pass
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"gradkit-{user}"
 
 
 def _cpu_signature() -> str:
@@ -194,6 +207,17 @@ def _load() -> ctypes.CDLL | None:
         return library
 
 
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block, use the PyTorch path only (benchmarks and tests compare the two)."""
+    global _switched_off
+    _switched_off += 1
+    try:
+        yield
+    finally:
+        _switched_off -= 1
+
+
 def status() -> str:
     """``"in use"``, or why the fused CPU kernel is not (building it first if needed)."""
     return "in use" if _load() is not None else f"not in use: {_reason}"
@@ -214,6 +238,7 @@ def _eligible(*tensors: Tensor) -> bool:
         and all(
             t.device.type == "cpu" and t.dtype == first.dtype and t.is_contiguous() for t in tensors
         )
+        and not _switched_off
         and _plain_tensors(*tensors)
         and _load() is not None
     )

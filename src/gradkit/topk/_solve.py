@@ -22,36 +22,44 @@ entries above ``t``) and ``b = Σ (1 − p)·v`` (below), it solves
 
     ``F(t + δ) ≈ F(t) − a·(eᵟ − 1) + b·(e⁻ᵟ − 1) = k``
 
-exactly for ``δ`` (a quadratic in ``eᵟ``).  The model has ``F``'s value and slope at ``δ = 0``
-(so the step is Newton's near the root, quadratically convergent) and is exact when every
-entry sits in an exponential tail (``σ(z) ≈ eᶻ`` or ``1 − σ(z) ≈ e⁻ᶻ``), so the plateaus
-that saturated entries create cost one step instead of dozens.  The first steps use the
-cheaper one-tail form (all of the slope on one side, ``δ = ±log(1 + |F − k|/Σv)``), which
-never overshoots.  The start is the log-sum-exp bound ``t₀ = LSE(w) − log k`` (``σ(z) < eᶻ``
-makes it a point right of the root; it is exact in the lower tail, so small budgets often
-need a single evaluation).  When a slice spans many units of ``τ`` (small temperatures) most
-entries saturate and that bound lands many plateaus away from the root; there the start comes
-from order statistics instead (a partial sort of ``⌊k⌋ + 1`` values: midway between the
-``k``-th and ``(k+1)``-th largest for an integer budget), which is nearly exact.  A slice is
-solved once its mass is within tolerance or once the step falls below the resolution of ``t``
-(``t + δ == t``: no representable ``t`` is closer).
+exactly for ``δ`` (a quadratic in ``eᵟ``).  The model has ``F``'s value, slope and curvature
+at ``δ = 0`` (``F'' = Σ v(1 − 2p) = b − a``), so near the root it converges cubically, like
+Halley's method, and it is exact when every entry sits in an exponential tail
+(``σ(z) ≈ eᶻ`` or ``1 − σ(z) ≈ e⁻ᶻ``), so the plateaus that saturated entries create cost one
+step instead of dozens.  Each pass first forms the cheaper one-tail step (all of the slope on
+one side, ``δ = ±log(1 + |F − k|/Σv)``, Newton's to second order, never overshooting) and pays
+the extra moment ``a`` only for the slices that step does not finish.  The start is the
+log-sum-exp bound ``t₀ = LSE(w) − log k`` (``σ(z) < eᶻ`` makes it a point right of the root;
+it is exact in the lower tail, so small budgets often need a single evaluation).  When a
+slice spans many units of ``τ`` (small temperatures) most entries saturate and that bound
+lands many plateaus away from the root; there the start comes from order statistics instead
+(a partial sort of ``⌊k⌋ + 1`` values: midway between the ``k``-th and ``(k+1)``-th largest
+for an integer budget), which is nearly exact.
 
-Two phases.  The *fast* phase takes these steps for all slices at once with one host sync per
-pass and stops when every slice's mass is within ``8·eps·max(k, 1)`` of ``k`` or every step is
-below ``√(4·eps·max(|t|, 1))`` (Newton's error then is below ``4·eps·max(|t|, 1)``).  If some
-step would leave its bracket, or after ``_FAST_STEPS`` passes, the *careful* phase takes over
-with per-slice bookkeeping: every evaluation shrinks the bracket, a step that leaves it is
+Two phases.  The *fast* phase steps every slice at once with one or two cheap host syncs per
+pass; a slice is finished once its mass is within ``8·eps·max(k, 1)`` of ``k``, or once its
+step is so small that the error left after it is below the resolution ``eps·max(|t|, 1)`` of
+``t`` (``δ² ≤ eps·|t|`` for the one-tail step, whose error is ≲ δ²; ``|δ|³ ≤ 4·eps·|t|`` for
+the two-tail step, whose error is ≲ |δ|³/4).  Every decision is per slice, so a slice's
+threshold does not depend on what else is in the batch.  If a step is not finite (a
+saturated slice), or after ``_FAST_STEPS`` passes, the *careful* phase takes over with
+per-slice bookkeeping: every evaluation shrinks the bracket, a step that leaves it is
 replaced by a bisection, which splits the bracket in half of its *floating-point ordering*
 when it is wide (a bracket spanning 1e−30..1e30 is cut in ≤ 64 steps, not 200),
 arithmetically otherwise, and after ``_NEWTON_STEPS`` passes only bisection is used — so the
 solve ends after at most ``_NEWTON_STEPS + bits + 2`` passes (78 in float64, 46 in float32)
-whatever the data.  Typical
-inputs take 1–4 passes at τ = 1 and 3–6 at τ = 0.1 … 0.001.  A bracket that collapses onto a jump of
-``F`` the dtype cannot resolve (entries tied at the resolution limit straddle the root) is
-resolved by blending its two ends so that the budget is met exactly.
+whatever the data.  Typical inputs take 1–3 passes at τ = 1 and 3–6 at τ = 0.1 … 0.001.  A
+bracket that collapses onto a jump of ``F`` the dtype cannot resolve (entries tied at the
+resolution limit straddle the root) is resolved by blending its two ends so that the budget
+is met exactly.
 
 Cost per pass: ``w − t``, ``σ``, ``Σp`` and ``‖p‖²`` (four memory passes, one reused buffer:
-on CPU a fresh large allocation costs about as much as a pass).
+on CPU a fresh large allocation costs about as much as a pass), plus ``Σ p·v`` (two, in
+place) for the slices the one-tail step leaves.
+
+The fused CPU kernel (:mod:`gradkit.topk._native`) runs the same iteration one row at a
+time in cache, for the common case (one budget, finite rows spanning at most 16·τ); the
+rows it leaves, and every other case, are solved here.
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ Every number is a median wall time (``time.perf_counter``) of one call of
 warm-up calls, all methods timed round-robin in one process so that their ratios share the
 same machine load:
 
-* ``gradkit``: :func:`gradkit.soft_topk` (``τ = 1``);
+* ``gradkit``: :func:`gradkit.soft_topk` (``τ = 1``), as a user gets it: with the fused CPU
+  kernel where it is built (``gradkit.topk._native``; the table's header says whether);
+* ``gradkit_torch``: the same with the kernel switched off (``GRADKIT_NATIVE=0``): PyTorch ops
+  only, what a machine without a C compiler gets;
 * ``seed``: the seed post's algorithm, :func:`gradkit.topk.reference.seed_topk` (64 bisection
   steps, per-element autograd for ``σ'``) — the baseline;
 * ``sigmoid``: one ``torch.sigmoid`` forward+backward, the cost of one pass over memory;
@@ -50,6 +53,7 @@ from typing import Any
 import torch
 
 from .. import _bench, _io
+from . import _native
 from .reference import seed_topk
 from .soft_topk import soft_topk
 
@@ -107,6 +111,7 @@ QUICK_SHAPES = (
 #: Method keys in table order, with their display names.
 METHOD_NAMES = {
     "gradkit": "gradkit.soft_topk",
+    "gradkit_torch": "gradkit, PyTorch ops only",
     "seed": "seed (baseline)",
     "sigmoid": "sigmoid pass (fwd+bwd)",
     "torch_topk": "torch.topk (hard, fwd only: floor)",
@@ -172,6 +177,16 @@ def _prepare(
         return _Prepared(
             _forward_backward(lambda t: soft_topk(t, k, dim=-1, temperature=temperature), x)
         )
+    if method == "gradkit_torch":
+        # The same operator with the fused CPU kernel switched off (GRADKIT_NATIVE=0): what
+        # a machine without a C compiler, or an input the kernel leaves, gets.
+        inner = _forward_backward(lambda t: soft_topk(t, k, dim=-1, temperature=temperature), x)
+
+        def step() -> None:
+            with _native.disabled():
+                inner()
+
+        return _Prepared(step)
     if method == "seed":
         # The seed has no temperature: its demo scales the scores instead (σ((x − θ)/τ)).
         return _Prepared(_forward_backward(lambda t: seed_topk(t / temperature, k), x))
@@ -296,6 +311,7 @@ def _measure_shape(
         gradkit_ms = of("gradkit")
         return {
             "speedup_vs_seed": _ratio(of("seed"), gradkit_ms),
+            "speedup_vs_seed_torch_ops": _ratio(of("seed"), of("gradkit_torch")),
             "x_sigmoid_pass": _ratio(gradkit_ms, of("sigmoid")),
             "x_torch_topk": _ratio(gradkit_ms, of("torch_topk")),
             "speedup_vs_difftopk": _ratio(of("difftopk"), gradkit_ms),
@@ -335,6 +351,7 @@ def _environment(threads: int, load_before: float | None) -> dict[str, Any]:
     return {
         **_bench.environment(threads),
         "gradkit": _version("gradkit"),
+        "native_kernel": _native.status(),
         "difftopk": _version("difftopk"),
         "pytopk": _version("pytopk"),
         "load_average_1min_before": load_before,
@@ -435,7 +452,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"torch {env['torch']}, {env['threads']} thread(s), CPU: {env['cpu']} "
         f"({env['cpu_count']} cores), Python {env['python']}; float32, "
-        f"τ = {report['config']['temperature']:g}, median ms of forward+backward",
+        f"τ = {report['config']['temperature']:g}, median ms of forward+backward; "
+        f"fused CPU kernel {env.get('native_kernel', 'unknown')}",
     ]
     load = env.get("load_average_1min_before")
     if load is not None and load + env["threads"] > (env["cpu_count"] or 1) + 1:
@@ -449,8 +467,8 @@ def format_table(report: dict[str, Any]) -> str:
         "",
         "| shape (b×n) | k | "
         + " | ".join(f"{METHOD_NAMES[m]} ms" for m in METHOD_NAMES)
-        + " | speedup vs seed | × sigmoid pass | × torch.topk |",
-        "|" + "---|" * (2 + len(METHOD_NAMES) + 3),
+        + " | speedup vs seed | (PyTorch ops only) | × sigmoid pass | × torch.topk |",
+        "|" + "---|" * (2 + len(METHOD_NAMES) + 4),
     ]
     # method -> reason -> shapes, so each reason for an "n/a" cell is printed once.
     skipped: dict[str, dict[str, list[str]]] = {}
@@ -470,6 +488,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"| {batch}×{n} | {result['k']} | "
             + " | ".join(cells)
             + f" | {_cell(ratios['speedup_vs_seed'], '.1f')}×"
+            + f" | {_cell(ratios.get('speedup_vs_seed_torch_ops'), '.1f')}×"
             + f" | {_cell(ratios['x_sigmoid_pass'], '.1f')}"
             + f" | {_cell(ratios['x_torch_topk'], '.1f')} |"
         )

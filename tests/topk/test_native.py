@@ -1,0 +1,172 @@
+"""The fused CPU kernel (_native.c) against the PyTorch path and the references.
+
+The rest of the operator's tests run on both paths (conftest.py); these check the kernel's
+own contract: it builds where a C compiler exists, it agrees with the PyTorch path and with
+an independent reference, it hands back exactly the rows it does not take on, and the
+switches that turn it off work.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from support import reference_soft_topk
+
+from gradkit import soft_topk
+from gradkit.topk import _native, _solve
+
+needs_kernel = pytest.mark.skipif(
+    not _native.available(), reason=f"fused CPU kernel {_native.status()}"
+)
+
+
+def test_kernel_builds_wherever_a_c_compiler_exists():
+    # A silent build failure would quietly cost CI (and users) the fast path.
+    if os.environ.get("GRADKIT_NATIVE", "1") == "0" or _native._compiler() is None:
+        pytest.skip("no C compiler, or disabled by GRADKIT_NATIVE=0")
+    assert _native.available(), _native.status()
+    assert _native.status() == "in use"
+
+
+def _problem(seed: int, dtype: torch.dtype):
+    generator = torch.Generator().manual_seed(seed)
+    rows = int(torch.randint(1, 40, (), generator=generator))
+    n = int(torch.randint(1, 2500, (), generator=generator))
+    k = float(torch.randint(0, 2 * n, (), generator=generator)) / 2 + 0.25
+    k = min(max(k, 0.25), n - 0.25)
+    temperature = float(10 ** torch.empty(()).uniform_(-0.6, 1.0, generator=generator))
+    scale = float(10 ** torch.empty(()).uniform_(-3.0, 1.0, generator=generator))
+    x = (torch.randn(rows, n, generator=generator) * scale).to(dtype)
+    return x, k, temperature
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(12))
+def test_kernel_matches_the_torch_path(seed, dtype):
+    x, k, temperature = _problem(seed, dtype)
+    solved = _native.solve(x, k, 1.0 / temperature)
+    assert solved is not None
+    p, status = solved
+    taken = status == 0
+    assert taken.any(), "spreads ≤ 16·τ must be taken on"
+    expected = _solve._solve_torch(x, k, temperature)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(p[taken], expected[taken], rtol=0, atol=64 * eps)
+    mass_error = (p[taken].double().sum(-1) - k).abs().max().item()
+    assert mass_error <= 64 * eps * max(k, 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2.5, 31, 63.75])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
+def test_kernel_matches_bisection_reference_float64(k, temperature):
+    x = torch.randn(20, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    p, status = _native.solve(x, k, 1.0 / temperature)
+    assert bool((status == 0).all())
+    torch.testing.assert_close(p, reference_soft_topk(x, k, temperature), atol=1e-13, rtol=0)
+
+
+@needs_kernel
+def test_rows_the_kernel_leaves_are_flagged_and_solved_by_torch():
+    x = torch.randn(6, 50, dtype=torch.float64)
+    x[1, 3] = math.nan
+    x[2, 7] = math.inf
+    x[3, 9] = -math.inf
+    x[4] *= 100.0  # spread ≫ 16·τ: needs the order-statistics start
+    x[5] = 0.25  # exact ties: solved by the kernel (p = k/n)
+    _, status = _native.solve(x, 5.0, 1.0)
+    assert status.tolist() == [0, 1, 1, 1, 2, 0]
+    p = soft_topk(x, 5)
+    with _native.disabled():
+        expected = soft_topk(x, 5)
+    torch.testing.assert_close(p, expected, rtol=0, atol=1e-15, equal_nan=True)
+    assert torch.equal(p[5], torch.full((50,), 0.1, dtype=torch.float64))
+
+
+@needs_kernel
+def test_kernel_takes_every_row_of_a_common_batch():
+    # The benchmark shapes at τ = 1: no row may silently fall back to the slow path.
+    for rows, n, k in [(4096, 64, 2), (256, 1000, 10), (16, 32000, 1000)]:
+        _, status = _native.solve(torch.randn(rows, n), float(k), 1.0)
+        assert int(status.count_nonzero()) == 0, (rows, n, k)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_vjp_matches_the_differentiable_formula(dtype):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(33, 257, generator=generator).to(dtype)
+    grad = torch.randn(33, 257, generator=generator).to(dtype)
+    p = soft_topk(x, 12.5, temperature=0.7)
+    fused = _native.vjp(grad, p, 0.7)
+    assert fused is not None
+    with torch.enable_grad():  # the out-of-place, twice-differentiable formula
+        expected = _solve.soft_topk_vjp(grad, p, 0.7)
+    eps = torch.finfo(dtype).eps
+    for got, want in zip(fused, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=64 * eps, atol=64 * eps * want.abs().max())
+
+
+@needs_kernel
+def test_kernel_vjp_of_a_saturated_row_is_zero():
+    p = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.9, 0.1, 0.5, 0.5]])
+    grad_x, grad_k = _native.vjp(torch.ones_like(p), p, 1.0)
+    assert torch.equal(grad_x[0], torch.zeros(4)) and grad_k[0].item() == 0.0
+    assert torch.isfinite(grad_x).all()
+
+
+@needs_kernel
+def test_kernel_is_not_used_where_it_cannot_apply():
+    x = torch.randn(8, 30)
+    assert _native.solve(x.t().contiguous().t(), 3.0, 1.0) is None  # non-contiguous
+    assert _native.solve(x.half(), 3.0, 1.0) is None  # not float32/float64
+    with _native.disabled():
+        assert _native.solve(x, 3.0, 1.0) is None
+    g = torch.randn(30).expand(8, 30)  # an expanded (stride-0) cotangent
+    assert _native.vjp(g, torch.rand(8, 30), 1.0) is None
+
+
+def test_environment_variable_turns_the_kernel_off():
+    code = "from gradkit.topk import _native; print(_native.status())"
+    env = {**os.environ, "GRADKIT_NATIVE": "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "not in use: disabled by GRADKIT_NATIVE=0"
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_a_missing_compiler_falls_back_with_a_reason(tmp_path):
+    code = (
+        "import torch; from gradkit import soft_topk; from gradkit.topk import _native\n"
+        "p = soft_topk(torch.randn(4, 9), 3)\n"
+        "print(round(float(p.sum()), 4)); print(_native.status())"
+    )
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler")}
+    env["GRADKIT_CACHE_DIR"] = str(tmp_path / "cache")
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    total, status = result.stdout.strip().splitlines()
+    assert total == "12.0"
+    assert status.startswith("not in use:")
+
+
+@needs_kernel
+@pytest.mark.parametrize("offset", [-500.0, 1e3, 1e4])
+def test_kernel_keeps_full_precision_for_offset_scores(offset):
+    # It solves relative to each row's maximum, so a common offset costs no precision in θ
+    # (the PyTorch path's θ is resolved to eps·|θ/τ|: ~1e-4 of mass at offset 1e4).
+    x = torch.randn(16, 300, generator=torch.Generator().manual_seed(5)) + offset
+    p, status = _native.solve(x, 10.0, 1.0)
+    assert bool((status == 0).all())
+    expected = reference_soft_topk(x.double(), 10.0, 1.0)
+    assert (p.double() - expected).abs().max().item() < 2e-6
+    assert (p.double().sum(-1) - 10.0).abs().max().item() < 1e-5
