@@ -86,10 +86,9 @@ static inline double exp_f64(double x) {
 #define DEFINE_ROW_KERNELS(T, SUFFIX, EXP, EPS, LIMIT)                                           \
     /* One evaluation of F from the stored E_i = e^{w_i − w_max} ∈ (0, 1]: with the scale        \
        c = e^{w_max − t}, each σ(w_i − t) = cE_i/(1 + cE_i) costs a multiply and a divide, no    \
-       exp.  Returns Σp, Σv and Σp·v; writes the caller's p (p, or 1 − p when flipped) when      \
-       asked. */                                                                                 \
-    static void evaluate_##SUFFIX(T *e, int64_t n, double scale, int write, int flipped,         \
-                                  double *mass, double *slope, double *upper) {                  \
+       exp.  Returns Σp, Σv and Σp·v. */                                                         \
+    static void evaluate_##SUFFIX(const T *e, int64_t n, double scale, double *mass,             \
+                                  double *slope, double *upper) {                                \
         double sum_p = 0.0, sum_v = 0.0, sum_pv = 0.0;                                           \
         const T c = (T)scale;                                                                    \
         for (int64_t start = 0; start < n; start += BLOCK) {                                     \
@@ -108,18 +107,25 @@ static inline double exp_f64(double x) {
             sum_p += block_p;                                                                    \
             sum_v += block_v;                                                                    \
             sum_pv += block_pv;                                                                  \
-            if (write) {                                                                         \
-                _Pragma("omp simd")                                                              \
-                for (int64_t i = start; i < stop; ++i) {                                         \
-                    T y = c * e[i];                                                              \
-                    T q = (T)1 / ((T)1 + y);                                                     \
-                    e[i] = flipped ? q : y * q;                                                  \
-                }                                                                                \
-            }                                                                                    \
         }                                                                                        \
         *mass = sum_p;                                                                           \
         *slope = sum_v;                                                                          \
         *upper = sum_pv;                                                                         \
+    }                                                                                            \
+                                                                                                 \
+    /* The result, in place of E: the caller's p (p, or 1 − p when flipped) at scale c. */       \
+    static void write_##SUFFIX(T *e, int64_t n, double scale, int flipped) {                     \
+        const T c = (T)scale;                                                                    \
+        if (flipped) {                                                                           \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t i = 0; i < n; ++i) e[i] = (T)1 / ((T)1 + c * e[i]);                     \
+        } else {                                                                                 \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t i = 0; i < n; ++i) {                                                    \
+                T y = c * e[i];                                                                  \
+                e[i] = y / ((T)1 + y);                                                           \
+            }                                                                                    \
+        }                                                                                        \
     }                                                                                            \
                                                                                                  \
     static int solve_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double inv_tau) {     \
@@ -175,7 +181,7 @@ static inline double exp_f64(double x) {
         for (int pass = 0;; ++pass) {                                                            \
             if (pass == MAX_PASSES) return 3;                                                    \
             double mass, slope, upper;                                                           \
-            evaluate_##SUFFIX(out, n, c, 0, flipped, &mass, &slope, &upper);                     \
+            evaluate_##SUFFIX(out, n, c, &mass, &slope, &upper);                                 \
             double excess = mass - budget;                                                       \
             if (fabs(excess) <= tol_mass) break;                                                 \
             if (excess > 0) hi = c; else lo = c;                                                 \
@@ -199,8 +205,7 @@ static inline double exp_f64(double x) {
             double change = fabs(y - 1.0);                                                       \
             if (change * change * change <= 4.0 * EPS) break;                                    \
         }                                                                                        \
-        double mass, slope, upper;                                                               \
-        evaluate_##SUFFIX(out, n, c, 1, flipped, &mass, &slope, &upper);                         \
+        write_##SUFFIX(out, n, c, flipped);                                                      \
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
