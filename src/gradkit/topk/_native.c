@@ -25,13 +25,16 @@
 #define SPREAD_LIMIT 16.0
 #define MAX_PASSES 64
 #define BLOCK 256 /* elements per partial sum (accurate, vectorisable summation) */
+#define SAMPLE 512  /* strided sample for the order-statistics start of wide rows */
+#define TOP_LIST 16 /* budgets below this take the order statistics from one scan */
 
 /* ------------------------------------------------------------------ vectorisable exp */
 
-static inline float exp_f32(float x) {
+static inline float exp_f32(float x_in) {
     /* e^x = 2^m · e^r with m = round(x / ln 2) and |r| ≤ ln2/2 (Cody–Waite split of ln 2),
-       e^r from Cephes' degree-6 minimax polynomial.  The clamp keeps 2^m·e^r normal. */
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+       e^r from Cephes' degree-6 minimax polynomial.  The clamp keeps 2^m·e^r normal; outside
+       it the result saturates exactly, to 0 (instead of a denormal) or +inf. */
+    float x = x_in < -87.0f ? -87.0f : (x_in > 88.0f ? 88.0f : x_in);
     /* round to nearest by the 1.5·2²³ trick (vectorises, unlike roundf) */
     float m = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = x - m * 0.693359375f;
@@ -47,13 +50,13 @@ static inline float exp_f32(float x) {
     memcpy(&bits, &e, sizeof bits);
     bits += (int32_t)m * (1 << 23);
     memcpy(&e, &bits, sizeof e);
-    return e;
+    return x_in < -87.0f ? 0.0f : (x_in > 88.0f ? (float)INFINITY : e);
 }
 
-static inline double exp_f64(double x) {
+static inline double exp_f64(double x_in) {
     /* The same scheme in double: fdlibm's split of ln 2, Taylor to degree 13 on |r| ≤ 0.347
        (truncation below 1e-17 relative). */
-    x = x < -708.0 ? -708.0 : (x > 709.0 ? 709.0 : x);
+    double x = x_in < -708.0 ? -708.0 : (x_in > 709.0 ? 709.0 : x_in);
     double m = (x * 1.4426950408889634074 + 6755399441055744.0) - 6755399441055744.0;
     double r = x - m * 6.93147180369123816490e-01;
     r = r - m * 1.90821492927058770002e-10;
@@ -74,31 +77,39 @@ static inline double exp_f64(double x) {
     memcpy(&bits, &e, sizeof bits);
     bits += (int64_t)m * ((int64_t)1 << 52);
     memcpy(&e, &bits, sizeof e);
-    return e;
+    return x_in < -708.0 ? 0.0 : (x_in > 709.0 ? (double)INFINITY : e);
 }
 
 /* ------------------------------------------------------------------ per-row solve
  * Instantiated for float and double by the macro below.  Scalars are double throughout.
  *
- * status: 0 solved here; 1 not finite; 2 spread too large (small τ); 3 did not converge.
+ * status: 0 solved here; 1 not finite (or |x/τ| too large); 3 not solved (a bracket collapsed
+ * onto a jump of F, or no convergence): the caller solves those rows.
  */
 
-#define DEFINE_ROW_KERNELS(T, SUFFIX, EXP, EPS, LIMIT)                                           \
-    /* One evaluation of F from the stored E_i = e^{w_i − w_max} ∈ (0, 1]: with the scale        \
-       c = e^{w_max − t}, each σ(w_i − t) = cE_i/(1 + cE_i) costs a multiply and a divide, no    \
-       exp.  Returns Σp, Σv and Σp·v. */                                                         \
-    static void evaluate_##SUFFIX(const T *e, int64_t n, double scale, double *mass,             \
-                                  double *slope, double *upper) {                                \
+#define DEFINE_ROW_KERNELS(T, SUFFIX, EXP, EPS, LIMIT, LOG_MIN, LOG_MAX, EXP_MAX, EXP_CUT)       \
+    /* One evaluation of F from stored exponentials, with a multiply and a divide per entry:     \
+       the direct form holds E_i = e^{w_i − w_max} ∈ (0, 1] and c = e^{w_max − t}, so that       \
+       σ(w_i − t) = y/(1 + y) with y = cE_i; the inverted form (wide rows) holds                 \
+       G_i = e^{t₀ − w_i} and c = e^{t − t₀}, so that σ(w_i − t) = 1/(1 + y) with y = cG_i.      \
+       Both keep p and q = 1 − p at full relative accuracy.  Returns Σp, Σv and Σp·v. */         \
+    static void evaluate_##SUFFIX(const T *e, int64_t n, double scale, int inverted,             \
+                                  double *mass, double *slope, double *upper) {                  \
         double sum_p = 0.0, sum_v = 0.0, sum_pv = 0.0;                                           \
-        const T c = (T)scale;                                                                    \
+        const T c = (T)scale, huge = (T)ldexp(1.0, EXP_CUT), tiny = (T)ldexp(1.0, -EXP_CUT);     \
         for (int64_t start = 0; start < n; start += BLOCK) {                                     \
             int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
             T block_p = 0, block_v = 0, block_pv = 0;                                            \
             _Pragma("omp simd reduction(+ : block_p, block_v, block_pv)")                        \
             for (int64_t i = start; i < stop; ++i) {                                             \
+                /* Entries beyond 2^±EXP_CUT of the threshold weigh < 2^−EXP_CUT in every sum:   \
+                   cut them to exact 0/1 there, so no product of them is denormal (a denormal    \
+                   costs a microcode assist, ~100× an ordinary multiply). */                     \
                 T y = c * e[i];                                                                  \
-                T q = (T)1 / ((T)1 + y); /* 1 − p, accurate however saturated */                 \
-                T p = y * q;                                                                     \
+                y = y > tiny ? (y < huge ? y : huge) : (T)0;                                     \
+                T r = (T)1 / ((T)1 + y);                                                         \
+                T p = inverted ? r : y * r;                                                      \
+                T q = inverted ? y * r : r;                                                      \
                 T v = p * q;                                                                     \
                 block_p += p;                                                                    \
                 block_v += v;                                                                    \
@@ -113,19 +124,152 @@ static inline double exp_f64(double x) {
         *upper = sum_pv;                                                                         \
     }                                                                                            \
                                                                                                  \
-    /* The result, in place of E: the caller's p (p, or 1 − p when flipped) at scale c. */       \
-    static void write_##SUFFIX(T *e, int64_t n, double scale, int flipped) {                     \
-        const T c = (T)scale;                                                                    \
-        if (flipped) {                                                                           \
-            _Pragma("omp simd")                                                                  \
-            for (int64_t i = 0; i < n; ++i) e[i] = (T)1 / ((T)1 + c * e[i]);                     \
-        } else {                                                                                 \
-            _Pragma("omp simd")                                                                  \
-            for (int64_t i = 0; i < n; ++i) {                                                    \
-                T y = c * e[i];                                                                  \
-                e[i] = y / ((T)1 + y);                                                           \
-            }                                                                                    \
+    /* The result, in place of the exponentials: the caller's p (p, or 1 − p when flipped). */   \
+    static void write_##SUFFIX(T *e, int64_t n, double scale, int inverted, int flipped) {       \
+        const T c = (T)scale, big = (T)EXP_MAX;                                                  \
+        const int want_q = inverted != flipped; /* the value that is r = 1/(1 + y) */            \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            T y = c * e[i]; /* +inf for an entry saturated at 0 (inverted form) */               \
+            T r = (T)1 / ((T)1 + y);                                                             \
+            T other = y < big ? y * r : (T)1;                                                    \
+            e[i] = want_q ? r : other;                                                           \
         }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* Two-tail step (see _solve.py): y = eᵟ solves a·y² − g·y − b = 0, g = F − k + a − b. */    \
+    static double two_tail_##SUFFIX(double excess, double slope, double upper) {                 \
+        double a = upper < 0 ? 0 : (upper > slope ? slope : upper);                              \
+        double b = slope - a;                                                                    \
+        double g = excess + a - b;                                                               \
+        double root = sqrt(g * g + 4.0 * a * b);                                                 \
+        return g >= 0 ? (g + root) / (2.0 * a) : (2.0 * b) / (root - g);                         \
+    }                                                                                            \
+                                                                                                 \
+    /* Descending quickselect: afterwards a[m] is the (m+1)-th largest, a[0..m) ≥ a[m] ≥         \
+       a(m..n).  Median-of-three pivots; returns 0 if it needs too many rounds. */               \
+    static int select_##SUFFIX(T *a, int64_t n, int64_t m) {                                     \
+        int64_t left = 0, right = n - 1;                                                         \
+        for (int round = 0; right > left; ++round) {                                             \
+            if (round > 200) return 0;                                                           \
+            T x0 = a[left], x1 = a[left + (right - left) / 2], x2 = a[right];                    \
+            T pivot = x0 > x1 ? (x1 > x2 ? x1 : (x0 > x2 ? x2 : x0))                             \
+                               : (x0 > x2 ? x0 : (x1 > x2 ? x2 : x1));                           \
+            int64_t i = left, j = right;                                                         \
+            while (i <= j) {                                                                     \
+                while (a[i] > pivot) ++i;                                                        \
+                while (a[j] < pivot) --j;                                                        \
+                if (i <= j) {                                                                    \
+                    T swap = a[i];                                                               \
+                    a[i] = a[j];                                                                 \
+                    a[j] = swap;                                                                 \
+                    ++i;                                                                         \
+                    --j;                                                                         \
+                }                                                                                \
+            }                                                                                    \
+            if (m <= j) right = j;                                                               \
+            else if (m >= i) left = i;                                                           \
+            else break;                                                                          \
+        }                                                                                        \
+        return 1;                                                                                \
+    }                                                                                            \
+                                                                                                 \
+    /* Rows spanning more than SPREAD_LIMIT·τ (small temperatures): most entries saturate,       \
+       the log-sum-exp start lands plateaus away from the root, and e^{w − w_max} underflows.    \
+       Start instead from order statistics (as _solve.py: midway between the k-th and            \
+       (k+1)-th largest for an integer budget, w_(m+1) − logit(f) for a fraction f), store       \
+       G_i = e^{t₀ − w_i} (clamped to the exp range: saturated entries stay saturated), and      \
+       iterate in t with the bracket [w_min − logit(k/n), w_max − logit(k/n)]. */                \
+    static int solve_wide_row_##SUFFIX(const T *x, T *out, int64_t n, double scale,              \
+                                       double budget, int flipped, double w_min,                 \
+                                       double w_max) {                                           \
+        const T sc = (T)scale;                                                                   \
+        int64_t m = (int64_t)floor(budget);                                                      \
+        double fraction = budget - (double)m;                                                    \
+        /* The (m+1)-th largest w (and the m-th): for small budgets one scan keeping the top     \
+           m + 1 in a sorted list; for long rows a quickselect among the candidates above a      \
+           threshold read off a strided sample (rank ~1.5× the budget's share, plus slack;       \
+           one branch-free compaction pass, then ~1.5·(m + 1) values instead of n; an            \
+           unlucky sample falls back); otherwise a quickselect of the whole row. */              \
+        T kth, before;                                                                           \
+        if (m < TOP_LIST) {                                                                      \
+            T top[TOP_LIST];                                                                     \
+            int64_t filled = 0;                                                                  \
+            for (int64_t i = 0; i < n; ++i) {                                                    \
+                T w = x[i] * sc;                                                                 \
+                if (filled > m && !(w > top[m])) continue;                                       \
+                int64_t j = filled > m ? m : filled;                                             \
+                while (j > 0 && top[j - 1] < w) {                                                \
+                    top[j] = top[j - 1];                                                         \
+                    --j;                                                                         \
+                }                                                                                \
+                top[j] = w;                                                                      \
+                if (filled <= m) ++filled;                                                       \
+            }                                                                                    \
+            kth = top[m];                                                                        \
+            before = m > 0 ? top[m - 1] : top[0];                                                \
+        } else {                                                                                 \
+            int64_t candidates = n;                                                              \
+            if (n >= 4 * SAMPLE) {                                                               \
+                T sample[SAMPLE];                                                                \
+                for (int64_t j = 0; j < SAMPLE; ++j) sample[j] = x[j * (n / SAMPLE)] * sc;       \
+                int64_t rank = (int64_t)(1.5 * (double)(m + 1) * SAMPLE / (double)n) + 8;        \
+                if (rank < SAMPLE && select_##SUFFIX(sample, SAMPLE, rank)) {                    \
+                    const T threshold = sample[rank];                                            \
+                    candidates = 0;                                                              \
+                    for (int64_t i = 0; i < n; ++i) {                                            \
+                        T w = x[i] * sc;                                                         \
+                        out[candidates] = w;                                                     \
+                        candidates += w >= threshold;                                            \
+                    }                                                                            \
+                }                                                                                \
+            }                                                                                    \
+            if (candidates < m + 1 || candidates == n) {                                         \
+                _Pragma("omp simd")                                                              \
+                for (int64_t i = 0; i < n; ++i) out[i] = x[i] * sc;                              \
+                candidates = n;                                                                  \
+            }                                                                                    \
+            if (!select_##SUFFIX(out, candidates, m)) return 3;                                  \
+            kth = out[m];                                                                        \
+            before = out[0];                                                                     \
+            for (int64_t i = 1; i < m; ++i) before = out[i] < before ? out[i] : before;          \
+        }                                                                                        \
+        double t = fraction == 0.0 ? 0.5 * ((double)before + (double)kth)                        \
+                                   : (double)kth - log(fraction / (1.0 - fraction));             \
+        double logit = log(budget) - log((double)n - budget);                                    \
+        double lo = w_min - logit, hi = w_max - logit;                                           \
+        t = t < lo ? lo : (t > hi ? hi : t);                                                     \
+        const T origin = (T)t;                                                                   \
+        const double t0 = (double)origin;                                                        \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; ++i) out[i] = EXP(origin - x[i] * sc);                        \
+        const double tol_mass = 8.0 * EPS * (budget > 1.0 ? budget : 1.0);                       \
+        double c = 1.0;                                                                          \
+        for (int pass = 0;; ++pass) {                                                            \
+            if (pass == MAX_PASSES) return 3;                                                    \
+            double mass, slope, upper;                                                           \
+            evaluate_##SUFFIX(out, n, c, 1, &mass, &slope, &upper);                              \
+            double excess = mass - budget;                                                       \
+            if (fabs(excess) <= tol_mass) break;                                                 \
+            if (excess > 0) lo = t; else hi = t;                                                 \
+            double step = log(two_tail_##SUFFIX(excess, slope, upper));                          \
+            double next = t + step;                                                              \
+            double resolution = EPS * (fabs(t) > 1.0 ? fabs(t) : 1.0);                           \
+            if (!(next > lo && next < hi)) { /* outside the bracket (or NaN): bisect */          \
+                if (hi - lo <= 4.0 * resolution) return 3; /* collapsed: the torch path */       \
+                next = 0.5 * (lo + hi);                                                          \
+                step = 1.0; /* (not small) */                                                    \
+            }                                                                                    \
+            if (next == t) break; /* below the resolution of t */                                \
+            t = next;                                                                            \
+            double shift = t - t0;                                                               \
+            shift = shift < (LOG_MIN) ? (LOG_MIN) : (shift > (LOG_MAX) ? (LOG_MAX) : shift);     \
+            c = exp(shift);                                                                      \
+            /* The error after a two-tail step is ≲ |δ|³/4: done below eps·|t|. */               \
+            if (fabs(step) * step * step <= 4.0 * resolution) break;                             \
+        }                                                                                        \
+        write_##SUFFIX(out, n, c, 1, flipped);                                                   \
+        return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
     static int solve_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double inv_tau) {     \
@@ -148,7 +292,11 @@ static inline double exp_f64(double x) {
             !(fabs(x_min * inv_tau) <= (LIMIT)))                                                 \
             return 1;                                                                            \
         double spread = (x_max - x_min) * inv_tau;                                               \
-        if (spread > SPREAD_LIMIT) return 2; /* small τ: the order-statistics start */           \
+        if (spread > SPREAD_LIMIT) {                                                             \
+            double w_max = flipped ? -x_min * inv_tau : x_max * inv_tau;                         \
+            double w_min = flipped ? -x_max * inv_tau : x_min * inv_tau;                         \
+            return solve_wide_row_##SUFFIX(x, out, n, scale, budget, flipped, w_min, w_max);     \
+        }                                                                                        \
         if (x_max == x_min) { /* exact ties: p = k/n */                                          \
             for (int64_t i = 0; i < n; ++i) out[i] = (T)(k / (double)n);                         \
             return 0;                                                                            \
@@ -181,18 +329,14 @@ static inline double exp_f64(double x) {
         for (int pass = 0;; ++pass) {                                                            \
             if (pass == MAX_PASSES) return 3;                                                    \
             double mass, slope, upper;                                                           \
-            evaluate_##SUFFIX(out, n, c, &mass, &slope, &upper);                                 \
+            evaluate_##SUFFIX(out, n, c, 0, &mass, &slope, &upper);                              \
             double excess = mass - budget;                                                       \
             if (fabs(excess) <= tol_mass) break;                                                 \
             if (excess > 0) hi = c; else lo = c;                                                 \
             /* Two-tail model F(t + δ) ≈ F − a(eᵟ − 1) + b(e⁻ᵟ − 1) = k (see _solve.py), with    \
                F's value, slope and curvature at δ = 0 (cubic convergence); y = eᵟ solves        \
                a·y² − g·y − b = 0, g = F − k + a − b. */                                         \
-            double a = upper < 0 ? 0 : (upper > slope ? slope : upper);                          \
-            double b = slope - a;                                                                \
-            double g = excess + a - b;                                                           \
-            double root = sqrt(g * g + 4.0 * a * b);                                             \
-            double y = g >= 0 ? (g + root) / (2.0 * a) : (2.0 * b) / (root - g);                 \
+            double y = two_tail_##SUFFIX(excess, slope, upper);                                  \
             double next = c / y;                                                                 \
             if (!(next > lo && next < hi)) { /* outside the bracket (or NaN): bisect */          \
                 if (hi - lo <= 4.0 * EPS * hi) return 3; /* collapsed: the torch path */         \
@@ -205,7 +349,7 @@ static inline double exp_f64(double x) {
             double change = fabs(y - 1.0);                                                       \
             if (change * change * change <= 4.0 * EPS) break;                                    \
         }                                                                                        \
-        write_##SUFFIX(out, n, c, flipped);                                                      \
+        write_##SUFFIX(out, n, c, 0, flipped);                                                   \
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
@@ -231,8 +375,12 @@ static inline double exp_f64(double x) {
         return c;                                                                                \
     }                                                                                            \
 
-DEFINE_ROW_KERNELS(float, f32, exp_f32, 1.1920928955078125e-07, 3.4028234663852886e38 / 16)
-DEFINE_ROW_KERNELS(double, f64, exp_f64, 2.220446049250313e-16, 1.7976931348623157e308 / 16)
+/* (type, suffix, exp, eps, |x/τ| limit, exp's clamp range in log and linear terms, the binary
+   exponent beyond which evaluate() cuts y = e^{±(w − t)}) */
+DEFINE_ROW_KERNELS(float, f32, exp_f32, 1.1920928955078125e-07, 3.4028234663852886e38 / 16,
+                   -87.0, 88.0, 1.6516362549940018e38, 60)
+DEFINE_ROW_KERNELS(double, f64, exp_f64, 2.220446049250313e-16, 1.7976931348623157e308 / 16,
+                   -708.0, 709.0, 8.218407461554972e307, 500)
 
 /* ------------------------------------------------------------------ threading */
 

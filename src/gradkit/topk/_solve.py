@@ -345,7 +345,10 @@ def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
         if native is not None:
             p, row_status = native
             left = row_status != 0
-            if bool(left.any()):
+            left_count = int(left.count_nonzero())
+            if left_count == left.numel():  # (e.g. a small τ everywhere): no gather/scatter
+                return _solve_torch(x, k, temperature).to(out_dtype)
+            if left_count:
                 p[left] = _solve_torch(x[left], k, temperature)
             return p.to(out_dtype)
     return _solve_torch(x, k, temperature).to(out_dtype)
