@@ -2,15 +2,18 @@
  *
  * The PyTorch path spends most of its time outside arithmetic: every solver pass is four or
  * five separate full-size ops (w − t, σ, Σp, Σp², …), each streaming the tensor through
- * memory, plus dozens of small per-slice ops.  Here a row is solved while it sits in L1/L2:
- * each evaluation of F(t) = Σ σ(w_i − t) is one fused loop that also yields the slope and
- * the curvature term, so the model-based Newton step of _solve.py costs one pass.
+ * memory, plus dozens of small per-slice ops.  Here a row is solved while it sits in L1/L2.
+ * One pass stores exponentials relative to a reference point; after that each evaluation of
+ * F(t) = Σ σ(w_i − t), its slope and its curvature term is one fused loop of a multiply and a
+ * divide per entry, and the model-based Newton step of _solve.py needs no exp or log per
+ * entry.  Rows spanning at most SPREAD_LIMIT·τ start from the log-sum-exp bound with
+ * E_i = e^{w_i − w_max}; wider rows (small τ) start from order statistics with
+ * G_i = e^{t₀ − w_i}.
  *
- * Scope: finite rows with one shared budget 0 < k < n whose spread (max − min)/τ is at most
- * SPREAD_LIMIT (the log-sum-exp start is good there).  Any other row gets status != 0 and
- * the caller solves it with the PyTorch path, which handles ±inf, NaN, small temperatures
- * (order-statistics start), collapsed brackets and the rest.  Math and symbols follow
- * _solve.py: z_i = w_i − t, p_i = σ(z_i), v_i = p_i(1 − p_i), F = Σp, F' = −Σv.
+ * Scope: finite rows with one shared budget 0 < k < n.  A row with ±inf or NaN (status 1),
+ * or whose bracket collapses onto a jump of F the dtype cannot resolve (status 3), is left
+ * to the caller, which solves it with the PyTorch path.  Math and symbols follow _solve.py:
+ * z_i = w_i − t, p_i = σ(z_i), v_i = p_i(1 − p_i), F = Σp, F' = −Σv.
  *
  * Plain C99, compiled on first use by _native.py: with -fopenmp but linked against no OpenMP
  * library, so that it runs on the OpenMP runtime PyTorch has already loaded; or, where that
@@ -22,7 +25,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define SPREAD_LIMIT 16.0
+#define SPREAD_LIMIT 16.0 /* rows spanning more τ than this start from order statistics */
 #define MAX_PASSES 64
 #define BLOCK 256 /* elements per partial sum (accurate, vectorisable summation) */
 #define SAMPLE 512  /* strided sample for the order-statistics start of wide rows */

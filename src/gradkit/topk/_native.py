@@ -2,20 +2,22 @@
 
 The PyTorch path (:mod:`gradkit.topk._solve`) is exact and general but pays, per solver pass,
 four or five full-size ops and dozens of small per-slice ops.  ``_native.c`` solves one row
-at a time while it sits in cache, with the same model-based Newton step, so a pass is one
-fused loop.  It is plain C99 (no Python or PyTorch headers): the first call compiles it with
-the system C compiler in well under a second and caches the shared library under
-``$GRADKIT_CACHE_DIR`` (default ``~/.cache/gradkit``), keyed by the source, the compiler and
-the CPU; later processes load the cached file.
+at a time while it sits in cache, with the same model-based Newton step: one pass stores
+exponentials, then each evaluation is a multiply and a divide per entry.  It is plain C99 (no
+Python or PyTorch headers): the first call compiles it with the system C compiler in well
+under a second and caches the shared library under ``$GRADKIT_CACHE_DIR`` (default
+``~/.cache/gradkit``), keyed by the source, the compiler and the CPU; later processes load
+the cached file.  It is built with ``-fopenmp`` but linked to no OpenMP library, so that its
+parallel loop runs on the OpenMP runtime PyTorch has loaded (a pthreads build is the
+fallback).
 
 Everything here is an optimisation with a fallback, never a requirement:
 
 * no compiler, a failed build, ``GRADKIT_NATIVE=0``, a non-CPU or non-contiguous tensor, a
-  dtype other than float32/float64, ``torch.func`` transforms or ``torch.compile`` tracing:
-  the PyTorch path runs instead;
-* rows the kernel does not take on (non-finite entries, spreads over 16·τ where the
-  order-statistics start is needed, a bracket collapsed onto a jump of ``F``) come back with a
-  nonzero status and are solved by the PyTorch path.
+  dtype other than float32/float64, a per-slice (tensor) ``k``, ``torch.func`` transforms or
+  ``torch.compile`` tracing: the PyTorch path runs instead;
+* rows the kernel does not take on (``±inf`` or NaN entries, a bracket collapsed onto a jump
+  of ``F``) come back with a nonzero status and are solved by the PyTorch path.
 
 :func:`status` says whether the kernel is in use and, if not, why.
 """

@@ -58,8 +58,8 @@ on CPU a fresh large allocation costs about as much as a pass), plus ``Σ p·v``
 place) for the slices the one-tail step leaves.
 
 The fused CPU kernel (:mod:`gradkit.topk._native`) runs the same iteration one row at a
-time in cache, for the common case (one budget, finite rows spanning at most 16·τ); the
-rows it leaves, and every other case, are solved here.
+time in cache, for the common case (one budget, finite rows, contiguous float32/float64 on
+CPU); the rows it leaves, and every other case, are solved here.
 """
 
 from __future__ import annotations
@@ -340,7 +340,7 @@ def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
     x = x.to(dtype)
     if not isinstance(k, Tensor) and x.numel() > 0 and 0 < float(k) < x.shape[-1]:
         # The fused CPU kernel, when built and applicable (see _native.py); the rows it
-        # leaves (non-finite, small τ, degenerate) are solved below, as are all other cases.
+        # leaves (non-finite, degenerate) are solved below, as are all other cases.
         native = _native.solve(x, float(k), min(1.0 / temperature, torch.finfo(dtype).max / 16))
         if native is not None:
             p, row_status = native

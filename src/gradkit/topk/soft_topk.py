@@ -264,10 +264,10 @@ def soft_topk(
     Speed:
         On CPU, contiguous float32/float64 input with a number ``k`` runs a fused C kernel
         (built on first use with the system C compiler, cached in ``~/.cache/gradkit``; set
-        ``GRADKIT_NATIVE=0`` to switch it off) for every slice spanning at most ``16·τ``;
-        other slices and inputs use PyTorch ops, with the same results to rounding.  The
-        kernel also solves relative to each slice's maximum, which keeps full precision for
-        scores with a large common offset.
+        ``GRADKIT_NATIVE=0`` to switch it off) for every finite slice; slices with ``±inf``
+        or NaN, and all other inputs, use PyTorch ops, with the same results to rounding.
+        The kernel also solves relative to each slice's maximum (or its order statistics),
+        which keeps full precision for scores with a large common offset.
 
     Raises:
         TypeError: ``x`` is not a floating tensor, or ``temperature``/``dim`` has a bad type.
