@@ -142,12 +142,25 @@ def test_kernel_vjp_of_a_saturated_row_is_zero():
 @needs_kernel
 def test_kernel_is_not_used_where_it_cannot_apply():
     x = torch.randn(8, 30)
-    assert _native.solve(x.t().contiguous().t(), 3.0, 1.0) is None  # non-contiguous
     assert _native.solve(x.half(), 3.0, 1.0) is None  # not float32/float64
     with _native.disabled():
         assert _native.solve(x, 3.0, 1.0) is None
-    g = torch.randn(30).expand(8, 30)  # an expanded (stride-0) cotangent
-    assert _native.vjp(g, torch.rand(8, 30), 1.0) is None
+    assert _native.vjp(torch.randn(8, 30, dtype=torch.float64), torch.rand(8, 30), 1.0) is None
+
+
+@needs_kernel
+def test_kernel_takes_strided_inputs_and_expanded_cotangents():
+    # dim=0 selections arrive transposed, .sum() sends a stride-0 cotangent: one copy each.
+    x = torch.randn(30, 8, dtype=torch.float64)
+    p, status = _native.solve(x.t(), 3.0, 1.0)
+    assert bool((status == 0).all())
+    torch.testing.assert_close(p, _solve._solve_torch(x.t().contiguous(), 3.0, 1.0))
+    g = torch.randn(30, dtype=torch.float64).expand(8, 30)
+    grad_x, grad_k = _native.vjp(g, p, 1.0)
+    with torch.enable_grad():
+        expected_x, expected_k = _solve.soft_topk_vjp(g, p, 1.0)
+    torch.testing.assert_close(grad_x, expected_x)
+    torch.testing.assert_close(grad_k, expected_k)
 
 
 def test_environment_variable_turns_the_kernel_off():

@@ -13,8 +13,8 @@ fallback).
 
 Everything here is an optimisation with a fallback, never a requirement:
 
-* no compiler, a failed build, ``GRADKIT_NATIVE=0``, a non-CPU or non-contiguous tensor, a
-  dtype other than float32/float64, a per-slice (tensor) ``k``, ``torch.func`` transforms or
+* no compiler, a failed build, ``GRADKIT_NATIVE=0``, a non-CPU tensor, a dtype other than
+  float32/float64, a per-slice (tensor) ``k``, ``torch.func`` transforms or
   ``torch.compile`` tracing: the PyTorch path runs instead;
 * rows the kernel does not take on (``±inf`` or NaN entries, a bracket collapsed onto a jump
   of ``F``) come back with a nonzero status and are solved by the PyTorch path.
@@ -231,15 +231,14 @@ def available() -> bool:
 
 
 def _eligible(*tensors: Tensor) -> bool:
-    """Tensors the kernel can take: plain contiguous CPU float32/float64, outside transforms."""
+    """Tensors the kernel can take: plain CPU float32/float64 ones, outside transforms (the
+    callers make them contiguous: one copy is far cheaper than the PyTorch path)."""
     from ._solve import _plain_tensors  # (imported here: _solve imports this module)
 
     first = tensors[0]
     return (
         first.dtype in (torch.float32, torch.float64)
-        and all(
-            t.device.type == "cpu" and t.dtype == first.dtype and t.is_contiguous() for t in tensors
-        )
+        and all(t.device.type == "cpu" and t.dtype == first.dtype for t in tensors)
         and not _switched_off
         and _plain_tensors(*tensors)
         and _load() is not None
@@ -255,6 +254,7 @@ def solve(x: Tensor, k: float, inv_tau: float) -> tuple[Tensor, Tensor] | None:
     """
     if not _eligible(x):
         return None
+    x = x.contiguous()
     n = x.shape[-1]
     rows = x.numel() // n
     p = torch.empty_like(x)
@@ -278,6 +278,7 @@ def vjp(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, Tensor] | 
     by the fused kernel: ``(∂L/∂x, ∂L/∂k)``, or ``None`` when the kernel cannot take it."""
     if grad.shape != p.shape or not _eligible(p, grad):
         return None
+    grad, p = grad.contiguous(), p.contiguous()  # (an expanded cotangent gets materialised)
     n = p.shape[-1]
     rows = p.numel() // n if n else 0
     if rows == 0 or n == 0:
