@@ -83,7 +83,10 @@ def _cpu_signature() -> str:
 
 
 def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    """``$CC`` if set (``None`` if it names no executable), else ``cc`` or ``gcc`` on PATH."""
+    if os.environ.get("CC"):
+        return shutil.which(os.environ["CC"])
+    return shutil.which("cc") or shutil.which("gcc")
 
 
 #: Build variants, tried in order.  "openmp": compiled with -fopenmp but linked against no
@@ -140,7 +143,7 @@ def _load() -> ctypes.CDLL | None:
             return None
         compiler = _compiler()
         if compiler is None:
-            _reason = "no C compiler found (set CC, or install gcc/clang)"
+            _reason = "no C compiler found (install gcc or clang, or point CC at one)"
             return None
         try:
             version = subprocess.run(
