@@ -213,3 +213,20 @@ def test_kernel_keeps_full_precision_for_offset_scores(offset):
     expected = reference_soft_topk(x.double(), 10.0, 1.0)
     assert (p.double() - expected).abs().max().item() < 2e-6
     assert (p.double().sum(-1) - 10.0).abs().max().item() < 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_takes_per_row_budgets(dtype):
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 40, generator=generator).to(dtype)
+    budgets = torch.tensor([0.0, 0.5, 3.0, 17.25, 20.0, 39.5, 40.0], dtype=dtype)
+    for temperature in (1.0, 0.01):
+        p, status = _native.solve(x, budgets, 1.0 / temperature)
+        assert bool((status == 0).all())
+        expected = _solve._solve_torch(x, budgets, temperature)
+        eps = torch.finfo(dtype).eps
+        theta_ulp = eps * x.abs().max().item() / temperature
+        torch.testing.assert_close(p, expected, rtol=0, atol=64 * eps + 4 * theta_ulp)
+        assert torch.equal(p[0], torch.zeros(40, dtype=dtype))
+        assert torch.equal(p[-1], torch.ones(40, dtype=dtype))

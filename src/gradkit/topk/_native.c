@@ -300,6 +300,10 @@ static inline double exp_f64(double x_in) {
             double w_min = flipped ? -x_max * inv_tau : x_min * inv_tau;                         \
             return solve_wide_row_##SUFFIX(x, out, n, scale, budget, flipped, w_min, w_max);     \
         }                                                                                        \
+        if (k <= 0.0 || k >= (double)n) { /* (per-row budgets) nothing, or everything */   \
+            for (int64_t i = 0; i < n; ++i) out[i] = (T)(k <= 0.0 ? 0.0 : 1.0);                \
+            return 0;                                                                            \
+        }                                                                                        \
         if (x_max == x_min) { /* exact ties: p = k/n */                                          \
             for (int64_t i = 0; i < n; ++i) out[i] = (T)(k / (double)n);                         \
             return 0;                                                                            \
@@ -393,6 +397,7 @@ typedef struct {
     const void *b;
     void *out;
     void *aux; /* status (int32) for solves, c (same dtype as out) for vjps */
+    const double *budgets; /* per-row k for solves (NULL: k for every row) */
     int64_t row_begin, row_end, n;
     double k, inv_tau;
 } Job;
@@ -404,12 +409,14 @@ static void run_job(const Job *job) {
         case 0:
             ((int32_t *)job->aux)[row] = solve_row_f32((const float *)job->a + offset,
                                                        (float *)job->out + offset, job->n,
-                                                       job->k, job->inv_tau);
+                                                       job->budgets ? job->budgets[row] : job->k,
+                                                       job->inv_tau);
             break;
         case 1:
             ((int32_t *)job->aux)[row] = solve_row_f64((const double *)job->a + offset,
                                                        (double *)job->out + offset, job->n,
-                                                       job->k, job->inv_tau);
+                                                       job->budgets ? job->budgets[row] : job->k,
+                                                       job->inv_tau);
             break;
         case 2:
             ((float *)job->aux)[row] = (float)vjp_row_f32(
@@ -476,15 +483,15 @@ static int run_parallel(Job base, int64_t rows, int threads) {
 /* ------------------------------------------------------------------ exported API */
 
 int gradkit_solve(int is_double, const void *x, void *out, int32_t *status, int64_t rows,
-                  int64_t n, double k, double inv_tau, int threads) {
-    Job job = {is_double ? 1 : 0, x, NULL, out, status, 0, rows, n, k, inv_tau};
+                  int64_t n, double k, const double *budgets, double inv_tau, int threads) {
+    Job job = {is_double ? 1 : 0, x, NULL, out, status, budgets, 0, rows, n, k, inv_tau};
     return run_parallel(job, rows, threads);
 }
 
 int gradkit_vjp(int is_double, const void *grad, const void *p, void *out, void *c,
                 int64_t rows, int64_t n, double inv_tau, int threads) {
-    Job job = {is_double ? 3 : 2, grad, p, out, c, 0, rows, n, 0.0, inv_tau};
+    Job job = {is_double ? 3 : 2, grad, p, out, c, NULL, 0, rows, n, 0.0, inv_tau};
     return run_parallel(job, rows, threads);
 }
 
-int gradkit_abi_version(void) { return 1; }
+int gradkit_abi_version(void) { return 2; }

@@ -14,8 +14,8 @@ fallback).
 Everything here is an optimisation with a fallback, never a requirement:
 
 * no compiler, a failed build, ``GRADKIT_NATIVE=0``, a non-CPU tensor, a dtype other than
-  float32/float64, a per-slice (tensor) ``k``, ``torch.func`` transforms or
-  ``torch.compile`` tracing: the PyTorch path runs instead;
+  float32/float64, ``torch.func`` transforms or ``torch.compile`` tracing: the PyTorch path
+  runs instead;
 * rows the kernel does not take on (``±inf`` or NaN entries, a bracket collapsed onto a jump
   of ``F``) come back with a nonzero status and are solved by the PyTorch path.
 
@@ -44,7 +44,7 @@ __all__ = ["available", "disabled", "solve", "status", "vjp"]
 
 _SOURCE = Path(__file__).with_name("_native.c")
 _FLAGS = ["-O3", "-fPIC", "-std=c99"]
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _reason: str | None = None  # why the kernel is not in use (None while it is, or untried)
@@ -184,6 +184,7 @@ def _load() -> ctypes.CDLL | None:
             _reason = "build or load failed: " + "; ".join(failures)
             return None
         int64, double, pointer = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+        # (is_double, x, out, status, rows, n, k, budgets or NULL, 1/τ, threads)
         library.gradkit_solve.argtypes = [
             ctypes.c_int,
             pointer,
@@ -192,6 +193,7 @@ def _load() -> ctypes.CDLL | None:
             int64,
             int64,
             double,
+            pointer,
             double,
             ctypes.c_int,
         ]
@@ -248,18 +250,25 @@ def _eligible(*tensors: Tensor) -> bool:
     )
 
 
-def solve(x: Tensor, k: float, inv_tau: float) -> tuple[Tensor, Tensor] | None:
+def solve(x: Tensor, k: float | Tensor, inv_tau: float) -> tuple[Tensor, Tensor] | None:
     """``p = σ((x − θ)/τ)`` with ``Σp = k`` along the last dimension, by the fused kernel.
 
-    ``x`` is finite-or-not, shape ``(..., n)``, ``0 < k < n``.  Returns ``(p, status)`` with a
-    per-row int32 ``status`` (nonzero: the row was not solved; the caller must solve it), or
-    ``None`` when the kernel cannot take ``x`` at all.
+    ``x`` has shape ``(..., n)`` (rows with ``±inf`` or NaN are left to the caller); ``k`` is
+    a number with ``0 < k < n`` or a tensor of per-row budgets in ``[0, n]`` with shape
+    ``x.shape[:-1]``.  Returns ``(p, status)`` with a per-row int32 ``status`` (nonzero: the
+    row was not solved; the caller must solve it), or ``None`` when the kernel cannot take
+    ``x`` at all.
     """
     if not _eligible(x):
         return None
     x = x.contiguous()
     n = x.shape[-1]
     rows = x.numel() // n
+    budgets = None
+    if isinstance(k, Tensor):
+        budgets = k.detach().to(device="cpu", dtype=torch.float64).reshape(-1).contiguous()
+        if budgets.numel() != rows:
+            raise ValueError(f"k: expected {rows} per-row budgets, got {budgets.numel()}")
     p = torch.empty_like(x)
     row_status = torch.empty(x.shape[:-1], dtype=torch.int32)
     _library.gradkit_solve(
@@ -269,7 +278,8 @@ def solve(x: Tensor, k: float, inv_tau: float) -> tuple[Tensor, Tensor] | None:
         row_status.data_ptr(),
         rows,
         n,
-        float(k),
+        0.0 if budgets is not None else float(k),
+        budgets.data_ptr() if budgets is not None else None,
         float(inv_tau),
         torch.get_num_threads(),
     )

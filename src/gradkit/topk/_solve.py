@@ -338,10 +338,12 @@ def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
     out_dtype = x.dtype
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(dtype)
-    if not isinstance(k, Tensor) and x.numel() > 0 and 0 < float(k) < x.shape[-1]:
+    shared = not isinstance(k, Tensor)
+    if x.numel() > 0 and (not shared or 0 < float(k) < x.shape[-1]):
         # The fused CPU kernel, when built and applicable (see _native.py); the rows it
         # leaves (non-finite, degenerate) are solved below, as are all other cases.
-        native = _native.solve(x, float(k), min(1.0 / temperature, torch.finfo(dtype).max / 16))
+        inv_tau = min(1.0 / temperature, torch.finfo(dtype).max / 16)
+        native = _native.solve(x, float(k) if shared else k.expand(x.shape[:-1]), inv_tau)
         if native is not None:
             p, row_status = native
             left = row_status != 0
@@ -349,7 +351,8 @@ def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
             if left_count == left.numel():  # (e.g. a small τ everywhere): no gather/scatter
                 return _solve_torch(x, k, temperature).to(out_dtype)
             if left_count:
-                p[left] = _solve_torch(x[left], k, temperature)
+                k_left = k if shared else k.expand(x.shape[:-1])[left]
+                p[left] = _solve_torch(x[left], k_left, temperature)
             return p.to(out_dtype)
     return _solve_torch(x, k, temperature).to(out_dtype)
 
