@@ -91,16 +91,41 @@ def test_rows_the_kernel_leaves_are_flagged_and_solved_by_torch():
     x = torch.randn(6, 50, dtype=torch.float64)
     x[1, 3] = math.nan
     x[2, 7] = math.inf
-    x[3, 9] = -math.inf
+    x[3, 9] = -math.inf  # masked: p = 0, the kernel takes it
     x[4] *= 100.0  # spread ≫ 16·τ: the order-statistics start
     x[5] = 0.25  # exact ties: p = k/n
     _, status = _native.solve(x, 5.0, 1.0)
-    assert status.tolist() == [0, 1, 1, 1, 0, 0]  # 1: not finite, for the PyTorch path
+    assert status.tolist() == [0, 1, 1, 0, 0, 0]  # 1: NaN or +inf, for the PyTorch path
     p = soft_topk(x, 5)
     with _native.disabled():
         expected = soft_topk(x, 5)
     torch.testing.assert_close(p, expected, rtol=0, atol=1e-15, equal_nan=True)
     assert torch.equal(p[5], torch.full((50,), 0.1, dtype=torch.float64))
+    assert p[3, 9].item() == 0.0
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 0.01])
+@pytest.mark.parametrize("k", [0.0, 1.0, 3.5, 12.0, 19.0, 30.0, 40.0])
+def test_kernel_masks_minus_inf_entries_like_the_torch_path(k, temperature, dtype):
+    # −inf entries are never selected (p = 0); a budget beyond the live entries selects
+    # all of them (p = 1); rows entirely masked are zeros.  Masks of every density, with
+    # budgets below, at and above the live count, on both the narrow and the wide start.
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 40, generator=generator).to(dtype)
+    density = torch.tensor([[1.0], [0.8], [0.5], [0.1], [0.0]])
+    keep = torch.rand(5, 40, generator=generator) < density
+    x = torch.where(keep, x, -math.inf)
+    _, status = _native.solve(x, k, 1.0 / temperature)
+    assert bool((status == 0).all())
+    got = soft_topk(x, k, temperature=temperature)
+    with _native.disabled():
+        expected = soft_topk(x, k, temperature=temperature)
+    eps = torch.finfo(dtype).eps
+    theta_ulp = eps * 4 / temperature
+    torch.testing.assert_close(got, expected, rtol=0, atol=64 * eps + 4 * theta_ulp)
+    assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
 
 
 @needs_kernel

@@ -10,9 +10,10 @@
  * E_i = e^{w_i − w_max}; wider rows (small τ) start from order statistics with
  * G_i = e^{t₀ − w_i}.
  *
- * Scope: finite rows with one shared budget 0 < k < n.  A row with ±inf or NaN (status 1),
- * or whose bracket collapses onto a jump of F the dtype cannot resolve (status 3), is left
- * to the caller, which solves it with the PyTorch path.  Math and symbols follow _solve.py:
+ * Scope: rows of finite or −inf (masked: never selected) entries, with one budget for all
+ * rows or one per row.  A row with +inf or NaN (status 1), or whose bracket collapses onto a
+ * jump of F the dtype cannot resolve (status 3), is left to the caller, which solves it with
+ * the PyTorch path.  Math and symbols follow _solve.py:
  * z_i = w_i − t, p_i = σ(z_i), v_i = p_i(1 − p_i), F = Σp, F' = −Σv.
  *
  * Plain C99, compiled on first use by _native.py: with -fopenmp but linked against no OpenMP
@@ -127,16 +128,19 @@ static inline double exp_f64(double x_in) {
         *upper = sum_pv;                                                                         \
     }                                                                                            \
                                                                                                  \
-    /* The result, in place of the exponentials: the caller's p (p, or 1 − p when flipped). */   \
-    static void write_##SUFFIX(T *e, int64_t n, double scale, int inverted, int flipped) {       \
-        const T c = (T)scale, big = (T)EXP_MAX;                                                  \
+    /* The result, in place of the exponentials: the caller's p (p, or 1 − p when flipped);      \
+       0 for the masked (−inf) entries of x when `masked` is set. */                             \
+    static void write_##SUFFIX(T *e, const T *x, int masked, int64_t n, double scale,            \
+                               int inverted, int flipped) {                                      \
+        const T c = (T)scale, big = (T)EXP_MAX, minus_inf = -(T)INFINITY;                        \
         const int want_q = inverted != flipped; /* the value that is r = 1/(1 + y) */            \
         _Pragma("omp simd")                                                                      \
         for (int64_t i = 0; i < n; ++i) {                                                        \
             T y = c * e[i]; /* +inf for an entry saturated at 0 (inverted form) */               \
             T r = (T)1 / ((T)1 + y);                                                             \
             T other = y < big ? y * r : (T)1;                                                    \
-            e[i] = want_q ? r : other;                                                           \
+            T value = want_q ? r : other;                                                        \
+            e[i] = masked && x[i] == minus_inf ? (T)0 : value;                                   \
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
@@ -183,22 +187,25 @@ static inline double exp_f64(double x_in) {
        (k+1)-th largest for an integer budget, w_(m+1) − logit(f) for a fraction f), store       \
        G_i = e^{t₀ − w_i} (clamped to the exp range: saturated entries stay saturated), and      \
        iterate in t with the bracket [w_min − logit(k/n), w_max − logit(k/n)]. */                \
-    static int solve_wide_row_##SUFFIX(const T *x, T *out, int64_t n, double scale,              \
-                                       double budget, int flipped, double w_min,                 \
-                                       double w_max) {                                           \
-        const T sc = (T)scale;                                                                   \
+    static int solve_wide_row_##SUFFIX(const T *x, T *out, int64_t n, int64_t live,              \
+                                       double scale, double budget, int flipped,                 \
+                                       double w_min, double w_max) {                             \
+        const T sc = (T)scale, minus_inf = -(T)INFINITY;                                         \
+        const int masked = live < n;                                                             \
         int64_t m = (int64_t)floor(budget);                                                      \
         double fraction = budget - (double)m;                                                    \
-        /* The (m+1)-th largest w (and the m-th): for small budgets one scan keeping the top     \
-           m + 1 in a sorted list; for long rows a quickselect among the candidates above a      \
-           threshold read off a strided sample (rank ~1.5× the budget's share, plus slack;       \
-           one branch-free compaction pass, then ~1.5·(m + 1) values instead of n; an            \
-           unlucky sample falls back); otherwise a quickselect of the whole row. */              \
+        /* The (m+1)-th largest w (and the m-th) among the live entries: for small budgets       \
+           one scan keeping the top m + 1 in a sorted list; for long rows a quickselect among    \
+           the candidates above a threshold read off a strided sample (rank ~1.5× the            \
+           budget's share, plus slack; one branch-free compaction pass, then ~1.5·(m + 1)        \
+           values instead of n; an unlucky sample falls back); otherwise a quickselect of all    \
+           live entries. */                                                                      \
         T kth, before;                                                                           \
         if (m < TOP_LIST) {                                                                      \
             T top[TOP_LIST];                                                                     \
             int64_t filled = 0;                                                                  \
             for (int64_t i = 0; i < n; ++i) {                                                    \
+                if (x[i] == minus_inf) continue;                                                 \
                 T w = x[i] * sc;                                                                 \
                 if (filled > m && !(w > top[m])) continue;                                       \
                 int64_t j = filled > m ? m : filled;                                             \
@@ -212,25 +219,30 @@ static inline double exp_f64(double x_in) {
             kth = top[m];                                                                        \
             before = m > 0 ? top[m - 1] : top[0];                                                \
         } else {                                                                                 \
-            int64_t candidates = n;                                                              \
-            if (n >= 4 * SAMPLE) {                                                               \
+            int64_t candidates = -1;                                                             \
+            if (live >= 4 * SAMPLE) {                                                            \
                 T sample[SAMPLE];                                                                \
-                for (int64_t j = 0; j < SAMPLE; ++j) sample[j] = x[j * (n / SAMPLE)] * sc;       \
-                int64_t rank = (int64_t)(1.5 * (double)(m + 1) * SAMPLE / (double)n) + 8;        \
+                for (int64_t j = 0; j < SAMPLE; ++j) {                                           \
+                    T v = x[j * (n / SAMPLE)];                                                   \
+                    sample[j] = v == minus_inf ? minus_inf : v * sc;                             \
+                }                                                                                \
+                int64_t rank = (int64_t)(1.5 * (double)(m + 1) * SAMPLE / (double)live) + 8;     \
                 if (rank < SAMPLE && select_##SUFFIX(sample, SAMPLE, rank)) {                    \
                     const T threshold = sample[rank];                                            \
                     candidates = 0;                                                              \
                     for (int64_t i = 0; i < n; ++i) {                                            \
                         T w = x[i] * sc;                                                         \
                         out[candidates] = w;                                                     \
-                        candidates += w >= threshold;                                            \
+                        candidates += (w >= threshold) & (x[i] != minus_inf);                    \
                     }                                                                            \
                 }                                                                                \
             }                                                                                    \
-            if (candidates < m + 1 || candidates == n) {                                         \
-                _Pragma("omp simd")                                                              \
-                for (int64_t i = 0; i < n; ++i) out[i] = x[i] * sc;                              \
-                candidates = n;                                                                  \
+            if (candidates < m + 1 || candidates == live) {                                      \
+                candidates = 0;                                                                  \
+                for (int64_t i = 0; i < n; ++i) {                                                \
+                    out[candidates] = x[i] * sc;                                                 \
+                    candidates += x[i] != minus_inf;                                             \
+                }                                                                                \
             }                                                                                    \
             if (!select_##SUFFIX(out, candidates, m)) return 3;                                  \
             kth = out[m];                                                                        \
@@ -239,13 +251,15 @@ static inline double exp_f64(double x_in) {
         }                                                                                        \
         double t = fraction == 0.0 ? 0.5 * ((double)before + (double)kth)                        \
                                    : (double)kth - log(fraction / (1.0 - fraction));             \
-        double logit = log(budget) - log((double)n - budget);                                    \
+        double logit = log(budget) - log((double)live - budget);                                 \
         double lo = w_min - logit, hi = w_max - logit;                                           \
         t = t < lo ? lo : (t > hi ? hi : t);                                                     \
         const T origin = (T)t;                                                                   \
         const double t0 = (double)origin;                                                        \
+        /* G_i = e^{t₀ − w_i}; +inf for masked entries, which then weigh nothing (p = 0). */     \
         _Pragma("omp simd")                                                                      \
-        for (int64_t i = 0; i < n; ++i) out[i] = EXP(origin - x[i] * sc);                        \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            out[i] = x[i] == minus_inf ? (T)INFINITY : EXP(origin - x[i] * sc);                  \
         const double tol_mass = 8.0 * EPS * (budget > 1.0 ? budget : 1.0);                       \
         double c = 1.0;                                                                          \
         for (int pass = 0;; ++pass) {                                                            \
@@ -271,52 +285,66 @@ static inline double exp_f64(double x_in) {
             /* The error after a two-tail step is ≲ |δ|³/4: done below eps·|t|. */               \
             if (fabs(step) * step * step <= 4.0 * resolution) break;                             \
         }                                                                                        \
-        write_##SUFFIX(out, n, c, 1, flipped);                                                   \
+        write_##SUFFIX(out, x, masked, n, c, 1, flipped);                                        \
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
     static int solve_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double inv_tau) {     \
-        /* Work in w = s·x/τ with s = −1 when k > n/2 (solve the complement, budget ≤ n/2). */   \
-        int flipped = k > 0.5 * (double)n;                                                       \
-        double scale = flipped ? -inv_tau : inv_tau;                                             \
-        double budget = flipped ? (double)n - k : k;                                             \
-        /* min, max and a finiteness probe (x·0 is NaN for NaN and ±inf) in one pass. */         \
-        T top = x[0], bottom = x[0], probe = 0;                                                  \
-        _Pragma("omp simd reduction(max : top) reduction(min : bottom) reduction(+ : probe)")    \
+        /* One pass: min and max of the live entries, how many are masked (−inf: never           \
+           selected, p = 0), and whether any is NaN or +inf (left to the caller: status 1). */   \
+        const T minus_inf = -(T)INFINITY, plus_inf = (T)INFINITY;                                \
+        T top = minus_inf, bottom = plus_inf;                                                    \
+        int64_t masked_count = 0, bad = 0;                                                       \
+        _Pragma("omp simd reduction(max : top) reduction(min : bottom) reduction(+ : masked_count, bad)") \
         for (int64_t i = 0; i < n; ++i) {                                                        \
-            top = x[i] > top ? x[i] : top;                                                       \
-            bottom = x[i] < bottom ? x[i] : bottom;                                              \
-            probe += x[i] * (T)0;                                                                \
+            T v = x[i];                                                                          \
+            int is_masked = v == minus_inf;                                                      \
+            masked_count += is_masked;                                                           \
+            bad += (v != v) | (v == plus_inf);                                                   \
+            T high = is_masked ? minus_inf : v, low = is_masked ? plus_inf : v;                  \
+            top = high > top ? high : top;                                                       \
+            bottom = low < bottom ? low : bottom;                                                \
+        }                                                                                        \
+        if (bad) return 1;                                                                       \
+        const int64_t live = n - masked_count;                                                   \
+        const int masked = masked_count > 0;                                                     \
+        /* A budget of at least the live count selects every live entry (as the torch path). */  \
+        if (k >= (double)live) k = (double)live;                                                 \
+        if (k <= 0.0 || k >= (double)live) { /* nothing, or every live entry */                  \
+            for (int64_t i = 0; i < n; ++i)                                                      \
+                out[i] = (T)(k <= 0.0 || x[i] == minus_inf ? 0.0 : 1.0);                         \
+            return 0;                                                                            \
         }                                                                                        \
         double x_max = (double)top, x_min = (double)bottom;                                      \
-        /* Non-finite rows, and |x/τ| beyond max/16 (where the torch path caps 1/τ so that no    \
-           difference overflows), are left to the caller (status 1). */                          \
-        if (probe != 0 || !(fabs(x_max * inv_tau) <= (LIMIT)) ||                                 \
-            !(fabs(x_min * inv_tau) <= (LIMIT)))                                                 \
+        /* |x/τ| beyond max/16 (where the torch path caps 1/τ so that no difference              \
+           overflows) is left to the caller (status 1). */                                       \
+        if (!(fabs(x_max * inv_tau) <= (LIMIT)) || !(fabs(x_min * inv_tau) <= (LIMIT)))          \
             return 1;                                                                            \
+        if (x_max == x_min) { /* exact ties: p = k/n over the live entries */                    \
+            for (int64_t i = 0; i < n; ++i)                                                      \
+                out[i] = (T)(x[i] == minus_inf ? 0.0 : k / (double)live);                        \
+            return 0;                                                                            \
+        }                                                                                        \
+        /* Work in w = s·x/τ with s = −1 when k > live/2 (the complement, budget ≤ live/2). */   \
+        int flipped = k > 0.5 * (double)live;                                                    \
+        double scale = flipped ? -inv_tau : inv_tau;                                             \
+        double budget = flipped ? (double)live - k : k;                                          \
         double spread = (x_max - x_min) * inv_tau;                                               \
         if (spread > SPREAD_LIMIT) {                                                             \
             double w_max = flipped ? -x_min * inv_tau : x_max * inv_tau;                         \
             double w_min = flipped ? -x_max * inv_tau : x_min * inv_tau;                         \
-            return solve_wide_row_##SUFFIX(x, out, n, scale, budget, flipped, w_min, w_max);     \
-        }                                                                                        \
-        if (k <= 0.0 || k >= (double)n) { /* (per-row budgets) nothing, or everything */   \
-            for (int64_t i = 0; i < n; ++i) out[i] = (T)(k <= 0.0 ? 0.0 : 1.0);                \
-            return 0;                                                                            \
-        }                                                                                        \
-        if (x_max == x_min) { /* exact ties: p = k/n */                                          \
-            for (int64_t i = 0; i < n; ++i) out[i] = (T)(k / (double)n);                         \
-            return 0;                                                                            \
+            return solve_wide_row_##SUFFIX(x, out, n, live, scale, budget, flipped, w_min,       \
+                                           w_max);                                               \
         }                                                                                        \
         const T sc = (T)scale, w_top = (T)(flipped ? -x_min * inv_tau : x_max * inv_tau);        \
-        /* E_i = e^{w_i − w_max} into out (≥ e^−16: normal), and Σ E_i. */                       \
+        /* E_i = e^{w_i − w_max} into out (≥ e^−16: normal; 0 for masked entries), and Σ E_i. */ \
         double exp_sum = 0.0;                                                                    \
         for (int64_t start = 0; start < n; start += BLOCK) {                                     \
             int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
             T block = 0;                                                                         \
             _Pragma("omp simd reduction(+ : block)")                                             \
             for (int64_t i = start; i < stop; ++i) {                                             \
-                T e = EXP(x[i] * sc - w_top);                                                    \
+                T e = x[i] == minus_inf ? (T)0 : EXP(x[i] * sc - w_top);                         \
                 out[i] = e;                                                                      \
                 block += e;                                                                      \
             }                                                                                    \
@@ -327,7 +355,7 @@ static inline double exp_f64(double x_in) {
            root lies in [e^{logit(k/n)}, e^{spread + logit(k/n)}], and the log-sum-exp start     \
            c₀ = k/ΣE lies left of it (σ(z) < eᶻ, so F(c₀) < k), exact in the lower tail.  A      \
            step δ in t multiplies c by e^−δ, so no exp or log is needed per pass. */             \
-        double odds = budget / ((double)n - budget);                                             \
+        double odds = budget / ((double)live - budget);                                          \
         double lo = odds, hi = odds * exp(spread);                                               \
         double c = budget / exp_sum;                                                             \
         if (c > lo) lo = c;                                                                      \
@@ -356,7 +384,7 @@ static inline double exp_f64(double x_in) {
             double change = fabs(y - 1.0);                                                       \
             if (change * change * change <= 4.0 * EPS) break;                                    \
         }                                                                                        \
-        write_##SUFFIX(out, n, c, 0, flipped);                                                   \
+        write_##SUFFIX(out, x, masked, n, c, 0, flipped);                                        \
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \

@@ -16,8 +16,9 @@ Everything here is an optimisation with a fallback, never a requirement:
 * no compiler, a failed build, ``GRADKIT_NATIVE=0``, a non-CPU tensor, a dtype other than
   float32/float64, ``torch.func`` transforms or ``torch.compile`` tracing: the PyTorch path
   runs instead;
-* rows the kernel does not take on (``±inf`` or NaN entries, a bracket collapsed onto a jump
-  of ``F``) come back with a nonzero status and are solved by the PyTorch path.
+* rows the kernel does not take on (``+inf`` or NaN entries, a bracket collapsed onto a jump
+  of ``F``) come back with a nonzero status and are solved by the PyTorch path; ``−inf``
+  (masked) entries it handles itself.
 
 :func:`status` says whether the kernel is in use and, if not, why.
 """
@@ -253,7 +254,7 @@ def _eligible(*tensors: Tensor) -> bool:
 def solve(x: Tensor, k: float | Tensor, inv_tau: float) -> tuple[Tensor, Tensor] | None:
     """``p = σ((x − θ)/τ)`` with ``Σp = k`` along the last dimension, by the fused kernel.
 
-    ``x`` has shape ``(..., n)`` (rows with ``±inf`` or NaN are left to the caller); ``k`` is
+    ``x`` has shape ``(..., n)`` (rows with ``+inf`` or NaN are left to the caller); ``k`` is
     a number with ``0 < k < n`` or a tensor of per-row budgets in ``[0, n]`` with shape
     ``x.shape[:-1]``.  Returns ``(p, status)`` with a per-row int32 ``status`` (nonzero: the
     row was not solved; the caller must solve it), or ``None`` when the kernel cannot take

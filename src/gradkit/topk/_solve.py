@@ -58,8 +58,8 @@ on CPU a fresh large allocation costs about as much as a pass), plus ``Σ p·v``
 place) for the slices the one-tail step leaves.
 
 The fused CPU kernel (:mod:`gradkit.topk._native`) runs the same iteration one row at a
-time in cache, for the common case (one budget, finite rows, contiguous float32/float64 on
-CPU); the rows it leaves, and every other case, are solved here.
+time in cache, for float32/float64 on CPU (any budgets, finite or masked rows); the rows it
+leaves (``+inf``, NaN, degenerate brackets), and every other case, are solved here.
 """
 
 from __future__ import annotations
@@ -341,7 +341,7 @@ def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
     shared = not isinstance(k, Tensor)
     if x.numel() > 0 and (not shared or 0 < float(k) < x.shape[-1]):
         # The fused CPU kernel, when built and applicable (see _native.py); the rows it
-        # leaves (non-finite, degenerate) are solved below, as are all other cases.
+        # leaves (+inf, NaN, degenerate) are solved below, as are all other cases.
         inv_tau = min(1.0 / temperature, torch.finfo(dtype).max / 16)
         native = _native.solve(x, float(k) if shared else k.expand(x.shape[:-1]), inv_tau)
         if native is not None:

@@ -262,10 +262,11 @@ def soft_topk(
         ``hard=True`` adds a :func:`torch.topk`.
 
     Speed:
-        On CPU, contiguous float32/float64 input with a number ``k`` runs a fused C kernel
-        (built on first use with the system C compiler, cached in ``~/.cache/gradkit``; set
-        ``GRADKIT_NATIVE=0`` to switch it off) for every finite slice; slices with ``±inf``
-        or NaN, and all other inputs, use PyTorch ops, with the same results to rounding.
+        On CPU, float32/float64 (and half, solved in float32) runs a fused C kernel (built on
+        first use with the system C compiler, cached in ``~/.cache/gradkit``; set
+        ``GRADKIT_NATIVE=0`` to switch it off) for every slice without ``+inf`` or NaN;
+        those slices, GPU tensors, ``torch.func``/``torch.compile`` and double backward use
+        PyTorch ops, with the same results to rounding.
         The kernel also solves relative to each slice's maximum (or its order statistics),
         which keeps full precision for scores with a large common offset.
 
