@@ -139,8 +139,11 @@ static inline double exp_f64(double x_in) {
             T y = c * e[i]; /* +inf for an entry saturated at 0 (inverted form) */               \
             T r = (T)1 / ((T)1 + y);                                                             \
             T other = y < big ? y * r : (T)1;                                                    \
-            T value = want_q ? r : other;                                                        \
-            e[i] = masked && x[i] == minus_inf ? (T)0 : value;                                   \
+            e[i] = want_q ? r : other;                                                           \
+        }                                                                                        \
+        if (masked) {                                                                            \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t i = 0; i < n; ++i) e[i] = x[i] == minus_inf ? (T)0 : e[i];              \
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
@@ -290,22 +293,33 @@ static inline double exp_f64(double x_in) {
     }                                                                                            \
                                                                                                  \
     static int solve_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double inv_tau) {     \
-        /* One pass: min and max of the live entries, how many are masked (−inf: never           \
-           selected, p = 0), and whether any is NaN or +inf (left to the caller: status 1). */   \
+        /* One pass: min, max and a finiteness probe (x·0 is NaN for NaN and ±inf).  Only a      \
+           row that fails the probe gets a second pass: the min and max of its live entries,     \
+           how many are masked (−inf: never selected, p = 0), and whether any is NaN or +inf     \
+           (left to the caller: status 1). */                                                    \
         const T minus_inf = -(T)INFINITY, plus_inf = (T)INFINITY;                                \
-        T top = minus_inf, bottom = plus_inf;                                                    \
-        int64_t masked_count = 0, bad = 0;                                                       \
-        _Pragma("omp simd reduction(max : top) reduction(min : bottom) reduction(+ : masked_count, bad)") \
+        T top = x[0], bottom = x[0], probe = 0;                                                  \
+        _Pragma("omp simd reduction(max : top) reduction(min : bottom) reduction(+ : probe)")    \
         for (int64_t i = 0; i < n; ++i) {                                                        \
-            T v = x[i];                                                                          \
-            int is_masked = v == minus_inf;                                                      \
-            masked_count += is_masked;                                                           \
-            bad += (v != v) | (v == plus_inf);                                                   \
-            T high = is_masked ? minus_inf : v, low = is_masked ? plus_inf : v;                  \
-            top = high > top ? high : top;                                                       \
-            bottom = low < bottom ? low : bottom;                                                \
+            top = x[i] > top ? x[i] : top;                                                       \
+            bottom = x[i] < bottom ? x[i] : bottom;                                              \
+            probe += x[i] * (T)0;                                                                \
         }                                                                                        \
-        if (bad) return 1;                                                                       \
+        int64_t masked_count = 0;                                                                \
+        if (probe != 0) {                                                                        \
+            top = minus_inf;                                                                     \
+            bottom = plus_inf;                                                                   \
+            for (int64_t i = 0; i < n; ++i) {                                                    \
+                T v = x[i];                                                                      \
+                if (v != v || v == plus_inf) return 1;                                           \
+                if (v == minus_inf) {                                                            \
+                    ++masked_count;                                                              \
+                    continue;                                                                    \
+                }                                                                                \
+                top = v > top ? v : top;                                                         \
+                bottom = v < bottom ? v : bottom;                                                \
+            }                                                                                    \
+        }                                                                                        \
         const int64_t live = n - masked_count;                                                   \
         const int masked = masked_count > 0;                                                     \
         /* A budget of at least the live count selects every live entry (as the torch path). */  \
@@ -342,11 +356,20 @@ static inline double exp_f64(double x_in) {
         for (int64_t start = 0; start < n; start += BLOCK) {                                     \
             int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
             T block = 0;                                                                         \
-            _Pragma("omp simd reduction(+ : block)")                                             \
-            for (int64_t i = start; i < stop; ++i) {                                             \
-                T e = x[i] == minus_inf ? (T)0 : EXP(x[i] * sc - w_top);                         \
-                out[i] = e;                                                                      \
-                block += e;                                                                      \
+            if (masked) {                                                                        \
+                _Pragma("omp simd reduction(+ : block)")                                         \
+                for (int64_t i = start; i < stop; ++i) {                                         \
+                    T e = x[i] == minus_inf ? (T)0 : EXP(x[i] * sc - w_top);                     \
+                    out[i] = e;                                                                  \
+                    block += e;                                                                  \
+                }                                                                                \
+            } else {                                                                             \
+                _Pragma("omp simd reduction(+ : block)")                                         \
+                for (int64_t i = start; i < stop; ++i) {                                         \
+                    T e = EXP(x[i] * sc - w_top);                                                \
+                    out[i] = e;                                                                  \
+                    block += e;                                                                  \
+                }                                                                                \
             }                                                                                    \
             exp_sum += block;                                                                    \
         }                                                                                        \
