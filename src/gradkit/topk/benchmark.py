@@ -2,8 +2,8 @@
 
 Every number is a median wall time (``time.perf_counter``) of one call of
 ``out = f(x); out.backward(u)`` on CPU in float32, with a fixed upstream gradient ``u``, after
-warm-up calls, all methods timed round-robin in one process so that their ratios share the
-same machine load:
+warm-up calls, all methods timed round-robin (in an order that rotates every round) in one
+process so that their ratios share the same machine load:
 
 * ``gradkit``: :func:`gradkit.soft_topk` (``τ = 1``), as a user gets it: with the fused CPU
   kernel where it is built (``gradkit.topk._native``; the table's header says whether);
@@ -285,8 +285,13 @@ def _measure_shape(
 
     times: dict[str, list[tuple[float, float]]] = {m: [] for m in runnable}
     # Round-robin over methods, so a burst of load on the shared CPU hits all of them alike.
+    # The order rotates every round: each method runs with cold caches (whatever ran before
+    # evicted them), and a fixed order would always put the same method after the heaviest
+    # one (pytopk's sorts, difftopk's dense network) and the same one after the lightest.
+    order = list(runnable.items())
     for round_index in range(max(planned.values(), default=0)):
-        for method, step in runnable.items():
+        shift = round_index % len(order)
+        for method, step in order[shift:] + order[:shift]:
             if round_index < planned[method]:
                 times[method].append(_timed(step))
 
