@@ -189,7 +189,9 @@ static inline double exp_f64(double x_in) {
        Start instead from order statistics (as _solve.py: midway between the k-th and            \
        (k+1)-th largest for an integer budget, w_(m+1) − logit(f) for a fraction f), store       \
        G_i = e^{t₀ − w_i} (clamped to the exp range: saturated entries stay saturated), and      \
-       iterate in t with the bracket [w_min − logit(k/n), w_max − logit(k/n)]. */                \
+       iterate in t with the bracket [w_min − logit(k/n), w_max − logit(k/n)]: in t, not in the   \
+       scale c as for narrow rows, because a wide row's bracket can span more than exp's range   \
+       (one scalar exp per pass is the price). */                                                \
     static int solve_wide_row_##SUFFIX(const T *x, T *out, int64_t n, int64_t live,              \
                                        double scale, double budget, int flipped,                 \
                                        double w_min, double w_max) {                             \

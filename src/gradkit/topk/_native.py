@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "disabled", "solve", "status", "vjp"]
+__all__ = ["available", "disabled", "plain_tensors", "solve", "status", "vjp"]
 
 _SOURCE = Path(__file__).with_name("_native.c")
 _FLAGS = ["-O3", "-fPIC", "-std=c99"]
@@ -236,17 +236,28 @@ def available() -> bool:
     return _load() is not None
 
 
+def plain_tensors(*tensors: Tensor) -> bool:
+    """Whether in-place and ``out=`` tricks are safe: no ``torch.func`` transform, no batched
+    (``is_grads_batched``) or wrapped tensor, no ``torch.compile`` tracing."""
+    functorch = getattr(torch._C, "_functorch", None)
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if functorch is None or active is None or active() or torch.compiler.is_compiling():
+        return False
+    return not any(
+        functorch.is_legacy_batchedtensor(t) or functorch.is_functorch_wrapped_tensor(t)
+        for t in tensors
+    )
+
+
 def _eligible(*tensors: Tensor) -> bool:
     """Tensors the kernel can take: plain CPU float32/float64 ones, outside transforms (the
     callers make them contiguous: one copy is far cheaper than the PyTorch path)."""
-    from ._solve import _plain_tensors  # (imported here: _solve imports this module)
-
     first = tensors[0]
     return (
         first.dtype in (torch.float32, torch.float64)
         and all(t.device.type == "cpu" and t.dtype == first.dtype for t in tensors)
         and not _switched_off
-        and _plain_tensors(*tensors)
+        and plain_tensors(*tensors)
         and _load() is not None
     )
 

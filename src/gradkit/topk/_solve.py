@@ -555,7 +555,7 @@ def soft_topk_vjp(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, 
     is written with differentiable out-of-place ops on the *output* ``p``, so double backward
     works; otherwise it runs in place in the one buffer it returns (:func:`_vjp_in_place`).
     """
-    if not torch.is_grad_enabled() and grad.shape == p.shape and _plain_tensors(grad, p):
+    if not torch.is_grad_enabled() and grad.shape == p.shape and _native.plain_tensors(grad, p):
         fused = _native.vjp(grad, p, temperature)
         return fused if fused is not None else _vjp_in_place(grad, p, temperature)
     # v/τ in one fused, twice-differentiable pass (the scale cancels in grad_k);
@@ -567,19 +567,6 @@ def soft_topk_vjp(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, 
     grad_k = gv.sum(dim=-1, keepdim=True) / total
     grad_x = torch.addcmul(gv, v, grad_k, value=-1.0)
     return grad_x, grad_k.squeeze(-1)
-
-
-def _plain_tensors(*tensors: Tensor) -> bool:
-    """Whether in-place and ``out=`` tricks are safe: no ``torch.func`` transform, no batched
-    (``is_grads_batched``) or wrapped tensor, no ``torch.compile`` tracing."""
-    functorch = getattr(torch._C, "_functorch", None)
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if functorch is None or active is None or active() or torch.compiler.is_compiling():
-        return False
-    return not any(
-        functorch.is_legacy_batchedtensor(t) or functorch.is_functorch_wrapped_tensor(t)
-        for t in tensors
-    )
 
 
 def _vjp_in_place(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
