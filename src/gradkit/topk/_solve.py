@@ -338,38 +338,36 @@ def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
     out_dtype = x.dtype
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(dtype)
+    if x.numel() == 0:
+        return torch.zeros_like(x, dtype=out_dtype)
+    # Work in w = x/τ without re-centring: near the root, w_i − t keeps the full resolution
+    # of the entries that matter, however far away the others are.  1/τ is capped so that
+    # |w| ≤ max/16 and every later difference stays finite; the cap only binds when
+    # τ < |x|·2⁻¹²⁴ (float32), a selection that is hard anyway.
+    inv_tau = min(1.0 / temperature, torch.finfo(dtype).max / 16)
     shared = not isinstance(k, Tensor)
-    if x.numel() > 0 and (not shared or 0 < float(k) < x.shape[-1]):
+    if not shared or 0 < float(k) < x.shape[-1]:
         # The fused CPU kernel, when built and applicable (see _native.py); the rows it
         # leaves (+inf, NaN, degenerate) are solved below, as are all other cases.
-        inv_tau = min(1.0 / temperature, torch.finfo(dtype).max / 16)
         native = _native.solve(x, float(k) if shared else k.expand(x.shape[:-1]), inv_tau)
         if native is not None:
             p, row_status = native
             left = row_status != 0
             left_count = int(left.count_nonzero())
             if left_count == left.numel():  # (e.g. a small τ everywhere): no gather/scatter
-                return _solve_torch(x, k, temperature).to(out_dtype)
+                return _solve_torch(x, k, inv_tau).to(out_dtype)
             if left_count:
                 k_left = k if shared else k.expand(x.shape[:-1])[left]
-                p[left] = _solve_torch(x[left], k_left, temperature)
+                p[left] = _solve_torch(x[left], k_left, inv_tau)
             return p.to(out_dtype)
-    return _solve_torch(x, k, temperature).to(out_dtype)
+    return _solve_torch(x, k, inv_tau).to(out_dtype)
 
 
-def _solve_torch(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
-    """:func:`solve_soft_topk` with PyTorch ops only (``x`` float32 or float64)."""
-    out_dtype = dtype = x.dtype
+def _solve_torch(x: Tensor, k: Tensor | float, inv_tau: float) -> Tensor:
+    """:func:`solve_soft_topk` with PyTorch ops only (``x`` float32 or float64, not empty;
+    ``inv_tau`` = 1/τ capped at ``max/16``), in ``x``'s dtype."""
     n_total = x.shape[-1]
-    if x.numel() == 0:
-        return torch.zeros_like(x, dtype=out_dtype)
-    finfo = torch.finfo(dtype)
-    # Work in w = x/τ without re-centring: near the root, w_i − t keeps the full resolution
-    # of the entries that matter, however far away the others are.  1/τ is capped so that
-    # |w| ≤ max/16 and every later difference stays finite; the cap only binds when
-    # τ < |x|·2⁻¹²⁴ (float32), a selection that is hard anyway.
-    limit = finfo.max / 16
-    inv_tau = min(1.0 / temperature, limit)
+    limit = torch.finfo(x.dtype).max / 16
     # (amin + amax is several times faster than aminmax on CPU)
     x_min = x.amin(dim=-1, keepdim=True)
     x_max = x.amax(dim=-1, keepdim=True)
@@ -384,14 +382,13 @@ def _solve_torch(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
         if math.isfinite(spread_max):
             k = float(k)
             if k in (0.0, float(n_total)):
-                return torch.full_like(x, 0.0 if k == 0 else 1.0, dtype=out_dtype)
+                return torch.full_like(x, 0.0 if k == 0 else 1.0)
             if max(abs(top), abs(bottom)) * inv_tau <= limit:
                 maybe_tied = spread_min == 0
-                solved = _solve_shared_budget(
+                return _solve_shared_budget(
                     x, k, inv_tau, x_min, x_max, maybe_tied, spread_max * inv_tau
                 )
-                return solved.to(out_dtype)
-    return _solve_general(x, k, inv_tau, x_min, x_max).to(out_dtype)
+    return _solve_general(x, k, inv_tau, x_min, x_max)
 
 
 def _order_statistics_start(w: Tensor, k: Tensor | float) -> Tensor:
