@@ -88,3 +88,62 @@ def test_version(capsys):
         cli.main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"gradkit {__version__}"
+
+
+def _run_with(monkeypatch, error):
+    parser = cli.build_parser()
+    args = parser.parse_args(["demo", "topk"])
+
+    def broken_run(_args):
+        raise error
+
+    monkeypatch.setattr(args, "run", broken_run)
+    monkeypatch.setattr(cli, "build_parser", lambda: _FixedParser(parser, args))
+    monkeypatch.delenv("GRADKIT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "topk"])
+    return exit_info.value.code
+
+
+def test_io_failure_and_interrupt_are_one_line_not_a_traceback(monkeypatch, capsys):
+    error = OSError(28, "No space left on device", "runs/x/alignment.json")
+    assert _run_with(monkeypatch, error) == 1
+    err = capsys.readouterr().err
+    assert "runs/x/alignment.json: No space left on device" in err and "Traceback" not in err
+    assert _run_with(monkeypatch, KeyboardInterrupt()) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["a_file", "below_a_file"])
+def test_unusable_output_paths_exit_2_naming_the_flag(tmp_path, capsys, where):
+    afile = tmp_path / "f"
+    afile.write_text("keep")
+    target = afile if where == "a_file" else afile / "x.json"
+    argv = ["bench", "topk", "--quick", "--no-peers", "--no-plot", "--out", str(target)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert "error: --out: " in capsys.readouterr().err
+    json_argv = ["demo", "topk", "--steps", "1", "--json", str(afile / "x.json")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(json_argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "error: --json: " in captured.err and "is a file, not a folder" in captured.err
+    assert "step" not in captured.out  # refused before the run, not after it
+    assert afile.read_text() == "keep"
+
+
+def test_a_second_run_into_the_same_out_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["bench", "topk", "--quick", "--no-peers", "--no-plot", "--threads", "1"]
+    argv += ["--repeats", "1", "--out", str(out)]
+    assert cli.main(argv) == 0
+    first = (out / "results.json").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == first
+    assert cli.main([*argv, "--overwrite"]) == 0

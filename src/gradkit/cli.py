@@ -66,18 +66,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``gradkit`` console script."""
+    """Entry point of the ``gradkit`` console script.
+
+    Usage errors (bad flag values, unusable output paths: ``ValueError``/``TypeError`` naming
+    the flag) exit with code 2, as argparse's own do; an I/O failure during the run exits
+    with 1 and an interrupt with 130, each with one line instead of a traceback
+    (``GRADKIT_DEBUG=1`` shows the traceback when hunting a bug).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    prefix = f"gradkit {args.command}"
     try:
         result = args.run(args)
     except (ValueError, TypeError) as error:
-        # User-facing errors (bad flag values) print cleanly instead of a traceback;
-        # GRADKIT_DEBUG=1 shows the traceback when hunting a bug.
-        if os.environ.get("GRADKIT_DEBUG"):
-            raise
-        parser.exit(2, f"gradkit {args.command}: error: {error}\n")
+        _reraise_when_debugging()
+        parser.exit(2, f"{prefix}: error: {error}\n")
+    except OSError as error:
+        _reraise_when_debugging()
+        parser.exit(1, f"{prefix}: error: {_describe_os_error(error)}\n")
+    except KeyboardInterrupt:
+        _reraise_when_debugging()
+        parser.exit(130, f"{prefix}: interrupted\n")
     return int(result or 0)
+
+
+def _reraise_when_debugging() -> None:
+    if os.environ.get("GRADKIT_DEBUG"):
+        raise  # the exception being handled
+
+
+def _describe_os_error(error: OSError) -> str:
+    """``cannot write runs/x.json: No space left on device`` rather than errno tuples."""
+    where = f" {error.filename}" if error.filename else ""
+    return f"cannot access{where}: {error.strerror or error}"
 
 
 if __name__ == "__main__":

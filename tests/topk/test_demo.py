@@ -74,3 +74,16 @@ def test_gradkit_demo_topk_command(capsys):
         gradkit_main(["demo", "topk", "--k", "10", "--n", "10"])
     assert exit_info.value.code == 2
     assert "k must be an integer with 0 < k < n = 10" in capsys.readouterr().err
+
+
+def test_an_existing_json_is_kept_unless_overwrite(tmp_path, capsys):
+    from gradkit.cli import main as gradkit_main
+
+    path = tmp_path / "demo.json"
+    path.write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        gradkit_main(["demo", "topk", "--steps", "2", "--json", str(path)])
+    assert exit_info.value.code == 2
+    assert "--json" in capsys.readouterr().err and path.read_text() == "{}"
+    assert gradkit_main(["demo", "topk", "--steps", "2", "--json", str(path), "--overwrite"]) == 0
+    assert json.loads(path.read_text())["config"]["steps"] == 2

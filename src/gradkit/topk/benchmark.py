@@ -618,6 +618,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark from parsed flags: print the table, write JSON (and a PNG)."""
+    overwrite = getattr(args, "overwrite", False)
+    _io.check_output_path(args.json, "--json", overwrite=overwrite)  # before the long work
+    _io.check_out_dir(args.out, overwrite=overwrite)
     quick = bool(args.quick)
     repeats = args.repeats if args.repeats is not None else (3 if quick else 30)
     budget = args.budget if args.budget is not None else (0.2 if quick else 1.5)
@@ -635,7 +638,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
     )
     print(format_table(report))
-    run_dir = _io.new_run_dir("bench-topk", args.out)
+    run_dir = _io.new_run_dir("bench-topk", args.out, overwrite=overwrite)
     written = [_io.write_json(run_dir / "results.json", report)]
     if args.json:
         written.append(_io.write_json(args.json, report))

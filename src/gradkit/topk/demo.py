@@ -170,6 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-every", type=int, default=None, help="print progress every N steps (steps/10)"
     )
     parser.add_argument("--json", metavar="FILE", help="also write the history and masks to FILE")
+    _io.add_overwrite_argument(parser)
 
 
 def _format_rows(matrix: torch.Tensor, rows: int) -> str:
@@ -180,6 +181,8 @@ def _format_rows(matrix: torch.Tensor, rows: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo from parsed flags and print progress, final masks and the verdict."""
+    # An unusable --json fails now, not after the run.
+    _io.check_output_path(args.json, "--json", overwrite=getattr(args, "overwrite", False))
     start = time.perf_counter()
     print(
         f"soft top-k SGD demo: batch={args.batch} n={args.n} k={args.k} "
@@ -212,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         path = _io.write_json(
             args.json,
             {
-                "config": {k: v for k, v in vars(args).items() if k != "run"},
+                "config": {k: v for k, v in vars(args).items() if k not in ("run", "overwrite")},
                 **result,
             },
         )
