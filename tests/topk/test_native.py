@@ -19,7 +19,7 @@ import torch
 from support import reference_soft_topk
 
 from gradkit import soft_topk
-from gradkit.topk import _native, _solve
+from gradkit.topk import _kernel_cache, _native, _solve
 
 
 def _torch_path(x, k, temperature):
@@ -36,14 +36,14 @@ needs_kernel = pytest.mark.skipif(
 def test_kernel_builds_wherever_a_c_compiler_exists(tmp_path):
     # A silent build failure would quietly cost CI (and users) the fast path.  Only a
     # compiler that cannot build even a trivial shared library excuses it.
-    compiler = _native._compiler()
+    compiler, _ = _kernel_cache.compiler_command()
     if os.environ.get("GRADKIT_NATIVE", "1") == "0" or compiler is None:
         pytest.skip("no C compiler, or disabled by GRADKIT_NATIVE=0")
     trivial = tmp_path / "trivial.c"
     trivial.write_text("int answer(void) { return 42; }\n")
     try:
         probe = subprocess.run(
-            [compiler, "-shared", "-fPIC", str(trivial), "-o", str(tmp_path / "trivial.so")],
+            [*compiler, "-shared", "-fPIC", str(trivial), "-o", str(tmp_path / "trivial.so")],
             capture_output=True,
         )
     except OSError:
@@ -94,8 +94,10 @@ def test_kernel_matches_bisection_reference_float64(k, temperature):
 
 
 @needs_kernel
-def test_rows_the_kernel_leaves_are_flagged_and_solved_by_torch():
-    x = torch.randn(6, 50, dtype=torch.float64)
+@pytest.mark.parametrize("seed", range(4))
+def test_rows_the_kernel_leaves_are_flagged_and_solved_by_torch(seed):
+    # (issue 10: it compared unseeded input to 1e-15; 200 seeds pass the bound below)
+    x = torch.randn(6, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     x[1, 3] = math.nan
     x[2, 7] = math.inf
     x[3, 9] = -math.inf  # masked: p = 0, the kernel takes it
@@ -106,7 +108,14 @@ def test_rows_the_kernel_leaves_are_flagged_and_solved_by_torch():
     p = soft_topk(x, 5)
     with _native.disabled():
         expected = soft_topk(x, 5)
-    torch.testing.assert_close(p, expected, rtol=0, atol=1e-15, equal_nan=True)
+    # Both paths resolve θ to an ulp of the row's scale |x|/τ (τ = 1) and p moves by at most
+    # Δθ/(4τ); the rest is rounding in the n-term sums (64 eps).
+    eps = torch.finfo(x.dtype).eps
+    scale = torch.where(x.isfinite(), x, 0.0).abs().amax(-1, keepdim=True)
+    tolerance = 64 * eps + 4 * eps * scale
+    difference = torch.where(p.isnan() & expected.isnan(), 0.0, (p - expected).abs())
+    assert bool((difference <= tolerance).all()), (difference - tolerance).max().item()
+    assert torch.equal(p[1:3].isnan(), expected[1:3].isnan())
     assert torch.equal(p[5], torch.full((50,), 0.1, dtype=torch.float64))
     assert p[3, 9].item() == 0.0
 

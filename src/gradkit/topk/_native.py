@@ -7,13 +7,16 @@ exponentials, then each evaluation is a multiply and a divide per entry.  It is 
 Python or PyTorch headers): the first call compiles it with the system C compiler in well
 under a second and caches the shared library under ``$GRADKIT_CACHE_DIR`` (default
 ``~/.cache/gradkit``), keyed by the source, the compiler and the CPU; later processes load
-the cached file.  It is built with ``-fopenmp`` but linked to no OpenMP library, so that its
-parallel loop runs on the OpenMP runtime PyTorch has loaded (a pthreads build is the
-fallback).
+the cached file.  A cache folder or file another user could write is never used, and a
+library is loaded only if its digest matches the one recorded when it was built
+(:mod:`gradkit.topk._kernel_cache` has the rules).  It is built with ``-fopenmp`` but
+linked to no OpenMP library, so that its parallel loop runs on the OpenMP runtime PyTorch
+has loaded (a pthreads build is the fallback).
 
 Everything here is an optimisation with a fallback, never a requirement:
 
-* no compiler, a failed build, ``GRADKIT_NATIVE=0``, a non-CPU tensor, a dtype other than
+* no compiler, a failed, hung (``$GRADKIT_CC_TIMEOUT`` s) or remembered failed build, a
+  library that does not load, ``GRADKIT_NATIVE=0``, a non-CPU tensor, a dtype other than
   float32/float64, ``torch.func`` transforms or ``torch.compile`` tracing: the PyTorch path
   runs instead;
 * rows the kernel does not take on (``+inf`` or NaN entries, a bracket collapsed onto a jump
@@ -27,13 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,178 +38,138 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import _kernel_cache as cache
+
 __all__ = ["available", "disabled", "plain_tensors", "solve", "status", "vjp"]
 
-_SOURCE = Path(__file__).with_name("_native.c")
-_FLAGS = ["-O3", "-fPIC", "-std=c99"]
 _ABI_VERSION = 2
+_int64, _double, _pointer, _int = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
+#: The kernel's C entry points: name -> (restype, argtypes), declared in one loop at load.
+_SIGNATURES = {
+    # (is_double, x, out, status, rows, n, k, budgets or NULL, 1/τ, threads)
+    "gradkit_solve": (
+        _int,
+        [_int, _pointer, _pointer, _pointer, _int64, _int64, _double, _pointer, _double, _int],
+    ),
+    # (is_double, grad, p, grad_x, grad_k, rows, n, 1/τ, threads)
+    "gradkit_vjp": (
+        _int,
+        [_int, _pointer, _pointer, _pointer, _pointer, _int64, _int64, _double, _int],
+    ),
+}
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _reason: str | None = None  # why the kernel is not in use (None while it is, or untried)
-_tried = False
+_note: str | None = None  # why it is in use but not cached (an untrusted cache folder)
+_tried = False  # set only once the outcome is known: later threads wait on `_lock` till then
 _switched_off = 0  # nesting depth of `disabled()` blocks
 
 
-def _cache_dir() -> Path:
-    """``$GRADKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/gradkit`` or ``~/.cache/gradkit``; a
-    per-user temporary directory where that is not writable (read-only homes on clusters)."""
-    if os.environ.get("GRADKIT_CACHE_DIR"):
-        return Path(os.environ["GRADKIT_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    preferred = Path(base) / "gradkit"
-    try:
-        preferred.mkdir(parents=True, exist_ok=True)
-        if os.access(preferred, os.W_OK):
-            return preferred
-    except OSError:
-        pass
-    user = os.getuid() if hasattr(os, "getuid") else "user"
-    return Path(tempfile.gettempdir()) / f"gradkit-{user}"
-
-
-def _cpu_signature() -> str:
-    """What ``-march=native`` depends on: a library built for one CPU may not run on another
-    (a cache directory shared over NFS), so the CPU is part of the cache key."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            for line in info:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _compiler() -> str | None:
-    """``$CC`` if set (``None`` if it names no executable), else ``cc`` or ``gcc`` on PATH."""
-    if os.environ.get("CC"):
-        return shutil.which(os.environ["CC"])
-    return shutil.which("cc") or shutil.which("gcc")
-
-
-#: Build variants, tried in order.  "openmp": compiled with -fopenmp but linked against no
-#: OpenMP library, so its parallel loops run on the OpenMP runtime PyTorch has already loaded
-#: (torch's spinning worker threads would otherwise compete with threads of our own for the
-#: same cores); it only loads where torch's runtime exports GOMP symbols.  "pthreads": its
-#: own threads, anywhere.
-_VARIANTS = {"openmp": ["-fopenmp"], "pthreads": ["-pthread", "-fopenmp-simd"]}
-
-
-def _build(compiler: str, variant: str, target: Path) -> None:
-    """Compile ``_native.c`` into ``target`` (atomically: a temp file, then a rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        objects = Path(scratch) / "topk.o"
-        output = Path(scratch) / target.name
-        error = ""
-        for arch in (["-march=native"], []):  # not every compiler knows -march=native
-            steps = [
-                [
-                    compiler,
-                    *_FLAGS,
-                    *arch,
-                    *_VARIANTS[variant],
-                    "-c",
-                    str(_SOURCE),
-                    "-o",
-                    str(objects),
-                ],
-                [compiler, "-shared", str(objects), "-o", str(output), "-lm", "-pthread"],
-            ]
-            for command in steps:
-                result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-                if result.returncode != 0:
-                    error = (result.stderr or result.stdout).strip()[-500:]
-                    break
-            else:
-                os.replace(output, target)
-                return
-        raise RuntimeError(f"{compiler} failed: {error}")
+def _reset() -> None:
+    """Forget the loaded kernel (tests: the next call finds or builds it again)."""
+    global _library, _reason, _note, _tried
+    with _lock:
+        _library, _reason, _note, _tried = None, None, None, False
 
 
 def _load() -> ctypes.CDLL | None:
-    """The compiled kernel library, building it if needed; ``None`` (with a reason) if not."""
-    global _library, _reason, _tried
+    """The compiled kernel library, building it if needed; ``None`` (with a reason) if not.
+
+    A thread that arrives while another builds waits for it, so every call of a process
+    takes the same path (identical results across threads).
+    """
+    global _library, _reason, _note, _tried
     if _tried:
         return _library
     with _lock:
-        if _tried:
-            return _library
-        _tried = True
-        if os.environ.get("GRADKIT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-            _reason = "disabled by GRADKIT_NATIVE=0"
-            return None
-        compiler = _compiler()
-        if compiler is None:
-            _reason = "no C compiler found (install gcc or clang, or point CC at one)"
-            return None
-        try:
-            version = subprocess.run(
-                [compiler, "--version"], capture_output=True, text=True, timeout=30
-            ).stdout
-        except (OSError, subprocess.SubprocessError) as error:
-            _reason = f"cannot run the C compiler {compiler}: {error}"
-            return None
-        failures = []
-        library = None
-        for variant in _VARIANTS:
-            key = hashlib.sha256(
-                b"\0".join(
-                    part.encode()
-                    for part in (
-                        _SOURCE.read_text(encoding="utf-8"),
-                        " ".join(_FLAGS + _VARIANTS[variant]),
-                        compiler,
-                        version,
-                        _cpu_signature(),
-                        sys.platform,
-                    )
-                )
-            ).hexdigest()[:16]
-            suffix = ".dylib" if sys.platform == "darwin" else ".so"
-            target = _cache_dir() / f"topk_native_{variant}_{key}{suffix}"
+        if not _tried:
             try:
-                if not target.exists():
-                    _build(compiler, variant, target)
-                library = ctypes.CDLL(str(target))
-                if library.gradkit_abi_version() != _ABI_VERSION:
-                    raise RuntimeError("stale library (ABI version mismatch)")
-                break
-            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-                failures.append(f"{variant}: {error}")
-                library = None
-        if library is None:
-            _reason = "build or load failed: " + "; ".join(failures)
-            return None
-        int64, double, pointer = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
-        # (is_double, x, out, status, rows, n, k, budgets or NULL, 1/τ, threads)
-        library.gradkit_solve.argtypes = [
-            ctypes.c_int,
-            pointer,
-            pointer,
-            pointer,
-            int64,
-            int64,
-            double,
-            pointer,
-            double,
-            ctypes.c_int,
-        ]
-        library.gradkit_solve.restype = ctypes.c_int
-        library.gradkit_vjp.argtypes = [
-            ctypes.c_int,
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            int64,
-            int64,
-            double,
-            ctypes.c_int,
-        ]
-        library.gradkit_vjp.restype = ctypes.c_int
-        _library = library
-        return library
+                _library, _reason, _note = _find_library()
+            except Exception as error:  # an optimisation must never break the operator
+                _library, _reason, _note = None, f"unexpected {type(error).__name__}: {error}", None
+            _tried = True
+    return _library
+
+
+def _switched_off_by_environment() -> bool:
+    return os.environ.get("GRADKIT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _find_library() -> tuple[ctypes.CDLL | None, str | None, str | None]:
+    """``(library, reason it is not in use, note)``; never raises."""
+    if _switched_off_by_environment():
+        return None, "disabled by GRADKIT_NATIVE=0", None
+    compiler, reason = cache.compiler_command()
+    if compiler is None:
+        return None, reason, None
+    try:
+        folder, private, problems = cache.cache_folder()
+    except OSError as error:
+        return None, f"no private folder to build in: {error}", None
+    note = None
+    if problems:
+        where = "a private temporary folder, not cached" if private else str(folder)
+        note = f"built in {where}: " + "; ".join(problems)
+    try:
+        library, failures = _first_variant(compiler, folder)
+    finally:
+        if private:
+            cache.remove_private(folder)
+    if library is None:
+        return None, "build or load failed: " + "; ".join(failures), None
+    return library, None, note
+
+
+def _first_variant(compiler: list[str], folder: Path) -> tuple[ctypes.CDLL | None, list[str]]:
+    """The first build variant that builds (or is cached) and loads, with the failures."""
+    failures = []
+    for variant in cache.VARIANTS:
+        target = cache.library_path(folder, compiler, variant, _ABI_VERSION)
+        try:
+            return _built_and_loaded(compiler, variant, target), failures
+        except cache.CompilerHang as error:  # the next variant would hang just the same
+            for rest in cache.VARIANTS:
+                cache.remember_failure(
+                    cache.library_path(folder, compiler, rest, _ABI_VERSION), str(error)
+                )
+            return None, [*failures, f"{variant}: {error}"]
+        except (OSError, RuntimeError, AttributeError) as error:
+            failures.append(f"{variant}: {error}")
+    return None, failures
+
+
+def _built_and_loaded(compiler: list[str], variant: str, target: Path) -> ctypes.CDLL:
+    """Load ``target``, building it first unless a verified copy exists."""
+    remembered = cache.read_failure(target)
+    if remembered is not None:
+        raise RuntimeError(f"{remembered} (remembered in {target}.failed; delete it to retry)")
+    if cache.verify(target) is not None:
+        try:
+            cache.build(compiler, variant, target)
+        except cache.BuildError as error:
+            if not isinstance(error, cache.CompilerHang):
+                cache.remember_failure(target, str(error))
+            raise
+        problem = cache.verify(target)
+        if problem is not None:
+            raise RuntimeError(f"the library just built cannot be trusted: {problem}")
+    return _open_library(target)
+
+
+def _open_library(path: Path) -> ctypes.CDLL:
+    """``dlopen`` a verified library, check its ABI and declare its entry points."""
+    library = ctypes.CDLL(str(path))
+    try:
+        version_of = library.gradkit_abi_version
+    except AttributeError:
+        raise RuntimeError(f"{path.name} has no gradkit_abi_version symbol") from None
+    version_of.restype = ctypes.c_int
+    if version_of() != _ABI_VERSION:
+        raise RuntimeError(f"stale library {path.name} (ABI version mismatch)")
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        function = getattr(library, name)  # AttributeError: a missing entry point
+        function.restype, function.argtypes = restype, argtypes
+    return library
 
 
 @contextlib.contextmanager
@@ -227,8 +184,13 @@ def disabled() -> Iterator[None]:
 
 
 def status() -> str:
-    """``"in use"``, or why the fused CPU kernel is not (building it first if needed)."""
-    return "in use" if _load() is not None else f"not in use: {_reason}"
+    """``"in use"``, or why the fused CPU kernel is not (building it first if needed).
+
+    ``"in use (built in …: <why>)"`` when it had to be built outside an untrusted cache.
+    """
+    if _load() is None:
+        return f"not in use: {_reason}"
+    return "in use" if _note is None else f"in use ({_note})"
 
 
 def available() -> bool:
