@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import seeded_randn
 from torch import nn
 
 from gradkit.align.measure import (
@@ -236,7 +237,8 @@ def test_one_linear_layer_by_hand():
 def test_zero_gradient_gives_nan_cosines():
     net, x, _ = data(3, 4, 5, "tanh", seed=6)
     states = [s.detach() for s in forward_states(net, x)]
-    targets = [torch.randn_like(states[0]), torch.randn_like(states[1]), states[2]]  # ℓ_2 = 0
+    targets = [seeded_randn(*states[0].shape, seed=1), seeded_randn(*states[1].shape, seed=2)]
+    targets.append(states[2])  # ℓ_2 = 0
     report = alignment_report(net, x, targets)
     assert report["matrix"][:, 2].isnan().all()  # cos with the zero vector, incl. S[2, 2]
     assert torch.equal(report["grad_norms"][:, 2], torch.zeros(3, dtype=torch.float64))
@@ -359,8 +361,8 @@ class NoVmapLayer(nn.Module):
 def test_generic_path_falls_back_when_a_backward_cannot_be_vmapped():
     torch.manual_seed(0)
     layers = nn.Sequential(NoVmapLayer(3), NoVmapLayer(3), NoVmapLayer(3))
-    x = torch.randn(4, 3, dtype=torch.float64)
-    targets = [torch.randn(4, 3, dtype=torch.float64) for _ in range(3)]
+    x = seeded_randn(4, 3)
+    targets = [seeded_randn(4, 3, seed=i + 1) for i in range(3)]
     assert_reports_equal(
         alignment_report(layers, x, targets), alignment_report_naive(layers, x, targets)
     )

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from support import seeded_randn
 from torch import nn
 
 from gradkit import soft_topk
@@ -102,7 +103,7 @@ def test_same_seed_same_network_and_reinitialize_restores_it():
 
 def test_forward_states_compose_the_layers():
     net = make_mlp(4, 5, "tanh", bias=True, seed=2)
-    x = torch.randn(3, 5, dtype=torch.float64)
+    x = seeded_randn(3, 5)
     states = forward_states(net, x)
     assert len(states) == 4
     s = x
@@ -147,7 +148,7 @@ def test_kwta_scales_by_soft_top_k_membership():
         (lambda: make_activation("swish"), ValueError, "activation"),
         (lambda: KWinnersTakeAll(k=0), ValueError, "k"),
         (lambda: KWinnersTakeAll(temperature=0.0), ValueError, "temperature"),
-        (lambda: KWinnersTakeAll(k=11)(torch.randn(2, 10)), ValueError, "exceeds"),
+        (lambda: KWinnersTakeAll(k=11)(seeded_randn(2, 10)), ValueError, "exceeds"),
     ],
 )
 def test_network_errors(factory, error, message):
@@ -161,7 +162,7 @@ def test_network_errors(factory, error, message):
 @pytest.mark.parametrize("mode", TARGET_MODES)
 def test_target_shapes_dtype_and_reproducibility(mode):
     net = make_mlp(3, 6, "tanh", seed=0, in_features=4, out_features=2)
-    x = torch.randn(5, 4, dtype=torch.float64)
+    x = seeded_randn(5, 4)
     before = weights(net)
     targets = make_targets(net, x, mode, seed=3)
     assert [tuple(t.shape) for t in targets] == [(5, 6), (5, 6), (5, 2)]
@@ -174,14 +175,14 @@ def test_target_shapes_dtype_and_reproducibility(mode):
 
 def test_iid_targets_are_standard_gaussian_times_scale():
     net = make_mlp(2, 200, "relu", seed=0)
-    x = torch.randn(100, 200, dtype=torch.float64)
+    x = seeded_randn(100, 200)
     for t in make_targets(net, x, "iid", scale=2.0, seed=1):
         assert abs(t.mean().item()) < 4 * 2.0 / math.sqrt(t.numel())
         assert t.std().item() == pytest.approx(2.0, rel=0.02)
 
 
 def test_uncentered_targets_pass_through_the_activation():
-    x = torch.randn(50, 30, dtype=torch.float64)
+    x = seeded_randn(50, 30)
     relu_targets = make_targets(make_mlp(2, 30, "relu", seed=0), x, "uncentered", seed=1)
     assert all((t >= 0).all() and (t == 0).any() for t in relu_targets)
     iid = make_targets(make_mlp(2, 30, "relu", seed=0), x, "iid", seed=1)
@@ -195,7 +196,7 @@ def test_teacher_targets_are_reachable_and_iid_ones_are_not():
     # A one-layer linear student can fit teacher targets exactly (least squares residual 0):
     # they come from a network of the same architecture. iid targets are not in that span.
     net = make_mlp(1, 5, "linear", seed=0, in_features=3)
-    x = torch.randn(20, 3, dtype=torch.float64)
+    x = seeded_randn(20, 3)
     for mode, reachable in (("teacher", True), ("iid", False)):
         (target,) = make_targets(net, x, mode, seed=2)
         solution = torch.linalg.lstsq(x, target).solution
@@ -207,7 +208,7 @@ def test_teacher_targets_are_reachable_and_iid_ones_are_not():
 
 def test_teacher_targets_match_a_teacher_network_with_the_same_architecture():
     net = make_mlp(3, 6, "tanh", bias=True, seed=0)
-    x = torch.randn(4, 6, dtype=torch.float64)
+    x = seeded_randn(4, 6)
     targets = make_targets(net, x, "teacher", seed=5)
     # The last target is a function of the first through the teacher's layers 2..3: fitting
     # is not needed, consistency is: t_{i+1} = h(W t_i + b) for the same teacher weights.
@@ -244,4 +245,4 @@ def test_layer_losses_are_summed_squared_distances():
 def test_target_errors(layers, mode, scale, error, message):
     layers = layers or make_mlp(2, 4, seed=0)
     with pytest.raises(error, match=message):
-        make_targets(layers, torch.randn(3, 4, dtype=torch.float64), mode, scale=scale)
+        make_targets(layers, seeded_randn(3, 4), mode, scale=scale)

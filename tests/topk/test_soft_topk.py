@@ -154,30 +154,30 @@ def test_backward_matches_explicit_jacobian():
 @pytest.mark.parametrize("k", [-0.5, 9.5, math.nan, math.inf])
 def test_bad_k_number_raises_value_error_naming_k_and_n(k):
     with pytest.raises(ValueError, match=r"k.*n") as info:
-        soft_topk(torch.randn(3, 9), k)
+        soft_topk(_randn(3, 9, dtype=torch.float32), k)
     assert "9" in str(info.value)
 
 
 @pytest.mark.parametrize("bad", [[-1.0, 2.0], [2.0, 10.0], [math.nan, 1.0]])
 def test_bad_k_tensor_raises_value_error(bad):
     with pytest.raises(ValueError, match="k"):
-        soft_topk(torch.randn(2, 9), torch.tensor(bad))
+        soft_topk(_randn(2, 9, dtype=torch.float32), torch.tensor(bad))
 
 
 def test_k_tensor_with_wrong_shape_raises():
     with pytest.raises(ValueError, match="k"):
-        soft_topk(torch.randn(2, 9), torch.ones(3))
+        soft_topk(_randn(2, 9, dtype=torch.float32), torch.ones(3))
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0, math.nan, math.inf])
 def test_bad_temperature_raises_value_error(temperature):
     with pytest.raises(ValueError, match="temperature"):
-        soft_topk(torch.randn(4), 2, temperature=temperature)
+        soft_topk(_randn(4, dtype=torch.float32), 2, temperature=temperature)
 
 
 def test_non_number_temperature_raises_type_error():
     with pytest.raises(TypeError, match="temperature"):
-        soft_topk(torch.randn(4), 2, temperature="hot")
+        soft_topk(_randn(4, dtype=torch.float32), 2, temperature="hot")
 
 
 @pytest.mark.parametrize("x", [torch.arange(5), torch.ones(5, dtype=torch.bool), [1.0, 2.0]])
@@ -188,7 +188,7 @@ def test_non_floating_x_raises_type_error(x):
 
 @pytest.mark.parametrize("dim", [2, -3, 5])
 def test_bad_dim_raises_value_and_index_error(dim):
-    x = torch.randn(3, 4)
+    x = _randn(3, 4, dtype=torch.float32)
     with pytest.raises(ValueError, match="dim"):
         soft_topk(x, 1, dim=dim)
     with pytest.raises(IndexError, match="dim"):
@@ -199,14 +199,14 @@ def test_zero_dim_x_and_non_int_dim_raise():
     with pytest.raises(ValueError, match="dimension"):
         soft_topk(torch.tensor(1.0), 0)
     with pytest.raises(TypeError, match="dim"):
-        soft_topk(torch.randn(3), 1, dim=0.5)
+        soft_topk(_randn(3, dtype=torch.float32), 1, dim=0.5)
 
 
 def test_hard_with_fractional_k_raises():
     with pytest.raises(ValueError, match="integer"):
-        soft_topk(torch.randn(5), 1.5, hard=True)
+        soft_topk(_randn(5, dtype=torch.float32), 1.5, hard=True)
     with pytest.raises(ValueError, match="integer"):
-        soft_topk(torch.randn(2, 5), torch.tensor([1.0, 2.5]), hard=True)
+        soft_topk(_randn(2, 5, dtype=torch.float32), torch.tensor([1.0, 2.5]), hard=True)
 
 
 # ----------------------------------------------------------------------------- module

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from support import seeded_randn
 
 from gradkit import soft_topk
 
@@ -179,9 +180,9 @@ def test_torch_compile_matches_eager():
 def test_backward_accepts_a_batch_of_cotangents():
     # `is_grads_batched` vmaps the backward itself (as jacrev and batched vjps do): it must be
     # written with out-of-place ops, and equal one backward per cotangent.
-    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    x = seeded_randn(4, 12).requires_grad_()
     p = soft_topk(x, 3, temperature=0.5)
-    cotangents = torch.randn(6, 4, 12, dtype=torch.float64)
+    cotangents = seeded_randn(6, 4, 12, seed=1)
     batched = torch.autograd.grad(p, x, cotangents, is_grads_batched=True, retain_graph=True)[0]
     one_by_one = torch.stack(
         [torch.autograd.grad(p, x, c, retain_graph=True)[0] for c in cotangents]
