@@ -81,6 +81,7 @@ def test_an_existing_non_empty_out_is_refused_unless_overwrite(tmp_path):
 def test_out_that_is_a_file_or_below_a_file_is_refused_by_name(tmp_path):
     afile = tmp_path / "f"
     afile.write_text("x")
+    assert _io.check_out_dir(tmp_path / "new") == tmp_path / "new"
     for out in (afile, afile / "below"):
         with pytest.raises(ValueError, match=r"^--out: .* is a file, not a folder"):
             _io.new_run_dir("align", out)
@@ -103,6 +104,7 @@ def test_unwritable_out_and_json_are_refused_by_name(tmp_path):
 
 def test_default_run_folders_never_collide(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    assert _io.check_out_dir(None) is None
     made = {_io.new_run_dir("bench-topk") for _ in range(3)}
     assert len(made) == 3 and all(p.parent.name == "runs" and p.is_dir() for p in made)
 
@@ -151,3 +153,20 @@ def test_run_folder_keeps_a_folder_the_user_made_and_default_folders_go(tmp_path
     with _io.run_folder("align") as out:
         _io.write_json(out / "a.json", [1])
     assert not (out / _io.INCOMPLETE).exists()
+
+
+def test_the_default_runs_folder_below_a_file_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("x")
+    with pytest.raises(ValueError, match=r"^--out: cannot create .*runs is a file"):
+        _io.check_out_dir(None)
+
+
+def test_unwritable_paths_are_refused_by_name_even_as_root(tmp_path, monkeypatch):
+    # Root may write anywhere, so the permission answer is simulated here; the test above
+    # checks the real one where the tests do not run as root.
+    monkeypatch.setattr(_io, "_writable_folder", lambda folder: False)
+    with pytest.raises(ValueError, match=r"^--out: cannot write in "):
+        _io.new_run_dir("align", tmp_path / "run")
+    with pytest.raises(ValueError, match=r"^--json: cannot write .*no permission"):
+        _io.check_output_path(tmp_path / "x.json")

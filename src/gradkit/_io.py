@@ -182,11 +182,13 @@ def add_overwrite_argument(parser) -> None:
 def check_out_dir(out: str | Path | None, *, overwrite: bool = False) -> Path | None:
     """Check an ``--out`` folder before any long work starts, creating nothing.
 
-    ``None`` (the default ``runs/…`` folder) passes.  Raises ``ValueError`` naming ``--out``
-    when the folder is a file, lies below a file, cannot be written, or (unless
-    ``overwrite``) already holds files; :func:`new_run_dir` makes the same checks.
+    ``None`` stands for the default ``runs/<command>-<time>`` folder: ``runs`` must then be
+    creatable.  Raises ``ValueError`` naming ``--out`` when the folder is a file, lies below a
+    file, cannot be written, or (unless ``overwrite``) already holds files;
+    :func:`new_run_dir` makes the same checks.
     """
     if out is None:
+        _check_out_folder(Path("runs") / "new", overwrite=False)
         return None
     _check_out_folder(Path(out), overwrite)
     return Path(out)

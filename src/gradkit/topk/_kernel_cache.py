@@ -284,14 +284,22 @@ def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(OSError):
-            if hasattr(os, "killpg"):
-                os.killpg(process.pid, signal.SIGKILL)
-            else:
-                process.kill()
-        process.communicate()
+        _kill_group(process)
         raise CompilerHang(f"{shlex.join(command[:1])} timed out after {timeout:g} s") from None
+    except BaseException:  # Ctrl-C: no compiler left running in its own session
+        _kill_group(process)
+        raise
     return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """Kill the compiler and whatever it started (a wrapper's children hold its pipes)."""
+    with contextlib.suppress(OSError):
+        if hasattr(os, "killpg"):
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+    process.communicate()
 
 
 def _compile(compiler: list[str], variant: str, scratch: Path, output: Path) -> None:
