@@ -170,3 +170,26 @@ def test_unwritable_paths_are_refused_by_name_even_as_root(tmp_path, monkeypatch
         _io.new_run_dir("align", tmp_path / "run")
     with pytest.raises(ValueError, match=r"^--json: cannot write .*no permission"):
         _io.check_output_path(tmp_path / "x.json")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX resource limits")
+def test_a_write_past_the_file_size_limit_keeps_the_old_file(tmp_path):
+    # Reproducer 7: with `ulimit -f`, an in-place write left a truncated JSON behind.
+    import subprocess
+
+    path = tmp_path / "r.json"
+    _io.write_json(path, {"first": True})
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "from gradkit import _io\n"
+        "try:\n"
+        f"    _io.write_json({str(path)!r}, {{'big': list(range(100000))}})\n"
+        "except OSError as error:\n"
+        "    print('refused', error.errno)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("refused")
+    assert json.loads(path.read_text()) == {"first": True}
+    assert _litter(tmp_path) == []
