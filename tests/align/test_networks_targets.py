@@ -231,14 +231,27 @@ def test_layer_losses_are_summed_squared_distances():
         layer_losses(states, targets[:1])
 
 
+class _Raw(nn.Module):
+    """A layer with a raw parameter and no reset_parameters(): no teacher can be drawn."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(4, dtype=torch.float64))
+
+    def forward(self, a):
+        return a @ self.weight
+
+
 @pytest.mark.parametrize(
     ("layers", "mode", "scale", "error", "message"),
     [
         (None, "random", 1.0, ValueError, "target mode"),
         (None, "iid", 0.0, ValueError, "scale"),
         (None, "iid", -1.0, ValueError, "scale"),
-        ([nn.Linear(4, 4, dtype=torch.float64)], "uncentered", 1.0, TypeError, "activation"),
-        ([nn.Linear(4, 4, dtype=torch.float64)], "teacher", 1.0, TypeError, "DenseLayer"),
+        (None, "iid", math.inf, ValueError, "scale"),
+        (None, "iid", "1", TypeError, "scale"),
+        ([nn.ReLU(), nn.Linear(4, 4, dtype=torch.float64)], "iid", 1.0, ValueError, "join"),
+        ([_Raw()], "teacher", 1.0, TypeError, r"'0\.weight'.*reset_parameters"),
     ],
 )
 def test_target_errors(layers, mode, scale, error, message):
