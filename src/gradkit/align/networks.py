@@ -220,11 +220,10 @@ def forward_states(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.T
 # ----------------------------------------------------------------------------- any stack
 
 
-_FIX = (
-    "Parameter-free modules (activations, Flatten, pooling, Dropout) join the module with "
-    "parameters before them; to choose the layers yourself, pass an nn.Sequential of "
-    "(layer, activation) groups, e.g. nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3), "
-    "nn.ReLU()), nn.Sequential(nn.Flatten(), nn.Linear(144, 10)))"
+_GROUPS = (
+    "wrap the network as nn.Sequential of (layer, activation) groups, e.g. nn.Sequential("
+    "nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), nn.Sequential(nn.Flatten(), "
+    "nn.Linear(144, 10))): each group's output is a state s_i with its own loss"
 )
 
 
@@ -238,7 +237,7 @@ def _items(layers) -> list:
     if isinstance(layers, nn.Module):
         raise TypeError(
             "layers must be a sequence of modules (nn.Sequential, nn.ModuleList or a list), "
-            f"got a single {type(layers).__name__}, whose layers the lab cannot see. {_FIX}"
+            f"got a single {type(layers).__name__}, whose layers the lab cannot see; {_GROUPS}"
         )
     if isinstance(layers, torch.Tensor) or not isinstance(layers, Sequence):
         raise TypeError(f"layers must be a sequence of nn.Module, got {type(layers).__name__}")
@@ -287,7 +286,9 @@ def group_layers(layers: Sequence[nn.Module]) -> nn.Sequential:
         else:
             raise ValueError(
                 f"layers[{k}] ({type(module).__name__}) has no trainable parameters and no "
-                f"layer before it to join; apply it to x before measuring, or drop it. {_FIX}"
+                "layer before it to join (parameter-free modules such as activations, Flatten "
+                "or pooling join the module with parameters before them). Apply it to x "
+                f"before measuring, or drop it; to choose the layers yourself, {_GROUPS}"
             )
     if not groups:
         raise ValueError("layers must contain at least one layer, got an empty sequence")
