@@ -271,3 +271,59 @@ def test_every_report_key_is_float64_on_the_cpu_for_a_conv_net():
     assert set(report) == set(REPORT_KEYS)
     assert all(v.dtype == F64 and v.device.type == "cpu" for v in report.values())
     assert not math.isnan(report["matrix"][0, 2].item())
+
+
+def conv_zoo() -> list[tuple[nn.Sequential, tuple[int, ...], list[bool]]]:
+    """Convolution stacks, their input shape, and which layers take the convolution path."""
+    torch.manual_seed(6)
+    return [
+        (  # stride, dilation, no bias, a tail that is not elementwise
+            nn.Sequential(
+                nn.Conv2d(2, 3, 3, stride=2, padding=2, bias=False),
+                nn.AvgPool2d(2),
+                nn.Conv2d(3, 4, 2, dilation=2, padding=1),
+                nn.LeakyReLU(0.1),
+            ),
+            (2, 9, 9),
+            [True, True],
+        ),
+        (  # 1-d and the convolutions the path leaves to the generic one
+            nn.Sequential(
+                nn.Conv1d(2, 4, 3),
+                nn.Tanh(),
+                nn.Conv1d(4, 4, 3, groups=2),  # groups > 1
+                nn.Conv1d(4, 3, 3, padding="same"),  # padding by name
+                nn.Softplus(),
+                nn.Conv1d(3, 2, 3, padding=1, padding_mode="circular"),
+            ),
+            (2, 10),
+            [True, False, False, False],
+        ),
+        (
+            nn.Sequential(nn.Conv3d(1, 2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(54, 3)),
+            (1, 4, 4, 4),
+            [True, False],
+        ),
+    ]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_convolution_path_equals_the_naive_oracle(index):
+    from gradkit.align.measure import _conv_parts
+
+    net, shape, expected_path = conv_zoo()[index]
+    net = net.to(F64)
+    x = torch.randn(4, *shape, dtype=F64, generator=torch.Generator().manual_seed(index))
+    groups = group_layers(net)
+    states = forward_states(groups, x)
+    inputs = [x, *states[:-1]]
+    assert [_conv_parts(g, a) is not None for g, a in zip(groups, inputs, strict=True)] == (
+        expected_path
+    )
+    targets = make_targets(net, x, "uncentered", seed=index)
+    want = alignment_report_naive(net, x, targets)
+    for method in ("auto", "generic"):
+        assert_reports_close(alignment_report(net, x, targets, method=method), want)
+    parts, want_parts = decomposition(net, x, targets), decomposition_naive(net, x, targets)
+    for key in want_parts:
+        assert_close_nan(parts[key], want_parts[key])

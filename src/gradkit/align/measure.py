@@ -30,12 +30,22 @@ backwards, each with a weight gradient) by ``L²/2`` stacked cotangent products 
   at a fraction of the size. Elementwise activations multiply by ``h'(z)``; ``kwta`` uses the
   closed-form soft top-k Jacobian; any other activation goes through autograd on the
   activation alone (:func:`_batched_vjp`).
+* **convolution path** (``nn.Conv1d/2d/3d``, alone or followed by parameter-free modules;
+  :mod:`gradkit.align._conv`): the ``N`` weight gradients are one weight-gradient convolution
+  with the cotangents stacked along the output channels, the ``N`` input cotangents one
+  transposed convolution with them folded into the batch.
 * **generic path** (any other ``nn.Module``): ``torch.autograd.grad(..., is_grads_batched=
   True)`` on the layer alone gives the stacked parameter gradients and input cotangents
   (one call per cotangent if a custom autograd Function in the layer cannot be vmapped).
 
-Both paths equal :func:`alignment_report_naive` (one ``autograd.grad`` per loss, flattened
-gradients, explicit cosines) to float64 rounding; the tests check that.
+Layers are the groups of :func:`~gradkit.align.networks.group_layers`: a flat
+``nn.Sequential(Conv2d, ReLU, …, Flatten, Linear)`` is measured layer by layer, each
+parameter-free module in the layer before it. Everything runs on the device of the network
+and inputs (float64 on a GPU too); the results come back as CPU float64 tensors.
+
+All paths equal :func:`~gradkit.align.reference.alignment_report_naive` (one
+``autograd.grad`` per loss, flattened gradients, explicit cosines) to float64 rounding; the
+tests check that.
 
 Per-row variant: the authors' follow-up code also averages the cosine over the rows of the
 weight matrix. Rows are output units: row ``o`` concatenates slice ``[o]`` of every parameter
@@ -56,6 +66,7 @@ from torch import Tensor, nn
 
 from ..topk._solve import soft_topk_vjp
 from . import _checks
+from ._conv import conv_input_cotangents, conv_param_rows, is_plain_conv
 from .networks import CenteredLeakyClip, DenseLayer, KWinnersTakeAll, group_layers
 
 __all__ = ["REPORT_KEYS", "alignment_matrix", "alignment_report"]
@@ -357,6 +368,45 @@ class _DenseBackend:
         return grads, buffer
 
 
+class _ConvBackend:
+    """``s = h(conv(a) + b)`` for a plain convolution (:mod:`._conv`): two convolutions carry
+    all ``N`` cotangents; the parameter-free tail ``h`` by ``h'`` or a batched vjp."""
+
+    def __init__(self, conv: nn.Module, tail: nn.Module | None, a: Tensor):
+        self.conv = conv
+        self.a = a.detach()
+        self.num_params = sum(p.numel() for p in conv.parameters())
+        z = conv(self.a)
+        self.derivative = self.tail = None
+        if tail is None:
+            self.output = z
+            return
+        with torch.enable_grad():
+            zr = z.detach().requires_grad_(True)
+            out = tail(zr)
+            if _elementwise(tail):  # h'(z) once, as on the dense path
+                (self.derivative,) = torch.autograd.grad(out, zr, torch.ones_like(out))
+            else:
+                self.tail = (zr, out)
+        self.output = out.detach()
+
+    def backward(self, stack: Tensor, reserve: int) -> tuple[_Grads, Tensor | None]:
+        """As :meth:`_DenseBackend.backward`."""
+        if self.derivative is not None:
+            delta = stack * self.derivative
+        elif self.tail is not None:
+            (delta,) = _batched_vjp(self.tail[1], [self.tail[0]], stack)
+        else:
+            delta = stack
+        with torch.no_grad():
+            rows = conv_param_rows(self.conv, self.a, delta)
+            grads = _Grads(rows, rows.new_zeros(len(rows), 0))
+            if not reserve:
+                return grads, None
+            cot = conv_input_cotangents(self.conv, self.a.shape, delta)
+        return grads, torch.cat([cot.new_empty(reserve, *cot.shape[1:]), cot])
+
+
 class _GenericBackend:
     """Any module: batched autograd vjp of the layer alone (``is_grads_batched``)."""
 
@@ -442,7 +492,24 @@ def _dense_parts(layer: nn.Module) -> tuple[nn.Linear, nn.Module | None, bool] |
     return None
 
 
+def _conv_parts(layer: nn.Module, a: Tensor) -> tuple[nn.Module, nn.Module | None] | None:
+    """``(conv, tail)`` when ``layer`` is a plain convolution (:func:`._conv.is_plain_conv`)
+    on a batched input, alone or followed by parameter-free modules; else ``None``."""
+    conv, tail = layer, None
+    if isinstance(layer, nn.Sequential) and len(layer) > 1:
+        conv = layer[0]
+        tail = layer[1] if len(layer) == 2 else nn.Sequential(*list(layer)[1:])
+        if any(True for _ in tail.parameters()):
+            return None
+    if is_plain_conv(conv) and a.ndim == conv.weight.ndim:
+        return conv, tail
+    return None
+
+
 def _make_backend(layer, params, a, need_input, method):
+    conv = _conv_parts(layer, a) if method == "auto" else None
+    if conv is not None:
+        return _ConvBackend(*conv, a)
     parts = _dense_parts(layer) if method != "generic" else None
     if parts is not None and all(p.requires_grad for p in parts[0].parameters()):
         # A non-elementwise tail sees the pre-activation flattened to (rows, n_out): only
@@ -526,16 +593,19 @@ def alignment_report(
     """Every alignment measurement of one network, batch and set of targets.
 
     Args:
-        layers: layer ``i`` maps ``s_{i-1} → s_i`` (``s_{-1} = x``); ``φ_i`` is
-            ``list(layers[i].parameters())`` (those that require grad).
-        x: the input batch ``s_{-1}``.
-        targets: ``[s_0*, …, s_{L−1}*]``, each shaped like its layer's output.
-        method: ``"auto"`` (dense path for ``DenseLayer``/``nn.Linear``, generic path for the
-            rest), ``"dense"`` (error for other layers) or ``"generic"`` (batched autograd
-            for every layer). All give the same numbers.
+        layers: any stack of modules (``nn.Sequential``, ``nn.ModuleList``, list), grouped
+            into layers by :func:`~gradkit.align.networks.group_layers`; layer ``i`` maps
+            ``s_{i-1} → s_i`` (``s_{-1} = x``) and ``φ_i`` is its parameters that require
+            grad.
+        x: the input batch ``s_{-1}``, on the network's device and in its dtype.
+        targets: ``[s_0*, …, s_{L−1}*]``, one per layer, each shaped like its output.
+        method: ``"auto"`` (dense path for ``h(W a + b)`` layers, convolution path for
+            plain convolutions, generic path for the rest), ``"dense"`` (error for other
+            layers) or ``"generic"`` (batched autograd for every layer). All give the same
+            numbers.
 
     Returns:
-        float64 tensors (CPU) keyed by :data:`REPORT_KEYS`:
+        float64 CPU tensors keyed by :data:`REPORT_KEYS`:
 
         * ``matrix`` ``(L, L)``: ``S[i, j] = cos(g_ii, g_ij)`` for ``j ≥ i``, NaN below;
         * ``grad_norms`` ``(L, L)``: ``‖g_ij‖`` for ``j ≥ i``, NaN below;
