@@ -70,6 +70,8 @@ def test_conv_stack_groups_into_three_layers_sharing_the_modules():
     again = group_layers(groups)  # idempotent
     assert len(again) == 3 and all(a is b for a, b in zip(again, groups, strict=True))
     torch.testing.assert_close(groups(images()), net(images()), rtol=0, atol=0)
+    states = forward_states(net, images())  # one state per layer, not per module
+    assert [tuple(s.shape) for s in states] == [(6, 3, 3, 3), (6, 36), (6, 5)]
     assert group_layers(list(net))[2] is net[6]  # a list and an nn.ModuleList work too
     assert len(group_layers(nn.ModuleList(net))) == 3
 

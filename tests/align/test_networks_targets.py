@@ -144,6 +144,8 @@ def test_kwta_scales_by_soft_top_k_membership():
         (lambda: make_mlp(2, 3, init="uniform"), ValueError, "init"),
         (lambda: make_mlp(2, 3, gain=0.0), ValueError, "gain"),
         (lambda: make_mlp(2, 3, gain=math.nan), ValueError, "gain"),
+        (lambda: make_mlp(2, 3, seed=1.5), TypeError, "seed must be an integer"),
+        (lambda: make_mlp(2, 3, in_features=0), ValueError, "in_features must be an integer ≥ 1"),
         (lambda: make_activation("swish"), ValueError, "activation"),
         (lambda: KWinnersTakeAll(k=0), ValueError, "k"),
         (lambda: KWinnersTakeAll(temperature=0.0), ValueError, "temperature"),

@@ -11,7 +11,7 @@ For ``z = conv(a, W) + b`` and a stack of ``N`` cotangents ``δ_n = ∂ℓ_n/∂
 * ``∂ℓ_n/∂b`` sums ``δ_n`` over batch and positions.
 
 The batched autograd of the generic path (``vmap`` over the convolution backward) gives the
-same numbers, much slower. Only ``groups = 1``, numeric padding and ``padding_mode='zeros'``
+same numbers. Only ``groups = 1``, numeric padding and ``padding_mode='zeros'``
 take this path; any other convolution goes the generic way.
 """
 

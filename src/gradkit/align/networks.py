@@ -62,8 +62,9 @@ class KWinnersTakeAll(nn.Module):
 
     def __init__(self, k: float = 0.5, temperature: float = 0.1):
         super().__init__()
-        self.k = _checks.number("kwta k (a count, or a fraction in (0, 1))", k, above=0)
-        self.temperature = _checks.number("kwta temperature", temperature, above=0)
+        _checks.number("kwta k (a count, or a fraction in (0, 1))", k, above=0)
+        _checks.number("kwta temperature", temperature, above=0)
+        self.k, self.temperature = k, temperature
 
     def winners(self, width: int) -> float:
         """The budget ``k`` as a count for a layer of ``width`` units."""
@@ -188,6 +189,10 @@ def make_mlp(
     depth = _checks.integer("depth", depth, minimum=1)
     width = _checks.integer("width", width, minimum=1)
     activation = _checks.one_of("activation", activation, choices=ACTIVATIONS)
+    seed = _checks.integer("seed", seed)
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if value is not None:
+            _checks.integer(name, value, minimum=1)
     gain = default_gain(activation) if gain is None else gain
     sizes = [in_features or width] + [width] * (depth - 1) + [out_features or width]
     layers = [
@@ -208,10 +213,11 @@ def reinitialize(layers: Sequence[nn.Module], seed: int) -> None:
 
 
 def forward_states(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-    """The states ``[s_1, …, s_L]`` of ``layers`` on input ``x = s_0``."""
+    """The states ``[s_1, …, s_L]`` of the layers of :func:`group_layers` ``(layers)`` on input
+    ``x = s_0``: one state per layer, as the measurements and targets count them."""
     states = []
     s = x
-    for layer in layers:
+    for layer in group_layers(layers):
         s = layer(s)
         states.append(s)
     return states

@@ -83,6 +83,7 @@ def make_targets(
     """
     mode = _checks.one_of("target mode", mode, choices=TARGET_MODES)
     scale = _checks.number("target scale", scale, above=0)
+    seed = _checks.integer("seed", seed)
     layers = group_layers(layers)
     if mode == "teacher":
         teacher = reinitialized_copy(layers, seed + _TEACHER_SEED_OFFSET)
