@@ -187,7 +187,7 @@ def train(
         measure_alignment: also record ``cos(∂ℓ_i/∂φ_i, ∂L/∂φ_i)`` per layer at each checkpoint
             (via :func:`gradkit.align.measure.alignment_report`, full batch).
         metrics: optional ``metrics(layers) -> {name: value}`` recorded at each checkpoint
-            (e.g. test accuracy).
+            (e.g. test accuracy), called with ``layers`` as given.
 
     Returns:
         ``{"step": [..], "layer_loss": [[ℓ_1..ℓ_L], ..], "total_loss": [..]}`` with one entry
@@ -197,7 +197,7 @@ def train(
     check_mode(mode)
     lr = _checks.number("lr", lr, above=0)
     momentum = _checks.number("momentum", momentum, at_least=0, below=1)
-    layers = group_layers(layers)
+    network, layers = layers, group_layers(layers)
     if len(layers) != len(targets):
         raise ValueError(f"got {len(layers)} layers but {len(targets)} targets")
     samples = x.shape[0]
@@ -215,7 +215,7 @@ def train(
         history["layer_loss"].append(losses.tolist())
         history["total_loss"].append(losses.sum().item())
         extra = _alignment(layers, x, targets) if measure_alignment else {}
-        extra.update(metrics(layers) if metrics is not None else {})
+        extra.update(metrics(network) if metrics is not None else {})
         for key, value in extra.items():
             history.setdefault(key, []).append(value)
 
