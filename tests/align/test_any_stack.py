@@ -17,7 +17,12 @@ from gradkit.align import (
     train,
 )
 from gradkit.align.measure import REPORT_KEYS, _dense_parts
-from gradkit.align.networks import forward_states, layer_activation, reinitialized_copy
+from gradkit.align.networks import (
+    KWinnersTakeAll,
+    forward_states,
+    layer_activation,
+    reinitialized_copy,
+)
 from gradkit.align.reference import alignment_report_naive, decomposition_naive
 from gradkit.align.targets import _TEACHER_SEED_OFFSET
 from gradkit.align.training import copy_network
@@ -164,6 +169,8 @@ def flat_mlp() -> nn.Sequential:
         nn.Linear(6, 6),
         nn.Tanh(),
         nn.Dropout(0.5),  # eval mode: the identity; not elementwise-known, so a vjp path
+        nn.Linear(6, 6),
+        KWinnersTakeAll(k=3, temperature=0.5),  # the closed-form soft top-k part
         nn.Linear(6, 4),
         nn.Softmax(dim=-1),  # not elementwise: the activation-vjp part of the dense path
         nn.Linear(4, 8),
@@ -176,8 +183,8 @@ def flat_mlp() -> nn.Sequential:
 def test_flat_mlp_takes_the_dense_path_and_equals_the_naive_oracle():
     net = flat_mlp().eval()
     groups = group_layers(net)
-    assert len(groups) == 5
-    assert [_dense_parts(g) is not None for g in groups] == [True, True, True, True, True]
+    assert len(groups) == 6
+    assert [_dense_parts(g) is not None for g in groups] == [True] * 6
     x = torch.randn(7, 5, dtype=F64, generator=torch.Generator().manual_seed(5))
     targets = make_targets(net, x, "uncentered", seed=1)
     want = alignment_report_naive(net, x, targets)
@@ -185,10 +192,10 @@ def test_flat_mlp_takes_the_dense_path_and_equals_the_naive_oracle():
         assert_reports_close(alignment_report(net, x, targets, method=method), want)
     with pytest.raises(ValueError, match="method='dense' needs layers of the form"):
         alignment_report(net, x, targets, method="dense")
-    dense_only = net[:7]  # the first three layers are all h(W a + b)
+    dense_only = net[:9]  # the first four layers are all h(W a + b)
     assert_reports_close(
-        alignment_report(dense_only, x, targets[:3], method="dense"),
-        alignment_report_naive(dense_only, x, targets[:3]),
+        alignment_report(dense_only, x, targets[:4], method="dense"),
+        alignment_report_naive(dense_only, x, targets[:4]),
     )
 
 
