@@ -8,9 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gradkit.align.decompose import DECOMPOSITION_KEYS, decomposition, decomposition_naive
+from gradkit.align.decompose import DECOMPOSITION_KEYS, decomposition
 from gradkit.align.measure import alignment_report
 from gradkit.align.networks import ACTIVATIONS, forward_states, make_mlp
+from gradkit.align.reference import decomposition_naive
 from gradkit.align.targets import make_targets
 
 TERMS = ("in_in", "in_ex", "ex_in", "ex_ex")

@@ -11,15 +11,13 @@ from hypothesis import strategies as st
 from support import seeded_randn
 from torch import nn
 
-from gradkit.align.measure import (
-    REPORT_KEYS,
-    alignment_matrix,
+from gradkit.align.measure import REPORT_KEYS, alignment_matrix, alignment_report
+from gradkit.align.networks import ACTIVATIONS, forward_states, make_mlp
+from gradkit.align.reference import (
     alignment_matrix_naive,
-    alignment_report,
     alignment_report_naive,
     per_loss_gradients,
 )
-from gradkit.align.networks import ACTIVATIONS, forward_states, make_mlp
 from gradkit.align.targets import layer_losses, make_targets
 
 TOL = 1e-8
@@ -304,8 +302,13 @@ def test_bad_inputs_raise_clear_errors():
         alignment_report(net, x, [targets[0], targets[1], targets[2] * math.inf])
     with pytest.raises(TypeError, match="targets"):
         alignment_report(net, x, torch.stack(targets))
-    with pytest.raises(ValueError, match=r"layers\[1\] has no trainable parameters"):
+    # nn.Tanh joins layer 0: two layers, three targets.
+    with pytest.raises(ValueError, match=r"3 targets for 2 layers.*group_layers"):
         alignment_report([net[0], nn.Tanh(), net[2]], x, targets)
+    with pytest.raises(ValueError, match=r"layers\[0\] \(Tanh\) has no trainable parameters"):
+        alignment_report([nn.Tanh(), net[1], net[2]], x, targets[1:])
+    with pytest.raises(ValueError, match=r"layers\[0\] and layers\[2\] share a parameter"):
+        alignment_report([net[0], net[1], net[0]], x, targets)
     with pytest.raises(ValueError, match="method='dense'"):
         alignment_report([nn.Sequential(net[0])], x, targets[:1], method="dense")
     with torch.no_grad():

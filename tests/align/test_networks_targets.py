@@ -145,6 +145,8 @@ def test_kwta_scales_by_soft_top_k_membership():
         (lambda: make_mlp(2, 3, init="uniform"), ValueError, "init"),
         (lambda: make_mlp(2, 3, gain=0.0), ValueError, "gain"),
         (lambda: make_mlp(2, 3, gain=math.nan), ValueError, "gain"),
+        (lambda: make_mlp(2, 3, seed=1.5), TypeError, "seed must be an integer"),
+        (lambda: make_mlp(2, 3, in_features=0), ValueError, "in_features must be an integer ≥ 1"),
         (lambda: make_activation("swish"), ValueError, "activation"),
         (lambda: KWinnersTakeAll(k=0), ValueError, "k"),
         (lambda: KWinnersTakeAll(temperature=0.0), ValueError, "temperature"),
@@ -232,14 +234,27 @@ def test_layer_losses_are_summed_squared_distances():
         layer_losses(states, targets[:1])
 
 
+class _Raw(nn.Module):
+    """A layer with a raw parameter and no reset_parameters(): no teacher can be drawn."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(4, dtype=torch.float64))
+
+    def forward(self, a):
+        return a @ self.weight
+
+
 @pytest.mark.parametrize(
     ("layers", "mode", "scale", "error", "message"),
     [
         (None, "random", 1.0, ValueError, "target mode"),
         (None, "iid", 0.0, ValueError, "scale"),
         (None, "iid", -1.0, ValueError, "scale"),
-        ([nn.Linear(4, 4, dtype=torch.float64)], "uncentered", 1.0, TypeError, "activation"),
-        ([nn.Linear(4, 4, dtype=torch.float64)], "teacher", 1.0, TypeError, "DenseLayer"),
+        (None, "iid", math.inf, ValueError, "scale"),
+        (None, "iid", "1", TypeError, "scale"),
+        ([nn.ReLU(), nn.Linear(4, 4, dtype=torch.float64)], "iid", 1.0, ValueError, "join"),
+        ([_Raw()], "teacher", 1.0, TypeError, r"'0\.weight'.*reset_parameters"),
     ],
 )
 def test_target_errors(layers, mode, scale, error, message):

@@ -1,15 +1,23 @@
 """The gradient-alignment lab: random deep nets, layerwise targets, alignment measurements."""
 
-from .decompose import decomposition, decomposition_naive
-from .measure import (
-    alignment_matrix,
+from .decompose import decomposition
+from .measure import alignment_matrix, alignment_report
+from .networks import (
+    ACTIVATIONS,
+    INITS,
+    DenseLayer,
+    KWinnersTakeAll,
+    forward_states,
+    group_layers,
+    make_mlp,
+)
+from .presets import PRESETS, preset
+from .reference import (
     alignment_matrix_naive,
-    alignment_report,
     alignment_report_naive,
+    decomposition_naive,
     per_loss_gradients,
 )
-from .networks import ACTIVATIONS, INITS, DenseLayer, KWinnersTakeAll, forward_states, make_mlp
-from .presets import PRESETS, preset
 from .targets import TARGET_MODES, layer_losses, make_targets
 from .training import TRAIN_MODES, layerwise_losses, train, train_step
 
@@ -28,6 +36,7 @@ __all__ = [
     "decomposition",
     "decomposition_naive",
     "forward_states",
+    "group_layers",
     "layer_losses",
     "layerwise_losses",
     "make_mlp",

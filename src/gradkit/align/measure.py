@@ -30,12 +30,22 @@ backwards, each with a weight gradient) by ``L²/2`` stacked cotangent products 
   at a fraction of the size. Elementwise activations multiply by ``h'(z)``; ``kwta`` uses the
   closed-form soft top-k Jacobian; any other activation goes through autograd on the
   activation alone (:func:`_batched_vjp`).
+* **convolution path** (``nn.Conv1d/2d/3d``, alone or followed by parameter-free modules;
+  :mod:`gradkit.align._conv`): the ``N`` weight gradients are one weight-gradient convolution
+  with the cotangents stacked along the output channels, the ``N`` input cotangents one
+  transposed convolution with them folded into the batch.
 * **generic path** (any other ``nn.Module``): ``torch.autograd.grad(..., is_grads_batched=
   True)`` on the layer alone gives the stacked parameter gradients and input cotangents
   (one call per cotangent if a custom autograd Function in the layer cannot be vmapped).
 
-Both paths equal :func:`alignment_report_naive` (one ``autograd.grad`` per loss, flattened
-gradients, explicit cosines) to float64 rounding; the tests check that.
+Layers are the groups of :func:`~gradkit.align.networks.group_layers`: a flat
+``nn.Sequential(Conv2d, ReLU, …, Flatten, Linear)`` is measured layer by layer, each
+parameter-free module in the layer before it. Everything runs on the device of the network
+and inputs (float64 on a GPU too); the results come back as CPU float64 tensors.
+
+All paths equal :func:`~gradkit.align.reference.alignment_report_naive` (one
+``autograd.grad`` per loss, flattened gradients, explicit cosines) to float64 rounding; the
+tests check that.
 
 Per-row variant: the authors' follow-up code also averages the cosine over the rows of the
 weight matrix. Rows are output units: row ``o`` concatenates slice ``[o]`` of every parameter
@@ -55,16 +65,11 @@ import torch
 from torch import Tensor, nn
 
 from ..topk._solve import soft_topk_vjp
-from .networks import DenseLayer, KWinnersTakeAll, forward_states
+from . import _checks
+from ._conv import conv_input_cotangents, conv_param_rows, is_plain_conv
+from .networks import CenteredLeakyClip, DenseLayer, KWinnersTakeAll, group_layers
 
-__all__ = [
-    "REPORT_KEYS",
-    "alignment_matrix",
-    "alignment_matrix_naive",
-    "alignment_report",
-    "alignment_report_naive",
-    "per_loss_gradients",
-]
+__all__ = ["REPORT_KEYS", "alignment_matrix", "alignment_report"]
 
 REPORT_KEYS = (
     "matrix",
@@ -83,58 +88,84 @@ METHODS = ("auto", "dense", "generic")
 
 # Activations of DenseLayer that act elementwise: their vjp is a product with h'(z).
 _ELEMENTWISE = ("linear", "relu", "leaky_relu", "tanh", "centered_leaky_clip")
+# Modules that act elementwise (their vjp is a product with h'(z)) when they follow nn.Linear.
+_ELEMENTWISE_MODULES = (
+    nn.Identity,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Softplus,
+    nn.Hardtanh,
+    CenteredLeakyClip,
+)
 
 
 # ----------------------------------------------------------------------------- input checks
 
 
+def _check_tensor(name: str, t, device: torch.device) -> None:
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {_describe(t)}")
+    if t.device != device:
+        raise ValueError(
+            f"{name} is on {t.device} but layers[0]'s parameters are on {device}; move it "
+            f"there ({name.split('[')[0]}.to(device))"
+        )
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} must be finite (it contains NaN or inf)")
+
+
+def _describe(value) -> str:
+    return f"dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+
+
+def _layer_params(layers: nn.Sequential) -> list[list[nn.Parameter]]:
+    """``φ_i`` of each grouped layer; every parameter finite and in one layer only."""
+    params, owner = [], {}
+    for i, layer in enumerate(layers):
+        phi = [p for p in layer.parameters() if p.requires_grad]
+        for p in phi:
+            if id(p) in owner:
+                raise ValueError(
+                    f"layers[{owner[id(p)]}] and layers[{i}] share a parameter; the lab "
+                    "needs each layer's φ_i to be its own"
+                )
+            owner[id(p)] = i
+            if not torch.isfinite(p.detach()).all():
+                raise ValueError(f"layers[{i}] has a non-finite parameter (NaN or inf)")
+        params.append(phi)
+    return params
+
+
 def _check_inputs(
     layers: Sequence[nn.Module], x: Tensor, targets: Sequence[Tensor]
-) -> tuple[list[nn.Module], list[list[nn.Parameter]]]:
-    if isinstance(layers, nn.Module) and not isinstance(layers, (nn.Sequential, nn.ModuleList)):
-        raise TypeError(
-            "layers must be a sequence of nn.Module (e.g. nn.Sequential), got a single "
-            f"{type(layers).__name__}"
-        )
-    layers = list(layers)
-    if not layers:
-        raise ValueError("layers must contain at least one layer, got an empty sequence")
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, nn.Module):
-            raise TypeError(f"layers[{i}] must be an nn.Module, got {type(layer).__name__}")
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__}")
+) -> tuple[nn.Sequential, list[list[nn.Parameter]]]:
+    """The grouped layers (:func:`~gradkit.align.networks.group_layers`) and their ``φ_i``."""
+    layers = group_layers(layers)
+    params = _layer_params(layers)
+    first = params[0][0]
+    _check_tensor("x", x, first.device)
     if x.ndim < 1 or x.shape[0] < 1:
         raise ValueError(f"x must have a batch dimension of size ≥ 1, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("x must be finite (it contains NaN or inf)")
+    if x.dtype != first.dtype:
+        raise TypeError(
+            f"x has dtype {x.dtype} but layers[0]'s parameters are {first.dtype}; "
+            "cast one of them (e.g. x.to(dtype))"
+        )
     if isinstance(targets, Tensor) or not isinstance(targets, Sequence):
         raise TypeError("targets must be a list of L tensors, one per layer")
     if len(targets) != len(layers):
         raise ValueError(
-            f"targets must hold one tensor per layer: got {len(targets)} targets "
-            f"for {len(layers)} layers"
-        )
-    params = []
-    for i, layer in enumerate(layers):
-        phi = [p for p in layer.parameters() if p.requires_grad]
-        if not phi:
-            raise ValueError(f"layers[{i}] has no trainable parameters (φ_{i} is empty)")
-        for p in phi:
-            if not torch.isfinite(p.detach()).all():
-                raise ValueError(f"layers[{i}] has a non-finite parameter (NaN or inf)")
-        params.append(phi)
-    first_dtype = params[0][0].dtype
-    if x.dtype != first_dtype:
-        raise TypeError(
-            f"x has dtype {x.dtype} but layers[0]'s parameters are {first_dtype}; "
-            "cast one of them (e.g. x.to(dtype))"
+            f"targets must hold one tensor per layer: got {len(targets)} targets for "
+            f"{len(layers)} layers (parameter-free modules join the layer before them: "
+            "see gradkit.align.group_layers)"
         )
     for j, t in enumerate(targets):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"targets[{j}] must be a floating-point tensor, got {type(t).__name__}")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"targets[{j}] must be finite (it contains NaN or inf)")
+        _check_tensor(f"targets[{j}]", t, first.device)
     return layers, params
 
 
@@ -151,8 +182,7 @@ def _check_target_shapes(states: Sequence[Tensor], targets: Sequence[Tensor]) ->
 
 
 def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    _checks.one_of("method", method, choices=METHODS)
 
 
 # ----------------------------------------------------------------------------- row layout
@@ -237,6 +267,10 @@ def _row_inner(a: _Grads, b: _Grads) -> Tensor:
 # ----------------------------------------------------------------------------- layer backends
 
 
+class _NotDense(Exception):
+    """A layer that looked dense but is not (its activation changes the shape)."""
+
+
 class _DenseBackend:
     """``s = h(W a + b)``: analytic weight-gradient Gram, ``h'`` or a batched activation vjp."""
 
@@ -285,6 +319,8 @@ class _DenseBackend:
                 out = activation(zr)
             self.activation = (zr, out)
             s = out.detach()
+        if s.shape != z.shape:
+            raise _NotDense  # an activation that changes the shape (e.g. pooling)
         self.output = s.reshape(*a.shape[:-1], weight.shape[0])
         self._factor: Tensor | None = None
 
@@ -330,6 +366,45 @@ class _DenseBackend:
         n_in = self.weight.shape[1]
         torch.mm(delta.reshape(-1, self.rows), self.weight, out=buffer[reserve:].view(-1, n_in))
         return grads, buffer
+
+
+class _ConvBackend:
+    """``s = h(conv(a) + b)`` for a plain convolution (:mod:`._conv`): two convolutions carry
+    all ``N`` cotangents; the parameter-free tail ``h`` by ``h'`` or a batched vjp."""
+
+    def __init__(self, conv: nn.Module, tail: nn.Module | None, a: Tensor):
+        self.conv = conv
+        self.a = a.detach()
+        self.num_params = sum(p.numel() for p in conv.parameters())
+        z = conv(self.a)
+        self.derivative = self.tail = None
+        if tail is None:
+            self.output = z
+            return
+        with torch.enable_grad():
+            zr = z.detach().requires_grad_(True)
+            out = tail(zr)
+            if _elementwise(tail):  # h'(z) once, as on the dense path
+                (self.derivative,) = torch.autograd.grad(out, zr, torch.ones_like(out))
+            else:
+                self.tail = (zr, out)
+        self.output = out.detach()
+
+    def backward(self, stack: Tensor, reserve: int) -> tuple[_Grads, Tensor | None]:
+        """As :meth:`_DenseBackend.backward`."""
+        if self.derivative is not None:
+            delta = stack * self.derivative
+        elif self.tail is not None:
+            (delta,) = _batched_vjp(self.tail[1], [self.tail[0]], stack)
+        else:
+            delta = stack
+        with torch.no_grad():
+            rows = conv_param_rows(self.conv, self.a, delta)
+            grads = _Grads(rows, rows.new_zeros(len(rows), 0))
+            if not reserve:
+                return grads, None
+            cot = conv_input_cotangents(self.conv, self.a.shape, delta)
+        return grads, torch.cat([cot.new_empty(reserve, *cot.shape[1:]), cot])
 
 
 class _GenericBackend:
@@ -396,22 +471,59 @@ def _batched_vjp(
         )
 
 
+def _elementwise(module: nn.Module) -> bool:
+    if isinstance(module, nn.Sequential):
+        return all(_elementwise(m) for m in module)
+    return isinstance(module, _ELEMENTWISE_MODULES)
+
+
 def _dense_parts(layer: nn.Module) -> tuple[nn.Linear, nn.Module | None, bool] | None:
-    """``(linear, activation, elementwise)`` when ``layer`` is ``h(W a + b)``, else ``None``."""
+    """``(linear, activation, elementwise)`` when ``layer`` is ``h(W a + b)``, else ``None``:
+    a :class:`DenseLayer`, an ``nn.Linear``, or an ``nn.Sequential(nn.Linear, *tail)`` whose
+    tail has no parameters (a group of :func:`~gradkit.align.networks.group_layers`)."""
     if isinstance(layer, DenseLayer):
         return layer.linear, layer.activation, layer.activation_name in _ELEMENTWISE
     if isinstance(layer, nn.Linear):
         return layer, None, True
+    if isinstance(layer, nn.Sequential) and len(layer) > 1 and isinstance(layer[0], nn.Linear):
+        tail = layer[1] if len(layer) == 2 else nn.Sequential(*list(layer)[1:])
+        if not any(True for _ in tail.parameters()):
+            return layer[0], tail, _elementwise(tail)
+    return None
+
+
+def _conv_parts(layer: nn.Module, a: Tensor) -> tuple[nn.Module, nn.Module | None] | None:
+    """``(conv, tail)`` when ``layer`` is a plain convolution (:func:`._conv.is_plain_conv`)
+    on a batched input, alone or followed by parameter-free modules; else ``None``."""
+    conv, tail = layer, None
+    if isinstance(layer, nn.Sequential) and len(layer) > 1:
+        conv = layer[0]
+        tail = layer[1] if len(layer) == 2 else nn.Sequential(*list(layer)[1:])
+        if any(True for _ in tail.parameters()):
+            return None
+    if is_plain_conv(conv) and a.ndim == conv.weight.ndim:
+        return conv, tail
     return None
 
 
 def _make_backend(layer, params, a, need_input, method):
+    conv = _conv_parts(layer, a) if method == "auto" else None
+    if conv is not None:
+        return _ConvBackend(*conv, a)
     parts = _dense_parts(layer) if method != "generic" else None
     if parts is not None and all(p.requires_grad for p in parts[0].parameters()):
-        return _DenseBackend(*parts, a)
+        # A non-elementwise tail sees the pre-activation flattened to (rows, n_out): only
+        # valid for 2-d inputs, and only if it keeps the shape.
+        linear, activation, elementwise = parts
+        if elementwise or a.ndim == 2:
+            try:
+                return _DenseBackend(linear, activation, elementwise, a)
+            except _NotDense:
+                pass
     if method == "dense":
         raise ValueError(
-            f"method='dense' needs DenseLayer or nn.Linear layers, got {type(layer).__name__}"
+            "method='dense' needs layers of the form h(W a + b) (DenseLayer, nn.Linear, or "
+            f"nn.Linear followed by a shape-keeping activation), got {type(layer).__name__}"
         )
     return _GenericBackend(layer, params, a, need_input)
 
@@ -481,16 +593,19 @@ def alignment_report(
     """Every alignment measurement of one network, batch and set of targets.
 
     Args:
-        layers: layer ``i`` maps ``s_{i-1} → s_i`` (``s_{-1} = x``); ``φ_i`` is
-            ``list(layers[i].parameters())`` (those that require grad).
-        x: the input batch ``s_{-1}``.
-        targets: ``[s_0*, …, s_{L−1}*]``, each shaped like its layer's output.
-        method: ``"auto"`` (dense path for ``DenseLayer``/``nn.Linear``, generic path for the
-            rest), ``"dense"`` (error for other layers) or ``"generic"`` (batched autograd
-            for every layer). All give the same numbers.
+        layers: any stack of modules (``nn.Sequential``, ``nn.ModuleList``, list), grouped
+            into layers by :func:`~gradkit.align.networks.group_layers`; layer ``i`` maps
+            ``s_{i-1} → s_i`` (``s_{-1} = x``) and ``φ_i`` is its parameters that require
+            grad.
+        x: the input batch ``s_{-1}``, on the network's device and in its dtype.
+        targets: ``[s_0*, …, s_{L−1}*]``, one per layer, each shaped like its output.
+        method: ``"auto"`` (dense path for ``h(W a + b)`` layers, convolution path for
+            plain convolutions, generic path for the rest), ``"dense"`` (error for other
+            layers) or ``"generic"`` (batched autograd for every layer). All give the same
+            numbers.
 
     Returns:
-        float64 tensors (CPU) keyed by :data:`REPORT_KEYS`:
+        float64 CPU tensors keyed by :data:`REPORT_KEYS`:
 
         * ``matrix`` ``(L, L)``: ``S[i, j] = cos(g_ii, g_ij)`` for ``j ≥ i``, NaN below;
         * ``grad_norms`` ``(L, L)``: ``‖g_ij‖`` for ``j ≥ i``, NaN below;
@@ -509,56 +624,71 @@ def alignment_report(
     """
     _check_method(method)
     layers, params = _check_inputs(layers, x, targets)
-    n_layers = len(layers)
-    nan = math.nan
-    cross = torch.full((n_layers, n_layers), nan, dtype=torch.float64)
-    sq = torch.full((n_layers, n_layers), nan, dtype=torch.float64)
-    out = {key: torch.full((n_layers,), nan, dtype=torch.float64) for key in REPORT_KEYS[2:]}
-    sq_local = torch.full((n_layers,), nan, dtype=torch.float64)
-    dot_local_distant = torch.zeros(n_layers, dtype=torch.float64)
-    sq_distant = torch.zeros(n_layers, dtype=torch.float64)
+    acc = _report_accumulators(len(layers), x.device)
+    _reverse_sweep(layers, params, x, targets, _full_seed, _report_consumer(acc), method)
+    return _finish_report({key: value.cpu() for key, value in acc.items()})
 
+
+def _report_accumulators(n: int, device: torch.device) -> dict[str, Tensor]:
+    """float64 buffers on the measurement's device, filled layer by layer (no sync)."""
+
+    def full(*shape: int, fill: float = math.nan) -> Tensor:
+        return torch.full(shape, fill, dtype=torch.float64, device=device)
+
+    return {
+        "cross": full(n, n),  # ⟨g_ii, g_ij⟩
+        "sq": full(n, n),  # ‖g_ij‖²
+        "num_params": full(n),
+        "dot_local_distant": full(n, fill=0.0),  # ⟨g_ii, d_i⟩
+        "sq_distant": full(n, fill=0.0),  # ‖d_i‖²
+        "per_row": full(n),
+    }
+
+
+def _report_consumer(acc: dict[str, Tensor]) -> Callable[[int, _Grads, int], None]:
     def consume(i: int, grads: _Grads, num_params: int) -> None:
         local = grads[0]
-        cross[i, i:] = _inner(local, grads).double().cpu()
-        sq[i, i:] = _sq_norm(grads).double().cpu()
-        sq_local[i] = sq[i, i]
-        out["num_params"][i] = num_params
-        if len(grads.rows) > 1:
+        acc["cross"][i, i:] = _inner(local, grads)
+        acc["sq"][i, i:] = _sq_norm(grads)
+        acc["num_params"][i] = num_params
+        if len(grads) > 1:
             distant = grads[1:].sum()
-            dot_local_distant[i] = _inner(local, distant).double().cpu()
-            sq_distant[i] = _sq_norm(distant).double().cpu()
+            acc["dot_local_distant"][i] = _inner(local, distant)
+            acc["sq_distant"][i] = _sq_norm(distant)
             rows_cos = _cosine(
                 _row_inner(local, distant).double(),
                 _row_inner(local, local).double(),
                 _row_inner(distant, distant).double(),
             )
-            out["local_distant_cosine_per_row"][i] = (
-                rows_cos.nanmean() if (~rows_cos.isnan()).any() else nan
-            )
+            acc["per_row"][i] = rows_cos.nanmean()  # NaN when no row is defined
 
-    _reverse_sweep(layers, params, x, targets, _full_seed, consume, method)
+    return consume
 
-    upper = torch.ones(n_layers, n_layers, dtype=torch.bool).triu()
-    diag = torch.diagonal(sq)
-    matrix = _cosine(cross, diag.unsqueeze(1), sq)
+
+def _finish_report(acc: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The report's cosines and norms from the accumulated inner products (on the CPU)."""
+    nan = math.nan
+    n = acc["sq"].shape[0]
+    upper = torch.ones(n, n, dtype=torch.bool).triu()
+    sq, sq_local = acc["sq"], acc["sq"].diagonal()
+    matrix = _cosine(acc["cross"], sq_local.unsqueeze(1), sq)
     # S[i, i] is 1 by definition when g_ii ≠ 0 (computed it is 1 ± rounding).
-    matrix.diagonal().copy_(torch.where(diag > 0, 1.0, nan))
-    matrix = torch.where(upper, matrix, nan)
-    has_distant = torch.arange(n_layers) < n_layers - 1
-    sq_global = sq_local + 2 * dot_local_distant + sq_distant
-    out["local_global_cosine"] = _cosine(sq_local + dot_local_distant, sq_local, sq_global)
-    out["local_distant_cosine"] = torch.where(
-        has_distant, _cosine(dot_local_distant, sq_local, sq_distant), nan
-    )
-    out["local_distant_cosine_per_row"] = torch.where(
-        has_distant, out["local_distant_cosine_per_row"], nan
-    )
-    out["local_norm"] = sq_local.sqrt()
-    out["distant_norm"] = torch.where(has_distant, sq_distant.sqrt(), nan)
-    out["global_norm"] = sq_global.clamp_min(0).sqrt()
-    out["random_baseline"] = out["num_params"].rsqrt()
-    return {"matrix": matrix, "grad_norms": torch.where(upper, sq.sqrt(), nan), **out}
+    matrix.diagonal().copy_(torch.where(sq_local > 0, 1.0, nan))
+    has_distant = torch.arange(n) < n - 1
+    dot, sq_distant = acc["dot_local_distant"], acc["sq_distant"]
+    sq_global = sq_local + 2 * dot + sq_distant
+    return {
+        "matrix": torch.where(upper, matrix, nan),
+        "grad_norms": torch.where(upper, sq.sqrt(), nan),
+        "local_global_cosine": _cosine(sq_local + dot, sq_local, sq_global),
+        "local_distant_cosine": torch.where(has_distant, _cosine(dot, sq_local, sq_distant), nan),
+        "local_distant_cosine_per_row": torch.where(has_distant, acc["per_row"], nan),
+        "local_norm": sq_local.sqrt(),
+        "distant_norm": torch.where(has_distant, sq_distant.sqrt(), nan),
+        "global_norm": sq_global.clamp_min(0).sqrt(),
+        "random_baseline": acc["num_params"].rsqrt(),
+        "num_params": acc["num_params"],
+    }
 
 
 def alignment_matrix(
@@ -571,145 +701,10 @@ def alignment_matrix(
     return alignment_report(layers, x, targets, method=method)["matrix"]
 
 
-# ----------------------------------------------------------------------------- naive reference
+def __getattr__(name: str):
+    # The oracles moved to gradkit.align.reference; the old import path keeps working.
+    if name in ("alignment_matrix_naive", "alignment_report_naive", "per_loss_gradients"):
+        from . import reference
 
-
-def per_loss_gradients(
-    layers: Sequence[nn.Module], x: Tensor, targets: Sequence[Tensor]
-) -> list[list[list[Tensor] | None]]:
-    """``grads[j][i]`` = per-parameter ``∂ℓ_j/∂φ_i`` (``None`` for ``i > j``), by one
-    ``torch.autograd.grad`` per loss — the naive reference the fast sweep is tested against."""
-    layers, params = _check_inputs(layers, x, targets)
-    with torch.enable_grad():
-        losses = _naive_states_and_losses(layers, params, x, targets)
-        return [
-            [*_naive_loss_gradients(losses, params, j), *[None] * (len(layers) - j - 1)]
-            for j in range(len(layers))
-        ]
-
-
-def _naive_cos(a: Tensor, b: Tensor) -> float:
-    na, nb = a.norm().item(), b.norm().item()
-    if na == 0 or nb == 0:
-        return math.nan
-    return max(-1.0, min(1.0, (torch.dot(a, b) / (na * nb)).item()))
-
-
-def _naive_states_and_losses(layers, params, x, targets):
-    states = forward_states(layers, x.detach())
-    targets = _check_target_shapes(states, targets)
-    return [(s - t).pow(2).sum() for s, t in zip(states, targets, strict=True)]
-
-
-def _naive_loss_gradients(losses, params, j):
-    """Flattened ``∂ℓ_j/∂φ_i`` for ``i = 0..j`` (one ``autograd.grad``) and per parameter."""
-    wrt = [p for phi in params[: j + 1] for p in phi]
-    g = torch.autograd.grad(losses[j], wrt, retain_graph=True, allow_unused=True)
-    g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, wrt, strict=True)]
-    per_layer, k = [], 0
-    for i in range(j + 1):
-        per_layer.append(g[k : k + len(params[i])])
-        k += len(params[i])
-    return per_layer
-
-
-def alignment_matrix_naive(
-    layers: Sequence[nn.Module], x: Tensor, targets: Sequence[Tensor]
-) -> Tensor:
-    """:func:`alignment_matrix` the obvious way — the baseline of ``gradkit bench align``.
-
-    One ``torch.autograd.grad`` per loss ``ℓ_j`` (``L`` backward passes through the stored
-    graph), every ``g_ij`` flattened and compared with the stored local gradient ``g_ii``.
-    """
-    layers, params = _check_inputs(layers, x, targets)
-    n = len(layers)
-    matrix = torch.full((n, n), math.nan, dtype=torch.float64)
-    with torch.enable_grad():
-        losses = _naive_states_and_losses(layers, params, x, targets)
-        local: list[Tensor] = []
-        for j in range(n):
-            for i, per_param in enumerate(_naive_loss_gradients(losses, params, j)):
-                flat = torch.cat([t.reshape(-1) for t in per_param])
-                if i == j:
-                    local.append(flat)
-                    matrix[i, i] = 1.0 if flat.norm() > 0 else math.nan
-                else:
-                    matrix[i, j] = _naive_cos(local[i], flat)
-    return matrix
-
-
-def _naive_rows(per_param: Sequence[Tensor], shapes: Sequence[torch.Size]) -> Tensor:
-    """The per-row layout written out directly: ``(R, c)`` rows of one layer's gradient."""
-    rows_count = _row_count(shapes)
-    if rows_count is None:
-        return torch.cat([t.reshape(-1) for t in per_param]).unsqueeze(0)
-    parts = [
-        t.reshape(rows_count, -1)
-        for t, shape in zip(per_param, shapes, strict=True)
-        if len(shape) >= 1 and shape[0] == rows_count
-    ]
-    return torch.cat(parts, dim=1)
-
-
-def alignment_report_naive(
-    layers: Sequence[nn.Module], x: Tensor, targets: Sequence[Tensor]
-) -> dict[str, Tensor]:
-    """:func:`alignment_report` computed the obvious way: one backward per loss, flattened
-    gradients, the global gradient by its own backward of ``Σ_j ℓ_j``, cosines one by one.
-
-    Slow (``L`` backward passes, every ``g_ij`` materialised); the reference of the tests.
-    """
-    layers, params = _check_inputs(layers, x, targets)
-    n = len(layers)
-    nan = math.nan
-    out = {
-        key: torch.full(
-            (n, n) if key in ("matrix", "grad_norms") else (n,), nan, dtype=torch.float64
-        )
-        for key in REPORT_KEYS
-    }
-    with torch.enable_grad():
-        losses = _naive_states_and_losses(layers, params, x, targets)
-        flat_params = [p for phi in params for p in phi]
-        global_grads = torch.autograd.grad(sum(losses), flat_params, retain_graph=True)
-        local: list[Tensor] = []
-        local_parts: list[Sequence[Tensor]] = []
-        distant: list[list[Tensor] | None] = [None] * n
-        for j in range(n):
-            for i, per_param in enumerate(_naive_loss_gradients(losses, params, j)):
-                flat = torch.cat([t.reshape(-1) for t in per_param]).double()
-                if i == j:
-                    local.append(flat)
-                    local_parts.append(per_param)
-                    out["matrix"][i, i] = 1.0 if flat.norm() > 0 else nan
-                else:
-                    out["matrix"][i, j] = _naive_cos(local[i], flat)
-                    distant[i] = (
-                        list(per_param)
-                        if distant[i] is None
-                        else [d + t for d, t in zip(distant[i], per_param, strict=True)]
-                    )
-                out["grad_norms"][i, j] = flat.norm().item()
-    k = 0
-    for i in range(n):
-        global_flat = torch.cat([t.reshape(-1) for t in global_grads[k : k + len(params[i])]])
-        k += len(params[i])
-        global_flat = global_flat.double()
-        out["local_global_cosine"][i] = _naive_cos(local[i], global_flat)
-        out["local_norm"][i] = local[i].norm().item()
-        out["global_norm"][i] = global_flat.norm().item()
-        out["num_params"][i] = local[i].numel()
-        out["random_baseline"][i] = 1.0 / math.sqrt(local[i].numel())
-        if distant[i] is None:
-            continue
-        distant_flat = torch.cat([t.reshape(-1) for t in distant[i]]).double()
-        out["local_distant_cosine"][i] = _naive_cos(local[i], distant_flat)
-        out["distant_norm"][i] = distant_flat.norm().item()
-        shapes = [p.shape for p in params[i]]
-        a = _naive_rows(local_parts[i], shapes).double()
-        b = _naive_rows(distant[i], shapes).double()
-        norms = a.norm(dim=1) * b.norm(dim=1)
-        defined = norms > 0
-        cosines = ((a * b).sum(1)[defined] / norms[defined]).clamp(-1, 1)
-        out["local_distant_cosine_per_row"][i] = cosines.mean() if defined.any() else nan
-    return out
+        return getattr(reference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

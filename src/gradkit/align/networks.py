@@ -1,20 +1,26 @@
 """Random deep networks for the alignment lab.
 
 A network is a sequence of layers, layer ``i`` mapping ``s_{i-1}`` to ``s_i = h(s_{i-1}, φ_i)``
-with ``s_0 = x``; ``φ_i`` is every parameter of layer ``i``. Any ``nn.Module`` sequence works
-with the measurements in :mod:`gradkit.align`; :func:`make_mlp` builds the random MLPs the
-experiments use, with an explicit initialisation because framework defaults change the
-result: with PyTorch's default ``nn.Linear`` init (variance ``1/(3·fan_in)``) a 20-layer linear
-net's signal shrinks by ~3× per layer and the measured alignment collapses to ~0.
+with ``s_0 = x``; ``φ_i`` is every trainable parameter of layer ``i``. Any stack of
+``nn.Module`` s works with the lab: :func:`group_layers` joins each parameter-free module
+(activation, ``Flatten``, pooling, ``Dropout``) to the module with parameters before it, so a
+flat ``nn.Sequential(Conv2d, ReLU, Conv2d, ReLU, Flatten, Linear)`` is three layers.
+:func:`make_mlp` builds the random MLPs the experiments use, with an explicit initialisation
+because framework defaults change the result: with PyTorch's default ``nn.Linear`` init
+(variance ``1/(3·fan_in)``) a 20-layer linear net's signal shrinks by ~3× per layer and the
+measured alignment collapses to ~0.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+
+from . import _checks
 
 __all__ = [
     "ACTIVATIONS",
@@ -23,6 +29,8 @@ __all__ = [
     "KWinnersTakeAll",
     "default_gain",
     "forward_states",
+    "group_layers",
+    "layer_activation",
     "make_activation",
     "make_mlp",
     "reinitialize",
@@ -54,18 +62,15 @@ class KWinnersTakeAll(nn.Module):
 
     def __init__(self, k: float = 0.5, temperature: float = 0.1):
         super().__init__()
-        if not (isinstance(k, (int, float)) and k > 0):
-            raise ValueError(f"kwta k must be a positive count or a fraction in (0, 1), got {k!r}")
-        if not temperature > 0:
-            raise ValueError(f"kwta temperature must be > 0, got {temperature!r}")
-        self.k = k
-        self.temperature = temperature
+        _checks.number("kwta k (a count, or a fraction in (0, 1))", k, above=0)
+        _checks.number("kwta temperature", temperature, above=0)
+        self.k, self.temperature = k, temperature
 
     def winners(self, width: int) -> float:
         """The budget ``k`` as a count for a layer of ``width`` units."""
         k = self.k * width if self.k < 1 else float(self.k)
         if k > width:
-            raise ValueError(f"kwta k={self.k} exceeds the layer width {width}")
+            raise ValueError(f"kwta k={self.k:g} exceeds the layer width {width}")
         return k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,19 +84,15 @@ class KWinnersTakeAll(nn.Module):
 
 def make_activation(name: str) -> nn.Module:
     """The activation ``h`` named ``name`` (one of :data:`ACTIVATIONS`)."""
-    if name == "linear":
-        return nn.Identity()
-    if name == "relu":
-        return nn.ReLU()
-    if name == "leaky_relu":
-        return nn.LeakyReLU(0.01)
-    if name == "tanh":
-        return nn.Tanh()
-    if name == "centered_leaky_clip":
-        return CenteredLeakyClip()
-    if name == "kwta":
-        return KWinnersTakeAll()
-    raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {name!r}")
+    factories = {
+        "linear": nn.Identity,
+        "relu": nn.ReLU,
+        "leaky_relu": lambda: nn.LeakyReLU(0.01),
+        "tanh": nn.Tanh,
+        "centered_leaky_clip": CenteredLeakyClip,
+        "kwta": KWinnersTakeAll,
+    }
+    return factories[_checks.one_of("activation", name, choices=ACTIVATIONS)]()
 
 
 def default_gain(activation: str) -> float:
@@ -119,10 +120,8 @@ class DenseLayer(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        if init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
-        if not (isinstance(gain, (int, float)) and math.isfinite(gain) and gain > 0):
-            raise ValueError(f"gain must be a finite number > 0, got {gain!r}")
+        init = _checks.one_of("init", init, choices=INITS)
+        gain = _checks.number("gain", gain, above=0)
         self.linear = nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
         self.activation = make_activation(activation)
         self.activation_name = activation
@@ -166,6 +165,7 @@ def make_mlp(
     in_features: int | None = None,
     out_features: int | None = None,
     dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
 ) -> nn.Sequential:
     """A random MLP of ``depth`` :class:`DenseLayer` s, ``width`` units each.
 
@@ -180,16 +180,19 @@ def make_mlp(
         in_features: width of the input ``x`` (default ``width``).
         out_features: width of the last layer (default ``width``), e.g. a classifier's logits.
         dtype: parameter dtype; float64 for exact measurements, float32 for training.
+        device: where the parameters live (default: the CPU). The weights are drawn on the
+            CPU and then moved, so every device gets the same network.
 
     Returns:
         ``nn.Sequential`` whose items are the layers, so ``net[i]`` is layer ``i+1``.
     """
-    if not (isinstance(depth, int) and depth >= 1):
-        raise ValueError(f"depth must be an integer ≥ 1, got {depth!r}")
-    if not (isinstance(width, int) and width >= 1):
-        raise ValueError(f"width must be an integer ≥ 1, got {width!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+    depth = _checks.integer("depth", depth, minimum=1)
+    width = _checks.integer("width", width, minimum=1)
+    activation = _checks.one_of("activation", activation, choices=ACTIVATIONS)
+    seed = _checks.integer("seed", seed)
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if value is not None:
+            _checks.integer(name, value, minimum=1)
     gain = default_gain(activation) if gain is None else gain
     sizes = [in_features or width] + [width] * (depth - 1) + [out_features or width]
     layers = [
@@ -197,8 +200,8 @@ def make_mlp(
         for i in range(depth)
     ]
     net = nn.Sequential(*layers)
-    reinitialize(net, seed)
-    return net
+    reinitialize(net, seed)  # drawn on the CPU, then moved: the same weights on every device
+    return net if device is None else net.to(device)
 
 
 def reinitialize(layers: Sequence[nn.Module], seed: int) -> None:
@@ -210,10 +213,157 @@ def reinitialize(layers: Sequence[nn.Module], seed: int) -> None:
 
 
 def forward_states(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-    """The states ``[s_1, …, s_L]`` of ``layers`` on input ``x = s_0``."""
+    """The states ``[s_1, …, s_L]`` of the layers of :func:`group_layers` ``(layers)`` on input
+    ``x = s_0``: one state per layer, as the measurements and targets count them."""
     states = []
     s = x
-    for layer in layers:
+    for layer in group_layers(layers):
         s = layer(s)
         states.append(s)
     return states
+
+
+# ----------------------------------------------------------------------------- any stack
+
+
+_GROUPS = (
+    "wrap the network as nn.Sequential of (layer, activation) groups, e.g. nn.Sequential("
+    "nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), nn.Sequential(nn.Flatten(), "
+    "nn.Linear(144, 10))): each group's output is a state s_i with its own loss"
+)
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _items(layers) -> list:
+    if isinstance(layers, (nn.Sequential, nn.ModuleList)):
+        return list(layers)
+    if isinstance(layers, nn.Module):
+        raise TypeError(
+            "layers must be a sequence of modules (nn.Sequential, nn.ModuleList or a list), "
+            f"got a single {type(layers).__name__}, whose layers the lab cannot see; {_GROUPS}"
+        )
+    if isinstance(layers, torch.Tensor) or not isinstance(layers, Sequence):
+        raise TypeError(f"layers must be a sequence of nn.Module, got {type(layers).__name__}")
+    return list(layers)
+
+
+def group_layers(layers: Sequence[nn.Module]) -> nn.Sequential:
+    """The layers ``s_i = h(s_{i-1}, φ_i)`` that the lab sees in a stack of modules.
+
+    Each module with a trainable parameter (one with ``requires_grad``) starts a layer; each
+    module without one — an activation, ``Flatten``, pooling, ``Dropout``, or a module whose
+    parameters are all frozen — joins the layer before it, so its output is that layer's
+    state. Only the top level is grouped: a nested ``nn.Sequential`` (or any module) with
+    trainable parameters is one layer as a whole, which is how to put several parameterised
+    modules into one layer (e.g. ``Conv2d`` + ``BatchNorm2d``).
+
+    Args:
+        layers: an ``nn.Sequential``, ``nn.ModuleList`` or list of modules.
+
+    Returns:
+        ``nn.Sequential`` with one item per layer, sharing the given modules (no copies): the
+        module itself when it stands alone, else ``nn.Sequential(module, *followers)``.
+        Grouping it again returns the same grouping.
+
+    Raises:
+        TypeError: ``layers`` is a single module that is not a sequence (e.g. a custom
+            ``nn.Module`` with its own ``forward``), or holds something that is not a module.
+        ValueError: ``layers`` is empty, or starts with a parameter-free module (there is no
+            layer before it to join).
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2),
+        ...                     nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 10))
+        >>> [len(g) if isinstance(g, nn.Sequential) else 1 for g in group_layers(net)]
+        [3, 3, 1]
+    """
+    groups: list[list[nn.Module]] = []
+    for k, module in enumerate(_items(layers)):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"layers[{k}] must be an nn.Module, got {type(module).__name__}")
+        if _trainable(module):
+            groups.append([module])
+        elif groups:
+            groups[-1].append(module)
+        else:
+            raise ValueError(
+                f"layers[{k}] ({type(module).__name__}) has no trainable parameters and no "
+                "layer before it to join (parameter-free modules such as activations, Flatten "
+                "or pooling join the module with parameters before them). Apply it to x "
+                f"before measuring, or drop it; to choose the layers yourself, {_GROUPS}"
+            )
+    if not groups:
+        raise ValueError("layers must contain at least one layer, got an empty sequence")
+    return nn.Sequential(*(g[0] if len(g) == 1 else nn.Sequential(*g) for g in groups))
+
+
+def layer_activation(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(body, h)`` of one layer of :func:`group_layers`: ``layer(a) = h(body(a))``.
+
+    ``h`` is the layer's parameter-free tail: a :class:`DenseLayer`'s activation; for an
+    ``nn.Sequential`` the modules after its last one with parameters; else ``nn.Identity``
+    (a module's own internal nonlinearity cannot be seen from outside).
+    """
+    if isinstance(layer, DenseLayer):
+        return layer.linear, layer.activation
+    if isinstance(layer, nn.Sequential):
+        items = list(layer)
+        last = max((k for k, m in enumerate(items) if _trainable(m)), default=-1)
+        if 0 <= last < len(items) - 1:
+            return nn.Sequential(*items[: last + 1]), nn.Sequential(*items[last + 1 :])
+    return layer, nn.Identity()
+
+
+def _post_order(module: nn.Module) -> Iterator[nn.Module]:
+    """Every submodule, children before their parent (siblings in order)."""
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
+
+
+def _reset(module: nn.Module, seed: int) -> None:
+    """``reset_parameters()`` on every submodule that has one, children first (a parent's own
+    reset — e.g. :class:`DenseLayer`'s init — wins), from the seeded CPU generators."""
+    covered: set[int] = set()
+    generator = torch.Generator().manual_seed(int(seed))  # DenseLayers, in forward order
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))  # the default inits of torch.nn modules
+        for sub in _post_order(module):
+            if isinstance(sub, DenseLayer):
+                sub.reset_parameters(generator)
+            elif callable(getattr(sub, "reset_parameters", None)):
+                sub.reset_parameters()
+            else:
+                continue
+            covered.update(id(p) for p in sub.parameters())
+    for name, p in module.named_parameters():
+        if p.requires_grad and id(p) not in covered:
+            raise TypeError(
+                f"cannot re-initialise parameter {name!r}: no module holding it has "
+                "reset_parameters(); give that module one, or use other targets"
+            )
+
+
+def reinitialized_copy(layers: Sequence[nn.Module], seed: int) -> nn.Sequential:
+    """An independent copy of :func:`group_layers` ``(layers)`` with fresh parameters.
+
+    Every submodule with ``reset_parameters()`` is reset (:class:`DenseLayer` s from one
+    generator seeded by ``seed``, in order, as :func:`reinitialize`; other modules from the
+    global RNG seeded by ``seed`` inside a forked RNG state, so the caller's RNG is untouched).
+    The reset runs on a CPU copy, then the copy is moved back to the original device: the
+    same teacher on every device. A trainable parameter that no module can reset
+    is a ``TypeError``.
+    """
+    grouped = group_layers(layers)
+    devices = {t.device for t in [*grouped.parameters(), *grouped.buffers()]}
+    copied = copy.deepcopy(grouped)
+    if len(devices) == 1:
+        (device,) = devices
+        _reset(copied.to("cpu"), seed)
+        return copied.to(device)
+    _reset(copied, seed)  # parameters on several devices: reset in place
+    return copied

@@ -6,6 +6,8 @@ explicit flags override them. Keys are the flag names with ``-`` written as ``_`
 
 from __future__ import annotations
 
+from . import _checks
+
 __all__ = ["ALIGN_DEFAULTS", "PRESETS", "preset"]
 
 # Defaults of `gradkit align`, the gist's setting without a stated width/batch filled in.
@@ -67,6 +69,4 @@ PRESETS: dict[str, dict] = {
 
 def preset(name: str) -> dict:
     """A copy of the preset ``name`` (one of :data:`PRESETS`)."""
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {name!r}")
-    return dict(PRESETS[name])
+    return dict(PRESETS[_checks.one_of("preset", name, choices=tuple(PRESETS))])

@@ -40,6 +40,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from . import _checks
+from .networks import group_layers
 from .targets import layer_losses
 
 __all__ = [
@@ -59,8 +61,7 @@ TRAIN_MODES = ("local", "global")
 
 def check_mode(mode: str) -> None:
     """A ``ValueError`` naming :data:`TRAIN_MODES` unless ``mode`` is one of them."""
-    if mode not in TRAIN_MODES:
-        raise ValueError(f"mode must be one of {', '.join(TRAIN_MODES)}; got {mode!r}")
+    _checks.one_of("mode", mode, choices=TRAIN_MODES)
 
 
 def layerwise_losses(
@@ -76,8 +77,12 @@ def layerwise_losses(
     ``∂(Σ_j ℓ_j)/∂φ_i``. The returned values are the same in both modes.
     """
     check_mode(mode)
+    layers = group_layers(layers)
     if len(layers) != len(targets):
-        raise ValueError(f"got {len(layers)} layers but {len(targets)} targets")
+        raise ValueError(
+            f"got {len(layers)} layers but {len(targets)} targets (parameter-free modules "
+            "join the layer before them: see gradkit.align.group_layers)"
+        )
     states, state = [], x
     for layer in layers:
         state = layer(state.detach() if mode == "local" else state)
@@ -120,10 +125,8 @@ def minibatch_indices(samples: int, batch_size: int, steps: int, seed: int) -> t
     seen once per epoch. Both training modes call this with the same seed, hence see the same
     minibatches in the same order.
     """
-    if not (isinstance(batch_size, int) and 1 <= batch_size <= samples):
-        raise ValueError(f"batch_size must be an integer in [1, {samples}], got {batch_size!r}")
-    if not (isinstance(steps, int) and steps >= 0):
-        raise ValueError(f"steps must be an integer ≥ 0, got {steps!r}")
+    _checks.integer("batch_size", batch_size, minimum=1, maximum=samples)
+    _checks.integer("steps", steps, minimum=0)
     per_epoch = samples // batch_size
     epochs = -(-steps // per_epoch) if steps else 0
     generator = torch.Generator().manual_seed(int(seed))
@@ -136,8 +139,7 @@ def minibatch_indices(samples: int, batch_size: int, steps: int, seed: int) -> t
 
 def checkpoint_steps(steps: int, eval_every: int) -> list[int]:
     """Steps at which training is evaluated: ``0, eval_every, 2·eval_every, …`` and ``steps``."""
-    if not (isinstance(eval_every, int) and eval_every >= 1):
-        raise ValueError(f"eval_every must be an integer ≥ 1, got {eval_every!r}")
+    _checks.integer("eval_every", eval_every, minimum=1)
     marks = list(range(0, steps + 1, eval_every))
     if marks[-1] != steps:
         marks.append(steps)
@@ -152,7 +154,7 @@ def _alignment(layers: Sequence[nn.Module], x: torch.Tensor, targets: Sequence[t
 
 
 def train(
-    layers: nn.Sequential,
+    layers: Sequence[nn.Module],
     x: torch.Tensor,
     targets: Sequence[torch.Tensor],
     mode: str,
@@ -169,9 +171,11 @@ def train(
     """Train ``layers`` in place on layerwise targets with momentum SGD; return the history.
 
     Args:
-        layers: the network; it is updated in place. Copy it first to train both modes from the
-            same initial weights (as :mod:`.train_experiment` does).
-        x: all inputs ``s_0``, shape ``(samples, in_features)``.
+        layers: the network, any stack of modules (grouped into layers by
+            :func:`~gradkit.align.networks.group_layers`); it is updated in place (only its
+            trainable parameters). Copy it first to train both modes from the same initial
+            weights (as :mod:`.train_experiment` does).
+        x: all inputs ``s_0``, ``samples`` rows, on the network's device.
         targets: ``[s_1*, …, s_L*]``, each with ``samples`` rows.
         mode: ``"local"`` or ``"global"`` (:data:`TRAIN_MODES`).
         steps: number of updates.
@@ -183,7 +187,7 @@ def train(
         measure_alignment: also record ``cos(∂ℓ_i/∂φ_i, ∂L/∂φ_i)`` per layer at each checkpoint
             (via :func:`gradkit.align.measure.alignment_report`, full batch).
         metrics: optional ``metrics(layers) -> {name: value}`` recorded at each checkpoint
-            (e.g. test accuracy).
+            (e.g. test accuracy), called with ``layers`` as given.
 
     Returns:
         ``{"step": [..], "layer_loss": [[ℓ_1..ℓ_L], ..], "total_loss": [..]}`` with one entry
@@ -191,16 +195,18 @@ def train(
         ``L`` per checkpoint) when measured, and one list per ``metrics`` key.
     """
     check_mode(mode)
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a number > 0, got {lr!r}")
-    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    lr = _checks.number("lr", lr, above=0)
+    momentum = _checks.number("momentum", momentum, at_least=0, below=1)
+    network, layers = layers, group_layers(layers)
+    if len(layers) != len(targets):
+        raise ValueError(f"got {len(layers)} layers but {len(targets)} targets")
     samples = x.shape[0]
     if any(t.shape[0] != samples for t in targets):
         raise ValueError("every target must have as many rows as x")
-    batches = minibatch_indices(samples, batch_size, steps, seed)
+    batches = minibatch_indices(samples, batch_size, steps, seed).to(x.device)
     checkpoints = set(checkpoint_steps(steps, eval_every))
-    optimizer = torch.optim.SGD(layers.parameters(), lr=lr, momentum=momentum)
+    trainable = [p for p in layers.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=lr, momentum=momentum)
     history: dict[str, list] = {"step": [], "layer_loss": [], "total_loss": []}
 
     def record(step: int) -> None:
@@ -209,7 +215,7 @@ def train(
         history["layer_loss"].append(losses.tolist())
         history["total_loss"].append(losses.sum().item())
         extra = _alignment(layers, x, targets) if measure_alignment else {}
-        extra.update(metrics(layers) if metrics is not None else {})
+        extra.update(metrics(network) if metrics is not None else {})
         for key, value in extra.items():
             history.setdefault(key, []).append(value)
 
