@@ -345,3 +345,59 @@ def test_no_host_synchronisation_and_cuda_graph_capture(solver):
     torch.cuda.current_stream().wait_stream(stream)
     graph.replay()
     torch.testing.assert_close(captured, expected)
+
+
+# ------------------------------------------------------- compiled for a GPU, without one
+
+
+def _pointer(dtype: torch.dtype) -> str:
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    return "*" + names.get(dtype, "fp64")
+
+
+def _compile_for_cuda(kernel, runtime: dict, constants: dict):
+    """Compile ``kernel`` to a cubin for an sm_90 GPU (no GPU needed: Triton's bundled
+    compiler and ptxas) with the launcher's compile-time parameters."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {**runtime, **dict.fromkeys(constants, "constexpr")}
+    names = list(signature)
+    assert names == kernel.arg_names, names
+    folded = {(names.index(name),): value for name, value in constants.items()}
+    source = ASTSource(kernel, signature, constexprs=folded)
+    target = GPUTarget("cuda", 90, 32)
+    return triton.compile(source, target=target, options=dict(_gpu._OPTIONS))
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "rows", "n"),
+    [(torch.float32, 4096, 64), (torch.float64, 2, 3000)],
+)
+def test_kernels_compile_for_a_cuda_gpu(x_dtype, rows, n):
+    # Interpreted runs skip Triton's compiler (types of loop-carried values, constexpr
+    # folding, lowering of the reductions): compile both kernels as the launcher would.
+    missing = _triton_missing()
+    if missing:
+        pytest.skip(missing)
+    import triton
+
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("this triton has no NVIDIA backend")
+    module = _gpu._load_kernels(interpret=False)
+    if module is None:
+        pytest.skip(f"triton unusable: {_gpu.reason()}")
+    assert isinstance(module._solve_kernel, triton.runtime.JITFunction)
+    per_program, block = _gpu.tiling(rows, n)
+    data = _pointer(x_dtype)
+    solve = _pointer(torch.float64 if x_dtype == torch.float64 else torch.float32)
+    runtime = {"x_ptr": data, "out_ptr": data, "k_ptr": solve, "k_stride": "i32"}
+    runtime.update({"tau_ptr": solve, "tau_stride": "i32", "iters_ptr": "*i32"})
+    runtime.update({"rows": "i32", "n": "i32"})
+    constants = _gpu.solve_constants(x_dtype, per_program, block, count=False)
+    assert _compile_for_cuda(module._solve_kernel, runtime, constants).asm["cubin"]
+    runtime = {"g_ptr": data, "p_ptr": data, "gx_ptr": data, "gk_ptr": data}
+    runtime.update({"tau_ptr": solve, "tau_stride": "i32", "rows": "i32", "n": "i32"})
+    constants = _gpu.vjp_constants(x_dtype, per_program, block)
+    assert _compile_for_cuda(module._vjp_kernel, runtime, constants).asm["cubin"]

@@ -54,6 +54,10 @@ _WIDE_START = 16.0
 _PROBES = 8
 _SECTIONS = 4
 
+# Compiler options: no contraction of a·b + c into one rounding (FMA), so that the compiled
+# kernels round as the interpreted ones (and the tests) do.
+_OPTIONS = {"enable_fp_fusion": False}
+
 _KERNEL_SOURCE = Path(__file__).with_name("_gpu_kernels.py")
 _lock = threading.Lock()
 _modules: dict[bool, ModuleType | None] = {}
@@ -152,7 +156,7 @@ def _per_row(value, batch_shape: torch.Size, dtype: torch.dtype, device) -> tupl
     return value.expand(batch_shape).reshape(-1).contiguous(), 1
 
 
-def _tiling(rows: int, n: int) -> tuple[int, int]:
+def tiling(rows: int, n: int) -> tuple[int, int]:
     """``(ROWS, BLOCK)``: rows per program and elements per block (powers of two)."""
     block = min(max(16, 1 << (max(n, 1) - 1).bit_length()), MAX_BLOCK)
     per_program = max(1, min(_ROWS_MAX, _TILE // block, 1 << (max(rows, 1) - 1).bit_length()))
@@ -216,22 +220,39 @@ def solve(
     out = torch.empty_like(x_rows)
     k_rows, k_stride = _per_row(k, batch, dtype, x.device)
     tau_rows, tau_stride = _per_row(inv_tau, batch, dtype, x.device)
-    per_program, default_block = _tiling(rows, n)
+    per_program, default_block = tiling(rows, n)
     if block is not None:
         per_program, default_block = 1, block
     count = iterations is not None
     counter = iterations if count else torch.empty(1, dtype=torch.int32, device=x.device)
-    finfo = torch.finfo(dtype)
+    constants = solve_constants(x.dtype, per_program, default_block, count)
     grid = (triton_cdiv(rows, per_program),)
     with _host_arithmetic(x):
         module._solve_kernel[grid](
-            x_rows, out, k_rows, k_stride, tau_rows, tau_stride, counter, rows, n,
-            ROWS=per_program, BLOCK=default_block, CDT=_triton_dtype(dtype),
-            IS_F64=dtype == torch.float64, EPS=finfo.eps, LIMIT=finfo.max / 16,
-            NEWTON_STEPS=NEWTON_STEPS, MAX_ITERS=max_iterations(dtype), WIDE=_WIDE_BRACKET,
-            WIDE_START=_WIDE_START, PROBES=_PROBES, SECTIONS=_SECTIONS, COUNT=count,
+            x_rows, out, k_rows, k_stride, tau_rows, tau_stride, counter, rows, n, **constants,
+            **_OPTIONS,
         )  # fmt: skip
     return out.view(x.shape)
+
+
+def solve_constants(x_dtype: torch.dtype, rows_per_program: int, block: int, count: bool):
+    """The compile-time parameters of ``_solve_kernel`` for inputs of dtype ``x_dtype``."""
+    dtype = _compute_dtype(x_dtype)
+    finfo = torch.finfo(dtype)
+    return dict(
+        ROWS=rows_per_program, BLOCK=block, CDT=_triton_dtype(dtype),
+        IS_F64=dtype == torch.float64, EPS=finfo.eps, LIMIT=finfo.max / 16,
+        NEWTON_STEPS=NEWTON_STEPS, MAX_ITERS=max_iterations(dtype), WIDE=_WIDE_BRACKET,
+        WIDE_START=_WIDE_START, PROBES=_PROBES, SECTIONS=_SECTIONS, COUNT=count,
+    )  # fmt: skip
+
+
+def vjp_constants(p_dtype: torch.dtype, rows_per_program: int, block: int):
+    """The compile-time parameters of ``_vjp_kernel`` for ``p`` of dtype ``p_dtype``."""
+    return dict(
+        ROWS=rows_per_program, BLOCK=block, CDT=_triton_dtype(_compute_dtype(p_dtype)),
+        SATURATE=p_dtype in (torch.float16, torch.bfloat16), OUT_MAX=torch.finfo(p_dtype).max,
+    )  # fmt: skip
 
 
 def vjp(
@@ -262,16 +283,15 @@ def vjp(
     dtype = _compute_dtype(p.dtype)
     rows = p.numel() // n
     tau_rows, tau_stride = _per_row(inv_tau, batch, dtype, p.device)
-    per_program, default_block = _tiling(rows, n)
+    per_program, default_block = tiling(rows, n)
     if block is not None:
         per_program, default_block = 1, block
-    saturate = p.dtype in (torch.float16, torch.bfloat16)
+    constants = vjp_constants(p.dtype, per_program, default_block)
     with _host_arithmetic(p):
         module._vjp_kernel[(triton_cdiv(rows, per_program),)](
             grad.contiguous().view(rows, n), p.contiguous().view(rows, n),
-            grad_x.view(rows, n), grad_k.view(rows), tau_rows, tau_stride, rows, n,
-            ROWS=per_program, BLOCK=default_block, CDT=_triton_dtype(dtype),
-            SATURATE=saturate, OUT_MAX=torch.finfo(p.dtype).max,
+            grad_x.view(rows, n), grad_k.view(rows), tau_rows, tau_stride, rows, n, **constants,
+            **_OPTIONS,
         )  # fmt: skip
     return grad_x, grad_k
 
