@@ -84,34 +84,34 @@ def _row_stats(x_ptr, row_base, row_ok, n, ROWS: tl.constexpr, BLOCK: tl.constex
 
 
 @triton.jit
-def _tile_w(x, factor):
-    """``w = s·a·x`` on the finite entries (0 elsewhere) and the finiteness mask."""
+def _tile_w(x, center, factor):
+    """``w = s·a·(x − c)`` on the finite entries (0 elsewhere) and the finiteness mask."""
     live = (x > float("-inf")) & (x < float("inf"))
-    return tl.where(live, x, 0.0) * factor[:, None], live
+    return (tl.where(live, x, center[:, None]) - center[:, None]) * factor[:, None], live
 
 
 @triton.jit
-def _lse(x_ptr, row_base, row_ok, n, factor, w_max, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+def _lse(x_ptr, row_base, row_ok, n, center, factor, w_max, ROWS: tl.constexpr, BLOCK: tl.constexpr,
          CDT: tl.constexpr):  # fmt: skip
     """``Σ e^{w − w_max}`` over the finite entries (≥ 1 on a row with any)."""
     total = tl.full([ROWS], 0, CDT)
     for start in range(0, n, BLOCK):
         x, _ = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
-        w, live = _tile_w(x, factor)
+        w, live = _tile_w(x, center, factor)
         total += _sum(tl.where(live, tl.exp(w - w_max[:, None]), 0.0), axis=1)
     return total
 
 
 @triton.jit
-def _evaluate(x_ptr, row_base, row_ok, n, factor, t, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-              CDT: tl.constexpr):  # fmt: skip
+def _evaluate(x_ptr, row_base, row_ok, n, center, factor, t, ROWS: tl.constexpr,
+              BLOCK: tl.constexpr, CDT: tl.constexpr):  # fmt: skip
     """One solver pass: ``F = Σp``, ``Σv`` and ``Σp·v`` at ``t`` (finite entries only)."""
     mass = tl.full([ROWS], 0, CDT)
     slope = tl.full([ROWS], 0, CDT)
     upper = tl.full([ROWS], 0, CDT)
     for start in range(0, n, BLOCK):
         x, _ = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
-        w, live = _tile_w(x, factor)
+        w, live = _tile_w(x, center, factor)
         p, q = _sigmoid_pair(w - t[:, None])
         p = tl.where(live, p, 0.0)
         v = p * q
@@ -122,14 +122,14 @@ def _evaluate(x_ptr, row_base, row_ok, n, factor, t, ROWS: tl.constexpr, BLOCK: 
 
 
 @triton.jit
-def _masses_at(x_ptr, row_base, row_ok, n, factor, t_a, t_b, ROWS: tl.constexpr,
+def _masses_at(x_ptr, row_base, row_ok, n, center, factor, t_a, t_b, ROWS: tl.constexpr,
                BLOCK: tl.constexpr, CDT: tl.constexpr):  # fmt: skip
     """``F(t_a)`` and ``F(t_b)`` in one pass (the two ends of a collapsed bracket)."""
     mass_a = tl.full([ROWS], 0, CDT)
     mass_b = tl.full([ROWS], 0, CDT)
     for start in range(0, n, BLOCK):
         x, _ = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
-        w, live = _tile_w(x, factor)
+        w, live = _tile_w(x, center, factor)
         p_a, _ = _sigmoid_pair(w - t_a[:, None])
         p_b, _ = _sigmoid_pair(w - t_b[:, None])
         mass_a += _sum(tl.where(live, p_a, 0.0), axis=1)
@@ -138,7 +138,7 @@ def _masses_at(x_ptr, row_base, row_ok, n, factor, t_a, t_b, ROWS: tl.constexpr,
 
 
 @triton.jit
-def _section(x_ptr, row_base, row_ok, n, factor, budget, lo, hi, wide, ROWS: tl.constexpr,
+def _section(x_ptr, row_base, row_ok, n, center, factor, budget, lo, hi, wide, ROWS: tl.constexpr,
              PROBES: tl.constexpr, SUB: tl.constexpr, CDT: tl.constexpr):  # fmt: skip
     """One multisection pass on the ``wide`` rows: ``F`` at ``PROBES`` points evenly spaced in
     ``(lo, hi)`` (one read of the row, ``(ROWS, PROBES, SUB)`` tiles), and the bracket shrunk
@@ -148,7 +148,7 @@ def _section(x_ptr, row_base, row_ok, n, factor, budget, lo, hi, wide, ROWS: tl.
     masses = tl.full([ROWS, PROBES], 0, CDT)
     for start in range(0, n, SUB):
         x, _ = _load(x_ptr, row_base, row_ok, start, n, SUB, CDT)
-        w, live = _tile_w(x, factor)
+        w, live = _tile_w(x, center, factor)
         p, _ = _sigmoid_pair(w[:, None, :] - probes[:, :, None])
         masses += _sum(tl.where(live[:, None, :], p, 0.0), 2)
     left = _max(tl.where(masses > budget[:, None], probes, float("-inf")), 1)
@@ -191,6 +191,13 @@ def _ordered_midpoint(lo, hi, IS_F64: tl.constexpr):
 
 
 @triton.jit
+def _adjacent(lo, hi):
+    """No float lies strictly between ``lo`` and ``hi``: the bracket cannot shrink further."""
+    middle = 0.5 * lo + 0.5 * hi
+    return (middle <= lo) | (middle >= hi)
+
+
+@triton.jit
 def _newton_or_bisect(t, lo, hi, excess, slope, upper, newton_allowed, EPS: tl.constexpr,
                       WIDE: tl.constexpr, IS_F64: tl.constexpr):  # fmt: skip
     """The next ``t`` and whether the row is finished after it (bracket already updated)."""
@@ -200,10 +207,21 @@ def _newton_or_bisect(t, lo, hi, excess, slope, upper, newton_allowed, EPS: tl.c
     resolution = EPS * tl.maximum(tl.abs(t), 1.0)
     # The error after a two-tail step is ≲ |δ|³/4: below the resolution of t, the row is done.
     small = newton_ok & ((tl.abs(step) * step * step <= 4.0 * resolution) | (t_newton == t))
-    collapsed = ~newton_ok & (hi - lo <= 4.0 * resolution)
+    collapsed = ~newton_ok & _adjacent(lo, hi)
     midpoint = tl.where(hi - lo > WIDE, _ordered_midpoint(lo, hi, IS_F64), 0.5 * lo + 0.5 * hi)
     t_next = tl.where(newton_ok, t_newton, tl.where(collapsed, t, midpoint))
     return t_next, small | collapsed
+
+
+@triton.jit
+def _recentre(t, lo, hi, center, factor, move, EPS: tl.constexpr):
+    """Move the centre of the ``move`` rows to the point ``t`` (in ``x`` units: ``c + t/(sa)``)
+    and shift ``t`` and the bracket with it; the bracket is widened by the rounding of the
+    shift, so that it still holds the root."""
+    new_center = tl.where(move, center + t / tl.where(move, factor, 1.0), center)
+    shift = (new_center - center) * factor
+    slack = 8.0 * EPS * tl.abs(shift)
+    return t - shift, lo - shift - slack, hi - shift + slack, new_center
 
 
 @triton.jit
@@ -229,23 +247,30 @@ def _solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_pt
     trivial = (k_live <= 0.0) | (k_live >= n_live)
     tied = (x_max == x_min) & ~trivial
     solving = row_ok & (nan_count == 0) & ~trivial & ~tied
-    # a = 1/τ, capped so that |w| ≤ max/16 (every difference stays finite).
-    magnitude = tl.where(live_count > 0, tl.maximum(tl.abs(x_max), tl.abs(x_min)), 0.0)
-    capped = magnitude * tl.minimum(inv_tau, LIMIT) > LIMIT
-    scale = tl.where(capped, LIMIT / tl.where(capped, magnitude, 1.0), tl.minimum(inv_tau, LIMIT))
+    # w is taken relative to a centre c near the root, so that w − t keeps the resolution of
+    # the entries that matter whatever the offset of the scores: the row's maximum for rows
+    # spanning at most WIDE_START units; for wider rows, 0 until the bracket is that narrow
+    # (see below).  a = 1/τ is capped so that |w| ≤ max/16 (every difference stays finite).
+    inv_tau = tl.minimum(inv_tau, LIMIT)
+    spread = tl.where(solving, x_max - x_min, 0.0)
+    centred = solving & (spread * inv_tau <= WIDE_START)
+    center = tl.where(centred, x_max, 0.0)
+    magnitude = tl.where(centred, spread, tl.maximum(tl.abs(x_max), tl.abs(x_min)))
+    capped = magnitude * inv_tau > LIMIT
+    scale = tl.where(capped, LIMIT / tl.where(capped, magnitude, 1.0), inv_tau)
     flip = k_live > 0.5 * n_live
     factor = tl.where(solving, tl.where(flip, -scale, scale), 0.0)
     budget = tl.where(solving, tl.where(flip, n_live - k_live, k_live), 1.0)
     n_solve = tl.where(solving, n_live, 2.0)
-    u_min = tl.where(solving, x_min * scale, 0.0)
-    u_max = tl.where(solving, x_max * scale, 0.0)
+    u_min = tl.where(solving, (x_min - center) * scale, 0.0)
+    u_max = tl.where(solving, (x_max - center) * scale, 0.0)
     w_min = tl.where(flip, -u_max, u_min)
     w_max = tl.where(flip, -u_min, u_max)
     log_budget = tl.log(budget)
     logit = log_budget - tl.log(n_solve - budget)
     lo = w_min - logit
     # Start at the log-sum-exp bound (right of the root, exact in the lower tail).
-    exp_sum = _lse(x_ptr, row_base, row_ok, n, factor, w_max, ROWS, BLOCK, CDT)
+    exp_sum = _lse(x_ptr, row_base, row_ok, n, center, factor, w_max, ROWS, BLOCK, CDT)
     hi = tl.minimum(w_max - logit, w_max + tl.log(tl.maximum(exp_sum, 1.0)) - log_budget)
     # Rows spread over many units (small τ): the log-sum-exp start lies plateaus of saturated
     # entries away from the root; narrow their bracket by multisection first, start midway.
@@ -253,11 +278,14 @@ def _solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_pt
     sectioned = wide
     section = 0
     while (section < SECTIONS) & (_max(wide.to(tl.int32), 0) > 0):
-        lo, hi = _section(x_ptr, row_base, row_ok, n, factor, budget, lo, hi, wide, ROWS,
+        lo, hi = _section(x_ptr, row_base, row_ok, n, center, factor, budget, lo, hi, wide, ROWS,
                           PROBES, BLOCK // PROBES, CDT)  # fmt: skip
         wide = wide & (hi - lo > WIDE_START)
         section += 1
     t = tl.where(sectioned, 0.5 * lo + 0.5 * hi, hi)
+    # Once the bracket is narrow, centre the other rows at the start too.
+    narrow = solving & ~centred & (hi - lo <= WIDE_START)
+    t, lo, hi, center = _recentre(t, lo, hi, center, factor, narrow, EPS)
     tol_mass = 8.0 * EPS * tl.maximum(budget, 1.0)
 
     active = solving
@@ -265,7 +293,9 @@ def _solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_pt
     iters = tl.full([ROWS], 0, tl.int32)
     it = 0
     while (it < MAX_ITERS) & (_max(active.to(tl.int32), axis=0) > 0):
-        mass, slope, upper = _evaluate(x_ptr, row_base, row_ok, n, factor, t, ROWS, BLOCK, CDT)
+        mass, slope, upper = _evaluate(
+            x_ptr, row_base, row_ok, n, center, factor, t, ROWS, BLOCK, CDT
+        )
         excess = tl.where(active, mass - budget, excess)
         met = tl.abs(excess) <= tol_mass
         lo = tl.where(active & (excess > 0), t, lo)
@@ -282,14 +312,13 @@ def _solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_pt
 
     # A bracket collapsed onto a jump of F the dtype cannot resolve (ties at the resolution
     # limit straddling the root): blend its two ends so that the budget is met exactly.
-    width_tol = 4.0 * EPS * tl.maximum(tl.abs(t), 1.0)
-    collapsed = solving & (hi - lo <= width_tol) & (tl.abs(excess) > tol_mass)
+    collapsed = solving & _adjacent(lo, hi) & (tl.abs(excess) > tol_mass)
     t_a = tl.where(collapsed, lo, t)
     t_b = tl.where(collapsed, hi, t)
     weight = tl.full([ROWS], 1.0, CDT)
     any_collapsed = _max(collapsed.to(tl.int32), axis=0) > 0
     if any_collapsed:
-        mass_lo, mass_hi = _masses_at(x_ptr, row_base, row_ok, n, factor, t_a, t_b, ROWS,
+        mass_lo, mass_hi = _masses_at(x_ptr, row_base, row_ok, n, center, factor, t_a, t_b, ROWS,
                                       BLOCK, CDT)  # fmt: skip
         gap = mass_lo - mass_hi
         blend = tl.minimum(tl.maximum((budget - mass_hi) / tl.where(gap != 0, gap, 1.0), 0.0), 1.0)
@@ -302,7 +331,7 @@ def _solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_pt
     has_nan = nan_count > 0
     for start in range(0, n, BLOCK):
         x, inside = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
-        w, live = _tile_w(x, factor)
+        w, live = _tile_w(x, center, factor)
         p, q = _sigmoid_pair(w - t_a[:, None])
         value = tl.where(flip[:, None], q, p)
         if any_collapsed:

@@ -68,6 +68,12 @@ def _ordered_midpoint(lo: Tensor, hi: Tensor) -> Tensor:
     return torch.where(mid >= 0, mid, int_min - mid).view(lo.dtype)
 
 
+def _adjacent(lo: Tensor, hi: Tensor) -> Tensor:
+    """No float lies strictly between ``lo`` and ``hi``: the bracket cannot shrink further."""
+    middle = 0.5 * lo + 0.5 * hi
+    return (middle <= lo) | (middle >= hi)
+
+
 def _two_tail_step(excess: Tensor, slope: Tensor, upper: Tensor) -> Tensor:
     """δ of the two-tail model (see ``_solve._two_tail_step``); NaN/±inf when degenerate."""
     a = torch.minimum(upper.clamp(min=0.0), slope)
@@ -99,8 +105,13 @@ class _Slices:
         self.solving = ~self.nan & ~self.trivial & ~self.tied
         self.share = torch.clamp(k / n_positive.clamp(min=1.0), max=1.0)
         # a = 1/τ, capped so that |w| ≤ max/16 (every later difference stays finite).
-        magnitude = torch.where(n_live > 0, torch.maximum(x_max.abs(), x_min.abs()), 0.0)
+        # w relative to a centre near the root (as the kernel): the slice's maximum for slices
+        # spanning at most _WIDE_START units, else 0 until the bracket is that narrow.
         inv_tau = inv_tau.clamp(max=eps_limit)
+        spread = torch.where(self.solving, x_max - x_min, 0.0)
+        self.centred = self.solving & (spread * inv_tau <= _WIDE_START)
+        self.center = torch.where(self.centred, x_max, 0.0)
+        magnitude = torch.where(self.centred, spread, torch.maximum(x_max.abs(), x_min.abs()))
         capped = magnitude * inv_tau > eps_limit
         scale = torch.where(capped, eps_limit / torch.where(capped, magnitude, 1.0), inv_tau)
         self.flip = self.k_live > 0.5 * n_live
@@ -108,8 +119,8 @@ class _Slices:
         flipped_budget = torch.where(self.flip, n_live - self.k_live, self.k_live)
         self.budget = torch.where(self.solving, flipped_budget, 1.0)
         n_solve = torch.where(self.solving, n_live, 2.0)
-        u_min = torch.where(self.solving, x_min * scale, 0.0)
-        u_max = torch.where(self.solving, x_max * scale, 0.0)
+        u_min = torch.where(self.solving, (x_min - self.center) * scale, 0.0)
+        u_max = torch.where(self.solving, (x_max - self.center) * scale, 0.0)
         self.w_min = torch.where(self.flip, -u_max, u_min)
         self.w_max = torch.where(self.flip, -u_min, u_max)
         self.logit = torch.log(self.budget) - torch.log(n_solve - self.budget)
@@ -136,9 +147,8 @@ def _section(w: Tensor, s: _Slices, lo: Tensor, hi: Tensor) -> tuple[Tensor, Ten
     return torch.where(wide, new_lo, lo), torch.where(wide, new_hi, hi)
 
 
-def _iterate(w: Tensor, s: _Slices) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The fixed-count safeguarded Newton iteration; returns ``t``, the bracket and ``F − k``."""
-    eps = torch.finfo(w.dtype).eps
+def _start(w: Tensor, s: _Slices) -> tuple[Tensor, Tensor, Tensor]:
+    """The starting point ``t`` and bracket ``[lo, hi]`` of every slice."""
     exp_sum = torch.where(s.live, torch.exp(w - s.w_max), 0.0).sum(-1, keepdim=True)
     lo = s.w_min - s.logit
     log_start = s.w_max + torch.log(exp_sum.clamp(min=1.0)) - torch.log(s.budget)
@@ -148,7 +158,24 @@ def _iterate(w: Tensor, s: _Slices) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     sectioned = s.solving & (hi - lo > _WIDE_START)
     for _ in range(_SECTIONS):
         lo, hi = _section(w, s, lo, hi)
-    t = torch.where(sectioned, 0.5 * lo + 0.5 * hi, hi)
+    return torch.where(sectioned, 0.5 * lo + 0.5 * hi, hi), lo, hi
+
+
+def _recentre(x: Tensor, s: _Slices, t: Tensor, lo: Tensor, hi: Tensor):
+    """Move the centre of the slices not yet centred whose bracket is narrow to ``t``; returns
+    the new ``w`` and the shifted ``t`` and bracket (widened by the rounding of the shift)."""
+    move = s.solving & ~s.centred & (hi - lo <= _WIDE_START)
+    center = torch.where(move, s.center + t / torch.where(move, s.factor, 1.0), s.center)
+    shift = (center - s.center) * s.factor
+    slack = 8 * torch.finfo(x.dtype).eps * shift.abs()
+    s.center = center
+    w = (torch.where(s.live, x, center) - center) * s.factor
+    return w, t - shift, lo - shift - slack, hi - shift + slack
+
+
+def _iterate(w: Tensor, s: _Slices, t: Tensor, lo: Tensor, hi: Tensor):
+    """The fixed-count safeguarded Newton iteration; returns ``t``, the bracket and ``F − k``."""
+    eps = torch.finfo(w.dtype).eps
     tol_mass = 8 * eps * s.budget.clamp(min=1.0)
     active = s.solving
     excess = torch.zeros_like(t)
@@ -163,8 +190,8 @@ def _iterate(w: Tensor, s: _Slices) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         newton_ok = (t_newton > lo) & (t_newton < hi) & (iteration < NEWTON_STEPS)
         resolution = eps * t.abs().clamp(min=1.0)
         small = newton_ok & ((step.abs() * step * step <= 4 * resolution) | (t_newton == t))
-        collapsed = ~newton_ok & (hi - lo <= 4 * resolution)
         arithmetic = 0.5 * lo + 0.5 * hi
+        collapsed = ~newton_ok & _adjacent(lo, hi)
         midpoint = torch.where(hi - lo > _WIDE_BRACKET, _ordered_midpoint(lo, hi), arithmetic)
         t_next = torch.where(newton_ok, t_newton, torch.where(collapsed, t, midpoint))
         t = torch.where(active & ~met, t_next, t)
@@ -208,13 +235,13 @@ def solve_nosync(x: Tensor, k: float | Tensor, inv_tau: float | Tensor) -> Tenso
     if x.numel() == 0:
         return torch.zeros_like(x, dtype=out_dtype)
     s = _Slices(x, _per_slice(k, x), _per_slice(inv_tau, x))
-    w = torch.where(s.live, x, 0.0) * s.factor
-    t, lo, hi, excess = _iterate(w, s)
+    w = (torch.where(s.live, x, s.center) - s.center) * s.factor
+    w, t, lo, hi = _recentre(x, s, *_start(w, s))
+    t, lo, hi, excess = _iterate(w, s, t, lo, hi)
     eps = torch.finfo(dtype).eps
     tol_mass = 8 * eps * s.budget.clamp(min=1.0)
-    width_tol = 4 * eps * t.abs().clamp(min=1.0)
     # A bracket collapsed onto a jump of F the dtype cannot resolve: blend its two ends.
-    collapsed = s.solving & (hi - lo <= width_tol) & (excess.abs() > tol_mass)
+    collapsed = s.solving & _adjacent(lo, hi) & (excess.abs() > tol_mass)
     t_lo = torch.where(collapsed, lo, t)
     t_hi = torch.where(collapsed, hi, t)
     weight = torch.where(collapsed, _blend_weight(w, s, t_lo, t_hi), 1.0)
