@@ -3,21 +3,31 @@
 Launched only through :mod:`gradkit.topk._gpu`, which loads this module once per mode (compiled
 for CUDA tensors, interpreted for CPU tensors: Triton fixes the mode when ``@triton.jit`` runs,
 so each mode needs its own copy of the module).  Math and symbols follow
-:mod:`gradkit.topk._solve`: per row, ``w_i = s·x_i·a`` (``a = 1/τ`` capped so that
-``|w| ≤ max/16``; ``s = −1`` for rows solved as the complement, ``k > n/2``), ``z_i = w_i − t``,
-``p_i = σ(z_i)``, ``v_i = p_i(1 − p_i)``, ``F(t) = Σp``, ``F' = −Σv``; the root of
-``F(t) = k`` lies in ``[w_min − logit(k/n), w_max − logit(k/n)]``.
+:mod:`gradkit.topk._solve`: per row, ``w_i = s·a·(x_i − c)`` (``a = 1/τ`` capped so that
+``|w| ≤ max/16``; ``s = −1`` for rows solved as the complement, ``k > n/2``; ``c`` a centre
+near the root, below), ``z_i = w_i − t``, ``p_i = σ(z_i)``, ``v_i = p_i(1 − p_i)``,
+``F(t) = Σp``, ``F' = −Σv``; the root of ``F(t) = k`` lies in
+``[w_min − logit(k/n), w_max − logit(k/n)]``.
 
 Layout: one program solves ``ROWS`` rows at once on a ``(ROWS, BLOCK)`` tile (``ROWS > 1``
 only when a row fits in one block); a row longer than ``BLOCK`` is streamed block by block in
 every pass.  Per-row state (``t``, the bracket, the convergence flags) is a ``(ROWS,)`` vector
-in registers.  Passes over a row: one for min/max and the counts of ``±inf``/NaN, one for the
-log-sum-exp start, one per Newton iteration (``Σp``, ``Σv`` and ``Σp·v`` fused), one to write
-``p`` (and one more only where a bracket collapsed onto a jump of ``F``).  The iteration is the
-safeguarded model-based Newton of ``_solve.py``: two-tail steps while they stay inside the
-bracket, bisection otherwise (in the float ordering while the bracket is wider than 64 units),
-bisection only after ``NEWTON_STEPS``, at most ``MAX_ITERS`` iterations; each row stops on its
-own test, and the program stops when all its rows have.  Nothing leaves the device.
+in registers.
+
+Passes over a row: one for min/max and the counts of ``±inf``/NaN; one for the log-sum-exp
+start; for rows spanning more than ``WIDE_START`` units of τ (small temperatures, where that
+start lies plateaus of saturated entries away from the root), up to ``SECTIONS``
+multisection passes, each evaluating ``F`` at ``PROBES`` points of the bracket at once and
+shrinking it ``PROBES + 1`` times; one per Newton iteration (``Σp``, ``Σv`` and ``Σp·v``
+fused); one to write ``p`` (and one more only where a bracket collapsed onto a jump of ``F``).
+The centre ``c`` is the row's maximum for narrow rows and, for wide ones, the start once
+multisection has made the bracket narrow: ``w − t`` then keeps the resolution of the entries
+near the root whatever the offset of the scores.  The iteration is the safeguarded
+model-based Newton of ``_solve.py``: two-tail steps while they stay inside the bracket,
+bisection otherwise (in the float ordering while the bracket is wider than 64 units),
+bisection only after ``NEWTON_STEPS``, at most ``MAX_ITERS`` iterations; a bracket has
+collapsed when no float lies inside it.  Each row stops on its own test, and the program
+stops when all its rows have.  Nothing leaves the device.
 """
 
 from __future__ import annotations

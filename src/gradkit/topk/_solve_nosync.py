@@ -12,9 +12,12 @@ take; it is dearer than the host-synchronising path on a CPU (it never stops ear
 
 Per slice (see :mod:`gradkit.topk._solve` for the math): the finite entries share
 ``k_live = clamp(k − m₊, 0, n_live)`` (``m₊`` entries at ``+inf`` take ``min(k/m₊, 1)`` each);
-the slice is solved in ``w = s·a·x`` (``a = 1/τ`` capped so that ``|w| ≤ max/16``, ``s = −1``
-for ``k_live > n_live/2``, solved as the complement) for ``Σσ(w − t) = budget`` from the
-log-sum-exp start, inside the bracket ``[w_min − logit, w_max − logit]``.
+the slice is solved in ``w = s·a·(x − c)`` (``a = 1/τ`` capped so that ``|w| ≤ max/16``,
+``s = −1`` for ``k_live > n_live/2``, solved as the complement, ``c`` a centre near the root)
+for ``Σσ(w − t) = budget`` inside the bracket ``[w_min − logit, w_max − logit]``, from the
+log-sum-exp start or, for slices spanning many units of τ, from the middle of a bracket
+narrowed by multisection (``F`` at 8 points per pass, 4 passes); the kernel's module
+docstring (:mod:`gradkit.topk._gpu_kernels`) has the details.
 """
 
 from __future__ import annotations
