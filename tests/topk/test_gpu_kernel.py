@@ -208,6 +208,25 @@ def test_edge_cases_in_one_batch(solver, dtype):
     assert tied[0] == tied[1] == tied[2]
 
 
+def test_random_mix_of_edge_cases_agrees_with_the_public_operator(solver):
+    # Random rows sprinkled with −inf, +inf, NaN and repeated values, random per-slice budgets
+    # in [0, n]: the same values as gradkit.soft_topk (the CPU paths), slice by slice.
+    from gradkit import soft_topk
+
+    solve, device = solver
+    generator = torch.Generator().manual_seed(18)
+    x = torch.randn(32, 12, dtype=torch.float64, generator=generator).round(decimals=1)
+    special = torch.rand(32, 12, generator=generator)
+    x = torch.where(special < 0.08, -INF, x)
+    x = torch.where((special >= 0.08) & (special < 0.12), INF, x)
+    x[torch.rand(32, generator=generator) < 0.1, 0] = math.nan
+    k = torch.rand(32, dtype=torch.float64, generator=generator) * 12
+    k[:4] = k[:4].round()
+    expected = soft_topk(x, k, temperature=0.3)
+    p = solve(x.to(device), k.to(device), 1 / 0.3).cpu()
+    torch.testing.assert_close(p, expected, atol=1e-12, rtol=0, equal_nan=True)
+
+
 def test_nan_leaves_other_rows_as_if_alone(solver):
     solve, device = solver
     x = seeded_randn(3, 9, seed=7).to(device)
