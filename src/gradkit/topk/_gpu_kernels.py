@@ -235,32 +235,28 @@ def _recentre(t, lo, hi, center, factor, move, EPS: tl.constexpr):
 
 
 @triton.jit
-def _solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_ptr, rows, n,
-                  ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
-                  IS_F64: tl.constexpr, EPS: tl.constexpr, LIMIT: tl.constexpr,
-                  NEWTON_STEPS: tl.constexpr, MAX_ITERS: tl.constexpr, WIDE: tl.constexpr,
-                  WIDE_START: tl.constexpr, PROBES: tl.constexpr, SECTIONS: tl.constexpr,
-                  COUNT: tl.constexpr):  # fmt: skip
-    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = row < rows
-    row_base = row.to(tl.int64) * n
-    k = tl.load(k_ptr + row * k_stride, mask=row_ok, other=1.0).to(CDT)
-    inv_tau = tl.load(tau_ptr + row * tau_stride, mask=row_ok, other=1.0).to(CDT)
-    x_max, x_min, live_count, pos_count, nan_count = _row_stats(
-        x_ptr, row_base, row_ok, n, ROWS, BLOCK, CDT
-    )
-    # Budget left to the finite entries (+inf entries take theirs first), and which rows
-    # need no solve: k = 0 or all live selected (trivial), all tied, or NaN.
+def _budgets(k, row_ok, x_max, x_min, live_count, pos_count, nan_count, CDT: tl.constexpr):
+    """The budget left to the finite entries (``+inf`` entries take theirs first), and which
+    rows need no solve: ``k = 0`` or every live entry selected (trivial), all tied, or NaN."""
     n_live = live_count.to(CDT)
     n_pos = pos_count.to(CDT)
     k_live = tl.minimum(tl.maximum(k - n_pos, 0.0), n_live)
     trivial = (k_live <= 0.0) | (k_live >= n_live)
     tied = (x_max == x_min) & ~trivial
     solving = row_ok & (nan_count == 0) & ~trivial & ~tied
-    # w is taken relative to a centre c near the root, so that w − t keeps the resolution of
-    # the entries that matter whatever the offset of the scores: the row's maximum for rows
-    # spanning at most WIDE_START units; for wider rows, 0 until the bracket is that narrow
-    # (see below).  a = 1/τ is capped so that |w| ≤ max/16 (every difference stays finite).
+    return k_live, n_live, n_pos, tied, solving
+
+
+@triton.jit
+def _coordinates(inv_tau, x_max, x_min, k_live, n_live, solving, LIMIT: tl.constexpr,
+                 WIDE_START: tl.constexpr):  # fmt: skip
+    """``w = s·a·(x − c)``: the centre ``c``, the factor ``s·a``, the flip ``s = −1``, the
+    budget of the solved problem and its bracket ``[lo, hi]`` (before the start).
+
+    ``c`` is the row's maximum for rows spanning at most ``WIDE_START`` units (``w − t`` then
+    keeps the resolution of the entries near the root whatever the offset of the scores); 0 for
+    wider ones until the bracket is that narrow.  ``a = 1/τ`` is capped so that
+    ``|w| ≤ max/16`` (every difference stays finite)."""
     inv_tau = tl.minimum(inv_tau, LIMIT)
     spread = tl.where(solving, x_max - x_min, 0.0)
     centred = solving & (spread * inv_tau <= WIDE_START)
@@ -274,16 +270,21 @@ def _solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_pt
     n_solve = tl.where(solving, n_live, 2.0)
     u_min = tl.where(solving, (x_min - center) * scale, 0.0)
     u_max = tl.where(solving, (x_max - center) * scale, 0.0)
-    w_min = tl.where(flip, -u_max, u_min)
     w_max = tl.where(flip, -u_min, u_max)
-    log_budget = tl.log(budget)
-    logit = log_budget - tl.log(n_solve - budget)
-    lo = w_min - logit
-    # Start at the log-sum-exp bound (right of the root, exact in the lower tail).
+    logit = tl.log(budget) - tl.log(n_solve - budget)
+    lo = tl.where(flip, -u_max, u_min) - logit
+    return centred, center, flip, factor, budget, lo, w_max - logit, w_max
+
+
+@triton.jit
+def _start(x_ptr, row_base, row_ok, n, centred, center, factor, budget, lo, hi, w_max, solving,
+           ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr, EPS: tl.constexpr,
+           WIDE_START: tl.constexpr, PROBES: tl.constexpr, SECTIONS: tl.constexpr):  # fmt: skip
+    """The start ``t``: the log-sum-exp bound (right of the root, exact in the lower tail); for
+    rows spanning many units (small τ), where that bound lies plateaus of saturated entries
+    from the root, the middle of a bracket narrowed by multisection, re-centred there."""
     exp_sum = _lse(x_ptr, row_base, row_ok, n, center, factor, w_max, ROWS, BLOCK, CDT)
-    hi = tl.minimum(w_max - logit, w_max + tl.log(tl.maximum(exp_sum, 1.0)) - log_budget)
-    # Rows spread over many units (small τ): the log-sum-exp start lies plateaus of saturated
-    # entries away from the root; narrow their bracket by multisection first, start midway.
+    hi = tl.minimum(hi, w_max + tl.log(tl.maximum(exp_sum, 1.0)) - tl.log(budget))
     wide = solving & (hi - lo > WIDE_START)
     sectioned = wide
     section = 0
@@ -293,11 +294,18 @@ def _solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_pt
         wide = wide & (hi - lo > WIDE_START)
         section += 1
     t = tl.where(sectioned, 0.5 * lo + 0.5 * hi, hi)
-    # Once the bracket is narrow, centre the other rows at the start too.
     narrow = solving & ~centred & (hi - lo <= WIDE_START)
-    t, lo, hi, center = _recentre(t, lo, hi, center, factor, narrow, EPS)
-    tol_mass = 8.0 * EPS * tl.maximum(budget, 1.0)
+    return _recentre(t, lo, hi, center, factor, narrow, EPS)
 
+
+@triton.jit
+def _iterate(x_ptr, row_base, row_ok, n, center, factor, budget, t, lo, hi, solving,
+             ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr, IS_F64: tl.constexpr,
+             EPS: tl.constexpr, NEWTON_STEPS: tl.constexpr, MAX_ITERS: tl.constexpr,
+             WIDE: tl.constexpr):  # fmt: skip
+    """The safeguarded Newton iteration; returns ``t``, the bracket, ``F − k`` at the last
+    evaluation and the number of iterations of each row."""
+    tol_mass = 8.0 * EPS * tl.maximum(budget, 1.0)
     active = solving
     excess = tl.full([ROWS], 0, CDT)
     iters = tl.full([ROWS], 0, tl.int32)
@@ -317,11 +325,17 @@ def _solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_pt
         iters += active.to(tl.int32)
         active = active & ~met & ~finished
         it += 1
-    if COUNT:
-        tl.store(iters_ptr + row, iters, mask=row_ok)
+    return t, lo, hi, excess, iters
 
-    # A bracket collapsed onto a jump of F the dtype cannot resolve (ties at the resolution
-    # limit straddling the root): blend its two ends so that the budget is met exactly.
+
+@triton.jit
+def _blend(x_ptr, row_base, row_ok, n, center, factor, budget, t, lo, hi, excess, solving,
+           ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
+           EPS: tl.constexpr):  # fmt: skip
+    """Where a bracket collapsed onto a jump of ``F`` the dtype cannot resolve (ties at the
+    resolution limit straddling the root), the two ends and the weight of the first that
+    meets the budget exactly; elsewhere ``(t, t, 1)``.  Also whether any row collapsed."""
+    tol_mass = 8.0 * EPS * tl.maximum(budget, 1.0)
     collapsed = solving & _adjacent(lo, hi) & (tl.abs(excess) > tol_mass)
     t_a = tl.where(collapsed, lo, t)
     t_b = tl.where(collapsed, hi, t)
@@ -333,8 +347,42 @@ def _solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_pt
         gap = mass_lo - mass_hi
         blend = tl.minimum(tl.maximum((budget - mass_hi) / tl.where(gap != 0, gap, 1.0), 0.0), 1.0)
         weight = tl.where(collapsed, blend, weight)
+    return t_a, t_b, weight, any_collapsed
 
-    # Values that need no solve.
+
+@triton.jit
+def _solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_ptr, rows, n,
+                  ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
+                  IS_F64: tl.constexpr, EPS: tl.constexpr, LIMIT: tl.constexpr,
+                  NEWTON_STEPS: tl.constexpr, MAX_ITERS: tl.constexpr, WIDE: tl.constexpr,
+                  WIDE_START: tl.constexpr, PROBES: tl.constexpr, SECTIONS: tl.constexpr,
+                  COUNT: tl.constexpr):  # fmt: skip
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = row < rows
+    row_base = row.to(tl.int64) * n
+    k = tl.load(k_ptr + row * k_stride, mask=row_ok, other=1.0).to(CDT)
+    inv_tau = tl.load(tau_ptr + row * tau_stride, mask=row_ok, other=1.0).to(CDT)
+    x_max, x_min, live_count, pos_count, nan_count = _row_stats(
+        x_ptr, row_base, row_ok, n, ROWS, BLOCK, CDT
+    )
+    k_live, n_live, n_pos, tied, solving = _budgets(
+        k, row_ok, x_max, x_min, live_count, pos_count, nan_count, CDT
+    )
+    centred, center, flip, factor, budget, lo, hi, w_max = _coordinates(
+        inv_tau, x_max, x_min, k_live, n_live, solving, LIMIT, WIDE_START
+    )
+    t, lo, hi, center = _start(x_ptr, row_base, row_ok, n, centred, center, factor, budget, lo,
+                               hi, w_max, solving, ROWS, BLOCK, CDT, EPS, WIDE_START, PROBES,
+                               SECTIONS)  # fmt: skip
+    t, lo, hi, excess, iters = _iterate(x_ptr, row_base, row_ok, n, center, factor, budget, t,
+                                        lo, hi, solving, ROWS, BLOCK, CDT, IS_F64, EPS,
+                                        NEWTON_STEPS, MAX_ITERS, WIDE)  # fmt: skip
+    if COUNT:
+        tl.store(iters_ptr + row, iters, mask=row_ok)
+    t_a, t_b, weight, any_collapsed = _blend(x_ptr, row_base, row_ok, n, center, factor,
+                                             budget, t, lo, hi, excess, solving, ROWS, BLOCK,
+                                             CDT, EPS)  # fmt: skip
+    # Values that need no solve: 0 or 1 (trivial), k/n (tied), min(k/m, 1) for +inf, NaN.
     fixed = tl.where(k_live > 0.0, 1.0, 0.0)
     fixed = tl.where(tied, k_live / tl.maximum(n_live, 1.0), fixed)
     share = tl.minimum(k / tl.maximum(n_pos, 1.0), 1.0)
