@@ -37,7 +37,18 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_BLOCK", "available", "solve", "supports", "vjp"]
+__all__ = [
+    "MAX_BLOCK",
+    "available",
+    "max_iterations",
+    "reason",
+    "solve",
+    "solve_constants",
+    "supports",
+    "tiling",
+    "vjp",
+    "vjp_constants",
+]
 
 # Largest number of elements of a row one program holds at a time; longer rows are streamed.
 MAX_BLOCK = 1024
