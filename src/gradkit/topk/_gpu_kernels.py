@@ -1,0 +1,440 @@
+"""Triton kernels for :func:`gradkit.soft_topk`: the threshold solve and the vjp.
+
+Launched only through :mod:`gradkit.topk._gpu`, which loads this module once per mode (compiled
+for CUDA tensors, interpreted for CPU tensors: Triton fixes the mode when ``@triton.jit`` runs,
+so each mode needs its own copy of the module).  Math and symbols follow
+:mod:`gradkit.topk._solve`: per row, ``w_i = s·a·(x_i − c)`` (``a = 1/τ`` capped so that
+``|w| ≤ max/16``; ``s = −1`` for rows solved as the complement, ``k > n/2``; ``c`` a centre
+near the root, below), ``z_i = w_i − t``, ``p_i = σ(z_i)``, ``v_i = p_i(1 − p_i)``,
+``F(t) = Σp``, ``F' = −Σv``; the root of ``F(t) = k`` lies in
+``[w_min − logit(k/n), w_max − logit(k/n)]``.
+
+Layout: one program solves ``ROWS`` rows at once on a ``(ROWS, BLOCK)`` tile (``ROWS > 1``
+only when a row fits in one block); a row longer than ``BLOCK`` is streamed block by block in
+every pass.  Per-row state (``t``, the bracket, the convergence flags) is a ``(ROWS,)`` vector
+in registers.
+
+Passes over a row: one for min/max and the counts of ``±inf``/NaN; one for the log-sum-exp
+start; for rows spanning more than ``WIDE_START`` units of τ (small temperatures, where that
+start lies plateaus of saturated entries away from the root), up to ``SECTIONS``
+multisection passes, each evaluating ``F`` at ``PROBES`` points of the bracket at once and
+shrinking it ``PROBES + 1`` times; one per Newton iteration (``Σp``, ``Σv`` and ``Σp·v``
+fused); one to write ``p`` (and one more only where a bracket collapsed onto a jump of ``F``).
+The centre ``c`` is the row's maximum for narrow rows and, for wide ones, the start once
+multisection has made the bracket narrow: ``w − t`` then keeps the resolution of the entries
+near the root whatever the offset of the scores.  The iteration is the safeguarded
+model-based Newton of ``_solve.py``: two-tail steps while they stay inside the bracket,
+bisection otherwise (in the float ordering while the bracket is wider than 64 units),
+bisection only after ``NEWTON_STEPS``, at most ``MAX_ITERS`` iterations; a bracket has
+collapsed when no float lies inside it.  Each row stops on its own test, and the program
+stops when all its rows have.  Nothing leaves the device.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+# Reductions through tl.reduce with the standard library's combine functions (not tl.sum /
+# tl.max, which are @triton.jit functions fixed in the mode triton was imported in: the
+# interpreted copy of this module must run whatever that mode was).
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def _max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@triton.jit
+def _min(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_min)
+
+
+@triton.jit
+def _sigmoid_pair(z):
+    """``σ(z)`` and ``1 − σ(z)``, both to full relative accuracy (no ``1 − p`` cancellation)."""
+    e = tl.exp(-tl.abs(z))
+    r = 1.0 / (1.0 + e)
+    er = e * r
+    positive = z >= 0
+    return tl.where(positive, r, er), tl.where(positive, er, r)
+
+
+@triton.jit
+def _load(ptr, row_base, row_ok, start, n, BLOCK: tl.constexpr, CDT: tl.constexpr):
+    """One ``(ROWS, BLOCK)`` tile in the compute dtype; padding reads as ``−inf`` (dead)."""
+    cols = start + tl.arange(0, BLOCK)
+    inside = row_ok[:, None] & (cols < n)[None, :]
+    x = tl.load(ptr + row_base[:, None] + cols[None, :], mask=inside, other=float("-inf"))
+    return x.to(CDT), inside
+
+
+@triton.jit
+def _row_stats(x_ptr, row_base, row_ok, n, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+               CDT: tl.constexpr):  # fmt: skip
+    """Per row: max and min of the finite entries, and how many are finite, +inf, NaN."""
+    x_max = tl.full([ROWS], float("-inf"), CDT)
+    x_min = tl.full([ROWS], float("inf"), CDT)
+    live_count = tl.full([ROWS], 0, tl.int32)
+    pos_count = tl.full([ROWS], 0, tl.int32)
+    nan_count = tl.full([ROWS], 0, tl.int32)
+    for start in range(0, n, BLOCK):
+        x, _ = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
+        live = (x > float("-inf")) & (x < float("inf"))
+        x_max = tl.maximum(x_max, _max(tl.where(live, x, float("-inf")), axis=1))
+        x_min = tl.minimum(x_min, _min(tl.where(live, x, float("inf")), axis=1))
+        live_count += _sum(live.to(tl.int32), axis=1)
+        pos_count += _sum((x == float("inf")).to(tl.int32), axis=1)
+        nan_count += _sum((x != x).to(tl.int32), axis=1)
+    return x_max, x_min, live_count, pos_count, nan_count
+
+
+@triton.jit
+def _tile_w(x, center, factor):
+    """``w = s·a·(x − c)`` on the finite entries (0 elsewhere) and the finiteness mask."""
+    live = (x > float("-inf")) & (x < float("inf"))
+    return (tl.where(live, x, center[:, None]) - center[:, None]) * factor[:, None], live
+
+
+@triton.jit
+def _lse(x_ptr, row_base, row_ok, n, center, factor, w_max, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+         CDT: tl.constexpr):  # fmt: skip
+    """``Σ e^{w − w_max}`` over the finite entries (≥ 1 on a row with any)."""
+    total = tl.full([ROWS], 0, CDT)
+    for start in range(0, n, BLOCK):
+        x, _ = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
+        w, live = _tile_w(x, center, factor)
+        total += _sum(tl.where(live, tl.exp(w - w_max[:, None]), 0.0), axis=1)
+    return total
+
+
+@triton.jit
+def _evaluate(x_ptr, row_base, row_ok, n, center, factor, t, ROWS: tl.constexpr,
+              BLOCK: tl.constexpr, CDT: tl.constexpr):  # fmt: skip
+    """One solver pass: ``F = Σp``, ``Σv`` and ``Σp·v`` at ``t`` (finite entries only)."""
+    mass = tl.full([ROWS], 0, CDT)
+    slope = tl.full([ROWS], 0, CDT)
+    upper = tl.full([ROWS], 0, CDT)
+    for start in range(0, n, BLOCK):
+        x, _ = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
+        w, live = _tile_w(x, center, factor)
+        p, q = _sigmoid_pair(w - t[:, None])
+        p = tl.where(live, p, 0.0)
+        v = p * q
+        mass += _sum(p, axis=1)
+        slope += _sum(v, axis=1)
+        upper += _sum(p * v, axis=1)
+    return mass, slope, upper
+
+
+@triton.jit
+def _masses_at(x_ptr, row_base, row_ok, n, center, factor, t_a, t_b, ROWS: tl.constexpr,
+               BLOCK: tl.constexpr, CDT: tl.constexpr):  # fmt: skip
+    """``F(t_a)`` and ``F(t_b)`` in one pass (the two ends of a collapsed bracket)."""
+    mass_a = tl.full([ROWS], 0, CDT)
+    mass_b = tl.full([ROWS], 0, CDT)
+    for start in range(0, n, BLOCK):
+        x, _ = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
+        w, live = _tile_w(x, center, factor)
+        p_a, _ = _sigmoid_pair(w - t_a[:, None])
+        p_b, _ = _sigmoid_pair(w - t_b[:, None])
+        mass_a += _sum(tl.where(live, p_a, 0.0), axis=1)
+        mass_b += _sum(tl.where(live, p_b, 0.0), axis=1)
+    return mass_a, mass_b
+
+
+@triton.jit
+def _section(x_ptr, row_base, row_ok, n, center, factor, budget, lo, hi, wide, ROWS: tl.constexpr,
+             PROBES: tl.constexpr, SUB: tl.constexpr, CDT: tl.constexpr):  # fmt: skip
+    """One multisection pass on the ``wide`` rows: ``F`` at ``PROBES`` points evenly spaced in
+    ``(lo, hi)`` (one read of the row, ``(ROWS, PROBES, SUB)`` tiles), and the bracket shrunk
+    to the two probes around the root: ``PROBES + 1`` times narrower."""
+    fraction = (tl.arange(0, PROBES) + 1).to(CDT) / (PROBES + 1)
+    probes = lo[:, None] + (hi - lo)[:, None] * fraction[None, :]
+    masses = tl.full([ROWS, PROBES], 0, CDT)
+    for start in range(0, n, SUB):
+        x, _ = _load(x_ptr, row_base, row_ok, start, n, SUB, CDT)
+        w, live = _tile_w(x, center, factor)
+        p, _ = _sigmoid_pair(w[:, None, :] - probes[:, :, None])
+        masses += _sum(tl.where(live[:, None, :], p, 0.0), 2)
+    left = _max(tl.where(masses > budget[:, None], probes, float("-inf")), 1)
+    right = _min(tl.where(masses < budget[:, None], probes, float("inf")), 1)
+    lo = tl.where(wide, tl.maximum(lo, left), lo)
+    hi = tl.where(wide, tl.minimum(hi, right), hi)
+    return lo, hi
+
+
+@triton.jit
+def _two_tail_step(excess, slope, upper):
+    """δ solving ``F(t + δ) ≈ F − a(eᵟ − 1) + b(e⁻ᵟ − 1) = k`` (see ``_solve._two_tail_step``);
+    NaN or ±inf when the model is degenerate (the caller then bisects)."""
+    a = tl.minimum(tl.maximum(upper, 0.0), slope)
+    b = slope - a
+    c = excess + a - b
+    root = tl.sqrt(c * c + 4.0 * a * b)
+    upward = c >= 0
+    numerator = tl.where(upward, c + root, 2.0 * b)
+    denominator = tl.where(upward, 2.0 * a, root - c)
+    return tl.log(numerator) - tl.log(denominator)
+
+
+@triton.jit
+def _ordered_midpoint(lo, hi, IS_F64: tl.constexpr):
+    """Midpoint of ``[lo, hi]`` in the floating-point ordering (halves the number of floats)."""
+    if IS_F64:
+        int_min = -9223372036854775808
+        key_lo = lo.to(tl.int64, bitcast=True)
+        key_hi = hi.to(tl.int64, bitcast=True)
+    else:
+        int_min = -2147483648
+        key_lo = lo.to(tl.int32, bitcast=True)
+        key_hi = hi.to(tl.int32, bitcast=True)
+    key_lo = tl.where(key_lo >= 0, key_lo, int_min - key_lo)
+    key_hi = tl.where(key_hi >= 0, key_hi, int_min - key_hi)
+    key = (key_lo >> 1) + (key_hi >> 1) + (key_lo & key_hi & 1)
+    key = tl.where(key >= 0, key, int_min - key)
+    return key.to(lo.dtype, bitcast=True)
+
+
+@triton.jit
+def _adjacent(lo, hi):
+    """No float lies strictly between ``lo`` and ``hi``: the bracket cannot shrink further."""
+    middle = 0.5 * lo + 0.5 * hi
+    return (middle <= lo) | (middle >= hi)
+
+
+@triton.jit
+def _newton_or_bisect(t, lo, hi, excess, slope, upper, newton_allowed, EPS: tl.constexpr,
+                      WIDE: tl.constexpr, IS_F64: tl.constexpr):  # fmt: skip
+    """The next ``t`` and whether the row is finished after it (bracket already updated)."""
+    step = _two_tail_step(excess, slope, upper)
+    t_newton = t + step
+    newton_ok = (t_newton > lo) & (t_newton < hi) & newton_allowed
+    resolution = EPS * tl.maximum(tl.abs(t), 1.0)
+    # The error after a two-tail step is ≲ |δ|³/4: below the resolution of t, the row is done.
+    small = newton_ok & ((tl.abs(step) * step * step <= 4.0 * resolution) | (t_newton == t))
+    collapsed = ~newton_ok & _adjacent(lo, hi)
+    midpoint = tl.where(hi - lo > WIDE, _ordered_midpoint(lo, hi, IS_F64), 0.5 * lo + 0.5 * hi)
+    t_next = tl.where(newton_ok, t_newton, tl.where(collapsed, t, midpoint))
+    return t_next, small | collapsed
+
+
+@triton.jit
+def _recentre(t, lo, hi, center, factor, move, EPS: tl.constexpr):
+    """Move the centre of the ``move`` rows to the point ``t`` (in ``x`` units: ``c + t/(sa)``)
+    and shift ``t`` and the bracket with it; the bracket is widened by the rounding of the
+    shift, so that it still holds the root."""
+    new_center = tl.where(move, center + t / tl.where(move, factor, 1.0), center)
+    shift = (new_center - center) * factor
+    slack = 8.0 * EPS * tl.abs(shift)
+    return t - shift, lo - shift - slack, hi - shift + slack, new_center
+
+
+@triton.jit
+def _budgets(k, row_ok, x_max, x_min, live_count, pos_count, nan_count, CDT: tl.constexpr):
+    """The budget left to the finite entries (``+inf`` entries take theirs first), and which
+    rows need no solve: ``k = 0`` or every live entry selected (trivial), all tied, or NaN."""
+    n_live = live_count.to(CDT)
+    n_pos = pos_count.to(CDT)
+    k_live = tl.minimum(tl.maximum(k - n_pos, 0.0), n_live)
+    trivial = (k_live <= 0.0) | (k_live >= n_live)
+    tied = (x_max == x_min) & ~trivial
+    solving = row_ok & (nan_count == 0) & ~trivial & ~tied
+    return k_live, n_live, n_pos, tied, solving
+
+
+@triton.jit
+def _coordinates(inv_tau, x_max, x_min, k_live, n_live, solving, LIMIT: tl.constexpr,
+                 WIDE_START: tl.constexpr):  # fmt: skip
+    """``w = s·a·(x − c)``: the centre ``c``, the factor ``s·a``, the flip ``s = −1``, the
+    budget of the solved problem and its bracket ``[lo, hi]`` (before the start).
+
+    ``c`` is the row's maximum for rows spanning at most ``WIDE_START`` units (``w − t`` then
+    keeps the resolution of the entries near the root whatever the offset of the scores); 0 for
+    wider ones until the bracket is that narrow.  ``a = 1/τ`` is capped so that
+    ``|w| ≤ max/16`` (every difference stays finite)."""
+    inv_tau = tl.minimum(inv_tau, LIMIT)
+    spread = tl.where(solving, x_max - x_min, 0.0)
+    centred = solving & (spread * inv_tau <= WIDE_START)
+    center = tl.where(centred, x_max, 0.0)
+    magnitude = tl.where(centred, spread, tl.maximum(tl.abs(x_max), tl.abs(x_min)))
+    capped = magnitude * inv_tau > LIMIT
+    scale = tl.where(capped, LIMIT / tl.where(capped, magnitude, 1.0), inv_tau)
+    flip = k_live > 0.5 * n_live
+    factor = tl.where(solving, tl.where(flip, -scale, scale), 0.0)
+    budget = tl.where(solving, tl.where(flip, n_live - k_live, k_live), 1.0)
+    n_solve = tl.where(solving, n_live, 2.0)
+    u_min = tl.where(solving, (x_min - center) * scale, 0.0)
+    u_max = tl.where(solving, (x_max - center) * scale, 0.0)
+    w_max = tl.where(flip, -u_min, u_max)
+    logit = tl.log(budget) - tl.log(n_solve - budget)
+    lo = tl.where(flip, -u_max, u_min) - logit
+    return centred, center, flip, factor, budget, lo, w_max - logit, w_max
+
+
+@triton.jit
+def _start(x_ptr, row_base, row_ok, n, centred, center, factor, budget, lo, hi, w_max, solving,
+           ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr, EPS: tl.constexpr,
+           WIDE_START: tl.constexpr, PROBES: tl.constexpr, SECTIONS: tl.constexpr):  # fmt: skip
+    """The start ``t``: the log-sum-exp bound (right of the root, exact in the lower tail); for
+    rows spanning many units (small τ), where that bound lies plateaus of saturated entries
+    from the root, the middle of a bracket narrowed by multisection, re-centred there."""
+    exp_sum = _lse(x_ptr, row_base, row_ok, n, center, factor, w_max, ROWS, BLOCK, CDT)
+    hi = tl.minimum(hi, w_max + tl.log(tl.maximum(exp_sum, 1.0)) - tl.log(budget))
+    wide = solving & (hi - lo > WIDE_START)
+    sectioned = wide
+    section = 0
+    while (section < SECTIONS) & (_max(wide.to(tl.int32), 0) > 0):
+        lo, hi = _section(x_ptr, row_base, row_ok, n, center, factor, budget, lo, hi, wide, ROWS,
+                          PROBES, BLOCK // PROBES, CDT)  # fmt: skip
+        wide = wide & (hi - lo > WIDE_START)
+        section += 1
+    t = tl.where(sectioned, 0.5 * lo + 0.5 * hi, hi)
+    narrow = solving & ~centred & (hi - lo <= WIDE_START)
+    return _recentre(t, lo, hi, center, factor, narrow, EPS)
+
+
+@triton.jit
+def _iterate(x_ptr, row_base, row_ok, n, center, factor, budget, t, lo, hi, solving,
+             ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr, IS_F64: tl.constexpr,
+             EPS: tl.constexpr, NEWTON_STEPS: tl.constexpr, MAX_ITERS: tl.constexpr,
+             WIDE: tl.constexpr):  # fmt: skip
+    """The safeguarded Newton iteration; returns ``t``, the bracket, ``F − k`` at the last
+    evaluation and the number of iterations of each row."""
+    tol_mass = 8.0 * EPS * tl.maximum(budget, 1.0)
+    active = solving
+    excess = tl.full([ROWS], 0, CDT)
+    iters = tl.full([ROWS], 0, tl.int32)
+    it = 0
+    while (it < MAX_ITERS) & (_max(active.to(tl.int32), axis=0) > 0):
+        mass, slope, upper = _evaluate(
+            x_ptr, row_base, row_ok, n, center, factor, t, ROWS, BLOCK, CDT
+        )
+        excess = tl.where(active, mass - budget, excess)
+        met = tl.abs(excess) <= tol_mass
+        lo = tl.where(active & (excess > 0), t, lo)
+        hi = tl.where(active & (excess < 0), t, hi)
+        t_next, finished = _newton_or_bisect(
+            t, lo, hi, excess, slope, upper, it < NEWTON_STEPS, EPS, WIDE, IS_F64
+        )
+        t = tl.where(active & ~met, t_next, t)
+        iters += active.to(tl.int32)
+        active = active & ~met & ~finished
+        it += 1
+    return t, lo, hi, excess, iters
+
+
+@triton.jit
+def _blend(x_ptr, row_base, row_ok, n, center, factor, budget, t, lo, hi, excess, solving,
+           ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
+           EPS: tl.constexpr):  # fmt: skip
+    """Where a bracket collapsed onto a jump of ``F`` the dtype cannot resolve (ties at the
+    resolution limit straddling the root), the two ends and the weight of the first that
+    meets the budget exactly; elsewhere ``(t, t, 1)``.  Also whether any row collapsed."""
+    tol_mass = 8.0 * EPS * tl.maximum(budget, 1.0)
+    collapsed = solving & _adjacent(lo, hi) & (tl.abs(excess) > tol_mass)
+    t_a = tl.where(collapsed, lo, t)
+    t_b = tl.where(collapsed, hi, t)
+    weight = tl.full([ROWS], 1.0, CDT)
+    any_collapsed = _max(collapsed.to(tl.int32), axis=0) > 0
+    if any_collapsed:
+        mass_lo, mass_hi = _masses_at(x_ptr, row_base, row_ok, n, center, factor, t_a, t_b, ROWS,
+                                      BLOCK, CDT)  # fmt: skip
+        gap = mass_lo - mass_hi
+        blend = tl.minimum(tl.maximum((budget - mass_hi) / tl.where(gap != 0, gap, 1.0), 0.0), 1.0)
+        weight = tl.where(collapsed, blend, weight)
+    return t_a, t_b, weight, any_collapsed
+
+
+@triton.jit
+def _solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_ptr, rows, n,
+                  ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
+                  IS_F64: tl.constexpr, EPS: tl.constexpr, LIMIT: tl.constexpr,
+                  NEWTON_STEPS: tl.constexpr, MAX_ITERS: tl.constexpr, WIDE: tl.constexpr,
+                  WIDE_START: tl.constexpr, PROBES: tl.constexpr, SECTIONS: tl.constexpr,
+                  COUNT: tl.constexpr):  # fmt: skip
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = row < rows
+    row_base = row.to(tl.int64) * n
+    k = tl.load(k_ptr + row * k_stride, mask=row_ok, other=1.0).to(CDT)
+    inv_tau = tl.load(tau_ptr + row * tau_stride, mask=row_ok, other=1.0).to(CDT)
+    x_max, x_min, live_count, pos_count, nan_count = _row_stats(
+        x_ptr, row_base, row_ok, n, ROWS, BLOCK, CDT
+    )
+    k_live, n_live, n_pos, tied, solving = _budgets(
+        k, row_ok, x_max, x_min, live_count, pos_count, nan_count, CDT
+    )
+    centred, center, flip, factor, budget, lo, hi, w_max = _coordinates(
+        inv_tau, x_max, x_min, k_live, n_live, solving, LIMIT, WIDE_START
+    )
+    t, lo, hi, center = _start(x_ptr, row_base, row_ok, n, centred, center, factor, budget, lo,
+                               hi, w_max, solving, ROWS, BLOCK, CDT, EPS, WIDE_START, PROBES,
+                               SECTIONS)  # fmt: skip
+    t, lo, hi, excess, iters = _iterate(x_ptr, row_base, row_ok, n, center, factor, budget, t,
+                                        lo, hi, solving, ROWS, BLOCK, CDT, IS_F64, EPS,
+                                        NEWTON_STEPS, MAX_ITERS, WIDE)  # fmt: skip
+    if COUNT:
+        tl.store(iters_ptr + row, iters, mask=row_ok)
+    t_a, t_b, weight, any_collapsed = _blend(x_ptr, row_base, row_ok, n, center, factor,
+                                             budget, t, lo, hi, excess, solving, ROWS, BLOCK,
+                                             CDT, EPS)  # fmt: skip
+    # Values that need no solve: 0 or 1 (trivial), k/n (tied), min(k/m, 1) for +inf, NaN.
+    fixed = tl.where(k_live > 0.0, 1.0, 0.0)
+    fixed = tl.where(tied, k_live / tl.maximum(n_live, 1.0), fixed)
+    share = tl.minimum(k / tl.maximum(n_pos, 1.0), 1.0)
+    has_nan = nan_count > 0
+    for start in range(0, n, BLOCK):
+        x, inside = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
+        w, live = _tile_w(x, center, factor)
+        p, q = _sigmoid_pair(w - t_a[:, None])
+        value = tl.where(flip[:, None], q, p)
+        if any_collapsed:
+            p_b, q_b = _sigmoid_pair(w - t_b[:, None])
+            value_b = tl.where(flip[:, None], q_b, p_b)
+            value = weight[:, None] * value + (1.0 - weight[:, None]) * value_b
+        value = tl.where(solving[:, None], value, fixed[:, None])
+        value = tl.where(live, value, tl.where(x == float("inf"), share[:, None], 0.0))
+        value = tl.where(has_nan[:, None], float("nan"), value)
+        cols = start + tl.arange(0, BLOCK)
+        tl.store(out_ptr + row_base[:, None] + cols[None, :],
+                 value.to(out_ptr.dtype.element_ty), mask=inside)  # fmt: skip
+
+
+@triton.jit
+def _vjp_kernel(g_ptr, p_ptr, gx_ptr, gk_ptr, tau_ptr, tau_stride, rows, n,
+                ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
+                SATURATE: tl.constexpr, OUT_MAX: tl.constexpr):  # fmt: skip
+    """``c = Σ g·v / Σ v`` (0 where ``Σ v = 0``) and ``grad_x = v⊙(g − c)/τ``: two passes."""
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = row < rows
+    row_base = row.to(tl.int64) * n
+    inv_tau = tl.load(tau_ptr + row * tau_stride, mask=row_ok, other=1.0).to(CDT)
+    sum_v = tl.full([ROWS], 0, CDT)
+    sum_gv = tl.full([ROWS], 0, CDT)
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = row_ok[:, None] & (cols < n)[None, :]
+        offsets = row_base[:, None] + cols[None, :]
+        p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(CDT)
+        g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(CDT)
+        v = (1.0 - p) * p
+        sum_v += _sum(v, axis=1)
+        sum_gv += _sum(g * v, axis=1)
+    c = tl.where(sum_v > 0, sum_gv / tl.where(sum_v > 0, sum_v, 1.0), 0.0)
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = row_ok[:, None] & (cols < n)[None, :]
+        offsets = row_base[:, None] + cols[None, :]
+        p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(CDT)
+        g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(CDT)
+        grad = (1.0 - p) * p * (g - c[:, None]) * inv_tau[:, None]
+        if SATURATE:  # half precision: the largest finite value instead of ±inf (NaN stays)
+            grad = tl.where(grad > OUT_MAX, OUT_MAX, tl.where(grad < -OUT_MAX, -OUT_MAX, grad))
+        tl.store(gx_ptr + offsets, grad.to(gx_ptr.dtype.element_ty), mask=inside)
+    if SATURATE:
+        c = tl.where(c > OUT_MAX, OUT_MAX, tl.where(c < -OUT_MAX, -OUT_MAX, c))
+    tl.store(gk_ptr + row, c.to(gk_ptr.dtype.element_ty), mask=row_ok)
