@@ -164,6 +164,16 @@ def test_export_matches_eager():
         torch.testing.assert_close(program.module()(x), layer(x))
 
 
+def test_export_with_a_dynamic_batch():
+    layer = SoftTopK(k=3, temperature=0.5, hard=True)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(
+        layer, (seeded_randn(6, 10, seed=31),), dynamic_shapes=({0: batch},)
+    )
+    x = seeded_randn(11, 10, seed=32)
+    torch.testing.assert_close(program.module()(x), layer(x))
+
+
 # -------------------------------------------------------------------------------------- jvp
 
 
@@ -298,3 +308,22 @@ def test_status_names_every_backend():
     assert ("fused C kernel" in report["cpu"]) == _native.available()
     assert "gradkit::soft_topk" in report["compile"]
     assert report["cuda"].startswith(_ops.gpu_status())
+
+
+def test_torch_func_on_masked_and_infinite_entries_matches_eager():
+    x = seeded_randn(3, 6, seed=50)
+    x[0, :2] = -torch.inf
+    x[1, 0] = torch.inf
+    weights = seeded_randn(3, 6, seed=51)
+    k = torch.tensor([2.0, 3.0, 1.5], dtype=torch.float64)
+
+    def loss(a):
+        return (soft_topk(a, k, temperature=0.7) * weights).sum()
+
+    x_eager = x.clone().requires_grad_()
+    loss(x_eager).backward()
+    grad = torch.func.grad(loss)(x)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, x_eager.grad)
+    jacobian = torch.func.jacfwd(lambda a: soft_topk(a, k, temperature=0.7))(x)
+    torch.testing.assert_close(torch.einsum("ij,ijkl->kl", weights, jacobian), x_eager.grad)

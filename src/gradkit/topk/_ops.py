@@ -142,7 +142,8 @@ def solve(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tensor:
     if x.is_cuda and _gpu_module() is not None:
         if isinstance(tau, Tensor):
             return _GPU.solve(_scaled(x, tau), k, 1.0).to(x.dtype)
-        return _GPU.solve(x, k, min(1.0 / tau, torch.finfo(torch.float32).max / 16))
+        limit = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).max
+        return _GPU.solve(x, k, min(1.0 / tau, limit / 16))
     if isinstance(tau, Tensor):
         return solve_soft_topk(_scaled(x, tau), k, 1.0).to(x.dtype)
     return solve_soft_topk(x, k, tau)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 
 import torch
 from torch import Tensor, nn
@@ -216,18 +217,23 @@ def _needs_derivative(*tensors) -> bool:
     return False
 
 
-_SOLVING_DETACHED = [0]  # depth of _solve_detached calls (eager)
+class _Depth(threading.local):
+    solving_detached = 0  # nesting depth of _solve_detached calls in this thread (eager)
+
+
+_DEPTH = _Depth()
 
 
 def _solve_detached(x: Tensor, k, tau) -> Tensor:
-    """``gradkit::soft_topk`` at inputs that carry no derivative (see :func:`_composite`)."""
+    """``gradkit::soft_topk`` at inputs that carry no derivative (see :func:`_composite`); the
+    depth tells the operator's autograd kernel not to recurse into the composite."""
     if _ops.traced(x):
         return torch.ops.gradkit.soft_topk(x, *_op_args(k, tau))
-    _SOLVING_DETACHED[0] += 1
+    _DEPTH.solving_detached += 1
     try:
         return torch.ops.gradkit.soft_topk(x, *_op_args(k, tau))
     finally:
-        _SOLVING_DETACHED[0] -= 1
+        _DEPTH.solving_detached -= 1
 
 
 def _autograd_kernel(x, k_tensor, k, tau_tensor, tau):
@@ -236,7 +242,7 @@ def _autograd_kernel(x, k_tensor, k, tau_tensor, tau):
     k_arg = k if k_tensor is None else k_tensor
     tau_arg = tau if tau_tensor is None else tau_tensor
     if torch._C._are_functorch_transforms_active():
-        if not _SOLVING_DETACHED[0] and _needs_derivative(x, k_tensor, tau_tensor):
+        if not _DEPTH.solving_detached and _needs_derivative(x, k_tensor, tau_tensor):
             return _composite(x, k_arg, tau_arg)
         with torch._C._AutoDispatchBelowAutograd():
             return torch.ops.gradkit.soft_topk(x, k_tensor, k, tau_tensor, tau)
