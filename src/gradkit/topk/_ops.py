@@ -71,7 +71,7 @@ def _gpu_module():
     if _GPU is False:
         try:
             importlib.import_module("triton")
-            module = importlib.import_module("gradkit.topk._gpu")
+            module = importlib.import_module("._gpu", __package__)
         except ImportError as error:
             _GPU, _GPU_REASON = None, f"{error}"
         else:
@@ -95,26 +95,35 @@ def gpu_status() -> str:
 # --------------------------------------------------------------------------- implementations
 
 
-def _check_per_slice(values: Tensor, name: str, low: float, high: float, n: int) -> None:
-    """Value checks of a per-slice tensor (a host read: CPU only; see :func:`solve`)."""
+def _value_range(values: Tensor) -> tuple[float, float] | None:
+    """``(min, max)`` of a per-slice tensor, read on the host: CPU only (on a GPU it would be a
+    synchronisation), ``None`` where not read."""
     if values.numel() == 0 or values.device.type != "cpu":
+        return None
+    low, high = torch.aminmax(values.detach().double())
+    return float(low), float(high)
+
+
+def _check_k_values(k: Tensor, n: int) -> None:
+    seen = _value_range(k)
+    if seen is None:
         return
-    low_seen, high_seen = (float(v) for v in torch.aminmax(values.detach().double()))
-    finite = math.isfinite(low_seen) and math.isfinite(high_seen)
-    if name == "k":
-        if not finite:
-            raise ValueError(
-                f"soft_topk: k must be finite, got a k tensor containing {low_seen}/{high_seen}"
-            )
-        if low_seen < low or high_seen > high:
-            raise ValueError(
-                f"soft_topk: k must lie in [0, n] = [0, {n}] (n = size of dim), "
-                f"got k values in [{low_seen}, {high_seen}]"
-            )
-    elif not (finite and low_seen > low):
+    low, high = seen
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"soft_topk: k must be finite, got a k tensor containing {low}/{high}")
+    if low < 0 or high > n:
+        raise ValueError(
+            f"soft_topk: k must lie in [0, n] = [0, {n}] (n = size of dim), "
+            f"got k values in [{low}, {high}]"
+        )
+
+
+def _check_temperature_values(tau: Tensor) -> None:
+    seen = _value_range(tau)
+    if seen is not None and not (seen[0] > 0 and math.isfinite(seen[1])):
         raise ValueError(
             "soft_topk: temperature must be finite and > 0, got a temperature tensor with "
-            f"values in [{low_seen}, {high_seen}]"
+            f"values in [{seen[0]}, {seen[1]}]"
         )
 
 
@@ -133,11 +142,10 @@ def solve(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tensor:
     Value checks of per-slice ``k``/``tau`` tensors run on CPU only (on a GPU they would be a
     host synchronisation).  CUDA tensors go to the Triton kernel when it is available.
     """
-    n = x.shape[-1]
     if isinstance(k, Tensor):
-        _check_per_slice(k, "k", 0.0, n, n)
+        _check_k_values(k, x.shape[-1])
     if isinstance(tau, Tensor):
-        _check_per_slice(tau, "temperature", 0.0, math.inf, n)
+        _check_temperature_values(tau)
     # (no grad mode to set: this runs in an autograd.Function's forward or below autograd)
     if x.is_cuda and _gpu_module() is not None:
         if isinstance(tau, Tensor):
