@@ -327,3 +327,24 @@ def test_torch_func_on_masked_and_infinite_entries_matches_eager():
     torch.testing.assert_close(grad, x_eager.grad)
     jacobian = torch.func.jacfwd(lambda a: soft_topk(a, k, temperature=0.7))(x)
     torch.testing.assert_close(torch.einsum("ij,ijkl->kl", weights, jacobian), x_eager.grad)
+
+
+def test_vmap_rules_of_the_operators():
+    x = seeded_randn(5, 3, 7, seed=60)
+    k = _budgets(3)
+    tau = torch.linspace(0.3, 1.5, 3, dtype=torch.float64)
+
+    def solve(rows):
+        return torch.ops.gradkit.soft_topk(rows, k, 0.0, tau, 1.0)
+
+    expected = torch.stack([solve(rows) for rows in x])
+    torch.testing.assert_close(torch.func.vmap(solve)(x), expected)
+    grads = seeded_randn(5, 3, 7, seed=61)
+
+    def vjp(grad):
+        return torch.ops.gradkit.soft_topk_vjp(grad, expected[0], tau, 1.0)
+
+    batched = torch.func.vmap(vjp)(grads)
+    for i in range(5):
+        torch.testing.assert_close(batched[0][i], vjp(grads[i])[0])
+        torch.testing.assert_close(batched[1][i], vjp(grads[i])[1])
