@@ -540,24 +540,35 @@ def _solve_general(
     return p
 
 
-def soft_topk_vjp(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def soft_topk_vjp(grad: Tensor, p: Tensor, temperature: float | Tensor) -> tuple[Tensor, Tensor]:
     """Vector–Jacobian product of the soft top-k, and the gradient with respect to ``k``.
 
     With ``v = p(1 − p)`` and ``S = Σ v`` (per slice, last dimension)::
 
         ∂L/∂x = (g⊙v − v·Σ(g⊙v)/S) / τ = v⊙(g − c)/τ,    ∂L/∂k = c = Σ(g⊙v) / S.
 
+    ``temperature`` is a number or a tensor of shape ``p.shape[:-1]`` (one ``τ`` per slice).
     Saturated slices (``S = 0``) get an exact zero, not 0/0.  When the backward itself is
     differentiated (``create_graph=True``, ``torch.func`` transforms, ``torch.compile``) this
-    is written with differentiable out-of-place ops on the *output* ``p``, so double backward
-    works; otherwise it runs in place in the one buffer it returns (:func:`_vjp_in_place`).
+    is written with differentiable out-of-place ops on the *output* ``p`` (and ``τ``), so
+    double backward works; otherwise it runs in place in the one buffer it returns
+    (:func:`_vjp_in_place`).
     """
+    per_slice = isinstance(temperature, Tensor)
     if not torch.is_grad_enabled() and grad.shape == p.shape and _native.plain_tensors(grad, p):
-        fused = _native.vjp(grad, p, temperature)
-        return fused if fused is not None else _vjp_in_place(grad, p, temperature)
+        scalar = 1.0 if per_slice else temperature
+        fused = _native.vjp(grad, p, scalar)
+        grad_x, grad_k = fused if fused is not None else _vjp_in_place(grad, p, scalar)
+        if per_slice:
+            grad_x.mul_(torch.reciprocal(temperature).unsqueeze(-1).to(grad_x.dtype))
+        return grad_x, grad_k
     # v/τ in one fused, twice-differentiable pass (the scale cancels in grad_k);
     # v = (1 − p)·p is accurate to rounding even where p ≈ 1 (unlike Σp − Σp²).
-    v = torch.ops.aten.sigmoid_backward(p.new_full((), 1.0 / temperature), p)
+    if per_slice:
+        scale = torch.reciprocal(temperature).to(p.dtype).unsqueeze(-1).expand_as(p)
+    else:
+        scale = p.new_full((), 1.0 / temperature)
+    v = torch.ops.aten.sigmoid_backward(scale, p)
     total = v.sum(dim=-1, keepdim=True)
     total = torch.where(total > 0, total, torch.ones_like(total))
     gv = grad * v

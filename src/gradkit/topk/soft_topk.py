@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 
 import torch
 from torch import Tensor, nn
 
-from ._solve import soft_topk_vjp, solve_soft_topk
+from . import _ops
+from ._solve import soft_topk_vjp
 
 __all__ = ["SoftTopK", "soft_topk"]
 
@@ -21,93 +23,247 @@ class DimError(ValueError, IndexError):
     """Bad ``dim`` argument: a :class:`ValueError`, and an :class:`IndexError` like torch's."""
 
 
-class _SoftTopKFunction(torch.autograd.Function):
-    """``p = soft_topk(x, k)`` along the last dimension of ``x``; ``k`` a float or a tensor.
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    ``k`` (when a tensor) has shape ``x.shape[:-1]``.  The backward is the closed form of
-    :func:`~gradkit.topk._solve.soft_topk_vjp`, itself differentiable (double backward).
+
+def _column(tau: Tensor | float) -> Tensor | float:
+    """``τ`` shaped to scale a ``(..., n)`` tensor: a number, or a ``(..., 1)`` tensor."""
+    return tau.unsqueeze(-1) if isinstance(tau, Tensor) else tau
+
+
+def _dp_dtau(p: Tensor, tau: Tensor | float) -> Tensor:
+    """``∂p_i/∂τ = −(v_i/τ)(z_i − z̄)`` with ``z = (x − θ)/τ = logit p``, ``v = p(1 − p)`` and
+    ``z̄ = Σ v z / Σ v`` (θ moves with τ to keep ``Σp = k``).  Differentiable twice: ``z`` is
+    read off ``p`` where ``v > 0`` and is 0 (times ``v = 0``) elsewhere, never ``0·∞``."""
+    v = (1 - p) * p
+    live = v > 0
+    z = torch.logit(torch.where(live, p, torch.full_like(p, 0.5)))
+    total = v.sum(dim=-1, keepdim=True)
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    z_bar = (v * z).sum(dim=-1, keepdim=True) / total
+    return -(v / _column(tau)) * (z - z_bar)
+
+
+def _tangent(p: Tensor, tau, x_tangent, k_tangent, tau_tangent) -> Tensor:
+    """``dp`` for the input tangents (any of them ``None``): ``J_x·ẋ + (∂p/∂k)·k̇ + (∂p/∂τ)·τ̇``.
+
+    ``J_x = (diag(v) − v vᵀ/Σv)/τ`` is symmetric, so ``J_x·ẋ`` is the VJP formula; ``∂p/∂k =
+    v/Σv``.  Differentiable ops only (forward AD and the traced composite use it).
+    """
+    v = (1 - p) * p
+    total = v.sum(dim=-1, keepdim=True)
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    out = torch.zeros_like(p)
+    if x_tangent is not None:
+        centre = (x_tangent * v).sum(dim=-1, keepdim=True) / total
+        out = out + v * (x_tangent - centre) / _column(tau)
+    if k_tangent is not None:
+        out = out + (v / total) * k_tangent.unsqueeze(-1)
+    if tau_tangent is not None:
+        out = out + _dp_dtau(p, tau) * tau_tangent.unsqueeze(-1)
+    return out
+
+
+class _SoftTopKFunction(torch.autograd.Function):
+    """``p = soft_topk(x, k, τ)`` along the last dimension of ``x``.
+
+    ``k`` and ``τ`` are numbers or tensors of shape ``x.shape[:-1]`` (``τ`` in ``x``'s compute
+    dtype).  ``via_op``: reached from the registered operator's autograd kernel (a traced
+    call), so the forward and the vjp call the operators; otherwise the Python kernels.  The
+    backward is the closed form of :func:`~gradkit.topk._solve.soft_topk_vjp` (itself
+    differentiable: double backward) and, for a tensor ``τ``, ``Σ_i g_i ∂p_i/∂τ``.
     """
 
     @staticmethod
-    def forward(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
-        if isinstance(k, Tensor):
-            _check_k_tensor(k, x.shape[-1])
-        return solve_soft_topk(x, k, temperature)
+    def forward(x: Tensor, k: Tensor | float, tau: Tensor | float, via_op: bool) -> Tensor:
+        if via_op:
+            with torch._C._AutoDispatchBelowAutograd():
+                return torch.ops.gradkit.soft_topk(x, *_op_args(k, tau))
+        return _ops.solve(x, k, tau)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _, k, temperature = inputs
-        ctx.temperature = temperature
+        _, k, tau, via_op = inputs
         ctx.k_is_tensor = isinstance(k, Tensor)
+        ctx.tau_is_tensor = isinstance(tau, Tensor)
+        ctx.temperature = None if ctx.tau_is_tensor else tau
+        ctx.via_op = via_op
         ctx.out_dtype = output.dtype
-        ctx.save_for_backward(output)
-        ctx.save_for_forward(output)
+        saved = (output, tau) if ctx.tau_is_tensor else (output,)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        (p,) = ctx.saved_tensors
-        if p.dtype in (torch.float32, torch.float64) and grad_output.dtype == p.dtype:
-            # The common case: no casts (each .to costs a dispatch even when it is a no-op).
-            grad_x, grad_k = soft_topk_vjp(grad_output, p, ctx.temperature)
-        else:
-            compute_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-            grad_x, grad_k = soft_topk_vjp(
-                grad_output.to(compute_dtype), p.to(compute_dtype), ctx.temperature
+        p, tau = _saved(ctx)
+        if p.dtype not in (torch.float32, torch.float64) or grad_output.dtype != p.dtype:
+            compute_dtype = _compute_dtype(p.dtype)
+            grad_output, p = grad_output.to(compute_dtype), p.to(compute_dtype)
+        if ctx.via_op and not torch.is_grad_enabled():
+            grad_x, grad_k = torch.ops.gradkit.soft_topk_vjp(
+                grad_output, p, *_op_args(0.0, tau)[2:]
             )
-            grad_x = _to_dtype_saturating(grad_x, p.dtype)
+        else:
+            grad_x, grad_k = soft_topk_vjp(grad_output, p, tau)
+        if grad_x.dtype != ctx.out_dtype:
+            grad_x = _to_dtype_saturating(grad_x, ctx.out_dtype)
         if not (ctx.k_is_tensor and ctx.needs_input_grad[1]):
             grad_k = None
-        return grad_x, grad_k, None
+        grad_tau = None
+        if ctx.tau_is_tensor and ctx.needs_input_grad[2]:
+            grad_tau = (grad_output * _dp_dtau(p, tau)).sum(dim=-1)
+        return grad_x, grad_k, grad_tau, None
 
     @staticmethod
-    def jvp(ctx, x_tangent: Tensor | None, k_tangent: Tensor | None, _) -> Tensor:
-        # The Jacobian in x, (diag(v) − v vᵀ/Σv)/τ, is symmetric: the JVP is the VJP formula.
-        (p,) = ctx.saved_tensors
-        compute_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+    def jvp(ctx, x_tangent, k_tangent, tau_tangent, _) -> Tensor:
+        p, tau = _saved(ctx)
+        compute_dtype = _compute_dtype(p.dtype)
         p = p.to(compute_dtype)
-        if x_tangent is None:
-            x_tangent = torch.zeros_like(p)
-        tangent, _ = soft_topk_vjp(x_tangent.to(compute_dtype), p, ctx.temperature)
-        if ctx.k_is_tensor and k_tangent is not None:
-            v = p - p * p
-            total = v.sum(dim=-1, keepdim=True)
-            share = v / torch.where(total > 0, total, torch.ones_like(total))
-            tangent = tangent + share * k_tangent.to(compute_dtype).unsqueeze(-1)
+        if x_tangent is not None:
+            x_tangent = x_tangent.to(compute_dtype)
+        k_tangent = (
+            k_tangent.to(compute_dtype) if ctx.k_is_tensor and k_tangent is not None else None
+        )
+        tau_tangent = tau_tangent if ctx.tau_is_tensor else None
+        tangent = _tangent(p, tau, x_tangent, k_tangent, tau_tangent)
         return _to_dtype_saturating(tangent, ctx.out_dtype)
 
-    @staticmethod
-    def vmap(info, in_dims, x: Tensor, k: Tensor | float, temperature: float):
-        # The op acts on the last dimension slice by slice, so a vmapped dimension is just one
-        # more batch dimension: move it to the front and run the op once.
-        x_dim, k_dim, _ = in_dims
-        batch = info.batch_size
-        x = x.movedim(x_dim, 0) if x_dim is not None else x.expand(batch, *x.shape)
-        if isinstance(k, Tensor):
-            k = k.movedim(k_dim, 0) if k_dim is not None else k.expand(batch, *k.shape)
-            k = k.expand(x.shape[:-1])
-        return _SoftTopKFunction.apply(x, k, temperature), 0
+
+def _saved(ctx) -> tuple[Tensor, Tensor | float]:
+    saved = ctx.saved_tensors
+    return saved[0], (saved[1] if ctx.tau_is_tensor else ctx.temperature)
 
 
-def _apply(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
-    """``_SoftTopKFunction.apply(x, k, temperature)``, minus torch's per-call argument binding.
+def _op_args(k, tau) -> tuple:
+    """``(k_tensor, k, tau_tensor, tau)`` for the registered operators' schemas."""
+    k_args = (k, 0.0) if isinstance(k, Tensor) else (None, float(k))
+    tau_args = (tau, 1.0) if isinstance(tau, Tensor) else (None, float(tau))
+    return k_args + tau_args
+
+
+def _apply(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tensor:
+    """``_SoftTopKFunction.apply(x, k, tau, False)``, minus torch's per-call argument binding.
 
     ``Function.apply`` re-binds default arguments with ``inspect.signature`` on every call
-    (~40 µs: a tenth of the whole op at MoE-routing sizes).  All three arguments here are
-    positional and required, so outside ``torch.func`` transforms and ``torch.compile`` this
-    goes straight to what torch calls after that binding; otherwise it takes torch's path.
+    (~40 µs: a tenth of the whole op at MoE-routing sizes).  All arguments here are
+    positional and required, so this goes straight to what torch calls after that binding
+    (eager calls only: under ``torch.func`` transforms :func:`_composite` runs instead).
     """
     unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", None)
-    if (
-        unwrap_if_dead is None
-        or torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
-    ):
-        return _SoftTopKFunction.apply(x, k, temperature)
+    if unwrap_if_dead is None:
+        return _SoftTopKFunction.apply(x, k, tau, False)
     if isinstance(k, Tensor):
         k = unwrap_if_dead(k)
-    return super(torch.autograd.Function, _SoftTopKFunction).apply(
-        unwrap_if_dead(x), k, temperature
-    )
+    if isinstance(tau, Tensor):
+        tau = unwrap_if_dead(tau)
+    return super(torch.autograd.Function, _SoftTopKFunction).apply(unwrap_if_dead(x), k, tau, False)
+
+
+def _detach(value):
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+def _difference(value, base):
+    return value - base if isinstance(value, Tensor) else None
+
+
+def _composite(x: Tensor, k, tau) -> Tensor:
+    """The operator as differentiable ops around a solve that is not differentiated.
+
+    For calls under ``torch.func`` transforms, eager or traced: an ``autograd.Function``
+    with a custom ``jvp`` cannot be traced by ``torch.compile`` inside them, and eagerly its
+    ``jvp`` of a ``jvp`` (``jacfwd(jacfwd(f))``) comes out zero.  With ``p₀`` the solve at the
+    detached inputs and ``Δ`` the (zero-valued) difference between the inputs and their
+    detached copies, ``p(s) = p(x₀ + sΔ)`` follows ``dp/ds = J(p, τ(s))·Δ`` (``J``: the
+    Jacobian map of :func:`_tangent`); one classical Runge–Kutta step from ``s = 0`` to ``1``
+    has the value ``p₀`` exactly and the exact derivatives of every order up to four in
+    ``x``, ``k`` and ``τ`` (its error is ``O(|Δ|⁵)``).
+    """
+    x0, k0, tau0 = x.detach(), _detach(k), _detach(tau)
+    p0 = _solve_detached(x0, k0, tau0)
+    compute_dtype = _compute_dtype(x.dtype)
+    p0 = p0.to(compute_dtype)
+    # (−inf and +inf entries have v = 0; their difference inf − inf must not reach it)
+    dx = torch.where(torch.isfinite(x0), x - x0, torch.zeros_like(x)).to(compute_dtype)
+    dk, dtau = _difference(k, k0), _difference(tau, tau0)
+
+    def slope(p: Tensor, s: float) -> Tensor:
+        tau_s = tau0 + s * dtau if dtau is not None else tau
+        return _tangent(p, tau_s, dx, dk, dtau)
+
+    k1 = slope(p0, 0.0)
+    k2 = slope(p0 + 0.5 * k1, 0.5)
+    k3 = slope(p0 + 0.5 * k2, 0.5)
+    k4 = slope(p0 + k3, 1.0)
+    p = p0 + (k1 + 2 * k2 + 2 * k3 + k4) / 6
+    return _to_dtype_saturating(p, x.dtype)
+
+
+def _needs_derivative(*tensors) -> bool:
+    """Whether a tensor at the current autograd level requires grad or carries a tangent
+    (``True`` when that cannot be told, e.g. a tangent of a vmapped tensor: the composite is
+    right either way)."""
+    for t in tensors:
+        if not isinstance(t, Tensor):
+            continue
+        if t.requires_grad:
+            return True
+        try:
+            if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+                return True
+        except RuntimeError:
+            return True
+    return False
+
+
+class _Depth(threading.local):
+    solving_detached = 0  # nesting depth of _solve_detached calls in this thread (eager)
+
+
+_DEPTH = _Depth()
+
+
+def _solve_detached(x: Tensor, k, tau) -> Tensor:
+    """``gradkit::soft_topk`` at inputs that carry no derivative (see :func:`_composite`); the
+    depth tells the operator's autograd kernel not to recurse into the composite."""
+    if _ops.traced(x):
+        return torch.ops.gradkit.soft_topk(x, *_op_args(k, tau))
+    _DEPTH.solving_detached += 1
+    try:
+        return torch.ops.gradkit.soft_topk(x, *_op_args(k, tau))
+    finally:
+        _DEPTH.solving_detached -= 1
+
+
+def _autograd_kernel(x, k_tensor, k, tau_tensor, tau):
+    """``gradkit::soft_topk``'s autograd: the Function, or under ``torch.func`` transforms
+    (where a Function cannot be called from an operator) the composite."""
+    k_arg = k if k_tensor is None else k_tensor
+    tau_arg = tau if tau_tensor is None else tau_tensor
+    if torch._C._are_functorch_transforms_active():
+        if not _DEPTH.solving_detached and _needs_derivative(x, k_tensor, tau_tensor):
+            return _composite(x, k_arg, tau_arg)
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.gradkit.soft_topk(x, k_tensor, k, tau_tensor, tau)
+    return _SoftTopKFunction.apply(x, k_arg, tau_arg, True)
+
+
+_ops.LIBRARY.impl("soft_topk", _autograd_kernel, "Autograd")
+
+
+def _run(x: Tensor, k, tau, traced: bool) -> Tensor:
+    """The operator on the last dimension: eager → the Function; traced or under
+    ``torch.func`` transforms → the registered operator, or both → :func:`_composite`."""
+    functorch = torch._C._are_functorch_transforms_active()
+    if traced and functorch:
+        # Traced torch.func transforms lose the tangents of an operator's autograd kernel
+        # (compiled jvp); differentiable ops around a detached solve trace as they are.
+        return _composite(x, k, tau)
+    if traced or functorch:
+        # (its autograd kernel picks the Function or, under torch.func, the composite)
+        return torch.ops.gradkit.soft_topk(x, *_op_args(k, tau))
+    return _apply(x, k, tau)
 
 
 def _to_dtype_saturating(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -122,27 +278,15 @@ def _to_dtype_saturating(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype)
 
 
-def _check_k_tensor(k: Tensor, n: int) -> None:
-    if k.numel() == 0:
-        return
-    k_min, k_max = torch.aminmax(k.detach().to(torch.float64))
-    if not (math.isfinite(k_min) and math.isfinite(k_max)):
-        raise ValueError(f"soft_topk: k must be finite, got a k tensor containing {k_min}/{k_max}")
-    if k_min < 0 or k_max > n:
-        raise ValueError(
-            f"soft_topk: k must lie in [0, n] = [0, {n}] (n = size of dim), "
-            f"got k values in [{float(k_min)}, {float(k_max)}]"
-        )
-
-
-def _check_temperature(temperature) -> float:
+def _check_temperature(temperature) -> float | Tensor:
+    """A positive finite number as a float; a tensor is returned as is (see
+    :func:`_temperature_arg`)."""
     if isinstance(temperature, Tensor):
-        if temperature.numel() != 1 or temperature.requires_grad:
+        if temperature.dtype.is_complex or temperature.dtype == torch.bool:
             raise TypeError(
-                "soft_topk: temperature must be a positive number (a tensor temperature "
-                "with requires_grad is not supported)"
+                f"soft_topk: temperature must be a real number or tensor, got {temperature.dtype}"
             )
-        temperature = temperature.item()
+        return temperature
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"soft_topk: temperature must be a positive number, got {temperature!r}")
     temperature = float(temperature)
@@ -151,6 +295,31 @@ def _check_temperature(temperature) -> float:
             f"soft_topk: temperature must be finite and > 0, got temperature={temperature!r}"
         )
     return temperature
+
+
+def _temperature_arg(temperature, batch_shape: torch.Size, x: Tensor, traced: bool):
+    """``τ`` for the operator: a float, or a tensor of shape ``batch_shape`` in ``x``'s compute
+    dtype (a learnable or per-slice temperature; its values are checked by the solve).
+
+    A one-element tensor without gradient or tangent becomes a float on CPU in eager mode
+    (the fastest path); elsewhere reading it would be a host sync or a graph break.
+    """
+    temperature = _check_temperature(temperature)
+    if not isinstance(temperature, Tensor):
+        return temperature
+    if temperature.numel() == 1:
+        temperature = temperature.reshape(())
+        if not (traced or temperature.device.type != "cpu" or _needs_derivative(temperature)):
+            return _check_temperature(temperature.item())
+    try:
+        tau = temperature.broadcast_to(batch_shape)
+    except RuntimeError as error:
+        raise ValueError(
+            "soft_topk: a tensor temperature must be a scalar or broadcast to x's shape "
+            f"without dim {tuple(batch_shape)}, got temperature of shape "
+            f"{tuple(temperature.shape)}"
+        ) from error
+    return tau.to(_compute_dtype(x.dtype))
 
 
 def _normalize_dim(dim, ndim: int) -> int:
@@ -166,13 +335,22 @@ def _normalize_dim(dim, ndim: int) -> int:
     return int(dim) % ndim
 
 
-def _hard_mask(x: Tensor, k: Tensor | float, soft: Tensor) -> Tensor:
-    """The exact 0/1 top-k mask along the last dimension (same set as :func:`torch.topk`)."""
+def _hard_mask(x: Tensor, k: Tensor | float, soft: Tensor, sync_free: bool) -> Tensor:
+    """The exact 0/1 top-k mask along the last dimension (same set as :func:`torch.topk`).
+
+    ``sync_free`` (traced calls, GPU tensors): per-slice budgets rank all ``n`` entries
+    instead of the ``max k`` largest (no host read of ``k``; the integer check is skipped).
+    """
     if isinstance(k, Tensor):
         k_detached = k.detach()
-        if not bool(torch.all(k_detached == torch.round(k_detached))):
-            raise ValueError("soft_topk: hard=True needs an integer-valued k, got a fractional k")
-        k_max = int(k_detached.max()) if k_detached.numel() else 0
+        if sync_free:
+            k_max = x.shape[-1]
+        else:
+            if not bool(torch.all(k_detached == torch.round(k_detached))):
+                raise ValueError(
+                    "soft_topk: hard=True needs an integer-valued k, got a fractional k"
+                )
+            k_max = int(k_detached.max()) if k_detached.numel() else 0
         _, index = torch.topk(x, k_max, dim=-1, sorted=True)
         rank = torch.arange(k_max, device=x.device)
         chosen = (rank < k_detached.unsqueeze(-1)).to(soft.dtype)
@@ -183,6 +361,23 @@ def _hard_mask(x: Tensor, k: Tensor | float, soft: Tensor) -> Tensor:
     # −inf entries are never selected; a slice with a NaN is NaN, as in the soft value.
     mask = torch.where(x == -math.inf, 0.0, mask).to(soft.dtype)
     return torch.where(torch.isnan(soft), soft, mask)
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"soft_topk: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(
+            f"soft_topk: x must be a dense (strided) tensor, got layout {x.layout}; "
+            "call x.to_dense() first"
+        )
+    if x.is_meta:
+        raise ValueError(
+            "soft_topk: x is on the meta device (shapes only, no values); the threshold "
+            "solve needs data: move x to cpu or cuda"
+        )
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"soft_topk: x must be a floating-point tensor, got dtype {x.dtype}")
 
 
 def soft_topk(
@@ -226,8 +421,11 @@ def soft_topk(
             budget per slice).  A floating tensor ``k`` that requires grad receives the
             gradient ``Σ_i g_i v_i / Σ v`` (learnable budgets).
         dim: the dimension along which to select.
-        temperature: ``τ > 0``, the softness, in the units of ``x`` (a Python number; a tensor
-            temperature is not differentiated).
+        temperature: ``τ > 0``, the softness, in the units of ``x``: a number, or a tensor —
+            one element, or one value per slice (broadcastable to ``x`` with ``dim``
+            removed).  A tensor temperature that requires grad is learnable: it receives
+            ``∂L/∂τ = Σ_i g_i ∂p_i/∂τ`` with ``∂p_i/∂τ = −(v_i/τ)(z_i − z̄)``,
+            ``z = (x − θ)/τ``, ``z̄ = Σ v z / Σ v`` (θ moves with τ).
         hard: if ``True`` the forward value is the exact 0/1 top-k mask (the set chosen by
             :func:`torch.topk`, ties broken as it breaks them; ``k`` must be integer-valued),
             while the backward is the soft operator's gradient (straight-through).
@@ -265,26 +463,29 @@ def soft_topk(
         On CPU, float32/float64 (and half, solved in float32) runs a fused C kernel (built on
         first use with the system C compiler, cached in ``~/.cache/gradkit``; set
         ``GRADKIT_NATIVE=0`` to switch it off) for every slice without ``+inf`` or NaN;
-        those slices, GPU tensors, ``torch.func``/``torch.compile`` and double backward use
-        PyTorch ops, with the same results to rounding.
+        those slices, ``torch.func`` and double backward use PyTorch ops, with the same
+        results to rounding.  Under ``torch.compile``/``torch.export`` the call is one
+        registered operator (``gradkit::soft_topk``, backward ``gradkit::soft_topk_vjp``)
+        that runs the same kernels.  :func:`gradkit.topk.status` says which path runs.
         The kernel also solves relative to each slice's maximum (or its order statistics),
         which keeps full precision for scores with a large common offset.
 
     Raises:
-        TypeError: ``x`` is not a floating tensor, or ``temperature``/``dim`` has a bad type.
-        ValueError: ``k`` outside ``[0, n]`` or not finite, ``temperature`` not finite and
-            positive, ``dim`` out of range, or a fractional ``k`` with ``hard=True``.
+        TypeError: ``x`` is not a dense floating tensor, or ``temperature``/``dim`` has a
+            bad type.
+        ValueError: ``x`` on the meta device, ``k`` outside ``[0, n]`` or not finite,
+            ``temperature`` not finite and positive (tensor values are checked on CPU; on a
+            GPU that would be a host synchronisation) or of a shape that does not broadcast,
+            ``dim`` out of range, or a fractional ``k`` with ``hard=True``.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"soft_topk: x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"soft_topk: x must be a floating-point tensor, got dtype {x.dtype}")
+    _check_x(x)
     dim = _normalize_dim(dim, x.dim())
-    temperature = _check_temperature(temperature)
     n = x.shape[dim]
     last = dim == x.dim() - 1
     x_last = x if last else x.movedim(dim, -1)
     batch_shape = x_last.shape[:-1]
+    traced = _ops.traced(x)
+    tau = _temperature_arg(temperature, batch_shape, x, traced)
 
     if isinstance(k, Tensor):
         if k.dtype.is_complex or k.dtype == torch.bool:
@@ -307,9 +508,10 @@ def soft_topk(
         if hard and k_arg != round(k_arg):
             raise ValueError(f"soft_topk: hard=True needs an integer k, got k={k!r}")
 
-    p = _apply(x_last, k_arg, temperature)
+    p = _run(x_last, k_arg, tau, traced)
     if hard:
-        mask = _hard_mask(x_last.detach(), k_arg, p.detach())
+        sync_free = traced or x.device.type != "cpu"
+        mask = _hard_mask(x_last.detach(), k_arg, p.detach(), sync_free)
         # Straight-through: value exactly `mask` (p − p is exactly 0), gradient that of p.
         p = mask + (p - p.detach())
     return p if last else p.movedim(-1, dim)
@@ -330,7 +532,11 @@ class SoftTopK(nn.Module):
     """
 
     def __init__(
-        self, k: float | Tensor, dim: int = -1, temperature: float = 1.0, hard: bool = False
+        self,
+        k: float | Tensor,
+        dim: int = -1,
+        temperature: float | Tensor = 1.0,
+        hard: bool = False,
     ):
         super().__init__()
         if isinstance(k, Tensor) and not isinstance(k, nn.Parameter):
@@ -338,7 +544,11 @@ class SoftTopK(nn.Module):
         else:
             self.k = k
         self.dim = dim
-        self.temperature = _check_temperature(temperature)
+        temperature = _check_temperature(temperature)
+        if isinstance(temperature, Tensor) and not isinstance(temperature, nn.Parameter):
+            self.register_buffer("temperature", temperature)  # a Parameter τ is learnable
+        else:
+            self.temperature = temperature
         self.hard = bool(hard)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -346,4 +556,6 @@ class SoftTopK(nn.Module):
 
     def extra_repr(self) -> str:
         k = self.k if not isinstance(self.k, Tensor) else f"tensor{tuple(self.k.shape)}"
-        return f"k={k}, dim={self.dim}, temperature={self.temperature}, hard={self.hard}"
+        tau = self.temperature
+        tau = tau if not isinstance(tau, Tensor) else f"tensor{tuple(tau.shape)}"
+        return f"k={k}, dim={self.dim}, temperature={tau}, hard={self.hard}"
