@@ -35,6 +35,7 @@ from torch import Tensor
 
 from . import _native
 from ._solve import soft_topk_vjp, solve_soft_topk
+from ._solve_nosync import solve_nosync
 
 __all__ = ["LIBRARY", "gpu_status", "solve", "status", "traced", "vjp"]
 
@@ -89,7 +90,7 @@ def gpu_status() -> str:
     """Which path a CUDA tensor takes, and why."""
     if _gpu_module() is not None:
         return "Triton kernel (gradkit.topk._gpu)"
-    return f"PyTorch ops (no Triton kernel: {_GPU_REASON})"
+    return f"PyTorch ops without host synchronisation (no Triton kernel: {_GPU_REASON})"
 
 
 # --------------------------------------------------------------------------- implementations
@@ -147,11 +148,14 @@ def solve(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tensor:
     if isinstance(tau, Tensor):
         _check_temperature_values(tau)
     # (no grad mode to set: this runs in an autograd.Function's forward or below autograd)
-    if x.is_cuda and _gpu_module() is not None:
+    if x.is_cuda:
+        # The Triton kernel, else the same solve in PyTorch ops: neither reads the GPU back.
+        gpu = _gpu_module()
+        kernel = gpu.solve if gpu is not None and gpu.supports(x) else solve_nosync
         if isinstance(tau, Tensor):
-            return _GPU.solve(_scaled(x, tau), k, 1.0).to(x.dtype)
+            return kernel(_scaled(x, tau), k, 1.0).to(x.dtype)
         limit = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).max
-        return _GPU.solve(x, k, min(1.0 / tau, limit / 16))
+        return kernel(x, k, min(1.0 / tau, limit / 16))
     if isinstance(tau, Tensor):
         return solve_soft_topk(_scaled(x, tau), k, 1.0).to(x.dtype)
     return solve_soft_topk(x, k, tau)
