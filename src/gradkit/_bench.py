@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from . import _io
+
 __all__ = [
     "add_common_arguments",
     "check_positive_int",
@@ -116,3 +118,4 @@ def add_common_arguments(
     parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    _io.add_overwrite_argument(parser)

@@ -20,11 +20,16 @@ import sys
 # command -> {subject -> module}; each module exposes add_arguments(parser) and run(args).
 _BENCH = {"topk": "gradkit.topk.benchmark", "align": "gradkit.align.benchmark"}
 _DEMO = {"topk": "gradkit.topk.demo"}
-_TOP = {"align": "gradkit.align.experiment", "train": "gradkit.align.train_experiment"}
+_TOP = {"align": "gradkit.align.experiment_cli", "train": "gradkit.align.train_experiment"}
 
 
 def _module(name: str):
     return importlib.import_module(name)
+
+
+def _first_line(module) -> str:
+    """A command's description line: the first line of its module docstring."""
+    return (module.__doc__ or "").strip().splitlines()[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,18 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
         subject_parsers = command.add_subparsers(dest="subject", required=True, metavar="SUBJECT")
         for subject, module_name in subjects.items():
             module = _module(module_name)
-            sub = subject_parsers.add_parser(
-                subject, help=module.__doc__.strip().splitlines()[0] if module.__doc__ else None
-            )
+            doc = _first_line(module)
+            sub = subject_parsers.add_parser(subject, help=doc, description=doc)
             module.add_arguments(sub)
             sub.set_defaults(run=module.run)
 
     for name, module_name in _TOP.items():
         module = _module(module_name)
-        doc = module.__doc__.strip().splitlines()[0] if module.__doc__ else None
         sub = commands.add_parser(
             name,
-            help=doc,
+            help=_first_line(module),
             description=module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
@@ -66,18 +69,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``gradkit`` console script."""
+    """Entry point of the ``gradkit`` console script.
+
+    Usage errors (bad flag values, unusable output paths: ``ValueError``/``TypeError`` naming
+    the flag) exit with code 2, as argparse's own do; an I/O failure during the run exits
+    with 1 and an interrupt with 130, each with one line instead of a traceback
+    (``GRADKIT_DEBUG=1`` shows the traceback when hunting a bug).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    prefix = f"gradkit {args.command}"
     try:
         result = args.run(args)
     except (ValueError, TypeError) as error:
-        # User-facing errors (bad flag values) print cleanly instead of a traceback;
-        # GRADKIT_DEBUG=1 shows the traceback when hunting a bug.
-        if os.environ.get("GRADKIT_DEBUG"):
-            raise
-        parser.exit(2, f"gradkit {args.command}: error: {error}\n")
+        _reraise_when_debugging()
+        parser.exit(2, f"{prefix}: error: {error}\n")
+    except OSError as error:
+        _reraise_when_debugging()
+        parser.exit(1, f"{prefix}: error: {_describe_os_error(error)}\n")
+    except KeyboardInterrupt:
+        _reraise_when_debugging()
+        parser.exit(130, f"{prefix}: interrupted\n")
     return int(result or 0)
+
+
+def _reraise_when_debugging() -> None:
+    if os.environ.get("GRADKIT_DEBUG"):
+        raise
+
+
+def _describe_os_error(error: OSError) -> str:
+    """``cannot write runs/x.json: No space left on device`` rather than errno tuples."""
+    where = f" {error.filename}" if error.filename else ""
+    return f"cannot access{where}: {error.strerror or error}"
 
 
 if __name__ == "__main__":

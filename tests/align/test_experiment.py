@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from support import assert_png, gradkit, parse_flags
 
-from gradkit.align import experiment
+from gradkit.align import experiment, experiment_cli
 from gradkit.align.presets import ALIGN_DEFAULTS, PRESETS
 
 TINY = ["--depth", "3", "--width", "5", "--batch", "4", "--seeds", "2"]
@@ -113,22 +113,24 @@ def test_same_seeds_reproduce_and_first_seed_changes_the_draw(tmp_path):
 
 
 def test_preset_then_flags_override_it():
-    settings = experiment.resolve_settings(
-        parse_flags(experiment, ["--preset", "achievable", "--width", "50"])
+    settings = experiment_cli.resolve_settings(
+        parse_flags(experiment_cli, ["--preset", "achievable", "--width", "50"])
     )
     achievable = PRESETS["achievable"]
     assert settings["width"] == (50,)  # explicit flag beats the preset
     for key in ("depth", "activation", "gain", "targets", "batch"):
         assert settings[key] == (achievable[key],), key
-    settings = experiment.resolve_settings(
-        parse_flags(experiment, ["--preset", "unachievable", "--targets", "teacher"])
+    settings = experiment_cli.resolve_settings(
+        parse_flags(experiment_cli, ["--preset", "unachievable", "--targets", "teacher"])
     )
     assert settings["targets"] == ("teacher",)
     assert settings["activation"] == (PRESETS["unachievable"]["activation"],)
-    defaults = experiment.resolve_settings(parse_flags(experiment, []))
+    defaults = experiment_cli.resolve_settings(parse_flags(experiment_cli, []))
     for key in ("depth", "width", "activation", "init", "targets", "batch", "seeds"):
         assert defaults[key] == (ALIGN_DEFAULTS[key],), key
-    assert experiment.resolve_settings(parse_flags(experiment, ["--bias"]))["bias"] == (True,)
+    assert experiment_cli.resolve_settings(parse_flags(experiment_cli, ["--bias"]))["bias"] == (
+        True,
+    )
 
 
 def test_gain_auto_resolves_to_the_activation_default(tmp_path):
@@ -240,8 +242,8 @@ def test_findings_hold_on_a_small_network():
 
 def test_run_accepts_a_hand_made_namespace(tmp_path):
     args = argparse.Namespace(depth=3, width="4", batch=4, seeds=1, out=str(tmp_path), plots=False)
-    assert experiment.run(args) == 0
+    assert experiment_cli.run(args) == 0
     result = json.loads((tmp_path / "alignment.json").read_text())
     assert result["config"]["width"] == 4 and len(result["matrices"]) == 1
     with pytest.raises(ValueError, match="--activation"):
-        experiment.run(argparse.Namespace(activation="sigmoid", out=str(tmp_path)))
+        experiment_cli.run(argparse.Namespace(activation="sigmoid", out=str(tmp_path)))
