@@ -94,21 +94,27 @@ def test_single_mode_records_only_that_mode(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--preset", "nope"], "--preset must be one of achievable, unachievable, digits, tiny"),
-        (["--mode", "distant"], "--mode must be one of local, global, both"),
+        (["--preset", "nope"], "--preset: must be one of achievable, unachievable, digits, tiny"),
+        (["--mode", "distant"], "--mode: must be one of local, global, both"),
         (["--activation", "softmax"], "--activation must be one of"),
         (["--preset", "tiny", "--batch-size", "1000"], "--batch-size must be ≤"),
-        (["--lr", "-1"], "--lr must be > 0"),
-        (["--momentum", "1"], "--momentum must be in"),
-        (["--steps", "0"], "--steps must be an integer ≥ 1"),
-        (["--targets", "random"], "--targets must be one of iid, uncentered, teacher"),
+        (["--lr", "-1"], "--lr: must be a finite number > 0; got '-1'"),
+        (["--momentum", "1"], "--momentum: must be a finite number in [0, 1)"),
+        (["--steps", "0"], "--steps: must be an integer ≥ 1"),
+        (["--targets", "random"], "--targets: must be one of iid, uncentered, teacher"),
+        (["--teacher-lr", "-1"], "--teacher-lr: must be a finite number > 0; got '-1'"),
+        (["--preset", "digits", "--samples", "5"], "--samples does not apply to --preset digits"),
+        (["--preset", "digits", "--gain", "2"], "--gain does not apply to --preset digits"),
+        (["--preset", "tiny", "--teacher-steps", "5"], "--teacher-steps does not apply"),
+        (["--threads", "0"], "--threads"),
     ],
 )
 def test_bad_flags_exit_with_a_clear_error(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        gradkit(["train", *argv, "--out", str(tmp_path)])
+        gradkit(["train", *argv, "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_digits_tiny_reports_accuracies_for_teacher_and_both_modes(tmp_path):
@@ -180,3 +186,46 @@ def test_summarize_mean_std_over_seeds():
     assert summary["total_loss_at_50pct"]["mean"] == 5.0
     one = train_experiment.summarize(histories[:1])
     assert one["total_loss"] == {"mean": 1.0, "std": 0.0}
+
+
+def test_prints_its_configuration_then_progress_with_an_eta(tmp_path, capsys):
+    argv = ["train", "--preset", "tiny", "--seeds", "1", "--steps", "4", "--eval-every", "2"]
+    assert gradkit([*argv, "--no-alignment", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("gradkit train: ") and "steps=4" in captured.out
+    lines = [line for line in captured.err.splitlines() if "checkpoints" in line]
+    # 1 seed × 2 modes × checkpoints at steps 0, 2, 4.
+    assert len(lines) == 6 and lines[-1].startswith("gradkit train checkpoints 6/6")
+    assert all("eta" in line for line in lines)
+
+
+def test_ctrl_c_keeps_the_finished_runs(tmp_path, monkeypatch, capsys):
+    from gradkit.align import training
+
+    real, calls = train_experiment.train, []
+
+    def interrupted_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_experiment, "train", interrupted_on_second)
+    assert training.train is real
+    with pytest.raises(SystemExit) as exit_info:
+        gradkit(["train", "--preset", "tiny", "--no-alignment", "--out", str(tmp_path)])
+    assert exit_info.value.code == 130
+    assert "train.partial.json" in capsys.readouterr().err
+    partial = json.loads((tmp_path / "train.partial.json").read_text())
+    assert partial["complete"] is False
+    assert len(partial["history"]["local"]) == 1 and partial["history"]["global"] == []
+    assert json.loads((tmp_path / "INCOMPLETE.json").read_text())["status"] == "interrupted"
+    assert not (tmp_path / "train.json").exists()
+
+
+def test_an_existing_out_folder_is_refused(tiny_run, capsys):
+    out, _ = tiny_run
+    with pytest.raises(SystemExit) as exit_info:
+        gradkit(["train", "--preset", "tiny", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err

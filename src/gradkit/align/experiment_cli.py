@@ -330,6 +330,8 @@ def _check_mode_flags(args: argparse.Namespace) -> None:
         ):
             if getattr(args, name) != unused:
                 raise ValueError(f"{flag} is for `gradkit align sweep`, not a single run")
+    if args.address is not None and args.executor != "ray":
+        raise ValueError("--address is for --executor ray")
     if args.resume and args.out is None:
         raise ValueError("--resume needs --out DIR: the folder of the sweep to continue")
     if args.resume and args.overwrite:

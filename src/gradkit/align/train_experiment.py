@@ -29,16 +29,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .. import _io
+from .. import _checks, _io, _runtime
 from .networks import ACTIVATIONS, INITS, make_mlp
 from .presets import PRESETS
 from .targets import TARGET_MODES, make_targets
-from .training import TRAIN_MODES, copy_network, train
+from .training import TRAIN_MODES, checkpoint_steps, copy_network, train
 
 __all__ = [
     "TRAIN_PRESETS",
@@ -92,54 +93,61 @@ TRAIN_PRESETS: dict[str, dict] = {
     ),
 }
 
-# Flags that override preset keys (dest name -> type); None means "keep the preset's".
-_OVERRIDES = (
-    "steps",
-    "lr",
-    "momentum",
-    "batch_size",
-    "eval_every",
-    "seeds",
-    "activation",
-    "depth",
-    "width",
-    "gain",
-    "init",
-    "samples",
-    "targets",
-    "target_scale",
-    "teacher_steps",
-    "teacher_lr",
-)
+# Flags that override preset keys: dest name -> (check of its value, help). None = not given.
+_OVERRIDES: dict[str, tuple[_checks.Check, str]] = {
+    "seeds": (_checks.integer("--seeds", 1), "number of seeds (0, 1, …)"),
+    "steps": (_checks.integer("--steps", 1), "SGD updates per run"),
+    "lr": (_checks.number("--lr", 0, low_open=True), "learning rate"),
+    "momentum": (_checks.number("--momentum", 0, 1, high_open=True), "SGD momentum in [0, 1)"),
+    "batch_size": (_checks.integer("--batch-size", 1), "examples per update"),
+    "eval_every": (_checks.integer("--eval-every", 1), "steps between full-batch checkpoints"),
+    "activation": (
+        _checks.Check("--activation", f"one of {', '.join(ACTIVATIONS)}", str),
+        f"activation, or a comma list for digits ({', '.join(ACTIVATIONS)})",
+    ),
+    "depth": (_checks.integer("--depth", 1), "number of layers L"),
+    "width": (_checks.integer("--width", 1), "units per (hidden) layer"),
+    "gain": (_checks.number("--gain", 0, low_open=True), "weight init gain (synthetic)"),
+    "init": (_checks.choice("--init", INITS), f"weight init (synthetic): {', '.join(INITS)}"),
+    "samples": (_checks.integer("--samples", 1), "number of inputs (synthetic)"),
+    "targets": (
+        _checks.choice("--targets", TARGET_MODES),
+        f"target kind (synthetic): {', '.join(TARGET_MODES)}",
+    ),
+    "target_scale": (
+        _checks.number("--target-scale", 0, low_open=True),
+        "scale of iid targets (synthetic)",
+    ),
+    "teacher_steps": (_checks.integer("--teacher-steps", 1), "Adam steps of the digits teacher"),
+    "teacher_lr": (
+        _checks.number("--teacher-lr", 0, low_open=True),
+        "Adam lr of the digits teacher",
+    ),
+}
+# Flags that only one family of presets reads: given for the other, they are refused.
+_SYNTHETIC_ONLY = ("gain", "init", "samples", "targets", "target_scale")
+_DIGITS_ONLY = ("teacher_steps", "teacher_lr")
+_PRESET = _checks.choice("--preset", tuple(TRAIN_PRESETS))
+_MODE = _checks.choice("--mode", ("local", "global", "both"))
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``gradkit train``."""
     parser.add_argument(
         "--preset",
+        type=_PRESET.argtype(),
         default="achievable",
         help=f"one of {', '.join(TRAIN_PRESETS)} (default achievable)",
     )
-    parser.add_argument("--mode", default="both", help="local, global or both (default both)")
-    parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, …)")
-    parser.add_argument("--steps", type=int, help="SGD updates per run")
-    parser.add_argument("--lr", type=float, help="learning rate")
-    parser.add_argument("--momentum", type=float, help="SGD momentum in [0, 1)")
-    parser.add_argument("--batch-size", type=int, help="examples per update")
-    parser.add_argument("--eval-every", type=int, help="steps between full-batch checkpoints")
     parser.add_argument(
-        "--activation",
-        help=f"activation, or a comma list for digits ({', '.join(ACTIVATIONS)})",
+        "--mode", type=_MODE.argtype(), default="both", help="local, global or both (default both)"
     )
-    parser.add_argument("--depth", type=int, help="number of layers L")
-    parser.add_argument("--width", type=int, help="units per (hidden) layer")
-    parser.add_argument("--gain", type=float, help="weight init gain (synthetic)")
-    parser.add_argument("--init", choices=INITS, help="weight init (synthetic)")
-    parser.add_argument("--samples", type=int, help="number of inputs (synthetic)")
-    parser.add_argument("--targets", help=f"target kind (synthetic): {', '.join(TARGET_MODES)}")
-    parser.add_argument("--target-scale", type=float, help="scale of iid targets")
-    parser.add_argument("--teacher-steps", type=int, help="Adam steps of the digits teacher")
-    parser.add_argument("--teacher-lr", type=float, help="Adam lr of the digits teacher")
+    for key, (check, text) in _OVERRIDES.items():
+        parser.add_argument(_flag(key), type=check.argtype(), default=None, help=text)
     parser.add_argument(
         "--no-alignment",
         action="store_true",
@@ -149,16 +157,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=("float32", "float64"), default="float32", help="default float32"
     )
     parser.add_argument("--out", help="output folder (default runs/train-<time>)")
+    _io.add_overwrite_argument(parser)
+    _runtime.add_threads_argument(parser)
+    _runtime.add_device_argument(parser)
+
+
+def _check_applies(args: argparse.Namespace, digits: bool) -> None:
+    """Refuse a flag that the chosen preset would ignore."""
+    foreign = _SYNTHETIC_ONLY if digits else _DIGITS_ONLY
+    for key in foreign:
+        if getattr(args, key, None) is not None:
+            kind = "the synthetic presets" if digits else "--preset digits"
+            raise ValueError(
+                f"{_flag(key)} does not apply to --preset {args.preset} (it is for {kind})"
+            )
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """The run's settings: the preset, its network, then every flag that was given."""
-    if args.preset not in TRAIN_PRESETS:
-        raise ValueError(f"--preset must be one of {', '.join(TRAIN_PRESETS)}; got {args.preset!r}")
-    modes = list(TRAIN_MODES) if args.mode == "both" else [args.mode]
-    if args.mode != "both" and args.mode not in TRAIN_MODES:
-        raise ValueError(f"--mode must be one of local, global, both; got {args.mode!r}")
-    config = dict(TRAIN_PRESETS[args.preset])
+    preset_name = _PRESET(args.preset)
+    modes = list(TRAIN_MODES) if _MODE(args.mode) == "both" else [args.mode]
+    config = dict(TRAIN_PRESETS[preset_name])
+    _check_applies(args, config.get("data") == "digits")
     if "network" in config:
         network = dict(PRESETS[config["network"]])
         network["samples"] = network.pop("batch")
@@ -169,7 +189,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         if value is not None:
             config[key] = value
     config.update(
-        preset=args.preset,
+        preset=preset_name,
         modes=modes,
         dtype=args.dtype,
         measure_alignment=not args.no_alignment,
@@ -179,17 +199,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
 
 def _validate(config: dict) -> None:
-    def positive_int(key: str) -> None:
-        value = config.get(key)
-        if value is not None and not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"--{key.replace('_', '-')} must be an integer ≥ 1, got {value!r}")
-
-    for key in ("steps", "batch_size", "eval_every", "seeds", "depth", "width", "samples"):
-        positive_int(key)
-    if not config["lr"] > 0:
-        raise ValueError(f"--lr must be > 0, got {config['lr']!r}")
-    if not 0 <= config["momentum"] < 1:
-        raise ValueError(f"--momentum must be in [0, 1), got {config['momentum']!r}")
+    for key, (check, _) in _OVERRIDES.items():
+        if key in config:
+            config[key] = check(config[key])
     activations = str(config["activation"]).split(",")
     for activation in activations:
         if activation not in ACTIVATIONS:
@@ -200,10 +212,6 @@ def _validate(config: dict) -> None:
     if "data" not in config:
         if len(activations) != 1:
             raise ValueError("--activation takes a single activation for synthetic presets")
-        if config["targets"] not in TARGET_MODES:
-            raise ValueError(
-                f"--targets must be one of {', '.join(TARGET_MODES)}; got {config['targets']!r}"
-            )
         if config["batch_size"] > config["samples"]:
             raise ValueError(
                 f"--batch-size must be ≤ the number of samples {config['samples']}, "
@@ -252,65 +260,91 @@ def summarize(histories: list[dict]) -> dict:
     return summary
 
 
-def _synthetic_runs(config: dict, dtype: torch.dtype) -> dict:
-    histories: dict[str, list] = {mode: [] for mode in config["modes"]}
-    jobs = [(seed, mode) for seed in range(config["seeds"]) for mode in config["modes"]]
-    cache: dict[int, tuple] = {}
-    for seed, mode in _io.progress(jobs, desc="gradkit train: (seed, mode) runs"):
-        if seed not in cache:
-            cache.clear()
-            net = make_mlp(
-                config["depth"], config["width"], config["activation"],
-                init=config["init"], gain=config["gain"], bias=config["bias"],
-                seed=seed, dtype=dtype,
+def _meter(config: dict, runs: int) -> _runtime.Meter:
+    """One progress line per checkpoint of every run, with an ETA."""
+    per_run = len(checkpoint_steps(config["steps"], config["eval_every"]))
+    return _runtime.Meter(runs * per_run, "gradkit train checkpoints")
+
+
+def _ticker(meter: _runtime.Meter | None, label: str):
+    """A ``metrics`` callback of :func:`train` that only advances ``meter``."""
+
+    def tick(_net) -> dict:
+        if meter is not None:
+            meter.step(note=label)
+        return {}
+
+    return tick
+
+
+def _draw_synthetic(config: dict, seed: int, dtype: torch.dtype, device: torch.device):
+    """Seed ``seed``'s network, inputs and targets: drawn on the CPU, then moved."""
+    net = make_mlp(
+        config["depth"], config["width"], config["activation"],
+        init=config["init"], gain=config["gain"], bias=config["bias"],
+        seed=seed, dtype=dtype,
+    )  # fmt: skip
+    # Inputs x ~ N(0, I) from their own stream, so they differ from the weights' draw.
+    generator = torch.Generator().manual_seed(10_007 + seed)
+    x = torch.randn(config["samples"], config["width"], generator=generator, dtype=dtype)
+    targets = make_targets(net, x, config["targets"], scale=config["target_scale"], seed=seed)
+    return net.to(device), x.to(device), [t.to(device) for t in targets]
+
+
+def _synthetic_runs(config: dict, dtype, device, partial: dict, meter) -> dict:
+    histories: dict[str, list] = partial.setdefault("history", {m: [] for m in config["modes"]})
+    for seed in range(config["seeds"]):
+        net, x, targets = _draw_synthetic(config, seed, dtype, device)
+        for mode in config["modes"]:
+            history = train(
+                copy_network(net), x, targets, mode,
+                steps=config["steps"], lr=config["lr"], momentum=config["momentum"],
+                batch_size=config["batch_size"], eval_every=config["eval_every"], seed=seed,
+                measure_alignment=config["measure_alignment"],
+                metrics=_ticker(meter, f"seed {seed} {mode}"),
             )  # fmt: skip
-            # Inputs x ~ N(0, I) from their own stream, so they differ from the weights' draw.
-            generator = torch.Generator().manual_seed(10_007 + seed)
-            x = torch.randn(config["samples"], config["width"], generator=generator, dtype=dtype)
-            targets = make_targets(
-                net, x, config["targets"], scale=config["target_scale"], seed=seed
-            )
-            cache[seed] = (net, x, targets)
-        net, x, targets = cache[seed]
-        history = train(
-            copy_network(net), x, targets, mode,
-            steps=config["steps"], lr=config["lr"], momentum=config["momentum"],
-            batch_size=config["batch_size"], eval_every=config["eval_every"], seed=seed,
-            measure_alignment=config["measure_alignment"],
-        )  # fmt: skip
-        histories[mode].append(history)
+            histories[mode].append(history)
     return {
         "history": histories,
         "final": {mode: summarize(hs) for mode, hs in histories.items()},
     }
 
 
-def _digits_runs(config: dict, dtype: torch.dtype) -> dict:
+def _digits_one(config: dict, activation: str, seed: int, dtype, device, meter) -> dict:
     from .digits import digits_run
 
+    return digits_run(
+        activation=activation, modes=tuple(config["modes"]), seed=seed,
+        depth=config["depth"], width=config["width"],
+        test_fraction=config["test_fraction"], teacher_steps=config["teacher_steps"],
+        teacher_lr=config["teacher_lr"], steps=config["steps"], lr=config["lr"],
+        momentum=config["momentum"], batch_size=config["batch_size"],
+        eval_every=config["eval_every"], measure_alignment=config["measure_alignment"],
+        dtype=dtype, device=device, on_checkpoint=_ticker(meter, f"{activation} seed {seed}"),
+    )  # fmt: skip
+
+
+def _digits_runs(config: dict, dtype, device, partial: dict, meter) -> dict:
     activations = str(config["activation"]).split(",")
-    jobs = [(a, seed) for a in activations for seed in range(config["seeds"])]
-    by_activation: dict[str, dict] = {
-        a: {"history": {m: [] for m in config["modes"]}, "teacher": []} for a in activations
-    }
-    for activation, seed in _io.progress(jobs, desc="gradkit train: (activation, seed) runs"):
-        result = digits_run(
-            activation=activation, modes=tuple(config["modes"]), seed=seed,
-            depth=config["depth"], width=config["width"],
-            test_fraction=config["test_fraction"], teacher_steps=config["teacher_steps"],
-            teacher_lr=config["teacher_lr"], steps=config["steps"], lr=config["lr"],
-            momentum=config["momentum"], batch_size=config["batch_size"],
-            eval_every=config["eval_every"], measure_alignment=config["measure_alignment"],
-            dtype=dtype,
-        )  # fmt: skip
-        entry = by_activation[activation]
-        entry["teacher"].append(result["teacher"])
-        for mode in config["modes"]:
-            # Final accuracies ride along with the history so summarize() sees them.
-            history = dict(result["history"][mode])
-            for key in ("test_accuracy", "train_accuracy", "test_layer_loss"):
-                history[key] = result["final"][mode][key]
-            entry["history"][mode].append(history)
+    by_activation: dict[str, dict] = partial.setdefault(
+        "by_activation",
+        {a: {"history": {m: [] for m in config["modes"]}, "teacher": []} for a in activations},
+    )
+    for activation in activations:
+        for seed in range(config["seeds"]):
+            result = _digits_one(config, activation, seed, dtype, device, meter)
+            entry = by_activation[activation]
+            entry["teacher"].append(result["teacher"])
+            for mode in config["modes"]:
+                # Final accuracies ride along with the history so summarize() sees them.
+                history = dict(result["history"][mode])
+                for key in ("test_accuracy", "train_accuracy", "test_layer_loss"):
+                    history[key] = result["final"][mode][key]
+                entry["history"][mode].append(history)
+    return _digits_summary(by_activation, activations[0])
+
+
+def _digits_summary(by_activation: dict, primary: str) -> dict:
     final_by_activation, history_by_activation = {}, {}
     for activation, entry in by_activation.items():
         final = {mode: summarize(hs) for mode, hs in entry["history"].items()}
@@ -320,7 +354,6 @@ def _digits_runs(config: dict, dtype: torch.dtype) -> dict:
         }
         final_by_activation[activation] = final
         history_by_activation[activation] = entry["history"]
-    primary = activations[0]
     return {
         "history": history_by_activation[primary],
         "final": final_by_activation[primary],
@@ -330,14 +363,29 @@ def _digits_runs(config: dict, dtype: torch.dtype) -> dict:
     }
 
 
-def run_experiment(config: dict) -> dict:
-    """Run every (seed, mode) of ``config`` (see :func:`resolve_config`) and summarise."""
+def run_experiment(
+    config: dict,
+    *,
+    device: str | torch.device = "cpu",
+    partial: dict | None = None,
+    progress: bool = False,
+) -> dict:
+    """Run every (seed, mode) of ``config`` (see :func:`resolve_config`) and summarise.
+
+    ``partial`` (a dict, filled as runs finish) keeps the finished runs' histories when the
+    run is interrupted; ``progress`` prints a line with an ETA at every checkpoint.
+    """
     dtype = torch.float64 if config["dtype"] == "float64" else torch.float32
+    device = _runtime.resolve_device(device)
+    partial = {} if partial is None else partial
+    digits = config.get("data") == "digits"
+    runs = config["seeds"] * (len(str(config["activation"]).split(",")) if digits else 1)
+    meter = _meter(config, runs * len(config["modes"])) if progress else None
     start = time.perf_counter()
-    if config.get("data") == "digits":
-        result = _digits_runs(config, dtype)
+    if digits:
+        result = _digits_runs(config, dtype, device, partial, meter)
     else:
-        result = _synthetic_runs(config, dtype)
+        result = _synthetic_runs(config, dtype, device, partial, meter)
     return {"config": config, **result, "runtime_s": time.perf_counter() - start}
 
 
@@ -499,17 +547,46 @@ def plot_alignment(result: dict, path: Path) -> Path:
     return _io.save_figure(fig, path)
 
 
+def _print_config(config: dict, device: torch.device, out: Path) -> None:
+    shown = {k: v for k, v in config.items() if k not in ("network",)}
+    text = ", ".join(f"{k}={v}" for k, v in shown.items())
+    print(f"gradkit train: {text}; device={device}, threads={torch.get_num_threads()}")
+    print(f"writing to {out}", flush=True)
+
+
+def _save_partial(config: dict, partial: dict, out: Path) -> None:
+    """On Ctrl-C: the finished runs' histories, marked incomplete; say where they are."""
+    if not partial:
+        return
+    path = _io.write_json(out / "train.partial.json", {"config": config, "complete": False,
+                                                        **partial})  # fmt: skip
+    print(
+        f"\ninterrupted: the histories of the runs that finished are in {path}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """``gradkit train``: run, write ``train.json`` and the plots, print the table."""
     config = resolve_config(args)
-    out = _io.new_run_dir("train", args.out)
-    try:
-        result = run_experiment(config)
-    except ImportError as error:  # the digits extra is missing: say how to install it
-        raise SystemExit(f"gradkit train: error: {error}") from error
-    _io.write_json(out / "train.json", result)
-    plot_losses(result, out / "losses.png")
-    plot_alignment(result, out / "alignment_over_training.png")
+    device = _runtime.resolve_device(getattr(args, "device", "cpu"))
+    _runtime.use_threads(getattr(args, "threads", None))
+    overwrite = bool(getattr(args, "overwrite", False))
+    with _io.run_folder("train", args.out, overwrite=overwrite) as out:
+        _print_config(config, device, out)
+        partial: dict = {}
+        try:
+            result = run_experiment(config, device=device, partial=partial, progress=True)
+        except ImportError as error:  # the digits extra is missing: say how to install it
+            raise SystemExit(f"gradkit train: error: {error}") from error
+        except KeyboardInterrupt:
+            _save_partial(config, partial, out)
+            raise
+        result["config"] = {**config, "device": str(device), "threads": torch.get_num_threads()}
+        _io.write_json(out / "train.json", result)
+        plot_losses(result, out / "losses.png")
+        plot_alignment(result, out / "alignment_over_training.png")
     print(comparison_table(result))
     print(f"\n{result['runtime_s']:.1f} s; wrote {out / 'train.json'}, losses.png, "
           "alignment_over_training.png")  # fmt: skip
