@@ -135,6 +135,11 @@ def test_digits_tiny_reports_accuracies_for_teacher_and_both_modes(tmp_path):
     history = result["history"]["local"][0]
     assert len(history["layer_loss"][0]) == 3 and history["step"] == [0, 6, 12]
     assert len(history["checkpoint_test_accuracy"]) == 3
+    fig = train_experiment.losses_figure(result)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "students' test accuracy" in titles
+    assert all(ax.get_ylabel() for ax in fig.axes if ax.axison)
+    __import__("matplotlib.pyplot").pyplot.close(fig)
     assert_png(tmp_path / "losses.png")
     assert_png(tmp_path / "alignment_over_training.png")
 
@@ -229,3 +234,14 @@ def test_an_existing_out_folder_is_refused(tiny_run, capsys):
         gradkit(["train", "--preset", "tiny", "--out", str(out)])
     assert exit_info.value.code == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_loss_plot_has_axis_labels_and_plain_log_ticks(tiny_run):
+    _, result = tiny_run
+    fig = train_experiment.losses_figure(result)
+    fig.canvas.draw()
+    shown = [ax for ax in fig.axes if ax.axison]
+    assert all(ax.get_ylabel() and ax.get_yscale() == "log" for ax in shown)
+    labels = [t.get_text() for t in shown[0].get_yticklabels() if t.get_text()]
+    assert labels and not any("10^" in text or "$" in text for text in labels), labels
+    __import__("matplotlib.pyplot").pyplot.close(fig)

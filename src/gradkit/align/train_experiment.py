@@ -45,6 +45,7 @@ __all__ = [
     "TRAIN_PRESETS",
     "add_arguments",
     "comparison_table",
+    "losses_figure",
     "plot_alignment",
     "plot_losses",
     "resolve_config",
@@ -478,43 +479,68 @@ def _band(histories: list[dict], key: str, layer: int | None):
 
 def plot_losses(result: dict, path: Path) -> Path:
     """Loss curves of every mode (mean over seeds, min–max band), log scale: the total, then
-    one panel per group of layers (one layer per panel up to 11 layers)."""
+    one panel per group of layers (one layer per panel up to 11 layers), and the students'
+    test accuracy when it was recorded (digits)."""
+    return _io.save_figure(losses_figure(result), path)
+
+
+def losses_figure(result: dict):
+    """The figure of :func:`plot_losses` (not saved)."""
     plt = _io.pyplot()
     curves = _curve_sets(result)
     depth = len(next(iter(curves.values()))[0]["layer_loss"][0])
     per_panel = max(1, math.ceil(depth / 11))
     groups = [list(range(i, min(i + per_panel, depth))) for i in range(0, depth, per_panel)]
-    panels = 1 + len(groups)
+    accuracy = all("checkpoint_test_accuracy" in hs[0] for hs in curves.values())
+    panels = 1 + len(groups) + accuracy
     cols = min(4, panels)
     rows = math.ceil(panels / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for panel, ax in enumerate(axes.flat):
         if panel >= panels:
             ax.axis("off")
-            continue
-        layers = [None] if panel == 0 else groups[panel - 1]
-        key = "total_loss" if panel == 0 else "layer_loss"
-        for c, (label, histories) in enumerate(curves.items()):
-            for j, layer in enumerate(layers):
-                steps, mean, low, high = _band(histories, key, layer)
-                style = ("-", "--", ":", "-.")[j % 4]
-                ax.plot(steps, mean, style, color=colors[c % len(colors)],
-                        label=label if j == 0 else None)  # fmt: skip
-                ax.fill_between(steps, low, high, color=colors[c % len(colors)], alpha=0.15)
-        names = ", ".join(f"ℓ_{i + 1}" for i in layers) if panel else "total Σ ℓ_i"
-        ax.set_title(names)
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        if panel == 0:
-            ax.legend(fontsize=8)
+        elif accuracy and panel == panels - 1:
+            _accuracy_panel(ax, curves, plt)
+        else:
+            _loss_panel(ax, curves, [None] if panel == 0 else groups[panel - 1], plt)
+    axes.flat[0].legend(fontsize=8)
     config = result["config"]
     fig.suptitle(
         f"gradkit train --preset {config['preset']}: layerwise loss, local vs global "
         f"(mean over {config['seeds']} seeds, band = min–max)"
     )
     fig.tight_layout()
-    return _io.save_figure(fig, path)
+    return fig
+
+
+def _loss_panel(ax, curves: dict, layers: list, plt) -> None:
+    from .plots import readable_log_axis
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    key = "total_loss" if layers == [None] else "layer_loss"
+    for c, (label, histories) in enumerate(curves.items()):
+        for j, layer in enumerate(layers):
+            steps, mean, low, high = _band(histories, key, layer)
+            style = ("-", "--", ":", "-.")[j % 4]
+            ax.plot(steps, mean, style, color=colors[c % len(colors)],
+                    label=label if j == 0 else None)  # fmt: skip
+            ax.fill_between(steps, low, high, color=colors[c % len(colors)], alpha=0.15)
+    ax.set_title("total Σ ℓ_i" if layers == [None] else ", ".join(f"ℓ_{i + 1}" for i in layers))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (log scale)")
+    readable_log_axis(ax)
+
+
+def _accuracy_panel(ax, curves: dict, plt) -> None:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for c, (label, histories) in enumerate(curves.items()):
+        steps, mean, low, high = _band(histories, "checkpoint_test_accuracy", None)
+        ax.plot(steps, mean, color=colors[c % len(colors)], label=label)
+        ax.fill_between(steps, low, high, color=colors[c % len(colors)], alpha=0.15)
+    ax.set_title("students' test accuracy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
 
 
 def plot_alignment(result: dict, path: Path) -> Path:
