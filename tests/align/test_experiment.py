@@ -339,6 +339,28 @@ def test_a_failed_run_leaves_no_folder(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_ctrl_c_keeps_the_finished_seeds(tmp_path, monkeypatch, capsys):
+    real, calls = experiment._measure_one, []
+
+    def interrupted_on_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(experiment, "_measure_one", interrupted_on_third)
+    argv = ["align", "--depth", "3", "--width", "4", "--batch", "4", "--seeds", "4"]
+    with pytest.raises(SystemExit) as exit_info:
+        gradkit([*argv, "--out", str(tmp_path)])
+    assert exit_info.value.code == 130
+    assert "2 seeds finished" in capsys.readouterr().err
+    partial = json.loads((tmp_path / "alignment.partial.json").read_text())
+    assert partial["complete"] is False and partial["config"]["seed_indices"] == [0, 1]
+    assert len(partial["matrices"]) == 2
+    assert json.loads((tmp_path / "INCOMPLETE.json").read_text())["status"] == "interrupted"
+    assert not (tmp_path / "alignment.json").exists()
+
+
 @pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="checks the message without a GPU"
 )

@@ -338,20 +338,28 @@ def measure_setting(
     decompose: bool = True,
     device: str | torch.device = "cpu",
     progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+    keep_partial: bool = False,
 ) -> dict:
     """Measure one setting over ``seeds``; return matrices, summary, per-layer means, timing.
 
     ``setting`` holds :data:`SETTING_KEYS` (``gain=None``: the activation's default);
     ``device`` is ``cpu``, ``cuda`` or ``auto``; ``progress`` may wrap the seed iteration
-    (e.g. to print a line per seed). Returns ``{"setting", "matrices" (seeds, L, L),
-    "summary" (:class:`AlignmentSummary`), "per_layer", "decomposition", "seconds"}``.
+    (e.g. to print a line per seed). With ``keep_partial``, Ctrl-C after at least one seed
+    returns the summary of the finished seeds with ``"interrupted": True``. Returns
+    ``{"setting", "matrices" (seeds, L, L), "summary" (:class:`AlignmentSummary`),
+    "per_layer", "decomposition", "seconds", "seeds_done", "interrupted"}``.
     """
     setting = _resolved(check_setting(setting))
     device = _runtime.resolve_device(device)
     seed_iter = progress(seeds) if progress is not None else seeds
-    reports, start = [], time.perf_counter()
-    for seed in seed_iter:
-        reports.append(_measure_one(setting, seed, dtype, decompose, device))
+    reports, start, interrupted = [], time.perf_counter(), False
+    try:
+        for seed in seed_iter:
+            reports.append(_measure_one(setting, seed, dtype, decompose, device))
+    except KeyboardInterrupt:
+        if not (keep_partial and reports):
+            raise
+        interrupted = True
     if not reports:
         raise ValueError("seeds must name at least one seed; got none")
     seconds = time.perf_counter() - start
@@ -366,6 +374,8 @@ def measure_setting(
             [r["decomposition"] for r in reports if "decomposition" in r], summary.depth
         ),
         "seconds": seconds,
+        "seeds_done": list(seeds)[: len(reports)],
+        "interrupted": interrupted,
     }
 
 

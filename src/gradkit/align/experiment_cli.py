@@ -22,6 +22,7 @@ Results: ``alignment.json``, ``alignment.png``, ``by_distance.png`` (run) or ``s
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -256,7 +257,10 @@ def _run_single(args: argparse.Namespace, settings: dict[str, tuple]) -> int:
             decompose=args.decompose,
             device=device,
             progress=lambda s: _io.progress(s, "align seeds", total=len(seeds)),
+            keep_partial=True,
         )
+        if result["interrupted"]:
+            _save_partial(args, setting, result, out)
         print_run_summary(result, len(seeds))
         summary = result["summary"]
         payload = {
@@ -276,6 +280,24 @@ def _run_single(args: argparse.Namespace, settings: dict[str, tuple]) -> int:
     written = "alignment.png, by_distance.png" if args.plots else "no plots"
     print(f"wrote {out / 'alignment.json'} ({written})")
     return 0
+
+
+def _save_partial(args, setting: dict, result: dict, out) -> None:
+    """On Ctrl-C: the summary of the finished seeds, marked partial; say where; re-raise."""
+    done = result["seeds_done"]
+    payload = {
+        "complete": False,
+        "config": _run_config(args, setting, result, done),
+        "matrices": list(result["matrices"]),
+        **lab.summary_json(result),
+    }
+    path = _io.write_json(out / "alignment.partial.json", payload)
+    print(
+        f"\ninterrupted: {len(done)} seeds finished; their summary is in {path}",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise KeyboardInterrupt
 
 
 def _plot_run(result: dict, setting: dict, n_seeds: int, out) -> None:
