@@ -205,27 +205,34 @@ def test_prints_its_configuration_then_progress_with_an_eta(tmp_path, capsys):
 
 
 def test_ctrl_c_keeps_the_finished_runs(tmp_path, monkeypatch, capsys):
-    from gradkit.align import training
-
     real, calls = train_experiment.train, []
 
-    def interrupted_on_second(*args, **kwargs):
+    def interrupted_on_third(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:  # seed 1, local: seed 0 (both modes) has finished
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_experiment, "train", interrupted_on_second)
-    assert training.train is real
+    monkeypatch.setattr(train_experiment, "train", interrupted_on_third)
     with pytest.raises(SystemExit) as exit_info:
         gradkit(["train", "--preset", "tiny", "--no-alignment", "--out", str(tmp_path)])
     assert exit_info.value.code == 130
-    assert "train.partial.json" in capsys.readouterr().err
+    assert "1 of 2 runs finished" in capsys.readouterr().err
     partial = json.loads((tmp_path / "train.partial.json").read_text())
     assert partial["complete"] is False
-    assert len(partial["history"]["local"]) == 1 and partial["history"]["global"] == []
+    [run] = partial["runs"]
+    assert run["seed"] == 0 and set(run["history"]) == {"local", "global"}
     assert json.loads((tmp_path / "INCOMPLETE.json").read_text())["status"] == "interrupted"
     assert not (tmp_path / "train.json").exists()
+
+
+def test_jobs_give_the_same_numbers_as_a_serial_run(tiny_run, tmp_path):
+    _, serial = tiny_run
+    argv = ["train", "--preset", "tiny", "--mode", "both", "--jobs", "2"]
+    assert gradkit([*argv, "--out", str(tmp_path)]) == 0
+    parallel = json.loads((tmp_path / "train.json").read_text())
+    assert parallel["history"] == serial["history"]
+    assert parallel["final"] == serial["final"]
 
 
 def test_an_existing_out_folder_is_refused(tiny_run, capsys):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .. import _checks, _io, _runtime
+from .. import _checks, _io, _runtime, _tasks
 from .networks import ACTIVATIONS, INITS, make_mlp
 from .presets import PRESETS
 from .targets import TARGET_MODES, make_targets
@@ -161,6 +161,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _io.add_overwrite_argument(parser)
     _runtime.add_threads_argument(parser)
     _runtime.add_device_argument(parser)
+    parser.add_argument(
+        "--jobs",
+        type=_checks.integer("--jobs", 1, 4096).argtype(),
+        default=1,
+        help="run the seeds (digits: activation × seed) in N local processes [default: 1]",
+    )
 
 
 def _check_applies(args: argparse.Namespace, digits: bool) -> None:
@@ -292,19 +298,69 @@ def _draw_synthetic(config: dict, seed: int, dtype: torch.dtype, device: torch.d
     return net.to(device), x.to(device), [t.to(device) for t in targets]
 
 
-def _synthetic_runs(config: dict, dtype, device, partial: dict, meter) -> dict:
-    histories: dict[str, list] = partial.setdefault("history", {m: [] for m in config["modes"]})
-    for seed in range(config["seeds"]):
-        net, x, targets = _draw_synthetic(config, seed, dtype, device)
-        for mode in config["modes"]:
-            history = train(
-                copy_network(net), x, targets, mode,
-                steps=config["steps"], lr=config["lr"], momentum=config["momentum"],
-                batch_size=config["batch_size"], eval_every=config["eval_every"], seed=seed,
-                measure_alignment=config["measure_alignment"],
-                metrics=_ticker(meter, f"seed {seed} {mode}"),
-            )  # fmt: skip
-            histories[mode].append(history)
+def _synthetic_seed(config: dict, seed: int, dtype, device, meter) -> dict:
+    """Both modes of one seed, from the same initial weights: ``{"history": {mode: ...}}``."""
+    net, x, targets = _draw_synthetic(config, seed, dtype, device)
+    histories = {}
+    for mode in config["modes"]:
+        histories[mode] = train(
+            copy_network(net), x, targets, mode,
+            steps=config["steps"], lr=config["lr"], momentum=config["momentum"],
+            batch_size=config["batch_size"], eval_every=config["eval_every"], seed=seed,
+            measure_alignment=config["measure_alignment"],
+            metrics=_ticker(meter, f"seed {seed} {mode}"),
+        )  # fmt: skip
+    return {"history": histories}
+
+
+def _units(config: dict) -> list[tuple[str | None, int]]:
+    """The independent units of work: ``(None, seed)``, or ``(activation, seed)`` for digits."""
+    if config.get("data") != "digits":
+        return [(None, seed) for seed in range(config["seeds"])]
+    activations = str(config["activation"]).split(",")
+    return [(a, seed) for a in activations for seed in range(config["seeds"])]
+
+
+def _run_unit(config: dict, unit, dtype, device, meter) -> dict:
+    activation, seed = unit
+    if activation is None:
+        return _synthetic_seed(config, seed, dtype, device, meter)
+    return _digits_one(config, activation, seed, dtype, device, meter)
+
+
+def train_unit(task: dict) -> dict:
+    """One unit (a seed, or an activation and a seed) as a task for ``--jobs`` processes."""
+    _runtime.use_threads(task["threads"])
+    config = task["config"]
+    dtype = torch.float64 if config["dtype"] == "float64" else torch.float32
+    device = _runtime.resolve_device(task["device"])
+    return _run_unit(config, tuple(task["unit"]), dtype, device, None)
+
+
+def _run_units(config: dict, dtype, device, partial: dict, meter, jobs: int) -> list[dict]:
+    """Every unit's result in order; ``partial["finished"]`` holds them as they finish."""
+    units = _units(config)
+    finished: dict[int, dict] = partial.setdefault("finished", {})
+    partial["units"] = units
+    if jobs == 1:
+        for index, unit in enumerate(units):
+            finished[index] = _run_unit(config, unit, dtype, device, meter)
+        return [finished[i] for i in range(len(units))]
+    threads = torch.get_num_threads()
+    tasks = [
+        {"config": config, "unit": unit, "device": str(device), "threads": threads}
+        for unit in units
+    ]
+    unit_meter = _runtime.Meter(len(units), "gradkit train runs")
+    for index, result in _tasks.run_tasks(train_unit, tasks, jobs=jobs):
+        finished[index] = result
+        activation, seed = units[index]
+        unit_meter.step(note=f"{activation + ' ' if activation else ''}seed {seed}")
+    return [finished[i] for i in range(len(units))]
+
+
+def _synthetic_summary(config: dict, results: list[dict]) -> dict:
+    histories = {mode: [r["history"][mode] for r in results] for mode in config["modes"]}
     return {
         "history": histories,
         "final": {mode: summarize(hs) for mode, hs in histories.items()},
@@ -314,7 +370,7 @@ def _synthetic_runs(config: dict, dtype, device, partial: dict, meter) -> dict:
 def _digits_one(config: dict, activation: str, seed: int, dtype, device, meter) -> dict:
     from .digits import digits_run
 
-    return digits_run(
+    result = digits_run(
         activation=activation, modes=tuple(config["modes"]), seed=seed,
         depth=config["depth"], width=config["width"],
         test_fraction=config["test_fraction"], teacher_steps=config["teacher_steps"],
@@ -323,38 +379,30 @@ def _digits_one(config: dict, activation: str, seed: int, dtype, device, meter) 
         eval_every=config["eval_every"], measure_alignment=config["measure_alignment"],
         dtype=dtype, device=device, on_checkpoint=_ticker(meter, f"{activation} seed {seed}"),
     )  # fmt: skip
+    for mode in config["modes"]:
+        # Final accuracies ride along with the history so summarize() sees them.
+        history = result["history"][mode] = dict(result["history"][mode])
+        for key in ("test_accuracy", "train_accuracy", "test_layer_loss"):
+            history[key] = result["final"][mode][key]
+    return result
 
 
-def _digits_runs(config: dict, dtype, device, partial: dict, meter) -> dict:
+def _digits_summary(config: dict, results: list[dict]) -> dict:
     activations = str(config["activation"]).split(",")
-    by_activation: dict[str, dict] = partial.setdefault(
-        "by_activation",
-        {a: {"history": {m: [] for m in config["modes"]}, "teacher": []} for a in activations},
-    )
-    for activation in activations:
-        for seed in range(config["seeds"]):
-            result = _digits_one(config, activation, seed, dtype, device, meter)
-            entry = by_activation[activation]
-            entry["teacher"].append(result["teacher"])
-            for mode in config["modes"]:
-                # Final accuracies ride along with the history so summarize() sees them.
-                history = dict(result["history"][mode])
-                for key in ("test_accuracy", "train_accuracy", "test_layer_loss"):
-                    history[key] = result["final"][mode][key]
-                entry["history"][mode].append(history)
-    return _digits_summary(by_activation, activations[0])
-
-
-def _digits_summary(by_activation: dict, primary: str) -> dict:
+    units = _units(config)
     final_by_activation, history_by_activation = {}, {}
-    for activation, entry in by_activation.items():
-        final = {mode: summarize(hs) for mode, hs in entry["history"].items()}
+    for activation in activations:
+        mine = [r for (a, _), r in zip(units, results, strict=True) if a == activation]
+        final = {m: summarize([r["history"][m] for r in mine]) for m in config["modes"]}
         final["teacher"] = {
-            "test_accuracy": _mean_std([t["test_accuracy"] for t in entry["teacher"]]),
-            "train_accuracy": _mean_std([t["train_accuracy"] for t in entry["teacher"]]),
+            key: _mean_std([r["teacher"][key] for r in mine])
+            for key in ("test_accuracy", "train_accuracy")
         }
         final_by_activation[activation] = final
-        history_by_activation[activation] = entry["history"]
+        history_by_activation[activation] = {
+            m: [r["history"][m] for r in mine] for m in config["modes"]
+        }
+    primary = activations[0]
     return {
         "history": history_by_activation[primary],
         "final": final_by_activation[primary],
@@ -370,24 +418,25 @@ def run_experiment(
     device: str | torch.device = "cpu",
     partial: dict | None = None,
     progress: bool = False,
+    jobs: int = 1,
 ) -> dict:
     """Run every (seed, mode) of ``config`` (see :func:`resolve_config`) and summarise.
 
-    ``partial`` (a dict, filled as runs finish) keeps the finished runs' histories when the
-    run is interrupted; ``progress`` prints a line with an ETA at every checkpoint.
+    Each seed (with digits: each activation and seed) is a unit of work; ``jobs > 1`` runs
+    the units in that many local processes, with the same numbers as a serial run.
+    ``partial`` (a dict) receives ``"units"`` and ``"finished"`` (``{index: result}``) as
+    units finish, so an interrupted run keeps them; ``progress`` prints a line with an ETA
+    at every checkpoint (with ``jobs > 1``: at every finished unit).
     """
     dtype = torch.float64 if config["dtype"] == "float64" else torch.float32
     device = _runtime.resolve_device(device)
     partial = {} if partial is None else partial
     digits = config.get("data") == "digits"
-    runs = config["seeds"] * (len(str(config["activation"]).split(",")) if digits else 1)
-    meter = _meter(config, runs * len(config["modes"])) if progress else None
+    meter = _meter(config, len(_units(config)) * len(config["modes"])) if progress else None
     start = time.perf_counter()
-    if digits:
-        result = _digits_runs(config, dtype, device, partial, meter)
-    else:
-        result = _synthetic_runs(config, dtype, device, partial, meter)
-    return {"config": config, **result, "runtime_s": time.perf_counter() - start}
+    results = _run_units(config, dtype, device, partial, meter if jobs == 1 else None, jobs)
+    summary = _digits_summary(config, results) if digits else _synthetic_summary(config, results)
+    return {"config": config, **summary, "runtime_s": time.perf_counter() - start}
 
 
 def _fmt(stat: dict, digits: int = 3) -> str:
@@ -573,6 +622,14 @@ def plot_alignment(result: dict, path: Path) -> Path:
     return _io.save_figure(fig, path)
 
 
+_JOBS = _checks.integer("--jobs", 1, 4096)
+
+
+def _jobs_of(args: argparse.Namespace) -> int:
+    """``--jobs`` of a parsed (or hand-made) namespace, checked."""
+    return _JOBS(getattr(args, "jobs", None) or 1)
+
+
 def _print_config(config: dict, device: torch.device, out: Path) -> None:
     shown = {k: v for k, v in config.items() if k not in ("network",)}
     text = ", ".join(f"{k}={v}" for k, v in shown.items())
@@ -581,13 +638,19 @@ def _print_config(config: dict, device: torch.device, out: Path) -> None:
 
 
 def _save_partial(config: dict, partial: dict, out: Path) -> None:
-    """On Ctrl-C: the finished runs' histories, marked incomplete; say where they are."""
-    if not partial:
+    """On Ctrl-C: the finished units' histories, marked incomplete; say where they are."""
+    finished = partial.get("finished")
+    if not finished:
         return
-    path = _io.write_json(out / "train.partial.json", {"config": config, "complete": False,
-                                                        **partial})  # fmt: skip
+    runs = [
+        {"activation": partial["units"][i][0], "seed": partial["units"][i][1], **finished[i]}
+        for i in sorted(finished)
+    ]
+    payload = {"config": config, "complete": False, "runs": runs}
+    path = _io.write_json(out / "train.partial.json", payload)
     print(
-        f"\ninterrupted: the histories of the runs that finished are in {path}",
+        f"\ninterrupted: {len(runs)} of {len(partial['units'])} runs finished; their "
+        f"histories are in {path}",
         file=sys.stderr,
         flush=True,
     )
@@ -603,7 +666,9 @@ def run(args: argparse.Namespace) -> int:
         _print_config(config, device, out)
         partial: dict = {}
         try:
-            result = run_experiment(config, device=device, partial=partial, progress=True)
+            result = run_experiment(
+                config, device=device, partial=partial, progress=True, jobs=_jobs_of(args)
+            )
         except ImportError as error:  # the digits extra is missing: say how to install it
             raise SystemExit(f"gradkit train: error: {error}") from error
         except KeyboardInterrupt:
