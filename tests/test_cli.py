@@ -35,6 +35,16 @@ def test_each_command_has_help(command, capsys):
     assert "usage: gradkit " + " ".join(command) in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_each_command_has_a_description_line(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([*command, "--help"])
+    lines = capsys.readouterr().out.split("\n\n")
+    description = next(block for block in lines[1:] if block.strip())
+    assert not description.lstrip().startswith(("positional", "options"))
+    assert len(description.strip()) > 20
+
+
 def test_unknown_command_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["nonsense"])
@@ -73,12 +83,24 @@ class _FixedParser:
         self._parser.exit(status, message)
 
 
-def test_module_entry_point_runs():
+@pytest.mark.parametrize("module", ["gradkit", "gradkit.cli"])
+def test_module_entry_point_runs(module):
     done = subprocess.run(
-        [sys.executable, "-m", "gradkit.cli", "--help"], capture_output=True, text=True, check=False
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr
-    assert "gradkit" in done.stdout
+    assert "usage: " in done.stdout and "align" in done.stdout
+
+
+def test_python_m_gradkit_usage_error_exits_2():
+    done = subprocess.run(
+        [sys.executable, "-m", "gradkit", "align", "--width", "0"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--width" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_version(capsys):

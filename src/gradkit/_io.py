@@ -238,7 +238,7 @@ def new_run_dir(command: str, out: str | Path | None = None, *, overwrite: bool 
                 (path / INCOMPLETE).unlink()
         return path
     base = Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check_out_folder(base, overwrite=False)
+    _check_out_folder(base.parent, overwrite=True)  # runs/ may hold earlier runs
     for suffix in range(1, 10_000):
         path = base if suffix == 1 else base.with_name(f"{base.name}-{suffix}")
         try:

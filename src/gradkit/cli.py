@@ -20,11 +20,16 @@ import sys
 # command -> {subject -> module}; each module exposes add_arguments(parser) and run(args).
 _BENCH = {"topk": "gradkit.topk.benchmark", "align": "gradkit.align.benchmark"}
 _DEMO = {"topk": "gradkit.topk.demo"}
-_TOP = {"align": "gradkit.align.experiment", "train": "gradkit.align.train_experiment"}
+_TOP = {"align": "gradkit.align.experiment_cli", "train": "gradkit.align.train_experiment"}
 
 
 def _module(name: str):
     return importlib.import_module(name)
+
+
+def _first_line(module) -> str:
+    """A command's description line: the first line of its module docstring."""
+    return (module.__doc__ or "").strip().splitlines()[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,18 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
         subject_parsers = command.add_subparsers(dest="subject", required=True, metavar="SUBJECT")
         for subject, module_name in subjects.items():
             module = _module(module_name)
-            sub = subject_parsers.add_parser(
-                subject, help=module.__doc__.strip().splitlines()[0] if module.__doc__ else None
-            )
+            doc = _first_line(module)
+            sub = subject_parsers.add_parser(subject, help=doc, description=doc)
             module.add_arguments(sub)
             sub.set_defaults(run=module.run)
 
     for name, module_name in _TOP.items():
         module = _module(module_name)
-        doc = module.__doc__.strip().splitlines()[0] if module.__doc__ else None
         sub = commands.add_parser(
             name,
-            help=doc,
+            help=_first_line(module),
             description=module.__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )

@@ -55,7 +55,6 @@ def test_cli_dispatch_reaches_this_module(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--threads", "0"], "--threads"),
         (["--repeats", "0"], "--repeats"),
         (["--budget", "-1"], "--budget"),
     ],
@@ -68,6 +67,39 @@ def test_bad_flags_raise_value_errors(argv, message, tmp_path):
 def test_bad_case_dtype_is_rejected():
     with pytest.raises(ValueError, match="dtype"):
         benchmark.run_benchmark((Case(2, 3, 2, "float16"),), threads=1, show_progress=False)
+
+
+def test_cli_names_its_files_in_a_run_folder_and_refuses_a_used_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, "QUICK_CASES", (Case(2, 4, 3, "float64"),))
+    argv = ["--quick", "--out", str(tmp_path), "--repeats", "1"]
+    assert benchmark.main(argv) == 0
+    err = capsys.readouterr().err
+    assert str(tmp_path / "results.json") in err and str(tmp_path / "bench_align.png") in err
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["config"]["threads"] == 1  # --threads auto
+    assert result["config"]["device"] == "cpu"
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(argv)
+    assert exit_info.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("threads", "text"), [(1, "1 thread)"), (2, "2 threads)")])
+def test_plot_title_counts_threads_and_legend_shows_both_series(threads, text):
+    result = {
+        "config": {"threads": threads, "device": "cpu"},
+        "results": [
+            {"what": "matrix", "case": "L=2 w=4 B=3 float64", "fast_ms": 1.0, "naive_ms": 3.0,
+             "speedup": 3.0},
+        ],
+    }  # fmt: skip
+    fig = benchmark.times_figure(result)
+    ax = fig.axes[0]
+    assert ax.get_title().endswith(text)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(labels) == 2 and any("naive" in label for label in labels)
+    assert ax.get_ylabel()
+    __import__("matplotlib.pyplot").pyplot.close(fig)
 
 
 def test_the_script_main_exits_cleanly_on_bad_flags(capsys):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from support import assert_png, gradkit, parse_flags
 
-from gradkit.align import experiment
+from gradkit.align import experiment, experiment_cli
 from gradkit.align.presets import ALIGN_DEFAULTS, PRESETS
 
 TINY = ["--depth", "3", "--width", "5", "--batch", "4", "--seeds", "2"]
@@ -113,22 +113,24 @@ def test_same_seeds_reproduce_and_first_seed_changes_the_draw(tmp_path):
 
 
 def test_preset_then_flags_override_it():
-    settings = experiment.resolve_settings(
-        parse_flags(experiment, ["--preset", "achievable", "--width", "50"])
+    settings = experiment_cli.resolve_settings(
+        parse_flags(experiment_cli, ["--preset", "achievable", "--width", "50"])
     )
     achievable = PRESETS["achievable"]
     assert settings["width"] == (50,)  # explicit flag beats the preset
     for key in ("depth", "activation", "gain", "targets", "batch"):
         assert settings[key] == (achievable[key],), key
-    settings = experiment.resolve_settings(
-        parse_flags(experiment, ["--preset", "unachievable", "--targets", "teacher"])
+    settings = experiment_cli.resolve_settings(
+        parse_flags(experiment_cli, ["--preset", "unachievable", "--targets", "teacher"])
     )
     assert settings["targets"] == ("teacher",)
     assert settings["activation"] == (PRESETS["unachievable"]["activation"],)
-    defaults = experiment.resolve_settings(parse_flags(experiment, []))
+    defaults = experiment_cli.resolve_settings(parse_flags(experiment_cli, []))
     for key in ("depth", "width", "activation", "init", "targets", "batch", "seeds"):
         assert defaults[key] == (ALIGN_DEFAULTS[key],), key
-    assert experiment.resolve_settings(parse_flags(experiment, ["--bias"]))["bias"] == (True,)
+    assert experiment_cli.resolve_settings(parse_flags(experiment_cli, ["--bias"]))["bias"] == (
+        True,
+    )
 
 
 def test_gain_auto_resolves_to_the_activation_default(tmp_path):
@@ -240,8 +242,146 @@ def test_findings_hold_on_a_small_network():
 
 def test_run_accepts_a_hand_made_namespace(tmp_path):
     args = argparse.Namespace(depth=3, width="4", batch=4, seeds=1, out=str(tmp_path), plots=False)
-    assert experiment.run(args) == 0
+    assert experiment_cli.run(args) == 0
     result = json.loads((tmp_path / "alignment.json").read_text())
     assert result["config"]["width"] == 4 and len(result["matrices"]) == 1
     with pytest.raises(ValueError, match="--activation"):
-        experiment.run(argparse.Namespace(activation="sigmoid", out=str(tmp_path)))
+        experiment_cli.run(argparse.Namespace(activation="sigmoid", out=str(tmp_path)))
+
+
+def test_an_existing_out_folder_is_refused_unless_overwrite(tmp_path, capsys):
+    argv = ["align", *TINY, "--no-decompose", "--no-plots", "--out", str(tmp_path)]
+    assert gradkit(argv) == 0
+    first = (tmp_path / "alignment.json").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        gradkit([*argv, "--first-seed", "3"])
+    assert exit_info.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "alignment.json").read_text() == first
+    assert gradkit([*argv, "--first-seed", "3", "--overwrite"]) == 0
+    assert (tmp_path / "alignment.json").read_text() != first
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "allowed"),
+    [
+        (["--first-seed", "99999999999999999999"], "--first-seed", "an integer in [0, "),
+        (["--first-seed", "-1"], "--first-seed", "an integer in [0, "),
+        (["--threads", "0"], "--threads", "in [1, 1024]"),
+        (["--threads", "many"], "--threads", "'auto'"),
+        (["--device", "tpu"], "--device", "cuda"),
+    ],
+)
+def test_bad_run_flags_exit_2_naming_the_flag(argv, flag, allowed, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gradkit(["align", *TINY, *argv, "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert flag in message and allowed in message, message
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_last_seed_must_fit_the_seed_range(capsys):
+    top = experiment.MAX_SEED
+    assert experiment.check_seeds(top, 1) == [top]
+    with pytest.raises(ValueError, match="--first-seed \\+ --seeds − 1 must be ≤"):
+        experiment.check_seeds(top, 2)
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--batch", "10000000"], "--batch 10000000"),
+        (["--depth", "10000"], "--depth 10000"),
+        (["--width", "100000"], "--width 100000"),
+    ],
+)
+def test_a_setting_too_big_for_memory_is_refused_at_once(
+    argv, named, tmp_path, monkeypatch, capsys
+):
+    from gradkit import _resources
+
+    monkeypatch.setattr(_resources, "available_memory_bytes", lambda: 8 * 2**30)
+    with pytest.raises(SystemExit) as exit_info:
+        gradkit(["align", *argv, "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert named in message and "needs about" in message and "8.0 GiB" in message, message
+    assert not (tmp_path / "x").exists()
+
+
+def test_memory_estimate_grows_with_every_size():
+    base = _setting()
+    small = experiment.estimate_bytes(base, 10)
+    for key in ("depth", "width", "batch"):
+        assert experiment.estimate_bytes({**base, key: base[key] * 10}, 10) > small
+    assert experiment.estimate_bytes(base, 100) > small
+    # At least the weights and the (seeds, L, L) matrices themselves.
+    weights = 8 * base["depth"] * base["width"] ** 2
+    assert small > weights + 8 * 10 * base["depth"] ** 2
+
+
+def test_threads_and_device_are_recorded(tmp_path):
+    argv = ["align", *TINY, "--no-plots", "--threads", "1", "--device", "cpu"]
+    assert gradkit([*argv, "--out", str(tmp_path)]) == 0
+    config = json.loads((tmp_path / "alignment.json").read_text())["config"]
+    assert config["threads"] == 1 and config["device"] == "cpu"
+
+
+def test_a_failed_run_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "measure_setting", broken)
+    with pytest.raises(SystemExit) as exit_info:
+        gradkit(["align", *TINY, "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 130
+    assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_keeps_the_finished_seeds(tmp_path, monkeypatch, capsys):
+    real, calls = experiment._measure_one, []
+
+    def interrupted_on_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(experiment, "_measure_one", interrupted_on_third)
+    argv = ["align", "--depth", "3", "--width", "4", "--batch", "4", "--seeds", "4"]
+    with pytest.raises(SystemExit) as exit_info:
+        gradkit([*argv, "--out", str(tmp_path)])
+    assert exit_info.value.code == 130
+    assert "2 seeds finished" in capsys.readouterr().err
+    partial = json.loads((tmp_path / "alignment.partial.json").read_text())
+    assert partial["complete"] is False and partial["config"]["seed_indices"] == [0, 1]
+    assert len(partial["matrices"]) == 2
+    assert json.loads((tmp_path / "INCOMPLETE.json").read_text())["status"] == "interrupted"
+    assert not (tmp_path / "alignment.json").exists()
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the message without a GPU"
+)
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gradkit(["align", *TINY, "--device", "cuda", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "--device cuda" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (runs where present)"
+)
+@pytest.mark.parametrize("activation", ["linear", "tanh", "kwta"])
+def test_cuda_matches_cpu_to_float64_rounding(activation):
+    setting = _setting(activation=activation, depth=5)
+    cpu = experiment.measure_setting(setting, [0, 1], device="cpu")
+    cuda = experiment.measure_setting(setting, [0, 1], device="cuda")
+    np.testing.assert_allclose(cuda["matrices"], cpu["matrices"], rtol=0, atol=1e-10)
+    for term in ("in_in", "ex_ex"):
+        np.testing.assert_allclose(
+            cuda["decomposition"][term], cpu["decomposition"][term], rtol=0, atol=1e-10
+        )

@@ -94,21 +94,27 @@ def test_single_mode_records_only_that_mode(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--preset", "nope"], "--preset must be one of achievable, unachievable, digits, tiny"),
-        (["--mode", "distant"], "--mode must be one of local, global, both"),
+        (["--preset", "nope"], "--preset: must be one of achievable, unachievable, digits, tiny"),
+        (["--mode", "distant"], "--mode: must be one of local, global, both"),
         (["--activation", "softmax"], "--activation must be one of"),
         (["--preset", "tiny", "--batch-size", "1000"], "--batch-size must be ≤"),
-        (["--lr", "-1"], "--lr must be > 0"),
-        (["--momentum", "1"], "--momentum must be in"),
-        (["--steps", "0"], "--steps must be an integer ≥ 1"),
-        (["--targets", "random"], "--targets must be one of iid, uncentered, teacher"),
+        (["--lr", "-1"], "--lr: must be a finite number > 0; got '-1'"),
+        (["--momentum", "1"], "--momentum: must be a finite number in [0, 1)"),
+        (["--steps", "0"], "--steps: must be an integer ≥ 1"),
+        (["--targets", "random"], "--targets: must be one of iid, uncentered, teacher"),
+        (["--teacher-lr", "-1"], "--teacher-lr: must be a finite number > 0; got '-1'"),
+        (["--preset", "digits", "--samples", "5"], "--samples does not apply to --preset digits"),
+        (["--preset", "digits", "--gain", "2"], "--gain does not apply to --preset digits"),
+        (["--preset", "tiny", "--teacher-steps", "5"], "--teacher-steps does not apply"),
+        (["--threads", "0"], "--threads"),
     ],
 )
 def test_bad_flags_exit_with_a_clear_error(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        gradkit(["train", *argv, "--out", str(tmp_path)])
+        gradkit(["train", *argv, "--out", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_digits_tiny_reports_accuracies_for_teacher_and_both_modes(tmp_path):
@@ -129,6 +135,11 @@ def test_digits_tiny_reports_accuracies_for_teacher_and_both_modes(tmp_path):
     history = result["history"]["local"][0]
     assert len(history["layer_loss"][0]) == 3 and history["step"] == [0, 6, 12]
     assert len(history["checkpoint_test_accuracy"]) == 3
+    fig = train_experiment.losses_figure(result)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "students' test accuracy" in titles
+    assert all(ax.get_ylabel() for ax in fig.axes if ax.axison)
+    __import__("matplotlib.pyplot").pyplot.close(fig)
     assert_png(tmp_path / "losses.png")
     assert_png(tmp_path / "alignment_over_training.png")
 
@@ -180,3 +191,64 @@ def test_summarize_mean_std_over_seeds():
     assert summary["total_loss_at_50pct"]["mean"] == 5.0
     one = train_experiment.summarize(histories[:1])
     assert one["total_loss"] == {"mean": 1.0, "std": 0.0}
+
+
+def test_prints_its_configuration_then_progress_with_an_eta(tmp_path, capsys):
+    argv = ["train", "--preset", "tiny", "--seeds", "1", "--steps", "4", "--eval-every", "2"]
+    assert gradkit([*argv, "--no-alignment", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("gradkit train: ") and "steps=4" in captured.out
+    lines = [line for line in captured.err.splitlines() if "checkpoints" in line]
+    # 1 seed × 2 modes × checkpoints at steps 0, 2, 4.
+    assert len(lines) == 6 and lines[-1].startswith("gradkit train checkpoints 6/6")
+    assert all("eta" in line for line in lines)
+
+
+def test_ctrl_c_keeps_the_finished_runs(tmp_path, monkeypatch, capsys):
+    real, calls = train_experiment.train, []
+
+    def interrupted_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # seed 1, local: seed 0 (both modes) has finished
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_experiment, "train", interrupted_on_third)
+    with pytest.raises(SystemExit) as exit_info:
+        gradkit(["train", "--preset", "tiny", "--no-alignment", "--out", str(tmp_path)])
+    assert exit_info.value.code == 130
+    assert "1 of 2 runs finished" in capsys.readouterr().err
+    partial = json.loads((tmp_path / "train.partial.json").read_text())
+    assert partial["complete"] is False
+    [run] = partial["runs"]
+    assert run["seed"] == 0 and set(run["history"]) == {"local", "global"}
+    assert json.loads((tmp_path / "INCOMPLETE.json").read_text())["status"] == "interrupted"
+    assert not (tmp_path / "train.json").exists()
+
+
+def test_jobs_give_the_same_numbers_as_a_serial_run(tiny_run, tmp_path):
+    _, serial = tiny_run
+    argv = ["train", "--preset", "tiny", "--mode", "both", "--jobs", "2"]
+    assert gradkit([*argv, "--out", str(tmp_path)]) == 0
+    parallel = json.loads((tmp_path / "train.json").read_text())
+    assert parallel["history"] == serial["history"]
+    assert parallel["final"] == serial["final"]
+
+
+def test_an_existing_out_folder_is_refused(tiny_run, capsys):
+    out, _ = tiny_run
+    with pytest.raises(SystemExit) as exit_info:
+        gradkit(["train", "--preset", "tiny", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_loss_plot_has_axis_labels_and_plain_log_ticks(tiny_run):
+    _, result = tiny_run
+    fig = train_experiment.losses_figure(result)
+    fig.canvas.draw()
+    shown = [ax for ax in fig.axes if ax.axison]
+    assert all(ax.get_ylabel() and ax.get_yscale() == "log" for ax in shown)
+    labels = [t.get_text() for t in shown[0].get_yticklabels() if t.get_text()]
+    assert labels and not any("10^" in text or "$" in text for text in labels), labels
+    __import__("matplotlib.pyplot").pyplot.close(fig)

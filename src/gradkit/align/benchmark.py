@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import time
@@ -42,7 +41,7 @@ from typing import Any
 
 import torch
 
-from .. import _bench, _io
+from .. import _bench, _io, _runtime
 from .measure import (
     alignment_matrix,
     alignment_matrix_naive,
@@ -62,6 +61,7 @@ __all__ = [
     "plot_times",
     "run",
     "run_benchmark",
+    "times_figure",
 ]
 
 
@@ -87,6 +87,20 @@ DEFAULT_CASES = tuple(
 QUICK_CASES = (Case(6, 16, 8, "float64"), Case(20, 100, 50, "float64"))
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_CPU = torch.device("cpu")
+
+
+def _synchronized(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """``fn`` followed by a wait for the GPU, so wall time covers the work (no-op on CPU)."""
+    if device.type != "cuda":
+        return fn
+
+    def call() -> Any:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
 
 
 def _time(fn: Callable[[], Any], first: float, repeats: int, budget_s: float) -> tuple[float, int]:
@@ -106,31 +120,45 @@ def _time(fn: Callable[[], Any], first: float, repeats: int, budget_s: float) ->
     return statistics.median(times), count
 
 
-def _measure_case(
-    case: Case, *, repeats: int, budget_s: float, seed: int, report: bool
-) -> list[dict[str, Any]]:
+def _inputs(case: Case, seed: int, device: torch.device):
+    """The case's network, inputs and targets: drawn on the CPU, then moved to ``device``."""
     dtype = _DTYPES[case.dtype]
     net = make_mlp(case.depth, case.width, "linear", seed=seed, dtype=dtype)
     generator = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(case.batch, case.width, generator=generator, dtype=torch.float64).to(dtype)
     targets = make_targets(net, x, "iid", seed=seed + 2)
+    return net.to(device), x.to(device), [t.to(device) for t in targets]
+
+
+def _measure_case(
+    case: Case,
+    *,
+    repeats: int,
+    budget_s: float,
+    seed: int,
+    report: bool,
+    device: torch.device = _CPU,
+) -> list[dict[str, Any]]:
+    net, x, targets = _inputs(case, seed, device)
     pairs = [("matrix", alignment_matrix, alignment_matrix_naive)]
     if report:
         pairs.append(("report", alignment_report, alignment_report_naive))
     rows = []
-    for what, fast, naive in pairs:
+    for what, fast_fn, naive_fn in pairs:
+        fast = _synchronized(lambda f=fast_fn: f(net, x, targets), device)
+        naive = _synchronized(lambda f=naive_fn: f(net, x, targets), device)
         # Warm-up calls, also the agreement check and the first-call times that set repeats.
         start = time.perf_counter()
-        out_fast = fast(net, x, targets)
+        out_fast = fast()
         first_fast = time.perf_counter() - start
         start = time.perf_counter()
-        out_naive = naive(net, x, targets)
+        out_naive = naive()
         first_naive = time.perf_counter() - start
         s_fast = out_fast if what == "matrix" else out_fast["matrix"]
         s_naive = out_naive if what == "matrix" else out_naive["matrix"]
         max_diff = (s_fast - s_naive).nan_to_num(0).abs().max().item()
-        t_fast, n_fast = _time(lambda f=fast: f(net, x, targets), first_fast, repeats, budget_s)
-        t_naive, n_naive = _time(lambda f=naive: f(net, x, targets), first_naive, repeats, budget_s)
+        t_fast, n_fast = _time(fast, first_fast, repeats, budget_s)
+        t_naive, n_naive = _time(naive, first_naive, repeats, budget_s)
         rows.append(
             {
                 **asdict(case),
@@ -156,15 +184,16 @@ def run_benchmark(
     seed: int = 0,
     report: bool = False,
     show_progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Measure every case; return ``{config, environment, results}``.
 
-    ``torch``'s thread count is set to ``threads`` (default: the machine's cores) during the
-    measurement and restored afterwards.
+    ``torch``'s thread count is set to ``threads`` (default: ``--threads auto``, see
+    :mod:`gradkit._runtime`) during the measurement and restored afterwards. ``device`` is
+    ``cpu``, ``cuda`` or ``auto``; GPU times wait for the GPU to finish.
     """
-    threads = _bench.check_positive_int(
-        "threads", threads if threads is not None else os.cpu_count()
-    )
+    threads = _bench.check_positive_int("threads", _runtime.resolve_threads(threads))
+    device = _runtime.resolve_device(device)
     _bench.check_positive_int("repeats", repeats)
     if not (isinstance(budget_s, (int, float)) and budget_s > 0):
         raise ValueError(f"budget must be a number of seconds > 0, got {budget_s!r}")
@@ -177,7 +206,7 @@ def run_benchmark(
             row
             for case in items
             for row in _measure_case(
-                case, repeats=repeats, budget_s=budget_s, seed=seed, report=report
+                case, repeats=repeats, budget_s=budget_s, seed=seed, report=report, device=device
             )
         ]
     return {
@@ -188,9 +217,10 @@ def run_benchmark(
             "budget_s": budget_s,
             "seed": seed,
             "report": report,
+            "device": str(device),
             "network": "make_mlp(depth, width, 'linear', init='gaussian'), iid targets",
         },
-        "environment": _bench.environment(threads),
+        "environment": _runtime.environment(device),
         "results": results,
     }
 
@@ -212,6 +242,11 @@ def format_table(result: dict[str, Any]) -> str:
 
 def plot_times(result: dict[str, Any], path: str | Path) -> Path:
     """Bar chart of fast and naive times per case (log scale), speed-up written on top."""
+    return _io.save_figure(times_figure(result), path, dpi=120)
+
+
+def times_figure(result: dict[str, Any]):
+    """The figure of :func:`plot_times` (not saved)."""
     plt = _io.pyplot()
     rows = result["results"]
     labels = [f"{r['what']}\n{r['case']}".replace(" float", "\nfloat") for r in rows]
@@ -237,10 +272,25 @@ def plot_times(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_yscale("log")
     ax.set_ylabel("wall time per call (ms, log)")
     ax.set_xticks(list(positions), labels, fontsize=8)
-    ax.set_title(f"alignment matrix: fast vs naive ({result['config']['threads']} threads)")
+    threads = result["config"]["threads"]
+    where = result["config"].get("device", "cpu")
+    ax.set_title(
+        f"alignment matrix: fast vs naive ({where}, {threads} thread{'s' * (threads != 1)})"
+    )
     ax.legend(fontsize=8, loc="upper left")
+    _bench_log_axis(ax, [r[k] for r in rows for k in ("fast_ms", "naive_ms")])
     fig.tight_layout()
-    return _io.save_figure(fig, path, dpi=120)
+    return fig
+
+
+def _bench_log_axis(ax, values: list[float]) -> None:
+    """Room above the tallest bar for its label and the legend; plain-number log ticks."""
+    from .plots import readable_log_axis
+
+    low, high = min(values), max(values)
+    ax.set_yscale("log")
+    ax.set_ylim(low / 3, high * 8)
+    readable_log_axis(ax)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -252,6 +302,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         budget=(20.0, 1.0),
         quick_help="small cases only (a smoke test)",
     )
+    # The lab's --threads (auto = 1; the README's numbers are one thread) replaces the bench
+    # default of the machine's cores.
+    for action in parser._actions:
+        if "--threads" in action.option_strings:
+            action.type = _runtime.THREADS.argtype()
+            action.help = (
+                f"torch threads during the measurement [default: auto = {_runtime.AUTO_THREADS}]"
+            )
+    _runtime.add_device_argument(parser)
     parser.add_argument(
         "--report",
         action="store_true",
@@ -259,32 +318,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run from parsed flags: print the table, write results.json (+ --json FILE) and a PNG."""
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
     quick = bool(args.quick)
     repeats = args.repeats if args.repeats is not None else (3 if quick else 5)
     budget = args.budget if args.budget is not None else (1.0 if quick else 20.0)
     _bench.check_positive_int("--repeats", repeats)
-    if args.threads is not None:
-        _bench.check_positive_int("--threads", args.threads)
     if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"--budget must be a number of seconds > 0, got {budget!r}")
-    result = run_benchmark(
-        QUICK_CASES if quick else DEFAULT_CASES,
-        threads=args.threads,
-        repeats=repeats,
-        budget_s=budget,
-        seed=args.seed,
-        report=bool(args.report),
-    )
-    print(format_table(result))
-    out = _io.new_run_dir("bench-align", args.out)
-    _io.write_json(out / "results.json", result)
-    if args.json:
-        _io.write_json(args.json, result)
-    if not args.no_plot:
-        plot_times(result, out / "bench_align.png")
-    print(f"results: {out}", file=sys.stderr)
+    return {
+        "cases": QUICK_CASES if quick else DEFAULT_CASES,
+        "threads": _runtime.resolve_threads(args.threads),
+        "repeats": repeats,
+        "budget_s": budget,
+        "seed": args.seed,
+        "report": bool(args.report),
+        "device": _runtime.resolve_device(getattr(args, "device", "cpu")),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run from parsed flags: print the table, write results.json (+ --json FILE) and a PNG
+    into the run folder (``--out``, default ``runs/bench-align-<time>``)."""
+    settings = _settings(args)
+    _io.check_output_path(args.json, "--json")
+    overwrite = bool(getattr(args, "overwrite", False))
+    with _io.run_folder("bench-align", args.out, overwrite=overwrite) as out:
+        result = run_benchmark(**settings)
+        print(format_table(result))
+        written = [_io.write_json(out / "results.json", result)]
+        if args.json:
+            written.append(_io.write_json(args.json, result))
+        if not args.no_plot:
+            written.append(plot_times(result, out / "bench_align.png"))
+    print(f"wrote {', '.join(str(path) for path in written)}", file=sys.stderr)
     return 0
 
 

@@ -19,6 +19,7 @@ scikit-learn is an optional extra: ``pip install "gradkit[digits]"``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -138,6 +139,13 @@ def train_teacher(
     return net
 
 
+def _checkpoint(net, x_test, y_test, on_checkpoint) -> dict:
+    extra = {"checkpoint_test_accuracy": accuracy(net, x_test, y_test)}
+    if on_checkpoint is not None:
+        extra.update(on_checkpoint(net) or {})
+    return extra
+
+
 def digits_run(
     *,
     activation: str = "relu",
@@ -155,8 +163,14 @@ def digits_run(
     eval_every: int = 250,
     measure_alignment: bool = True,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    on_checkpoint: Callable[[nn.Module], dict] | None = None,
 ) -> dict:
     """One seed of the digits experiment for one activation.
+
+    Data and networks are made on the CPU and moved to ``device``; ``on_checkpoint(net)``
+    (e.g. a progress line) is called at every checkpoint of every student and may return
+    extra metrics to record.
 
     Returns ``{"teacher": {"test_accuracy", "train_accuracy"}, "history": {mode: history},
     "final": {mode: {"test_accuracy", "train_accuracy", "layer_loss", "total_loss",
@@ -164,11 +178,14 @@ def digits_run(
     """
     for mode in modes:  # before the teacher's training, not after
         check_mode(mode)
-    x_train, y_train, x_test, y_test = load_digits_split(seed, test_fraction, dtype)
+    device = torch.device(device)
+    x_train, y_train, x_test, y_test = (
+        t.to(device) for t in load_digits_split(seed, test_fraction, dtype)
+    )
     classes = int(y_train.max().item()) + 1
     teacher = make_classifier(
         x_train.shape[1], width, classes, activation, depth=depth, seed=seed, dtype=dtype
-    )
+    ).to(device)
     train_teacher(
         teacher,
         x_train,
@@ -189,7 +206,7 @@ def digits_run(
         depth=depth,
         seed=seed + _STUDENT_SEED_OFFSET,
         dtype=dtype,
-    )
+    ).to(device)
     result: dict = {
         "teacher": {
             "test_accuracy": accuracy(teacher, x_test, y_test),
@@ -212,7 +229,7 @@ def digits_run(
             eval_every=eval_every,
             seed=seed,
             measure_alignment=measure_alignment,
-            metrics=lambda n: {"checkpoint_test_accuracy": accuracy(n, x_test, y_test)},
+            metrics=lambda n: _checkpoint(n, x_test, y_test, on_checkpoint),
         )
         test_losses = evaluate_losses(net, x_test, test_targets)
         result["history"][mode] = history

@@ -14,7 +14,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .._io import pyplot, save_figure
 
-__all__ = ["plot_by_distance", "plot_matrix", "plot_sweep"]
+__all__ = ["plot_by_distance", "plot_matrix", "plot_sweep", "readable_log_axis"]
 
 
 def plot_matrix(matrix: np.ndarray, path: str | Path, *, title: str = "") -> Path:
@@ -151,3 +151,29 @@ def _wrap(text: str, width: int = 90) -> str:
     import textwrap
 
     return "\n".join(textwrap.fill(line, width) for line in text.splitlines())
+
+
+def _plain_number(value: float, _position=None) -> str:
+    """``0.001``, ``0.5``, ``20``, ``3000``, ``2e+05``: what a reader expects on an axis."""
+    return f"{value:g}"
+
+
+def readable_log_axis(ax, axis: str = "y") -> None:
+    """Log scale with plain-number tick labels (``0.01``, ``20``, ``3000``, not ``10^{-2}``).
+
+    Within less than about two decades the 2× and 5× minor ticks are labelled too, so a
+    short axis never shows a single label.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    if (ax.get_yscale() if axis == "y" else ax.get_xscale()) != "log":
+        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    target.set_major_locator(LogLocator(base=10))
+    target.set_major_formatter(FuncFormatter(_plain_number))
+    low, high = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    if low > 0 and high / low < 100:
+        target.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+        target.set_minor_formatter(FuncFormatter(_plain_number))
+    else:
+        target.set_minor_formatter(NullFormatter())

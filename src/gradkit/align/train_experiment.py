@@ -29,21 +29,23 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .. import _io
+from .. import _checks, _io, _runtime, _tasks
 from .networks import ACTIVATIONS, INITS, make_mlp
 from .presets import PRESETS
 from .targets import TARGET_MODES, make_targets
-from .training import TRAIN_MODES, copy_network, train
+from .training import TRAIN_MODES, checkpoint_steps, copy_network, train
 
 __all__ = [
     "TRAIN_PRESETS",
     "add_arguments",
     "comparison_table",
+    "losses_figure",
     "plot_alignment",
     "plot_losses",
     "resolve_config",
@@ -92,54 +94,61 @@ TRAIN_PRESETS: dict[str, dict] = {
     ),
 }
 
-# Flags that override preset keys (dest name -> type); None means "keep the preset's".
-_OVERRIDES = (
-    "steps",
-    "lr",
-    "momentum",
-    "batch_size",
-    "eval_every",
-    "seeds",
-    "activation",
-    "depth",
-    "width",
-    "gain",
-    "init",
-    "samples",
-    "targets",
-    "target_scale",
-    "teacher_steps",
-    "teacher_lr",
-)
+# Flags that override preset keys: dest name -> (check of its value, help). None = not given.
+_OVERRIDES: dict[str, tuple[_checks.Check, str]] = {
+    "seeds": (_checks.integer("--seeds", 1), "number of seeds (0, 1, …)"),
+    "steps": (_checks.integer("--steps", 1), "SGD updates per run"),
+    "lr": (_checks.number("--lr", 0, low_open=True), "learning rate"),
+    "momentum": (_checks.number("--momentum", 0, 1, high_open=True), "SGD momentum in [0, 1)"),
+    "batch_size": (_checks.integer("--batch-size", 1), "examples per update"),
+    "eval_every": (_checks.integer("--eval-every", 1), "steps between full-batch checkpoints"),
+    "activation": (
+        _checks.Check("--activation", f"one of {', '.join(ACTIVATIONS)}", str),
+        f"activation, or a comma list for digits ({', '.join(ACTIVATIONS)})",
+    ),
+    "depth": (_checks.integer("--depth", 1), "number of layers L"),
+    "width": (_checks.integer("--width", 1), "units per (hidden) layer"),
+    "gain": (_checks.number("--gain", 0, low_open=True), "weight init gain (synthetic)"),
+    "init": (_checks.choice("--init", INITS), f"weight init (synthetic): {', '.join(INITS)}"),
+    "samples": (_checks.integer("--samples", 1), "number of inputs (synthetic)"),
+    "targets": (
+        _checks.choice("--targets", TARGET_MODES),
+        f"target kind (synthetic): {', '.join(TARGET_MODES)}",
+    ),
+    "target_scale": (
+        _checks.number("--target-scale", 0, low_open=True),
+        "scale of iid targets (synthetic)",
+    ),
+    "teacher_steps": (_checks.integer("--teacher-steps", 1), "Adam steps of the digits teacher"),
+    "teacher_lr": (
+        _checks.number("--teacher-lr", 0, low_open=True),
+        "Adam lr of the digits teacher",
+    ),
+}
+# Flags that only one family of presets reads: given for the other, they are refused.
+_SYNTHETIC_ONLY = ("gain", "init", "samples", "targets", "target_scale")
+_DIGITS_ONLY = ("teacher_steps", "teacher_lr")
+_PRESET = _checks.choice("--preset", tuple(TRAIN_PRESETS))
+_MODE = _checks.choice("--mode", ("local", "global", "both"))
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``gradkit train``."""
     parser.add_argument(
         "--preset",
+        type=_PRESET.argtype(),
         default="achievable",
         help=f"one of {', '.join(TRAIN_PRESETS)} (default achievable)",
     )
-    parser.add_argument("--mode", default="both", help="local, global or both (default both)")
-    parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, …)")
-    parser.add_argument("--steps", type=int, help="SGD updates per run")
-    parser.add_argument("--lr", type=float, help="learning rate")
-    parser.add_argument("--momentum", type=float, help="SGD momentum in [0, 1)")
-    parser.add_argument("--batch-size", type=int, help="examples per update")
-    parser.add_argument("--eval-every", type=int, help="steps between full-batch checkpoints")
     parser.add_argument(
-        "--activation",
-        help=f"activation, or a comma list for digits ({', '.join(ACTIVATIONS)})",
+        "--mode", type=_MODE.argtype(), default="both", help="local, global or both (default both)"
     )
-    parser.add_argument("--depth", type=int, help="number of layers L")
-    parser.add_argument("--width", type=int, help="units per (hidden) layer")
-    parser.add_argument("--gain", type=float, help="weight init gain (synthetic)")
-    parser.add_argument("--init", choices=INITS, help="weight init (synthetic)")
-    parser.add_argument("--samples", type=int, help="number of inputs (synthetic)")
-    parser.add_argument("--targets", help=f"target kind (synthetic): {', '.join(TARGET_MODES)}")
-    parser.add_argument("--target-scale", type=float, help="scale of iid targets")
-    parser.add_argument("--teacher-steps", type=int, help="Adam steps of the digits teacher")
-    parser.add_argument("--teacher-lr", type=float, help="Adam lr of the digits teacher")
+    for key, (check, text) in _OVERRIDES.items():
+        parser.add_argument(_flag(key), type=check.argtype(), default=None, help=text)
     parser.add_argument(
         "--no-alignment",
         action="store_true",
@@ -149,16 +158,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=("float32", "float64"), default="float32", help="default float32"
     )
     parser.add_argument("--out", help="output folder (default runs/train-<time>)")
+    _io.add_overwrite_argument(parser)
+    _runtime.add_threads_argument(parser)
+    _runtime.add_device_argument(parser)
+    parser.add_argument(
+        "--jobs",
+        type=_checks.integer("--jobs", 1, 4096).argtype(),
+        default=1,
+        help="run the seeds (digits: activation × seed) in N local processes [default: 1]",
+    )
+
+
+def _check_applies(args: argparse.Namespace, digits: bool) -> None:
+    """Refuse a flag that the chosen preset would ignore."""
+    foreign = _SYNTHETIC_ONLY if digits else _DIGITS_ONLY
+    for key in foreign:
+        if getattr(args, key, None) is not None:
+            kind = "the synthetic presets" if digits else "--preset digits"
+            raise ValueError(
+                f"{_flag(key)} does not apply to --preset {args.preset} (it is for {kind})"
+            )
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """The run's settings: the preset, its network, then every flag that was given."""
-    if args.preset not in TRAIN_PRESETS:
-        raise ValueError(f"--preset must be one of {', '.join(TRAIN_PRESETS)}; got {args.preset!r}")
-    modes = list(TRAIN_MODES) if args.mode == "both" else [args.mode]
-    if args.mode != "both" and args.mode not in TRAIN_MODES:
-        raise ValueError(f"--mode must be one of local, global, both; got {args.mode!r}")
-    config = dict(TRAIN_PRESETS[args.preset])
+    preset_name = _PRESET(args.preset)
+    modes = list(TRAIN_MODES) if _MODE(args.mode) == "both" else [args.mode]
+    config = dict(TRAIN_PRESETS[preset_name])
+    _check_applies(args, config.get("data") == "digits")
     if "network" in config:
         network = dict(PRESETS[config["network"]])
         network["samples"] = network.pop("batch")
@@ -169,7 +196,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         if value is not None:
             config[key] = value
     config.update(
-        preset=args.preset,
+        preset=preset_name,
         modes=modes,
         dtype=args.dtype,
         measure_alignment=not args.no_alignment,
@@ -179,17 +206,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
 
 def _validate(config: dict) -> None:
-    def positive_int(key: str) -> None:
-        value = config.get(key)
-        if value is not None and not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"--{key.replace('_', '-')} must be an integer ≥ 1, got {value!r}")
-
-    for key in ("steps", "batch_size", "eval_every", "seeds", "depth", "width", "samples"):
-        positive_int(key)
-    if not config["lr"] > 0:
-        raise ValueError(f"--lr must be > 0, got {config['lr']!r}")
-    if not 0 <= config["momentum"] < 1:
-        raise ValueError(f"--momentum must be in [0, 1), got {config['momentum']!r}")
+    for key, (check, _) in _OVERRIDES.items():
+        if key in config:
+            config[key] = check(config[key])
     activations = str(config["activation"]).split(",")
     for activation in activations:
         if activation not in ACTIVATIONS:
@@ -200,10 +219,6 @@ def _validate(config: dict) -> None:
     if "data" not in config:
         if len(activations) != 1:
             raise ValueError("--activation takes a single activation for synthetic presets")
-        if config["targets"] not in TARGET_MODES:
-            raise ValueError(
-                f"--targets must be one of {', '.join(TARGET_MODES)}; got {config['targets']!r}"
-            )
         if config["batch_size"] > config["samples"]:
             raise ValueError(
                 f"--batch-size must be ≤ the number of samples {config['samples']}, "
@@ -252,74 +267,141 @@ def summarize(histories: list[dict]) -> dict:
     return summary
 
 
-def _synthetic_runs(config: dict, dtype: torch.dtype) -> dict:
-    histories: dict[str, list] = {mode: [] for mode in config["modes"]}
-    jobs = [(seed, mode) for seed in range(config["seeds"]) for mode in config["modes"]]
-    cache: dict[int, tuple] = {}
-    for seed, mode in _io.progress(jobs, desc="gradkit train: (seed, mode) runs"):
-        if seed not in cache:
-            cache.clear()
-            net = make_mlp(
-                config["depth"], config["width"], config["activation"],
-                init=config["init"], gain=config["gain"], bias=config["bias"],
-                seed=seed, dtype=dtype,
-            )  # fmt: skip
-            # Inputs x ~ N(0, I) from their own stream, so they differ from the weights' draw.
-            generator = torch.Generator().manual_seed(10_007 + seed)
-            x = torch.randn(config["samples"], config["width"], generator=generator, dtype=dtype)
-            targets = make_targets(
-                net, x, config["targets"], scale=config["target_scale"], seed=seed
-            )
-            cache[seed] = (net, x, targets)
-        net, x, targets = cache[seed]
-        history = train(
+def _meter(config: dict, runs: int) -> _runtime.Meter:
+    """One progress line per checkpoint of every run, with an ETA."""
+    per_run = len(checkpoint_steps(config["steps"], config["eval_every"]))
+    return _runtime.Meter(runs * per_run, "gradkit train checkpoints")
+
+
+def _ticker(meter: _runtime.Meter | None, label: str):
+    """A ``metrics`` callback of :func:`train` that only advances ``meter``."""
+
+    def tick(_net) -> dict:
+        if meter is not None:
+            meter.step(note=label)
+        return {}
+
+    return tick
+
+
+def _draw_synthetic(config: dict, seed: int, dtype: torch.dtype, device: torch.device):
+    """Seed ``seed``'s network, inputs and targets: drawn on the CPU, then moved."""
+    net = make_mlp(
+        config["depth"], config["width"], config["activation"],
+        init=config["init"], gain=config["gain"], bias=config["bias"],
+        seed=seed, dtype=dtype,
+    )  # fmt: skip
+    # Inputs x ~ N(0, I) from their own stream, so they differ from the weights' draw.
+    generator = torch.Generator().manual_seed(10_007 + seed)
+    x = torch.randn(config["samples"], config["width"], generator=generator, dtype=dtype)
+    targets = make_targets(net, x, config["targets"], scale=config["target_scale"], seed=seed)
+    return net.to(device), x.to(device), [t.to(device) for t in targets]
+
+
+def _synthetic_seed(config: dict, seed: int, dtype, device, meter) -> dict:
+    """Both modes of one seed, from the same initial weights: ``{"history": {mode: ...}}``."""
+    net, x, targets = _draw_synthetic(config, seed, dtype, device)
+    histories = {}
+    for mode in config["modes"]:
+        histories[mode] = train(
             copy_network(net), x, targets, mode,
             steps=config["steps"], lr=config["lr"], momentum=config["momentum"],
             batch_size=config["batch_size"], eval_every=config["eval_every"], seed=seed,
             measure_alignment=config["measure_alignment"],
+            metrics=_ticker(meter, f"seed {seed} {mode}"),
         )  # fmt: skip
-        histories[mode].append(history)
+    return {"history": histories}
+
+
+def _units(config: dict) -> list[tuple[str | None, int]]:
+    """The independent units of work: ``(None, seed)``, or ``(activation, seed)`` for digits."""
+    if config.get("data") != "digits":
+        return [(None, seed) for seed in range(config["seeds"])]
+    activations = str(config["activation"]).split(",")
+    return [(a, seed) for a in activations for seed in range(config["seeds"])]
+
+
+def _run_unit(config: dict, unit, dtype, device, meter) -> dict:
+    activation, seed = unit
+    if activation is None:
+        return _synthetic_seed(config, seed, dtype, device, meter)
+    return _digits_one(config, activation, seed, dtype, device, meter)
+
+
+def train_unit(task: dict) -> dict:
+    """One unit (a seed, or an activation and a seed) as a task for ``--jobs`` processes."""
+    _runtime.use_threads(task["threads"])
+    config = task["config"]
+    dtype = torch.float64 if config["dtype"] == "float64" else torch.float32
+    device = _runtime.resolve_device(task["device"])
+    return _run_unit(config, tuple(task["unit"]), dtype, device, None)
+
+
+def _run_units(config: dict, dtype, device, partial: dict, meter, jobs: int) -> list[dict]:
+    """Every unit's result in order; ``partial["finished"]`` holds them as they finish."""
+    units = _units(config)
+    finished: dict[int, dict] = partial.setdefault("finished", {})
+    partial["units"] = units
+    if jobs == 1:
+        for index, unit in enumerate(units):
+            finished[index] = _run_unit(config, unit, dtype, device, meter)
+        return [finished[i] for i in range(len(units))]
+    threads = torch.get_num_threads()
+    tasks = [
+        {"config": config, "unit": unit, "device": str(device), "threads": threads}
+        for unit in units
+    ]
+    unit_meter = _runtime.Meter(len(units), "gradkit train runs")
+    for index, result in _tasks.run_tasks(train_unit, tasks, jobs=jobs):
+        finished[index] = result
+        activation, seed = units[index]
+        unit_meter.step(note=f"{activation + ' ' if activation else ''}seed {seed}")
+    return [finished[i] for i in range(len(units))]
+
+
+def _synthetic_summary(config: dict, results: list[dict]) -> dict:
+    histories = {mode: [r["history"][mode] for r in results] for mode in config["modes"]}
     return {
         "history": histories,
         "final": {mode: summarize(hs) for mode, hs in histories.items()},
     }
 
 
-def _digits_runs(config: dict, dtype: torch.dtype) -> dict:
+def _digits_one(config: dict, activation: str, seed: int, dtype, device, meter) -> dict:
     from .digits import digits_run
 
+    result = digits_run(
+        activation=activation, modes=tuple(config["modes"]), seed=seed,
+        depth=config["depth"], width=config["width"],
+        test_fraction=config["test_fraction"], teacher_steps=config["teacher_steps"],
+        teacher_lr=config["teacher_lr"], steps=config["steps"], lr=config["lr"],
+        momentum=config["momentum"], batch_size=config["batch_size"],
+        eval_every=config["eval_every"], measure_alignment=config["measure_alignment"],
+        dtype=dtype, device=device, on_checkpoint=_ticker(meter, f"{activation} seed {seed}"),
+    )  # fmt: skip
+    for mode in config["modes"]:
+        # Final accuracies ride along with the history so summarize() sees them.
+        history = result["history"][mode] = dict(result["history"][mode])
+        for key in ("test_accuracy", "train_accuracy", "test_layer_loss"):
+            history[key] = result["final"][mode][key]
+    return result
+
+
+def _digits_summary(config: dict, results: list[dict]) -> dict:
     activations = str(config["activation"]).split(",")
-    jobs = [(a, seed) for a in activations for seed in range(config["seeds"])]
-    by_activation: dict[str, dict] = {
-        a: {"history": {m: [] for m in config["modes"]}, "teacher": []} for a in activations
-    }
-    for activation, seed in _io.progress(jobs, desc="gradkit train: (activation, seed) runs"):
-        result = digits_run(
-            activation=activation, modes=tuple(config["modes"]), seed=seed,
-            depth=config["depth"], width=config["width"],
-            test_fraction=config["test_fraction"], teacher_steps=config["teacher_steps"],
-            teacher_lr=config["teacher_lr"], steps=config["steps"], lr=config["lr"],
-            momentum=config["momentum"], batch_size=config["batch_size"],
-            eval_every=config["eval_every"], measure_alignment=config["measure_alignment"],
-            dtype=dtype,
-        )  # fmt: skip
-        entry = by_activation[activation]
-        entry["teacher"].append(result["teacher"])
-        for mode in config["modes"]:
-            # Final accuracies ride along with the history so summarize() sees them.
-            history = dict(result["history"][mode])
-            for key in ("test_accuracy", "train_accuracy", "test_layer_loss"):
-                history[key] = result["final"][mode][key]
-            entry["history"][mode].append(history)
+    units = _units(config)
     final_by_activation, history_by_activation = {}, {}
-    for activation, entry in by_activation.items():
-        final = {mode: summarize(hs) for mode, hs in entry["history"].items()}
+    for activation in activations:
+        mine = [r for (a, _), r in zip(units, results, strict=True) if a == activation]
+        final = {m: summarize([r["history"][m] for r in mine]) for m in config["modes"]}
         final["teacher"] = {
-            "test_accuracy": _mean_std([t["test_accuracy"] for t in entry["teacher"]]),
-            "train_accuracy": _mean_std([t["train_accuracy"] for t in entry["teacher"]]),
+            key: _mean_std([r["teacher"][key] for r in mine])
+            for key in ("test_accuracy", "train_accuracy")
         }
         final_by_activation[activation] = final
-        history_by_activation[activation] = entry["history"]
+        history_by_activation[activation] = {
+            m: [r["history"][m] for r in mine] for m in config["modes"]
+        }
     primary = activations[0]
     return {
         "history": history_by_activation[primary],
@@ -330,15 +412,31 @@ def _digits_runs(config: dict, dtype: torch.dtype) -> dict:
     }
 
 
-def run_experiment(config: dict) -> dict:
-    """Run every (seed, mode) of ``config`` (see :func:`resolve_config`) and summarise."""
+def run_experiment(
+    config: dict,
+    *,
+    device: str | torch.device = "cpu",
+    partial: dict | None = None,
+    progress: bool = False,
+    jobs: int = 1,
+) -> dict:
+    """Run every (seed, mode) of ``config`` (see :func:`resolve_config`) and summarise.
+
+    Each seed (with digits: each activation and seed) is a unit of work; ``jobs > 1`` runs
+    the units in that many local processes, with the same numbers as a serial run.
+    ``partial`` (a dict) receives ``"units"`` and ``"finished"`` (``{index: result}``) as
+    units finish, so an interrupted run keeps them; ``progress`` prints a line with an ETA
+    at every checkpoint (with ``jobs > 1``: at every finished unit).
+    """
     dtype = torch.float64 if config["dtype"] == "float64" else torch.float32
+    device = _runtime.resolve_device(device)
+    partial = {} if partial is None else partial
+    digits = config.get("data") == "digits"
+    meter = _meter(config, len(_units(config)) * len(config["modes"])) if progress else None
     start = time.perf_counter()
-    if config.get("data") == "digits":
-        result = _digits_runs(config, dtype)
-    else:
-        result = _synthetic_runs(config, dtype)
-    return {"config": config, **result, "runtime_s": time.perf_counter() - start}
+    results = _run_units(config, dtype, device, partial, meter if jobs == 1 else None, jobs)
+    summary = _digits_summary(config, results) if digits else _synthetic_summary(config, results)
+    return {"config": config, **summary, "runtime_s": time.perf_counter() - start}
 
 
 def _fmt(stat: dict, digits: int = 3) -> str:
@@ -430,43 +528,68 @@ def _band(histories: list[dict], key: str, layer: int | None):
 
 def plot_losses(result: dict, path: Path) -> Path:
     """Loss curves of every mode (mean over seeds, min–max band), log scale: the total, then
-    one panel per group of layers (one layer per panel up to 11 layers)."""
+    one panel per group of layers (one layer per panel up to 11 layers), and the students'
+    test accuracy when it was recorded (digits)."""
+    return _io.save_figure(losses_figure(result), path)
+
+
+def losses_figure(result: dict):
+    """The figure of :func:`plot_losses` (not saved)."""
     plt = _io.pyplot()
     curves = _curve_sets(result)
     depth = len(next(iter(curves.values()))[0]["layer_loss"][0])
     per_panel = max(1, math.ceil(depth / 11))
     groups = [list(range(i, min(i + per_panel, depth))) for i in range(0, depth, per_panel)]
-    panels = 1 + len(groups)
+    accuracy = all("checkpoint_test_accuracy" in hs[0] for hs in curves.values())
+    panels = 1 + len(groups) + accuracy
     cols = min(4, panels)
     rows = math.ceil(panels / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for panel, ax in enumerate(axes.flat):
         if panel >= panels:
             ax.axis("off")
-            continue
-        layers = [None] if panel == 0 else groups[panel - 1]
-        key = "total_loss" if panel == 0 else "layer_loss"
-        for c, (label, histories) in enumerate(curves.items()):
-            for j, layer in enumerate(layers):
-                steps, mean, low, high = _band(histories, key, layer)
-                style = ("-", "--", ":", "-.")[j % 4]
-                ax.plot(steps, mean, style, color=colors[c % len(colors)],
-                        label=label if j == 0 else None)  # fmt: skip
-                ax.fill_between(steps, low, high, color=colors[c % len(colors)], alpha=0.15)
-        names = ", ".join(f"ℓ_{i + 1}" for i in layers) if panel else "total Σ ℓ_i"
-        ax.set_title(names)
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        if panel == 0:
-            ax.legend(fontsize=8)
+        elif accuracy and panel == panels - 1:
+            _accuracy_panel(ax, curves, plt)
+        else:
+            _loss_panel(ax, curves, [None] if panel == 0 else groups[panel - 1], plt)
+    axes.flat[0].legend(fontsize=8)
     config = result["config"]
     fig.suptitle(
         f"gradkit train --preset {config['preset']}: layerwise loss, local vs global "
         f"(mean over {config['seeds']} seeds, band = min–max)"
     )
     fig.tight_layout()
-    return _io.save_figure(fig, path)
+    return fig
+
+
+def _loss_panel(ax, curves: dict, layers: list, plt) -> None:
+    from .plots import readable_log_axis
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    key = "total_loss" if layers == [None] else "layer_loss"
+    for c, (label, histories) in enumerate(curves.items()):
+        for j, layer in enumerate(layers):
+            steps, mean, low, high = _band(histories, key, layer)
+            style = ("-", "--", ":", "-.")[j % 4]
+            ax.plot(steps, mean, style, color=colors[c % len(colors)],
+                    label=label if j == 0 else None)  # fmt: skip
+            ax.fill_between(steps, low, high, color=colors[c % len(colors)], alpha=0.15)
+    ax.set_title("total Σ ℓ_i" if layers == [None] else ", ".join(f"ℓ_{i + 1}" for i in layers))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (log scale)")
+    readable_log_axis(ax)
+
+
+def _accuracy_panel(ax, curves: dict, plt) -> None:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for c, (label, histories) in enumerate(curves.items()):
+        steps, mean, low, high = _band(histories, "checkpoint_test_accuracy", None)
+        ax.plot(steps, mean, color=colors[c % len(colors)], label=label)
+        ax.fill_between(steps, low, high, color=colors[c % len(colors)], alpha=0.15)
+    ax.set_title("students' test accuracy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
 
 
 def plot_alignment(result: dict, path: Path) -> Path:
@@ -499,17 +622,62 @@ def plot_alignment(result: dict, path: Path) -> Path:
     return _io.save_figure(fig, path)
 
 
+_JOBS = _checks.integer("--jobs", 1, 4096)
+
+
+def _jobs_of(args: argparse.Namespace) -> int:
+    """``--jobs`` of a parsed (or hand-made) namespace, checked."""
+    return _JOBS(getattr(args, "jobs", None) or 1)
+
+
+def _print_config(config: dict, device: torch.device, out: Path) -> None:
+    shown = {k: v for k, v in config.items() if k not in ("network",)}
+    text = ", ".join(f"{k}={v}" for k, v in shown.items())
+    print(f"gradkit train: {text}; device={device}, threads={torch.get_num_threads()}")
+    print(f"writing to {out}", flush=True)
+
+
+def _save_partial(config: dict, partial: dict, out: Path) -> None:
+    """On Ctrl-C: the finished units' histories, marked incomplete; say where they are."""
+    finished = partial.get("finished")
+    if not finished:
+        return
+    runs = [
+        {"activation": partial["units"][i][0], "seed": partial["units"][i][1], **finished[i]}
+        for i in sorted(finished)
+    ]
+    payload = {"config": config, "complete": False, "runs": runs}
+    path = _io.write_json(out / "train.partial.json", payload)
+    print(
+        f"\ninterrupted: {len(runs)} of {len(partial['units'])} runs finished; their "
+        f"histories are in {path}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """``gradkit train``: run, write ``train.json`` and the plots, print the table."""
     config = resolve_config(args)
-    out = _io.new_run_dir("train", args.out)
-    try:
-        result = run_experiment(config)
-    except ImportError as error:  # the digits extra is missing: say how to install it
-        raise SystemExit(f"gradkit train: error: {error}") from error
-    _io.write_json(out / "train.json", result)
-    plot_losses(result, out / "losses.png")
-    plot_alignment(result, out / "alignment_over_training.png")
+    device = _runtime.resolve_device(getattr(args, "device", "cpu"))
+    _runtime.use_threads(getattr(args, "threads", None))
+    overwrite = bool(getattr(args, "overwrite", False))
+    with _io.run_folder("train", args.out, overwrite=overwrite) as out:
+        _print_config(config, device, out)
+        partial: dict = {}
+        try:
+            result = run_experiment(
+                config, device=device, partial=partial, progress=True, jobs=_jobs_of(args)
+            )
+        except ImportError as error:  # the digits extra is missing: say how to install it
+            raise SystemExit(f"gradkit train: error: {error}") from error
+        except KeyboardInterrupt:
+            _save_partial(config, partial, out)
+            raise
+        result["config"] = {**config, "device": str(device), "threads": torch.get_num_threads()}
+        _io.write_json(out / "train.json", result)
+        plot_losses(result, out / "losses.png")
+        plot_alignment(result, out / "alignment_over_training.png")
     print(comparison_table(result))
     print(f"\n{result['runtime_s']:.1f} s; wrote {out / 'train.json'}, losses.png, "
           "alignment_over_training.png")  # fmt: skip

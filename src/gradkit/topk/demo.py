@@ -170,6 +170,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-every", type=int, default=None, help="print progress every N steps (steps/10)"
     )
     parser.add_argument("--json", metavar="FILE", help="also write the history and masks to FILE")
+    parser.add_argument(
+        "--out", metavar="DIR", help="run folder for demo.json [default: runs/demo-topk-<time>]"
+    )
     _io.add_overwrite_argument(parser)
 
 
@@ -183,6 +186,16 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo from parsed flags and print progress, final masks and the verdict."""
     # An unusable --json fails now, not after the run.
     _io.check_output_path(args.json, "--json", overwrite=getattr(args, "overwrite", False))
+    with _io.run_folder(
+        "demo-topk", getattr(args, "out", None), overwrite=getattr(args, "overwrite", False)
+    ) as out:
+        written = _run_in(args, out)
+    print("wrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+def _run_in(args: argparse.Namespace, out) -> list:
+    """The demo itself; returns the files written (``out/demo.json``, and ``--json``)."""
     start = time.perf_counter()
     print(
         f"soft top-k SGD demo: batch={args.batch} n={args.n} k={args.k} "
@@ -211,13 +224,9 @@ def run(args: argparse.Namespace) -> int:
         + f"; round(p) equals it in {result['rows_rounded_matched']}/{result['rows']}"
         + f"  ({time.perf_counter() - start:.1f}s)"
     )
+    config = {k: v for k, v in vars(args).items() if k not in ("run", "overwrite")}
+    payload = {"config": config, **result}
+    written = [_io.write_json(out / "demo.json", payload)]
     if args.json:
-        path = _io.write_json(
-            args.json,
-            {
-                "config": {k: v for k, v in vars(args).items() if k not in ("run", "overwrite")},
-                **result,
-            },
-        )
-        print(f"wrote {path}")
-    return 0
+        written.append(_io.write_json(args.json, payload))
+    return written
