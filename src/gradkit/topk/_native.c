@@ -6,14 +6,15 @@
  * One pass stores exponentials relative to a reference point; after that each evaluation of
  * F(t) = Σ σ(w_i − t), its slope and its curvature term is one fused loop of a multiply and a
  * divide per entry, and the model-based Newton step of _solve.py needs no exp or log per
- * entry.  Rows spanning at most SPREAD_LIMIT·τ start from the log-sum-exp bound with
- * E_i = e^{w_i − w_max}; wider rows (small τ) start from order statistics with
- * G_i = e^{t₀ − w_i}.
+ * entry.  Rows spanning at most SPREAD_LIMIT·τ (SMALL_BUDGET_SPREAD_LIMIT·τ for small
+ * budgets) start from the log-sum-exp bound with E_i = e^{w_i − w_max}; wider rows (small τ)
+ * start from order statistics, located by vectorised counting passes, with G_i = e^{t₀ − w_i}.
  *
- * Scope: rows of finite or −inf (masked: never selected) entries, with one budget for all
- * rows or one per row.  A row with +inf or NaN (status 1), or whose bracket collapses onto a
- * jump of F the dtype cannot resolve (status 3), is left to the caller, which solves it with
- * the PyTorch path.  Math and symbols follow _solve.py:
+ * Scope: any row, with one budget for all rows or one per row: −inf entries are masked
+ * (never selected), +inf entries take k/m each (at most 1) of the budget, a row with a NaN is
+ * NaN — as the PyTorch path.  A row beyond |x/τ| ≤ max/16 (status 1), or whose bracket
+ * collapses onto a jump of F the dtype cannot resolve (status 3), is left to the caller,
+ * which solves it with the PyTorch path.  Math and symbols follow _solve.py:
  * z_i = w_i − t, p_i = σ(z_i), v_i = p_i(1 − p_i), F = Σp, F' = −Σv.
  *
  * Plain C99, compiled on first use by _native.py: with -fopenmp but linked against no OpenMP
@@ -30,9 +31,13 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-#define SPREAD_LIMIT 16.0 /* rows spanning more τ than this start from order statistics */
+#define SPREAD_LIMIT 16.0 /* rows spanning more τ than this start from order statistics … */
+#define SMALL_BUDGET_SPREAD_LIMIT 40.0 /* … except small budgets (e^−40 is still normal): */
+#define SMALL_BUDGET_SHARE 0.05        /* k ≤ 5% of the row, for which the log-sum-exp start
+                                          is close (exact in the lower tail) */
 #define MAX_PASSES 64
 #define BLOCK 256 /* elements per partial sum (accurate, vectorisable summation) */
 #define COUNT_THRESHOLDS 7 /* cuts per counting pass of a wide row's start (see count_start) */
@@ -105,7 +110,7 @@ static inline double clamp_f64(double v, double low, double high) {
 /* ------------------------------------------------------------------ per-row solve
  * Instantiated for float and double by the macro below.  Scalars are double throughout.
  *
- * status: 0 solved here; 1 not finite (or |x/τ| too large); 3 not solved (a bracket collapsed
+ * status: 0 solved here; 1 |x/τ| too large (or no memory); 3 not solved (a bracket collapsed
  * onto a jump of F, or no convergence): the caller solves those rows.
  */
 
@@ -378,6 +383,27 @@ static inline double clamp_f64(double v, double low, double high) {
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
+    static int solve_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double inv_tau);      \
+                                                                                                 \
+    /* A row with m > 0 entries at +inf (as the torch path): they take k/m each, at most 1;      \
+       the finite entries share what is left, max(k − m, 0), solved with the +inf entries        \
+       masked in a copy of the row.  Status 1 (the torch path) if no copy can be made. */        \
+    static int solve_positive_row_##SUFFIX(const T *x, T *out, int64_t n, double k,              \
+                                           double inv_tau, int64_t m) {                          \
+        const T plus_inf = (T)INFINITY;                                                          \
+        T *copy = (T *)malloc((size_t)n * sizeof(T));                                            \
+        if (copy == NULL) return 1;                                                              \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; ++i) copy[i] = x[i] == plus_inf ? -plus_inf : x[i];           \
+        double rest = k - (double)m;                                                             \
+        int status = solve_row_##SUFFIX(copy, out, n, rest > 0 ? rest : 0.0, inv_tau);           \
+        free(copy);                                                                              \
+        const T share = (T)(k >= (double)m ? 1.0 : k / (double)m);                               \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; ++i) out[i] = x[i] == plus_inf ? share : out[i];              \
+        return status;                                                                           \
+    }                                                                                            \
+                                                                                                 \
     static int solve_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double inv_tau) {     \
         /* One pass: min, max and a finiteness probe (x·0 is NaN for NaN and ±inf).  Only a      \
            row that fails the probe gets a second pass: the min and max of its live entries,     \
@@ -392,19 +418,26 @@ static inline double clamp_f64(double v, double low, double high) {
             probe += x[i] * (T)0;                                                                \
         }                                                                                        \
         int64_t masked_count = 0;                                                                \
-        if (probe != 0) {                                                                        \
+        if (probe != 0) { /* (vectorised) live min and max; counts of −inf, +inf and NaN */      \
+            COUNT minus = 0, plus = 0, nan = 0;                                                  \
             top = minus_inf;                                                                     \
             bottom = plus_inf;                                                                   \
+            _Pragma("omp simd reduction(max : top) reduction(min : bottom) reduction(+ : minus, plus, nan)") \
             for (int64_t i = 0; i < n; ++i) {                                                    \
                 T v = x[i];                                                                      \
-                if (v != v || v == plus_inf) return 1;                                           \
-                if (v == minus_inf) {                                                            \
-                    ++masked_count;                                                              \
-                    continue;                                                                    \
-                }                                                                                \
-                top = v > top ? v : top;                                                         \
-                bottom = v < bottom ? v : bottom;                                                \
+                int finite = v - v == 0;                                                         \
+                top = finite && v > top ? v : top;                                               \
+                bottom = finite && v < bottom ? v : bottom;                                      \
+                minus += (COUNT)(v == minus_inf);                                                \
+                plus += (COUNT)(v == plus_inf);                                                  \
+                nan += (COUNT)(v != v);                                                          \
             }                                                                                    \
+            if (nan) { /* a slice with a NaN is NaN */                                           \
+                for (int64_t i = 0; i < n; ++i) out[i] = (T)NAN;                                 \
+                return 0;                                                                        \
+            }                                                                                    \
+            if (plus) return solve_positive_row_##SUFFIX(x, out, n, k, inv_tau, plus);           \
+            masked_count = minus;                                                                \
         }                                                                                        \
         const int64_t live = n - masked_count;                                                   \
         const int masked = masked_count > 0;                                                     \
@@ -430,14 +463,15 @@ static inline double clamp_f64(double v, double low, double high) {
         double scale = flipped ? -inv_tau : inv_tau;                                             \
         double budget = flipped ? (double)live - k : k;                                          \
         double spread = (x_max - x_min) * inv_tau;                                               \
-        if (spread > SPREAD_LIMIT) {                                                             \
+        int small_budget = budget <= SMALL_BUDGET_SHARE * (double)live;                          \
+        if (spread > (small_budget ? SMALL_BUDGET_SPREAD_LIMIT : SPREAD_LIMIT)) {                \
             double w_max = flipped ? -x_min * inv_tau : x_max * inv_tau;                         \
             double w_min = flipped ? -x_max * inv_tau : x_min * inv_tau;                         \
             return solve_wide_row_##SUFFIX(x, out, n, live, scale, budget, flipped, w_min,       \
                                            w_max);                                               \
         }                                                                                        \
         const T sc = (T)scale, w_top = (T)(flipped ? -x_min * inv_tau : x_max * inv_tau);        \
-        /* E_i = e^{w_i − w_max} into out (≥ e^−16: normal; 0 for masked entries), and Σ E_i. */ \
+        /* E_i = e^{w_i − w_max} into out (≥ e^−40: normal; 0 for masked entries), and Σ E_i. */ \
         double exp_sum = 0.0;                                                                    \
         for (int64_t start = 0; start < n; start += BLOCK) {                                     \
             int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
