@@ -274,10 +274,10 @@ def test_grid_report_has_every_cell_and_its_ratios():
         assert cell["batch"] == max(1, round(128 / cell["n"]))
         assert cell["x_sigmoid"] == pytest.approx(cell["gradkit_ms"] / cell["sigmoid_ms"])
         assert cell["x_sigmoid_cpu"] >= 0
-        assert cell["torch_path"] == (cell["case"] in ("+inf", "nan"))
+        assert cell["special_rows"] == (cell["case"] in ("+inf", "nan"))
     worst = setting["worst"]
     assert worst["kernel_cpu"]["x_sigmoid_cpu"] == max(
-        c["x_sigmoid_cpu"] for c in setting["cells"] if not c["torch_path"]
+        c["x_sigmoid_cpu"] for c in setting["cells"] if not c["special_rows"]
     )
     assert (setting["targets"] is None) == bool(setting["flags"])
 
