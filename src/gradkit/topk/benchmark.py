@@ -173,6 +173,18 @@ def _difftopk_memory_bytes(shape: Shape) -> float:
     return 1.5 * 2 * layers * shape.batch * shape.n * (2**levels / 2) * 4
 
 
+def _checked(step: Callable[[], None], device: torch.device) -> _Prepared:
+    """A peer's step, or the reason it cannot run here (e.g. a peer that is CPU-only on a GPU:
+    its error is reported as a skip, not a crash of the whole benchmark)."""
+    if device.type == "cpu":
+        return _Prepared(step)
+    try:
+        step()
+    except (RuntimeError, TypeError, ValueError) as error:
+        return _Prepared(None, f"fails on {device}: {str(error).splitlines()[0][:80]}")
+    return _Prepared(step)
+
+
 def _prepare(
     method: str, shape: Shape, x: torch.Tensor, peers: bool, temperature: float = 1.0
 ) -> _Prepared:
@@ -210,14 +222,16 @@ def _prepare(
             budget = DIFFTOPK_MEMORY_BUDGET_BYTES / 2**30
             return _Prepared(None, f"dense network needs ~{need / 2**30:,.0f} GiB > {budget:g}")
         network = difftopk.DiffTopkNet("bitonic", shape.n, k, steepness=10.0)
-        return _Prepared(_forward_backward(lambda t: network(t)[1], x))
+        if hasattr(network, "to"):
+            network = network.to(x.device)
+        return _checked(_forward_backward(lambda t: network(t)[1], x), x.device)
     if method == "pytopk":
         try:
             pytopk = _import_quietly("pytopk")
         except ImportError:
             return _Prepared(None, "not installed")
         smoothed_kth_value = pytopk.NoisedTopK(k=k, epsilon=1.0, n_sample=5, dim=-1)
-        return _Prepared(_forward_backward(smoothed_kth_value, x))
+        return _checked(_forward_backward(smoothed_kth_value, x), x.device)
     raise ValueError(f"unknown method {method!r}; choose from {sorted(METHOD_NAMES)}")
 
 
