@@ -85,11 +85,18 @@ def busy(load: float | None, threads: int) -> bool:
     return load is not None and load + threads > (os.cpu_count() or 1) + 0.5
 
 
-def load_flag(before: float | None, after: float | None, threads: int) -> str | None:
+def load_flag(
+    before: float | None, after: float | None, threads: int, own_before: int = 0
+) -> str | None:
     """A "machine busy" flag when the load average before a CPU measurement, or after it less
-    the measurement's own ``threads``, says other processes competed for the cores."""
+    the measurement's own ``threads``, says other processes competed for the cores.
+
+    ``own_before`` is the thread count of a measurement of this same process that ran just
+    before (the 1-minute average still holds about that much of it).
+    """
+    before_others = None if before is None else before - own_before
     after_others = None if after is None else after - threads
-    if not (busy(before, threads) or busy(after_others, threads)):
+    if not (busy(before_others, threads) or busy(after_others, threads)):
         return None
     return (
         f"machine busy: 1-min load average {before:.1f} before the run, {after:.1f} after, "

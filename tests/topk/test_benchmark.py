@@ -338,3 +338,13 @@ def test_gradkit_bench_topk_grid_command(monkeypatch, tmp_path):
     settings = json.loads((out / "results.json").read_text())["settings"]
     assert [s["threads"] for s in settings] == [1, 1]  # --quick: one thread by default
     assert not list(out.glob("*.png"))
+
+
+def test_load_flag_discounts_this_process_own_threads(monkeypatch):
+    monkeypatch.setattr(benchmark._bench.os, "cpu_count", lambda: 4)
+    assert benchmark._bench.load_flag(0.5, 1.4, threads=1) is None  # (after: its own thread)
+    assert benchmark._bench.load_flag(4.0, 1.0, threads=1).startswith("machine busy")
+    # 3.0 before, of which 2 were this process's previous setting: 1.0 from others.
+    assert benchmark._bench.load_flag(3.0, 2.3, threads=2, own_before=2) is None
+    assert benchmark._bench.load_flag(3.0, 2.3, threads=2, own_before=0) is not None
+    assert benchmark._bench.load_flag(None, None, threads=2) is None

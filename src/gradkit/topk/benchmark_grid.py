@@ -266,6 +266,7 @@ def run_grid(
         if name not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
     settings = []
+    own = 0  # threads of the setting measured just before (still in the load average)
     for dtype_name in dtypes:
         for count in threads:
             load_before = _bench.load_average()
@@ -281,9 +282,9 @@ def run_grid(
                 seed_baseline=seed_baseline,
             )
             load_after = _bench.load_average()
-            settings.append(
-                _summarise(dtype_name, count, cells, load_before, load_after, torch_device)
-            )
+            loads = (load_before, load_after, own)
+            settings.append(_summarise(dtype_name, count, cells, loads, torch_device))
+            own = count
     config = {
         "ns": list(ns),
         "spreads": list(spreads),
@@ -302,10 +303,14 @@ def run_grid(
 
 
 def _summarise(
-    dtype_name: str, threads: int, cells: list, load_before, load_after, device: torch.device
+    dtype_name: str, threads: int, cells: list, loads: tuple, device: torch.device
 ) -> dict[str, Any]:
+    """One setting's report; ``loads`` = (load average before, after, own threads before)."""
+    load_before, load_after, own_before = loads
     flags = []
-    busy = _bench.load_flag(load_before, load_after, threads) if device.type == "cpu" else None
+    busy = None
+    if device.type == "cpu":
+        busy = _bench.load_flag(load_before, load_after, threads, own_before)
     if busy:
         flags.append(busy)
     noisy = sum(1 for cell in cells if cell["flagged"])
@@ -322,6 +327,7 @@ def _summarise(
         "device": device.type,
         "load_average_1min_before": load_before,
         "load_average_1min_after": load_after,
+        "own_threads_before": own_before,
         "flags": flags,
         "reliable": not flags,
         "worst": worst,
