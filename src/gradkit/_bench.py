@@ -10,7 +10,7 @@ import argparse
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,15 @@ from . import _io
 
 __all__ = [
     "add_common_arguments",
+    "advice",
+    "busy",
+    "check_device",
     "check_positive_int",
     "cpu_model",
     "environment",
     "load_average",
+    "load_flag",
+    "timed",
     "torch_threads",
 ]
 
@@ -34,6 +39,80 @@ def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
     return value
+
+
+def check_device(device: str) -> torch.device:
+    """``torch.device(device)`` for ``"cpu"`` or an available CUDA device, else a ``ValueError``
+    naming the flag, the value and what is available."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be 'cpu' or 'cuda[:index]', got {device!r}") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type != "cuda":
+        raise ValueError(f"--device must be 'cpu' or 'cuda[:index]', got {device!r}")
+    if not torch.cuda.is_available():
+        built = "built without CUDA" if torch.version.cuda is None else "no GPU visible"
+        raise ValueError(
+            f"--device {device}: CUDA is not available (torch {torch.__version__}: {built})"
+        )
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
+    return parsed
+
+
+def timed(step: Callable[[], None], device: torch.device | None = None) -> tuple[float, float]:
+    """Wall time (``perf_counter``) and CPU time of all threads (``process_time``) of a call.
+
+    On a GPU the wall time is taken between two ``torch.cuda.synchronize`` calls, so it covers
+    the kernels the call queued.  The CPU time does not count the time a thread waits while
+    descheduled, so on a busy machine with one thread it is the steadier measure of the work.
+    """
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def busy(load: float | None, threads: int) -> bool:
+    """Whether a 1-minute load average of *other* processes leaves fewer free cores than the
+    ``threads`` a measurement uses (with half a core of slack)."""
+    return load is not None and load + threads > (os.cpu_count() or 1) + 0.5
+
+
+def load_flag(
+    before: float | None, after: float | None, threads: int, own_before: int = 0
+) -> str | None:
+    """A "machine busy" flag when the load average before a CPU measurement, or after it less
+    the measurement's own ``threads``, says other processes competed for the cores.
+
+    ``own_before`` is the thread count of a measurement of this same process that ran just
+    before (the 1-minute average still holds about that much of it).
+    """
+    before_others = None if before is None else before - own_before
+    after_others = None if after is None else after - threads
+    if not (busy(before_others, threads) or busy(after_others, threads)):
+        return None
+    return (
+        f"machine busy: 1-min load average {before:.1f} before the run, {after:.1f} after, "
+        f"{os.cpu_count()} cores, {threads} thread(s)"
+    )
+
+
+def advice(threads: int, device: str) -> str:
+    """What to do about a flagged run, given the flags it ran with."""
+    if device != "cpu":
+        return "re-run when the GPU is idle"
+    if threads > 1:
+        return "re-run when the machine is idle, or use --threads 1 (CPU-time ratios are steadier)"
+    return "re-run when the machine is idle (e.g. pinned with taskset to a free core)"
 
 
 @contextmanager

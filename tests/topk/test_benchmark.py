@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from support import seeded_randn
+from support import PNG_SIGNATURE, seeded_randn
 
-from gradkit.topk import benchmark
+from gradkit.topk import benchmark, benchmark_grid
 from gradkit.topk.reference import seed_find_shift, seed_topk
 
 # --------------------------------------------------------------------------- the seed baseline
@@ -174,3 +175,176 @@ def test_temperature_reaches_gradkit_and_the_seed(tmp_path):
         assert row["agreement"]["max_abs_diff_p"] < 1e-4
     with pytest.raises(ValueError, match="temperature"):
         benchmark.run_benchmark(benchmark.QUICK_SHAPES, quick=True, temperature=0.0)
+
+
+# --------------------------------------------------------------------------- honest reports
+
+
+def _busy_machine(monkeypatch):
+    """Make the benchmark see a 1-minute load average far above the core count."""
+    monkeypatch.setattr(benchmark._bench, "load_average", lambda: 50.0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_busy_machine_gives_no_verdict_and_fitting_advice(monkeypatch, threads):
+    _busy_machine(monkeypatch)
+    tiny = [benchmark.Shape(4, 8, 2, "tiny")]
+    report = benchmark.run_benchmark(tiny, threads=threads, repeats=1, warmup=0, budget_s=0.01)
+    summary = report["summary"]
+    assert not summary["reliable"] and summary["flags"][0].startswith("machine busy")
+    assert summary["speedup_vs_seed_met_everywhere"] is None
+    text = benchmark.format_table(report)
+    assert "UNRELIABLE RUN" in text and "Targets not judged" in text
+    assert ": met" not in text and "NOT met" not in text
+    assert "CPU time" in text  # the CPU-time ratios are shown beside the wall-time ones
+    assert ("--threads 1" in text) == (threads > 1)
+
+
+def test_flagged_runs_plot_no_wall_time_numbers(monkeypatch, tmp_path):
+    _busy_machine(monkeypatch)
+    tiny = [benchmark.Shape(4, 8, 2, "tiny")]
+    one = benchmark.run_benchmark(tiny, threads=1, repeats=1, warmup=0, budget_s=0.01)
+    assert benchmark.plotted_ratios(one) == "ratios_from_cpu_time"
+    assert benchmark.plot_ratios(one, tmp_path / "one.png").stat().st_size > 0
+    two = benchmark.run_benchmark(tiny, threads=2, repeats=1, warmup=0, budget_s=0.01)
+    assert benchmark.plotted_ratios(two) is None
+    assert benchmark.plot_ratios(two, tmp_path / "two.png") is None
+    assert not (tmp_path / "two.png").exists()
+
+
+def test_quiet_machine_is_judged(monkeypatch):
+    monkeypatch.setattr(benchmark._bench, "load_average", lambda: 0.0)
+    monkeypatch.setattr(benchmark, "NOISE_RATIO", math.inf)  # no shape counts as descheduled
+    tiny = [benchmark.Shape(4, 8, 2, "tiny")]
+    report = benchmark.run_benchmark(tiny, threads=1, repeats=1, warmup=0, budget_s=0.01)
+    assert report["summary"]["reliable"] and report["summary"]["flags"] == []
+    assert report["summary"]["speedup_vs_seed_met_everywhere"] in (True, False)
+    assert "Target ≥ 10× faster than the seed at every shape:" in benchmark.format_table(report)
+
+
+# --------------------------------------------------------------------------- --device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--quick", "--device", "cuda", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        benchmark_grid.run_grid(ns=[16], spreads=[1.0], device="cuda")
+
+
+@pytest.mark.parametrize("device", ["tpu", "nonsense", "cuda:x"])
+def test_unknown_device_is_rejected(device):
+    with pytest.raises(ValueError, match="--device must be"):
+        benchmark.run_benchmark([benchmark.Shape(4, 8, 2, "tiny")], device=device)
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def test_grid_budgets_follow_the_issue():
+    assert benchmark_grid.grid_budgets(16) == [1, 2, 10, 8, 15]
+    assert benchmark_grid.grid_budgets(1000) == [1, 2, 10, 100, 500, 999]
+    assert benchmark_grid.grid_budgets(10**6) == [1, 2, 10, 10**4, 10**5, 5 * 10**5, 10**6 - 1]
+
+
+def _tiny_grid(**kwargs):
+    settings = dict(ns=[16, 64], spreads=[1.0, 100.0], dtypes=["float32"], threads=[1])
+    settings.update(elements=128, repeats=1)
+    settings.update(kwargs)
+    return benchmark_grid.run_grid(**settings)
+
+
+def test_grid_report_has_every_cell_and_its_ratios():
+    report = _tiny_grid()
+    (setting,) = report["settings"]
+    assert setting["dtype"] == "float32" and setting["threads"] == 1
+    cases = {(c["n"], c["case"], c["k"], c["spread"]) for c in setting["cells"]}
+    for n in (16, 64):
+        for spread in (1.0, 100.0):
+            for k in benchmark_grid.grid_budgets(n):
+                assert (n, "k", k, spread) in cases
+            assert (n, "k per row", 0, spread) in cases
+            assert (n, "half -inf", max(1, n // 10), spread) in cases
+            assert (n, "+inf", max(2, n // 10), spread) in cases
+            assert (n, "nan", max(2, n // 10), spread) in cases
+    for cell in setting["cells"]:
+        assert cell["batch"] == max(1, round(128 / cell["n"]))
+        assert cell["x_sigmoid"] == pytest.approx(cell["gradkit_ms"] / cell["sigmoid_ms"])
+        assert cell["x_sigmoid_cpu"] >= 0
+        assert cell["special_rows"] == (cell["case"] in ("+inf", "nan"))
+    worst = setting["worst"]
+    assert worst["kernel_cpu"]["x_sigmoid_cpu"] == max(
+        c["x_sigmoid_cpu"] for c in setting["cells"] if not c["special_rows"]
+    )
+    assert (setting["targets"] is None) == bool(setting["flags"])
+
+
+def test_grid_on_a_busy_machine_is_flagged_and_not_judged(monkeypatch, tmp_path):
+    _busy_machine(monkeypatch)
+    report = _tiny_grid()
+    (setting,) = report["settings"]
+    assert not setting["reliable"] and setting["targets"] is None
+    text = benchmark_grid.format_grid(report)
+    assert "UNRELIABLE RUN" in text and "Targets not judged" in text
+    assert ": met" not in text and "--threads 1" not in text  # (it ran with one thread)
+    assert "worst cell, × sigmoid pass (CPU time)" in text
+    # One thread on a busy machine: the heatmap shows CPU-time ratios, never wall-time ones.
+    assert benchmark_grid._plotted_ratio(setting) == ("x_sigmoid_cpu", "CPU time")
+    wall = dict(setting, threads=2)
+    assert benchmark_grid._plotted_ratio(wall)[0] == "x_sigmoid"
+    assert all(benchmark_grid._plotted(c, "x_sigmoid", wall) is None for c in setting["cells"])
+    assert benchmark_grid.plot_grid(report, setting, tmp_path / "h.png").stat().st_size > 0
+
+
+def test_flagged_cells_are_not_drawn():
+    setting = {"reliable": True}
+    cell = {"x_sigmoid": 2.0, "x_sigmoid_cpu": 1.9, "flagged": None}
+    assert benchmark_grid._plotted(cell, "x_sigmoid", setting) == 2.0
+    assert benchmark_grid._plotted(dict(cell, flagged="descheduled"), "x_sigmoid", setting) is None
+    assert benchmark_grid._plotted(cell, "x_sigmoid", {"reliable": False}) is None
+
+
+def test_grid_command_writes_json_and_one_heatmap_per_setting(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(benchmark_grid, "QUICK_NS", (16,))
+    monkeypatch.setattr(benchmark_grid, "QUICK_SPREADS", (1.0, 1000.0))
+    monkeypatch.setattr(benchmark_grid, "QUICK_ELEMENTS", 64)
+    out = tmp_path / "grid"
+    args = ["--grid", "--quick", "--threads", "1", "--repeats", "1", "--out", str(out)]
+    assert benchmark.main(args) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["config"]["quick"] is True and report["config"]["ns"] == [16]
+    assert [(s["dtype"], s["threads"]) for s in report["settings"]] == [
+        ("float32", 1),
+        ("float64", 1),
+    ]
+    for name in ("grid_float32_1thread.png", "grid_float64_1thread.png"):
+        assert (out / name).read_bytes().startswith(PNG_SIGNATURE)
+    printed = capsys.readouterr().out
+    assert "worst cell, × sigmoid pass (wall time)" in printed
+
+
+def test_gradkit_bench_topk_grid_command(monkeypatch, tmp_path):
+    from gradkit.cli import main as gradkit_main
+
+    monkeypatch.setattr(benchmark_grid, "QUICK_NS", (16,))
+    monkeypatch.setattr(benchmark_grid, "QUICK_SPREADS", (1.0,))
+    monkeypatch.setattr(benchmark_grid, "QUICK_ELEMENTS", 32)
+    out = tmp_path / "grid"
+    args = ["bench", "topk", "--grid", "--quick", "--no-plot", "--repeats", "1"]
+    assert gradkit_main([*args, "--out", str(out)]) == 0
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert [s["threads"] for s in settings] == [1, 1]  # --quick: one thread by default
+    assert not list(out.glob("*.png"))
+
+
+def test_load_flag_discounts_this_process_own_threads(monkeypatch):
+    monkeypatch.setattr(benchmark._bench.os, "cpu_count", lambda: 4)
+    assert benchmark._bench.load_flag(0.5, 1.4, threads=1) is None  # (after: its own thread)
+    assert benchmark._bench.load_flag(4.0, 1.0, threads=1).startswith("machine busy")
+    # 3.0 before, of which 2 were this process's previous setting: 1.0 from others.
+    assert benchmark._bench.load_flag(3.0, 2.3, threads=2, own_before=2) is None
+    assert benchmark._bench.load_flag(3.0, 2.3, threads=2, own_before=0) is not None
+    assert benchmark._bench.load_flag(None, None, threads=2) is None

@@ -95,16 +95,16 @@ def test_kernel_matches_bisection_reference_float64(k, temperature):
 
 @needs_kernel
 @pytest.mark.parametrize("seed", range(4))
-def test_rows_the_kernel_leaves_are_flagged_and_solved_by_torch(seed):
+def test_special_rows_are_solved_by_the_kernel_like_the_torch_path(seed):
     # (issue 10: it compared unseeded input to 1e-15; 200 seeds pass the bound below)
     x = torch.randn(6, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    x[1, 3] = math.nan
-    x[2, 7] = math.inf
-    x[3, 9] = -math.inf  # masked: p = 0, the kernel takes it
+    x[1, 3] = math.nan  # the whole slice is NaN
+    x[2, 7] = math.inf  # takes k/m of the budget (here 1), the finite entries the rest
+    x[3, 9] = -math.inf  # masked: p = 0
     x[4] *= 100.0  # spread ≫ 16·τ: the order-statistics start
     x[5] = 0.25  # exact ties: p = k/n
     _, status = _native.solve(x, 5.0, 1.0)
-    assert status.tolist() == [0, 1, 1, 0, 0, 0]  # 1: NaN or +inf, for the PyTorch path
+    assert status.tolist() == [0] * 6
     p = soft_topk(x, 5)
     with _native.disabled():
         expected = soft_topk(x, 5)
@@ -274,3 +274,89 @@ def test_kernel_takes_per_row_budgets(dtype):
         torch.testing.assert_close(p, expected, rtol=0, atol=64 * eps + 4 * theta_ulp)
         assert torch.equal(p[0], torch.zeros(40, dtype=dtype))
         assert torch.equal(p[-1], torch.ones(40, dtype=dtype))
+
+
+def _check_against_torch_path(x, k, temperature, atol):
+    p, status = _native.solve(x, k, 1.0 / temperature)
+    assert bool((status == 0).all())
+    torch.testing.assert_close(p, _torch_path(x, k, temperature), rtol=0, atol=atol, equal_nan=True)
+    return p
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1.0, 3.0, 4.5, 7.0])
+def test_kernel_handles_plus_inf_entries_like_the_torch_path(dtype, k):
+    # m entries at +inf take k/m each (at most 1); the finite entries share max(k − m, 0).
+    x = seeded_randn(5, 40, seed=11, dtype=dtype)
+    x[0, :2] = math.inf
+    x[1, :4] = math.inf
+    x[2, :10] = math.inf
+    x[3, 5] = math.inf
+    x[3, 6:20] = -math.inf  # +inf and −inf in one row
+    x[4, :] = math.inf  # nothing finite
+    eps = torch.finfo(dtype).eps
+    p = _check_against_torch_path(x, k, 1.0, atol=200 * eps)
+    for row in range(5):
+        m = int((x[row] == math.inf).sum())
+        assert torch.allclose(
+            p[row][x[row] == math.inf], torch.tensor(min(1.0, k / m), dtype=dtype)
+        )
+        expected_total = min(k, m) + max(0.0, min(k - m, float((x[row].isfinite()).sum())))
+        assert abs(float(p[row].sum()) - expected_total) < 100 * eps * 40
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_makes_a_nan_slice_nan_and_leaves_the_others(dtype):
+    x = seeded_randn(4, 30, seed=12, dtype=dtype)
+    x[1, 4] = math.nan
+    x[2, 0] = math.nan
+    x[2, 1] = math.inf
+    p, status = _native.solve(x, 3.0, 1.0)
+    assert bool((status == 0).all())
+    assert bool(p[1].isnan().all()) and bool(p[2].isnan().all())
+    assert not bool(p[[0, 3]].isnan().any())
+    torch.testing.assert_close(p, _torch_path(x, 3.0, 1.0), rtol=0, atol=1e-5, equal_nan=True)
+
+
+@needs_kernel
+@pytest.mark.parametrize("spread", [3.0, 20.0, 300.0, 1e4, 1e6])
+@pytest.mark.parametrize("n", [16, 64, 1000, 5000])
+def test_wide_rows_match_the_reference_across_budgets_float64(spread, n):
+    # The counting start of wide rows (spread > 16·τ), at every budget the grid benchmark
+    # uses (including the mid-range budgets of the former k-cliff), per-row budgets and rows
+    # with half their entries masked, against the independent float64 bisection.
+    x = seeded_randn(3, n, seed=n, dtype=torch.float64) * spread
+    budgets = sorted({1, 2, 10, n // 100, n // 10, n // 2, n - 1, 2.5, n / 3 + 0.25} - {0})
+    for k in budgets:
+        p, status = _native.solve(x, float(k), 1.0)
+        assert bool((status == 0).all()), (n, spread, k)
+        torch.testing.assert_close(p, reference_soft_topk(x, k), rtol=0, atol=1e-9)
+    per_row = torch.tensor([1.0, n / 2 + 0.5, n - 1.5], dtype=torch.float64)
+    p, status = _native.solve(x, per_row, 1.0)
+    assert bool((status == 0).all())
+    torch.testing.assert_close(p, reference_soft_topk(x, per_row), rtol=0, atol=1e-9)
+    masked = x.clone()
+    masked[:, ::2] = -math.inf
+    k = max(1, n // 10)
+    p, status = _native.solve(masked, float(k), 1.0)
+    assert bool((status == 0).all())
+    live = reference_soft_topk(x[:, 1::2], k)
+    torch.testing.assert_close(p[:, 1::2], live, rtol=0, atol=1e-9)
+    assert bool((p[:, ::2] == 0).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("spread", [0.1, 3.0, 30.0, 1000.0])
+@pytest.mark.parametrize("n", [16, 1000])
+def test_kernel_float32_matches_the_float64_reference(spread, n):
+    x64 = seeded_randn(4, n, seed=7, dtype=torch.float64) * spread
+    x = x64.float()
+    for k in sorted({1, 2, 10, n // 10, n // 2, n - 1}):
+        p, status = _native.solve(x, float(k), 1.0)
+        assert bool((status == 0).all())
+        # θ to float32's resolution at the scale of x: |Δp| ≤ max v·|Δθ| ≤ |Δθ|/4.
+        theta_ulp = torch.finfo(torch.float32).eps * max(1.0, float(x.abs().max()))
+        expected = reference_soft_topk(x.double(), k)
+        torch.testing.assert_close(p.double(), expected, rtol=0, atol=16 * theta_ulp + 1e-6)

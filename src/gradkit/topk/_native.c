@@ -6,14 +6,15 @@
  * One pass stores exponentials relative to a reference point; after that each evaluation of
  * F(t) = Σ σ(w_i − t), its slope and its curvature term is one fused loop of a multiply and a
  * divide per entry, and the model-based Newton step of _solve.py needs no exp or log per
- * entry.  Rows spanning at most SPREAD_LIMIT·τ start from the log-sum-exp bound with
- * E_i = e^{w_i − w_max}; wider rows (small τ) start from order statistics with
- * G_i = e^{t₀ − w_i}.
+ * entry.  Rows spanning at most SPREAD_LIMIT·τ (SMALL_BUDGET_SPREAD_LIMIT·τ for small
+ * budgets) start from the log-sum-exp bound with E_i = e^{w_i − w_max}; wider rows (small τ)
+ * start from order statistics, located by vectorised counting passes, with G_i = e^{t₀ − w_i}.
  *
- * Scope: rows of finite or −inf (masked: never selected) entries, with one budget for all
- * rows or one per row.  A row with +inf or NaN (status 1), or whose bracket collapses onto a
- * jump of F the dtype cannot resolve (status 3), is left to the caller, which solves it with
- * the PyTorch path.  Math and symbols follow _solve.py:
+ * Scope: any row, with one budget for all rows or one per row: −inf entries are masked
+ * (never selected), +inf entries take k/m each (at most 1) of the budget, a row with a NaN is
+ * NaN — as the PyTorch path.  A row beyond |x/τ| ≤ max/16 (status 1), or whose bracket
+ * collapses onto a jump of F the dtype cannot resolve (status 3), is left to the caller,
+ * which solves it with the PyTorch path.  Math and symbols follow _solve.py:
  * z_i = w_i − t, p_i = σ(z_i), v_i = p_i(1 − p_i), F = Σp, F' = −Σv.
  *
  * Plain C99, compiled on first use by _native.py: with -fopenmp but linked against no OpenMP
@@ -21,16 +22,27 @@
  * cannot load, with pthreads.
  * exp is a local Cody–Waite + polynomial version (≤ 2 ulp) that the compiler vectorises.
  */
+/* GCC assumes by default that floating-point operations may trap (-ftrapping-math), and then
+   will not if-convert the clamps and selects below: every loop of this file would run scalar
+   (about 4× slower).  Nothing here reads the floating-point exception flags. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
-#define SPREAD_LIMIT 16.0 /* rows spanning more τ than this start from order statistics */
+#define SPREAD_LIMIT 16.0 /* rows spanning more τ than this start from order statistics … */
+#define SMALL_BUDGET_SPREAD_LIMIT 40.0 /* … except small budgets (e^−40 is still normal): */
+#define SMALL_BUDGET_SHARE 0.05        /* k ≤ 5% of the row, for which the log-sum-exp start
+                                          is close (exact in the lower tail) */
 #define MAX_PASSES 64
 #define BLOCK 256 /* elements per partial sum (accurate, vectorisable summation) */
-#define SAMPLE 512  /* strided sample for the order-statistics start of wide rows */
-#define TOP_LIST 16 /* budgets below this take the order statistics from one scan */
+#define COUNT_THRESHOLDS 7 /* cuts per counting pass of a wide row's start (see count_start) */
+#define MAX_COUNT_PASSES 8  /* … which narrow its bracket at most 8⁸-fold */
+#define START_WIDTH 2.0     /* … down to this many units of τ */
 
 /* ------------------------------------------------------------------ vectorisable exp */
 
@@ -40,7 +52,8 @@ static inline float exp_f32(float x_in) {
        it the result saturates exactly, to 0 (instead of a denormal) or +inf. */
     float x = x_in < -87.0f ? -87.0f : (x_in > 88.0f ? 88.0f : x_in);
     /* round to nearest by the 1.5·2²³ trick (vectorises, unlike roundf) */
-    float m = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float shifted = x * 1.44269504088896341f + 12582912.0f;
+    float m = shifted - 12582912.0f;
     float r = x - m * 0.693359375f;
     r = r - m * -2.12194440e-4f;
     float q = 1.9875691500e-4f;
@@ -50,9 +63,13 @@ static inline float exp_f32(float x_in) {
     q = q * r + 1.6666665459e-1f;
     q = q * r + 5.0000001201e-1f;
     float e = q * (r * r) + r + 1.0f;
-    int32_t bits;
+    /* 2^m by adding m to the exponent field; m is read from the low bits of `shifted`
+       (= 1.5·2²³ + m) rather than converted (a float → int conversion can trap, which keeps
+       GCC from vectorising, and AVX2 has no double → int64 conversion). */
+    int32_t bits, m_bits;
     memcpy(&bits, &e, sizeof bits);
-    bits += (int32_t)m * (1 << 23);
+    memcpy(&m_bits, &shifted, sizeof m_bits);
+    bits += (int32_t)((uint32_t)(m_bits - 0x4B400000) << 23);
     memcpy(&e, &bits, sizeof e);
     return x_in < -87.0f ? 0.0f : (x_in > 88.0f ? (float)INFINITY : e);
 }
@@ -61,7 +78,8 @@ static inline double exp_f64(double x_in) {
     /* The same scheme in double: fdlibm's split of ln 2, Taylor to degree 13 on |r| ≤ 0.347
        (truncation below 1e-17 relative). */
     double x = x_in < -708.0 ? -708.0 : (x_in > 709.0 ? 709.0 : x_in);
-    double m = (x * 1.4426950408889634074 + 6755399441055744.0) - 6755399441055744.0;
+    double shifted = x * 1.4426950408889634074 + 6755399441055744.0;
+    double m = shifted - 6755399441055744.0;
     double r = x - m * 6.93147180369123816490e-01;
     r = r - m * 1.90821492927058770002e-10;
     double q = 1.0 / 6227020800.0;
@@ -77,21 +95,26 @@ static inline double exp_f64(double x_in) {
     q = q * r + 1.0 / 6.0;
     q = q * r + 0.5;
     double e = q * (r * r) + r + 1.0;
-    int64_t bits;
+    int64_t bits, m_bits;
     memcpy(&bits, &e, sizeof bits);
-    bits += (int64_t)m * ((int64_t)1 << 52);
+    memcpy(&m_bits, &shifted, sizeof m_bits);
+    bits += (int64_t)((uint64_t)(m_bits - 0x4338000000000000) << 52);
     memcpy(&e, &bits, sizeof e);
     return x_in < -708.0 ? 0.0 : (x_in > 709.0 ? (double)INFINITY : e);
+}
+
+static inline double clamp_f64(double v, double low, double high) {
+    return v < low ? low : (v > high ? high : v);
 }
 
 /* ------------------------------------------------------------------ per-row solve
  * Instantiated for float and double by the macro below.  Scalars are double throughout.
  *
- * status: 0 solved here; 1 not finite (or |x/τ| too large); 3 not solved (a bracket collapsed
+ * status: 0 solved here; 1 |x/τ| too large (or no memory); 3 not solved (a bracket collapsed
  * onto a jump of F, or no convergence): the caller solves those rows.
  */
 
-#define DEFINE_ROW_KERNELS(T, SUFFIX, EXP, EPS, LIMIT, LOG_MIN, LOG_MAX, EXP_MAX, EXP_CUT)       \
+#define DEFINE_ROW_KERNELS(T, COUNT, SUFFIX, EXP, EPS, LIMIT, LOG_MIN, LOG_MAX, EXP_MAX, EXP_CUT) \
     /* One evaluation of F from stored exponentials, with a multiply and a divide per entry:     \
        the direct form holds E_i = e^{w_i − w_max} ∈ (0, 1] and c = e^{w_max − t}, so that       \
        σ(w_i − t) = y/(1 + y) with y = cE_i; the inverted form (wide rows) holds                 \
@@ -184,114 +207,201 @@ static inline double exp_f64(double x_in) {
         return 1;                                                                                \
     }                                                                                            \
                                                                                                  \
+    /* How many live entries lie above each of the COUNT_THRESHOLDS cuts: one branch-free pass   \
+       (a compare and an add per entry and cut, vectorised); masked (−inf) entries count         \
+       nowhere. */                                                                               \
+    static void count_above_##SUFFIX(const T *x, int64_t n, int masked, T sc, const T *cut,      \
+                                     int64_t *counts) {                                          \
+        const T minus_inf = -(T)INFINITY;                                                        \
+        const T t0 = cut[0], t1 = cut[1], t2 = cut[2], t3 = cut[3], t4 = cut[4], t5 = cut[5],    \
+                t6 = cut[6];                                                                     \
+        for (int j = 0; j < COUNT_THRESHOLDS; ++j) counts[j] = 0;                                \
+        for (int64_t start = 0; start < n; start += BLOCK) {                                     \
+            int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
+            COUNT c0 = 0, c1 = 0, c2 = 0, c3 = 0, c4 = 0, c5 = 0, c6 = 0;                        \
+            _Pragma("omp simd reduction(+ : c0, c1, c2, c3, c4, c5, c6)")                        \
+            for (int64_t i = start; i < stop; ++i) {                                             \
+                T w = x[i] * sc;                                                                 \
+                w = masked && x[i] == minus_inf ? minus_inf : w; /* (−inf·s is +inf if s < 0) */ \
+                c0 += (COUNT)(w > t0);                                                           \
+                c1 += (COUNT)(w > t1);                                                           \
+                c2 += (COUNT)(w > t2);                                                           \
+                c3 += (COUNT)(w > t3);                                                           \
+                c4 += (COUNT)(w > t4);                                                           \
+                c5 += (COUNT)(w > t5);                                                           \
+                c6 += (COUNT)(w > t6);                                                           \
+            }                                                                                    \
+            counts[0] += c0;                                                                     \
+            counts[1] += c1;                                                                     \
+            counts[2] += c2;                                                                     \
+            counts[3] += c3;                                                                     \
+            counts[4] += c4;                                                                     \
+            counts[5] += c5;                                                                     \
+            counts[6] += c6;                                                                     \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* The largest live w at or below b (the (c + 1)-th largest, when c entries lie above b)     \
+       and the smallest above it (the c-th), in one branch-free pass. */                         \
+    static void around_##SUFFIX(const T *x, int64_t n, int masked, T sc, T b, T *below,          \
+                                T *above) {                                                      \
+        const T minus_inf = -(T)INFINITY, plus_inf = (T)INFINITY;                                \
+        T low = minus_inf, high = plus_inf;                                                      \
+        _Pragma("omp simd reduction(max : low) reduction(min : high)")                           \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            T w = x[i] * sc;                                                                     \
+            w = masked && x[i] == minus_inf ? minus_inf : w;                                     \
+            T under = w > b ? minus_inf : w, over = w > b ? w : plus_inf;                        \
+            low = under > low ? under : low;                                                     \
+            high = over < high ? over : high;                                                    \
+        }                                                                                        \
+        *below = low;                                                                            \
+        *above = high;                                                                           \
+    }                                                                                            \
+                                                                                                 \
+    /* A start for t in a wide row, from the order statistics around the budget (as              \
+       _solve.py: midway between the m-th and (m+1)-th largest w for an integer budget m,        \
+       w_(m+1) − logit(f) for a budget m + f).  Counting passes narrow an interval (a, b]        \
+       holding w_(m+1) (count(w > a) ≥ m + 1 > count(w > b)) COUNT_THRESHOLDS + 1-fold each,     \
+       until exactly m entries lie above b, when one more pass reads w_(m) and w_(m+1) off,      \
+       or until it is START_WIDTH wide, when the start interpolates the count inside it.         \
+       (A quickselect finds them too, but its branches cost as much as several vectorised        \
+       passes.)  Returns 0 (no start) if MAX_COUNT_PASSES do not suffice: a row spanning         \
+       more than ~10⁷ units of τ. */                                                             \
+    static int count_start_##SUFFIX(const T *x, int64_t n, int64_t live, int masked, T sc,       \
+                                    double budget, T a, T b, double *start) {                    \
+        const int64_t m = (int64_t)floor(budget);                                                \
+        int64_t a_count = live, b_count = 0; /* (a = w_min: count every live entry) */           \
+        for (int pass = 0; b_count < m && (double)b - (double)a > START_WIDTH; ++pass) {         \
+            if (pass == MAX_COUNT_PASSES) return 0;                                              \
+            T cut[COUNT_THRESHOLDS];                                                             \
+            int64_t counts[COUNT_THRESHOLDS];                                                    \
+            double width = (double)b - (double)a;                                                \
+            for (int j = 0; j < COUNT_THRESHOLDS; ++j)                                           \
+                cut[j] = (T)((double)a + (j + 1) * (width / (COUNT_THRESHOLDS + 1)));            \
+            count_above_##SUFFIX(x, n, masked, sc, cut, counts);                                 \
+            int j = COUNT_THRESHOLDS - 1; /* the highest cut with more than m entries above */   \
+            while (j >= 0 && counts[j] <= m) --j;                                                \
+            T next_a = j >= 0 ? cut[j] : a, next_b = j + 1 < COUNT_THRESHOLDS ? cut[j + 1] : b;  \
+            if (!((double)next_b - (double)next_a < width)) break; /* T's resolution */          \
+            if (j >= 0) a_count = counts[j];                                                     \
+            if (j + 1 < COUNT_THRESHOLDS) b_count = counts[j + 1];                               \
+            a = next_a;                                                                          \
+            b = next_b;                                                                          \
+        }                                                                                        \
+        if (b_count < m) { /* several entries within START_WIDTH: interpolate the count */       \
+            double share = ((double)a_count - budget) / (double)(a_count - b_count);             \
+            *start = (double)a + ((double)b - (double)a) * share;                                \
+            return 1;                                                                            \
+        }                                                                                        \
+        T below, above;                                                                          \
+        around_##SUFFIX(x, n, masked, sc, b, &below, &above);                                    \
+        double fraction = budget - (double)m;                                                    \
+        *start = fraction == 0.0 ? 0.5 * ((double)below + (double)above)                         \
+                                 : (double)below - log(fraction / (1.0 - fraction));             \
+        return 1;                                                                                \
+    }                                                                                            \
+                                                                                                 \
+    /* The model-based Newton iteration (see _solve.py) on stored exponentials, in the scale     \
+       c of evaluate(): F increases with c in the direct form, decreases in the inverted one;    \
+       a step δ in t divides c by y = eᵟ (direct) or multiplies it (inverted), so a pass         \
+       needs no exp or log.  [lo, hi] brackets the root; a step that leaves it is replaced by    \
+       a bisection (geometric: the midpoint in t).  Stops when the mass is within                \
+       8·eps·max(k, 1) of k, or after a step with |δ|³ ≤ tol_step (the two-tail step's error     \
+       is ≲ |δ|³/4).  Returns 3 if the bracket collapses onto a jump of F (ties at the           \
+       resolution limit straddle the root: the torch path blends them) or after MAX_PASSES. */   \
+    static int newton_##SUFFIX(const T *e, int64_t n, int inverted, double budget,               \
+                               double *scale, double lo, double hi, double tol_step) {           \
+        const double tol_mass = 8.0 * EPS * (budget > 1.0 ? budget : 1.0);                       \
+        double c = *scale;                                                                       \
+        for (int pass = 0;; ++pass) {                                                            \
+            if (pass == MAX_PASSES) return 3;                                                    \
+            double mass, slope, upper;                                                           \
+            evaluate_##SUFFIX(e, n, c, inverted, &mass, &slope, &upper);                         \
+            double excess = mass - budget;                                                       \
+            if (fabs(excess) <= tol_mass) break;                                                 \
+            if ((excess > 0) != inverted) hi = c; else lo = c;                                   \
+            double y = two_tail_##SUFFIX(excess, slope, upper);                                  \
+            double next = inverted ? c * y : c / y;                                              \
+            if (!(next > lo && next < hi)) { /* outside the bracket (or NaN): bisect */          \
+                if (hi - lo <= 4.0 * EPS * hi) return 3; /* collapsed: the torch path */         \
+                c = sqrt(lo * hi);                                                               \
+                continue;                                                                        \
+            }                                                                                    \
+            if (next == c) break; /* below the resolution of c */                                \
+            c = next;                                                                            \
+            double change = fabs(y - 1.0);                                                       \
+            if (change * change * change <= tol_step) break;                                     \
+        }                                                                                        \
+        *scale = c;                                                                              \
+        return 0;                                                                                \
+    }                                                                                            \
+                                                                                                 \
     /* Rows spanning more than SPREAD_LIMIT·τ (small temperatures): most entries saturate,       \
        the log-sum-exp start lands plateaus away from the root, and e^{w − w_max} underflows.    \
-       Start instead from order statistics (as _solve.py: midway between the k-th and            \
-       (k+1)-th largest for an integer budget, w_(m+1) − logit(f) for a fraction f), store       \
-       G_i = e^{t₀ − w_i} (clamped to the exp range: saturated entries stay saturated), and      \
-       iterate in t with the bracket [w_min − logit(k/n), w_max − logit(k/n)]: in t, not in the   \
-       scale c as for narrow rows, because a wide row's bracket can span more than exp's range   \
-       (one scalar exp per pass is the price). */                                                \
+       Start instead from order statistics (count_start, or a quickselect for the rows it        \
+       cannot resolve), store G_i = e^{t₀ − w_i} (clamped to the exp range: entries beyond       \
+       it stay saturated) and solve for c = e^{t − t₀} in the bracket                            \
+       [w_min − logit(k/n), w_max − logit(k/n)] of t, clamped to that range. */                  \
     static int solve_wide_row_##SUFFIX(const T *x, T *out, int64_t n, int64_t live,              \
                                        double scale, double budget, int flipped,                 \
                                        double w_min, double w_max) {                             \
         const T sc = (T)scale, minus_inf = -(T)INFINITY;                                         \
         const int masked = live < n;                                                             \
-        int64_t m = (int64_t)floor(budget);                                                      \
-        double fraction = budget - (double)m;                                                    \
-        /* The (m+1)-th largest w (and the m-th) among the live entries: for small budgets       \
-           one scan keeping the top m + 1 in a sorted list; for long rows a quickselect among    \
-           the candidates above a threshold read off a strided sample (rank ~1.5× the            \
-           budget's share, plus slack; one branch-free compaction pass, then ~1.5·(m + 1)        \
-           values instead of n; an unlucky sample falls back); otherwise a quickselect of all    \
-           live entries. */                                                                      \
-        T kth, before;                                                                           \
-        if (m < TOP_LIST) {                                                                      \
-            T top[TOP_LIST];                                                                     \
-            int64_t filled = 0;                                                                  \
+        double t;                                                                                \
+        if (!count_start_##SUFFIX(x, n, live, masked, sc, budget, (T)w_min, (T)w_max, &t)) {     \
+            /* The (m+1)-th largest w (and the m-th) by a quickselect of the live entries. */    \
+            int64_t m = (int64_t)floor(budget), candidates = 0;                                  \
+            double fraction = budget - (double)m;                                                \
             for (int64_t i = 0; i < n; ++i) {                                                    \
-                if (x[i] == minus_inf) continue;                                                 \
-                T w = x[i] * sc;                                                                 \
-                if (filled > m && !(w > top[m])) continue;                                       \
-                int64_t j = filled > m ? m : filled;                                             \
-                while (j > 0 && top[j - 1] < w) {                                                \
-                    top[j] = top[j - 1];                                                         \
-                    --j;                                                                         \
-                }                                                                                \
-                top[j] = w;                                                                      \
-                if (filled <= m) ++filled;                                                       \
-            }                                                                                    \
-            kth = top[m];                                                                        \
-            before = m > 0 ? top[m - 1] : top[0];                                                \
-        } else {                                                                                 \
-            int64_t candidates = -1;                                                             \
-            if (live >= 4 * SAMPLE) {                                                            \
-                T sample[SAMPLE];                                                                \
-                for (int64_t j = 0; j < SAMPLE; ++j) {                                           \
-                    T v = x[j * (n / SAMPLE)];                                                   \
-                    sample[j] = v == minus_inf ? minus_inf : v * sc;                             \
-                }                                                                                \
-                int64_t rank = (int64_t)(1.5 * (double)(m + 1) * SAMPLE / (double)live) + 8;     \
-                if (rank < SAMPLE && select_##SUFFIX(sample, SAMPLE, rank)) {                    \
-                    const T threshold = sample[rank];                                            \
-                    candidates = 0;                                                              \
-                    for (int64_t i = 0; i < n; ++i) {                                            \
-                        T w = x[i] * sc;                                                         \
-                        out[candidates] = w;                                                     \
-                        candidates += (w >= threshold) & (x[i] != minus_inf);                    \
-                    }                                                                            \
-                }                                                                                \
-            }                                                                                    \
-            if (candidates < m + 1 || candidates == live) {                                      \
-                candidates = 0;                                                                  \
-                for (int64_t i = 0; i < n; ++i) {                                                \
-                    out[candidates] = x[i] * sc;                                                 \
-                    candidates += x[i] != minus_inf;                                             \
-                }                                                                                \
+                out[candidates] = x[i] * sc;                                                     \
+                candidates += x[i] != minus_inf;                                                 \
             }                                                                                    \
             if (!select_##SUFFIX(out, candidates, m)) return 3;                                  \
-            kth = out[m];                                                                        \
-            before = out[0];                                                                     \
+            T kth = out[m], before = out[0];                                                     \
             for (int64_t i = 1; i < m; ++i) before = out[i] < before ? out[i] : before;          \
+            t = fraction == 0.0 ? 0.5 * ((double)before + (double)kth)                           \
+                                : (double)kth - log(fraction / (1.0 - fraction));                \
         }                                                                                        \
-        double t = fraction == 0.0 ? 0.5 * ((double)before + (double)kth)                        \
-                                   : (double)kth - log(fraction / (1.0 - fraction));             \
-        double logit = log(budget) - log((double)live - budget);                                 \
-        double lo = w_min - logit, hi = w_max - logit;                                           \
-        t = t < lo ? lo : (t > hi ? hi : t);                                                     \
         const T origin = (T)t;                                                                   \
         const double t0 = (double)origin;                                                        \
         /* G_i = e^{t₀ − w_i}; +inf for masked entries, which then weigh nothing (p = 0). */     \
         _Pragma("omp simd")                                                                      \
         for (int64_t i = 0; i < n; ++i)                                                          \
             out[i] = x[i] == minus_inf ? (T)INFINITY : EXP(origin - x[i] * sc);                  \
-        const double tol_mass = 8.0 * EPS * (budget > 1.0 ? budget : 1.0);                       \
+        /* c at the bracket's ends: e^{w − t₀}·(n − k)/k, within exp's range. */                 \
+        const double inv_odds = ((double)live - budget) / budget;                                \
+        const double c_min = exp_f64(LOG_MIN), c_max = exp_f64(LOG_MAX);                         \
+        double lo = exp_f64(clamp_f64(w_min - t0, LOG_MIN, LOG_MAX)) * inv_odds;                 \
+        double hi = exp_f64(clamp_f64(w_max - t0, LOG_MIN, LOG_MAX)) * inv_odds;                 \
+        lo = clamp_f64(lo, c_min, c_max);                                                        \
+        hi = clamp_f64(hi, c_min, c_max);                                                        \
         double c = 1.0;                                                                          \
-        for (int pass = 0;; ++pass) {                                                            \
-            if (pass == MAX_PASSES) return 3;                                                    \
-            double mass, slope, upper;                                                           \
-            evaluate_##SUFFIX(out, n, c, 1, &mass, &slope, &upper);                              \
-            double excess = mass - budget;                                                       \
-            if (fabs(excess) <= tol_mass) break;                                                 \
-            if (excess > 0) lo = t; else hi = t;                                                 \
-            double step = log(two_tail_##SUFFIX(excess, slope, upper));                          \
-            double next = t + step;                                                              \
-            double resolution = EPS * (fabs(t) > 1.0 ? fabs(t) : 1.0);                           \
-            if (!(next > lo && next < hi)) { /* outside the bracket (or NaN): bisect */          \
-                if (hi - lo <= 4.0 * resolution) return 3; /* collapsed: the torch path */       \
-                next = 0.5 * (lo + hi);                                                          \
-                step = 1.0; /* (not small) */                                                    \
-            }                                                                                    \
-            if (next == t) break; /* below the resolution of t */                                \
-            t = next;                                                                            \
-            double shift = t - t0;                                                               \
-            shift = shift < (LOG_MIN) ? (LOG_MIN) : (shift > (LOG_MAX) ? (LOG_MAX) : shift);     \
-            c = exp(shift);                                                                      \
-            /* The error after a two-tail step is ≲ |δ|³/4: done below eps·|t|. */               \
-            if (fabs(step) * step * step <= 4.0 * resolution) break;                             \
-        }                                                                                        \
+        double tol_step = 4.0 * EPS * (fabs(t0) > 1.0 ? fabs(t0) : 1.0);                         \
+        if (newton_##SUFFIX(out, n, 1, budget, &c, lo, hi, tol_step)) return 3;                  \
         write_##SUFFIX(out, x, masked, n, c, 1, flipped);                                        \
         return 0;                                                                                \
+    }                                                                                            \
+                                                                                                 \
+    static int solve_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double inv_tau);      \
+                                                                                                 \
+    /* A row with m > 0 entries at +inf (as the torch path): they take k/m each, at most 1;      \
+       the finite entries share what is left, max(k − m, 0), solved with the +inf entries        \
+       masked in a copy of the row.  Status 1 (the torch path) if no copy can be made. */        \
+    static int solve_positive_row_##SUFFIX(const T *x, T *out, int64_t n, double k,              \
+                                           double inv_tau, int64_t m) {                          \
+        const T plus_inf = (T)INFINITY;                                                          \
+        T *copy = (T *)malloc((size_t)n * sizeof(T));                                            \
+        if (copy == NULL) return 1;                                                              \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; ++i) copy[i] = x[i] == plus_inf ? -plus_inf : x[i];           \
+        double rest = k - (double)m;                                                             \
+        int status = solve_row_##SUFFIX(copy, out, n, rest > 0 ? rest : 0.0, inv_tau);           \
+        free(copy);                                                                              \
+        const T share = (T)(k >= (double)m ? 1.0 : k / (double)m);                               \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; ++i) out[i] = x[i] == plus_inf ? share : out[i];              \
+        return status;                                                                           \
     }                                                                                            \
                                                                                                  \
     static int solve_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double inv_tau) {     \
@@ -308,19 +418,26 @@ static inline double exp_f64(double x_in) {
             probe += x[i] * (T)0;                                                                \
         }                                                                                        \
         int64_t masked_count = 0;                                                                \
-        if (probe != 0) {                                                                        \
+        if (probe != 0) { /* (vectorised) live min and max; counts of −inf, +inf and NaN */      \
+            COUNT minus = 0, plus = 0, nan = 0;                                                  \
             top = minus_inf;                                                                     \
             bottom = plus_inf;                                                                   \
+            _Pragma("omp simd reduction(max : top) reduction(min : bottom) reduction(+ : minus, plus, nan)") \
             for (int64_t i = 0; i < n; ++i) {                                                    \
                 T v = x[i];                                                                      \
-                if (v != v || v == plus_inf) return 1;                                           \
-                if (v == minus_inf) {                                                            \
-                    ++masked_count;                                                              \
-                    continue;                                                                    \
-                }                                                                                \
-                top = v > top ? v : top;                                                         \
-                bottom = v < bottom ? v : bottom;                                                \
+                int finite = v - v == 0;                                                         \
+                top = finite && v > top ? v : top;                                               \
+                bottom = finite && v < bottom ? v : bottom;                                      \
+                minus += (COUNT)(v == minus_inf);                                                \
+                plus += (COUNT)(v == plus_inf);                                                  \
+                nan += (COUNT)(v != v);                                                          \
             }                                                                                    \
+            if (nan) { /* a slice with a NaN is NaN */                                           \
+                for (int64_t i = 0; i < n; ++i) out[i] = (T)NAN;                                 \
+                return 0;                                                                        \
+            }                                                                                    \
+            if (plus) return solve_positive_row_##SUFFIX(x, out, n, k, inv_tau, plus);           \
+            masked_count = minus;                                                                \
         }                                                                                        \
         const int64_t live = n - masked_count;                                                   \
         const int masked = masked_count > 0;                                                     \
@@ -346,14 +463,15 @@ static inline double exp_f64(double x_in) {
         double scale = flipped ? -inv_tau : inv_tau;                                             \
         double budget = flipped ? (double)live - k : k;                                          \
         double spread = (x_max - x_min) * inv_tau;                                               \
-        if (spread > SPREAD_LIMIT) {                                                             \
+        int small_budget = budget <= SMALL_BUDGET_SHARE * (double)live;                          \
+        if (spread > (small_budget ? SMALL_BUDGET_SPREAD_LIMIT : SPREAD_LIMIT)) {                \
             double w_max = flipped ? -x_min * inv_tau : x_max * inv_tau;                         \
             double w_min = flipped ? -x_max * inv_tau : x_min * inv_tau;                         \
             return solve_wide_row_##SUFFIX(x, out, n, live, scale, budget, flipped, w_min,       \
                                            w_max);                                               \
         }                                                                                        \
         const T sc = (T)scale, w_top = (T)(flipped ? -x_min * inv_tau : x_max * inv_tau);        \
-        /* E_i = e^{w_i − w_max} into out (≥ e^−16: normal; 0 for masked entries), and Σ E_i. */ \
+        /* E_i = e^{w_i − w_max} into out (≥ e^−40: normal; 0 for masked entries), and Σ E_i. */ \
         double exp_sum = 0.0;                                                                    \
         for (int64_t start = 0; start < n; start += BLOCK) {                                     \
             int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
@@ -381,34 +499,11 @@ static inline double exp_f64(double x_in) {
            c₀ = k/ΣE lies left of it (σ(z) < eᶻ, so F(c₀) < k), exact in the lower tail.  A      \
            step δ in t multiplies c by e^−δ, so no exp or log is needed per pass. */             \
         double odds = budget / ((double)live - budget);                                          \
-        double lo = odds, hi = odds * exp(spread);                                               \
+        double lo = odds, hi = odds * exp_f64(spread);                                           \
         double c = budget / exp_sum;                                                             \
         if (c > lo) lo = c;                                                                      \
         if (c > hi) c = hi;                                                                      \
-        const double tol_mass = 8.0 * EPS * (budget > 1.0 ? budget : 1.0);                       \
-        for (int pass = 0;; ++pass) {                                                            \
-            if (pass == MAX_PASSES) return 3;                                                    \
-            double mass, slope, upper;                                                           \
-            evaluate_##SUFFIX(out, n, c, 0, &mass, &slope, &upper);                              \
-            double excess = mass - budget;                                                       \
-            if (fabs(excess) <= tol_mass) break;                                                 \
-            if (excess > 0) hi = c; else lo = c;                                                 \
-            /* Two-tail model F(t + δ) ≈ F − a(eᵟ − 1) + b(e⁻ᵟ − 1) = k (see _solve.py), with    \
-               F's value, slope and curvature at δ = 0 (cubic convergence); y = eᵟ solves        \
-               a·y² − g·y − b = 0, g = F − k + a − b. */                                         \
-            double y = two_tail_##SUFFIX(excess, slope, upper);                                  \
-            double next = c / y;                                                                 \
-            if (!(next > lo && next < hi)) { /* outside the bracket (or NaN): bisect */          \
-                if (hi - lo <= 4.0 * EPS * hi) return 3; /* collapsed: the torch path */         \
-                c = sqrt(lo * hi); /* the midpoint in t */                                       \
-                continue;                                                                        \
-            }                                                                                    \
-            if (next == c) break; /* below the resolution of c */                                \
-            c = next;                                                                            \
-            /* The error after a two-tail step is ≲ |δ|³/4 (|y − 1| ≈ |δ|): done below eps. */   \
-            double change = fabs(y - 1.0);                                                       \
-            if (change * change * change <= 4.0 * EPS) break;                                    \
-        }                                                                                        \
+        if (newton_##SUFFIX(out, n, 0, budget, &c, lo, hi, 4.0 * EPS)) return 3;                 \
         write_##SUFFIX(out, x, masked, n, c, 0, flipped);                                        \
         return 0;                                                                                \
     }                                                                                            \
@@ -435,11 +530,11 @@ static inline double exp_f64(double x_in) {
         return c;                                                                                \
     }                                                                                            \
 
-/* (type, suffix, exp, eps, |x/τ| limit, exp's clamp range in log and linear terms, the binary
-   exponent beyond which evaluate() cuts y = e^{±(w − t)}) */
-DEFINE_ROW_KERNELS(float, f32, exp_f32, 1.1920928955078125e-07, 3.4028234663852886e38 / 16,
+/* (type, its same-width integer type, suffix, exp, eps, |x/τ| limit, exp's clamp range in log and
+   linear terms, the binary exponent beyond which evaluate() cuts y = e^{±(w − t)}) */
+DEFINE_ROW_KERNELS(float, int32_t, f32, exp_f32, 1.1920928955078125e-07, 3.4028234663852886e38 / 16,
                    -87.0, 88.0, 1.6516362549940018e38, 60)
-DEFINE_ROW_KERNELS(double, f64, exp_f64, 2.220446049250313e-16, 1.7976931348623157e308 / 16,
+DEFINE_ROW_KERNELS(double, int64_t, f64, exp_f64, 2.220446049250313e-16, 1.7976931348623157e308 / 16,
                    -708.0, 709.0, 8.218407461554972e307, 500)
 
 /* ------------------------------------------------------------------ threading */

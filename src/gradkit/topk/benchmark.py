@@ -43,7 +43,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -53,7 +52,7 @@ from typing import Any
 import torch
 
 from .. import _bench, _io
-from . import _native
+from . import _native, benchmark_grid
 from .reference import seed_topk
 from .soft_topk import soft_topk
 
@@ -78,8 +77,13 @@ TARGET_SIGMOID_PASSES = 10.0
 
 #: Minimum number of timed calls per method and shape, however slow the method.
 MIN_REPEATS = 3
+#: A one-thread measurement whose wall time exceeds its CPU time by this factor was descheduled.
+NOISE_RATIO = 1.3
 #: difftopk's dense sorting network is skipped where its estimated memory exceeds this.
 DIFFTOPK_MEMORY_BUDGET_BYTES = 3 * 2**30
+
+
+_CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,18 @@ def _difftopk_memory_bytes(shape: Shape) -> float:
     return 1.5 * 2 * layers * shape.batch * shape.n * (2**levels / 2) * 4
 
 
+def _checked(step: Callable[[], None], device: torch.device) -> _Prepared:
+    """A peer's step, or the reason it cannot run here (e.g. a peer that is CPU-only on a GPU:
+    its error is reported as a skip, not a crash of the whole benchmark)."""
+    if device.type == "cpu":
+        return _Prepared(step)
+    try:
+        step()
+    except (RuntimeError, TypeError, ValueError) as error:
+        return _Prepared(None, f"fails on {device}: {str(error).splitlines()[0][:80]}")
+    return _Prepared(step)
+
+
 def _prepare(
     method: str, shape: Shape, x: torch.Tensor, peers: bool, temperature: float = 1.0
 ) -> _Prepared:
@@ -206,29 +222,20 @@ def _prepare(
             budget = DIFFTOPK_MEMORY_BUDGET_BYTES / 2**30
             return _Prepared(None, f"dense network needs ~{need / 2**30:,.0f} GiB > {budget:g}")
         network = difftopk.DiffTopkNet("bitonic", shape.n, k, steepness=10.0)
-        return _Prepared(_forward_backward(lambda t: network(t)[1], x))
+        if hasattr(network, "to"):
+            network = network.to(x.device)
+        return _checked(_forward_backward(lambda t: network(t)[1], x), x.device)
     if method == "pytopk":
         try:
             pytopk = _import_quietly("pytopk")
         except ImportError:
             return _Prepared(None, "not installed")
         smoothed_kth_value = pytopk.NoisedTopK(k=k, epsilon=1.0, n_sample=5, dim=-1)
-        return _Prepared(_forward_backward(smoothed_kth_value, x))
+        return _checked(_forward_backward(smoothed_kth_value, x), x.device)
     raise ValueError(f"unknown method {method!r}; choose from {sorted(METHOD_NAMES)}")
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-def _timed(step: Callable[[], None]) -> tuple[float, float]:
-    """Wall time (``perf_counter``) and CPU time of all threads (``process_time``) of a call.
-
-    The CPU time does not count the time a thread waits while descheduled, so on a busy
-    machine with ``--threads 1`` it is the steadier measure of the work done.
-    """
-    wall, cpu = time.perf_counter(), time.process_time()
-    step()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _agreement(shape: Shape, x: torch.Tensor, temperature: float = 1.0) -> dict[str, float]:
@@ -268,19 +275,22 @@ def _measure_shape(
     peers: bool,
     generator: torch.Generator,
     temperature: float = 1.0,
+    device: torch.device = _CPU,
 ) -> dict[str, Any]:
-    x = torch.randn(shape.batch, shape.n, generator=generator, dtype=torch.float32)
+    x = torch.randn(shape.batch, shape.n, generator=generator, dtype=torch.float32).to(device)
     agreement = _agreement(shape, x, temperature)
 
     prepared = {m: _prepare(m, shape, x, peers, temperature) for m in methods}
     runnable = {m: p.step for m, p in prepared.items() if p.step is not None}
     planned: dict[str, int] = {}
     for method, step in runnable.items():
-        first = _timed(step)[0]  # the first call also warms up (allocator, vmap tracing)
+        first = _bench.timed(step, device)[
+            0
+        ]  # the first call also warms up (allocator, vmap tracing)
         # Slow methods get fewer repeats (and no extra warm-up) instead of being skipped.
         extra_warmup = warmup - 1 if first < budget_s / 4 else 0
         for _ in range(max(0, extra_warmup)):
-            first = min(first, _timed(step)[0])
+            first = min(first, _bench.timed(step, device)[0])
         planned[method] = max(MIN_REPEATS, min(repeats, int(budget_s / max(first, 1e-9))))
 
     times: dict[str, list[tuple[float, float]]] = {m: [] for m in runnable}
@@ -293,7 +303,7 @@ def _measure_shape(
         shift = round_index % len(order)
         for method, step in order[shift:] + order[:shift]:
             if round_index < planned[method]:
-                times[method].append(_timed(step))
+                times[method].append(_bench.timed(step, device))
 
     measured: dict[str, dict[str, Any]] = {}
     for method in methods:
@@ -325,6 +335,17 @@ def _measure_shape(
 
     ratios = ratios_of("median_ms")
     speedup, sigmoid_passes = ratios["speedup_vs_seed"], ratios["x_sigmoid_pass"]
+    # One thread on CPU: a wall time well above the CPU time means the thread was
+    # descheduled, so its ratios are not the operator's.
+    descheduled = (
+        device.type == "cpu"
+        and torch.get_num_threads() == 1
+        and any(
+            m["median_ms"] > NOISE_RATIO * m["median_cpu_ms"]
+            for key, m in measured.items()
+            if key in ("gradkit", "sigmoid", "seed") and "median_ms" in m
+        )
+    )
     targets = {
         "speedup_vs_seed_met": speedup is not None and speedup >= TARGET_SPEEDUP_VS_SEED,
         "x_sigmoid_pass_met": sigmoid_passes is not None
@@ -342,6 +363,7 @@ def _measure_shape(
         "ratios_from_cpu_time": ratios_of("median_cpu_ms"),
         "targets": targets,
         "agreement": agreement,
+        "flagged": f"descheduled (wall time > {NOISE_RATIO:g} × CPU time)" if descheduled else None,
     }
 
 
@@ -352,8 +374,12 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _environment(threads: int, load_before: float | None) -> dict[str, Any]:
+def _environment(
+    threads: int, load_before: float | None, device: torch.device = _CPU
+) -> dict[str, Any]:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {
+        "gpu": gpu,
         **_bench.environment(threads),
         "gradkit": _version("gradkit"),
         "native_kernel": _native.status(),
@@ -375,12 +401,17 @@ def run_benchmark(
     peers: bool = True,
     quick: bool = False,
     temperature: float = 1.0,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Measure every method at every shape; return ``{config, environment, results, summary}``.
 
     ``torch``'s thread count is set to ``threads`` (default: the machine's cores) for the
-    measurement and restored afterwards.
+    measurement and restored afterwards.  ``device="cuda"`` runs every method on the GPU
+    (timed between ``torch.cuda.synchronize`` calls).  ``summary["flags"]`` lists what makes
+    the run unreliable (a busy machine, descheduled shapes); when it is not empty the targets
+    are not judged (``None``).
     """
+    torch_device = _bench.check_device(device)
     if threads is None:
         threads = os.cpu_count() or 1
     _bench.check_positive_int("threads", threads)
@@ -410,6 +441,7 @@ def run_benchmark(
                 peers=peers,
                 generator=generator,
                 temperature=temperature,
+                device=torch_device,
             )
             for shape in _io.progress(shapes, "bench topk: shape")
         ]
@@ -417,7 +449,7 @@ def run_benchmark(
     config = {
         "shapes": [asdict(s) for s in shapes],
         "dtype": "float32",
-        "device": "cpu",
+        "device": device,
         "temperature": temperature,
         "threads": threads,
         "repeats": repeats,
@@ -430,18 +462,40 @@ def run_benchmark(
         "methods": METHOD_NAMES,
         "timing": "median of perf_counter wall times of forward+backward (torch.topk: forward)",
     }
+    environment = _environment(threads, load_before, torch_device)
+    flags = _flags(environment, results, torch_device)
+    judged = not flags
     summary = {
         "target_speedup_vs_seed": TARGET_SPEEDUP_VS_SEED,
         "target_x_sigmoid_pass": TARGET_SIGMOID_PASSES,
-        "speedup_vs_seed_met_everywhere": all(r["targets"]["speedup_vs_seed_met"] for r in results),
-        "x_sigmoid_pass_met_everywhere": all(r["targets"]["x_sigmoid_pass_met"] for r in results),
+        "flags": flags,
+        "reliable": not flags,
+        "speedup_vs_seed_met_everywhere": all(r["targets"]["speedup_vs_seed_met"] for r in results)
+        if judged
+        else None,
+        "x_sigmoid_pass_met_everywhere": all(r["targets"]["x_sigmoid_pass_met"] for r in results)
+        if judged
+        else None,
     }
-    return {
-        "config": config,
-        "environment": _environment(threads, load_before),
-        "results": results,
-        "summary": summary,
-    }
+    return {"config": config, "environment": environment, "results": results, "summary": summary}
+
+
+def _flags(environment: dict[str, Any], results: list, device: torch.device) -> list[str]:
+    """What makes a run's wall times unreliable: other processes' load, descheduled shapes."""
+    flags = []
+    threads = environment["threads"]
+    before = environment["load_average_1min_before"]
+    after = environment["load_average_1min_after"]
+    busy = _bench.load_flag(before, after, threads) if device.type == "cpu" else None
+    if busy:
+        flags.append(busy)
+    noisy = [r for r in results if r.get("flagged")]
+    if noisy:
+        flags.append(
+            f"{len(noisy)} of {len(results)} shapes descheduled "
+            f"(wall time > {NOISE_RATIO:g} × CPU time)"
+        )
+    return flags
 
 
 # --------------------------------------------------------------------------- reporting
@@ -456,17 +510,17 @@ def format_table(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [
         f"torch {env['torch']}, {env['threads']} thread(s), CPU: {env['cpu']} "
-        f"({env['cpu_count']} cores), Python {env['python']}; float32, "
+        f"({env['cpu_count']} cores), Python {env['python']}; "
+        f"device {report['config'].get('device', 'cpu')}{_gpu_name(report)}; float32, "
         f"τ = {report['config']['temperature']:g}, median ms of forward+backward; "
         f"fused CPU kernel {env.get('native_kernel', 'unknown')}",
     ]
-    load = env.get("load_average_1min_before")
-    if load is not None and load + env["threads"] > (env["cpu_count"] or 1) + 1:
-        # Other processes compete for the cores: a multi-threaded op then waits for a
-        # descheduled worker thread, so every timing (and ratio) is inflated unevenly.
+    summary = report["summary"]
+    flags = summary.get("flags", [])
+    if flags:
         lines.append(
-            f"WARNING: the machine was busy (1-min load average {load:.1f} before the run, "
-            f"{env['cpu_count']} cores): timings are noisy; re-run when idle or use --threads 1"
+            "UNRELIABLE RUN: " + "; ".join(flags) + " — the wall-time ratios below are not the "
+            "operator's; " + _bench.advice(env["threads"], report["config"].get("device", "cpu"))
         )
     lines += [
         "",
@@ -500,12 +554,15 @@ def format_table(report: dict[str, Any]) -> str:
     for method, reasons in skipped.items():
         text = "; ".join(f"{', '.join(shapes)}: {why}" for why, shapes in reasons.items())
         lines += ["", f"n/a — {METHOD_NAMES[method]}: {text}"]
-    if env["threads"] == 1:
+    if env["threads"] == 1 or flags:
         # With one thread, CPU time excludes the waits of a descheduled thread: on a shared
         # machine these ratios are the steadier ones (with more threads it counts spinning).
+        spinning = "" if env["threads"] == 1 else " (with several threads it also counts spinning)"
         lines += [
             "",
-            "Same ratios from the median CPU time (process_time), steadier on a busy machine:",
+            "Same ratios from the median CPU time (process_time), steadier on a busy machine"
+            + spinning
+            + ":",
             "",
             "| shape (b×n) | k | speedup vs seed | × sigmoid pass | × torch.topk |",
             "|---|---|---|---|---|",
@@ -532,7 +589,9 @@ def format_table(report: dict[str, Any]) -> str:
             f"| {a['max_abs_diff_grad']:.2e} | {a['max_abs_sum_error_gradkit']:.2e} "
             f"| {a['max_abs_sum_error_seed']:.2e} |"
         )
-    summary = report["summary"]
+    if flags:
+        lines += ["", "Targets not judged: the run is unreliable (see above)."]
+        return "\n".join(lines)
     lines += [
         "",
         f"Target ≥ {TARGET_SPEEDUP_VS_SEED:g}× faster than the seed at every shape: "
@@ -543,8 +602,30 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_ratios(report: dict[str, Any], path: str | Path) -> Path:
-    """Bar plot of the three ratios per shape, with the targets drawn as dashed lines."""
+def _gpu_name(report: dict[str, Any]) -> str:
+    name = report["environment"].get("gpu")
+    return f" ({name})" if name else ""
+
+
+def plotted_ratios(report: dict[str, Any]) -> str | None:
+    """Which ratios a plot may show: ``"ratios"`` (wall time) for a reliable run, the
+    CPU-time ones for a flagged one-thread CPU run, ``None`` (no plot) otherwise."""
+    if report["summary"].get("reliable", True):
+        return "ratios"
+    if report["environment"]["threads"] == 1 and report["config"].get("device") == "cpu":
+        return "ratios_from_cpu_time"
+    return None
+
+
+def plot_ratios(report: dict[str, Any], path: str | Path) -> Path | None:
+    """Bar plot of the three ratios per shape, with the targets drawn as dashed lines.
+
+    A flagged run draws no wall-time numbers: on one CPU thread it plots the CPU-time ratios
+    (and says so); otherwise it draws nothing and returns ``None``.
+    """
+    source = plotted_ratios(report)
+    if source is None:
+        return None
     plt = _io.pyplot()
     from matplotlib import ticker
 
@@ -557,7 +638,7 @@ def plot_ratios(report: dict[str, Any], path: str | Path) -> Path:
     )
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
     for axis, (key, title, target, relation) in zip(axes, panels, strict=True):
-        values = [r["ratios"][key] for r in results]
+        values = [r[source][key] for r in results]
         heights = [v if v is not None else 0.0 for v in values]
         bars = axis.bar(range(len(results)), heights, color="tab:blue")
         for bar, value in zip(bars, values, strict=True):
@@ -582,8 +663,10 @@ def plot_ratios(report: dict[str, Any], path: str | Path) -> Path:
         axis.yaxis.set_minor_formatter(ticker.NullFormatter())
         axis.set_title(title, fontsize=9)
     env = report["environment"]
+    device = report["config"].get("device", "cpu")
     figure.suptitle(
-        f"gradkit soft top-k, CPU float32, torch {env['torch']}, {env['threads']} thread(s)",
+        f"gradkit soft top-k, {device} float32, torch {env['torch']}, {env['threads']} thread(s)"
+        + ("" if source == "ratios" else " — machine busy: CPU-time ratios, not wall time"),
         fontsize=10,
     )
     figure.tight_layout()
@@ -614,6 +697,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="τ of the soft top-k (the seed gets x/τ, its own way of scaling); default 1",
     )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where to run: cpu (default) or cuda[:index] (every method on the GPU)",
+    )
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="cost over a grid of n × k × spread, float32 and float64, one thread and all "
+        "(with --threads: that count only); JSON and one heatmap PNG per dtype × threads",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -621,6 +715,8 @@ def run(args: argparse.Namespace) -> int:
     overwrite = getattr(args, "overwrite", False)
     _io.check_output_path(args.json, "--json", overwrite=overwrite)  # before the long work
     _io.check_out_dir(args.out, overwrite=overwrite)
+    if args.grid:
+        return _run_grid(args, overwrite)
     quick = bool(args.quick)
     repeats = args.repeats if args.repeats is not None else (3 if quick else 30)
     budget = args.budget if args.budget is not None else (0.2 if quick else 1.5)
@@ -636,6 +732,7 @@ def run(args: argparse.Namespace) -> int:
         peers=not args.no_peers,
         quick=quick,
         temperature=args.temperature,
+        device=args.device,
     )
     print(format_table(report))
     run_dir = _io.new_run_dir("bench-topk", args.out, overwrite=overwrite)
@@ -643,7 +740,39 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         written.append(_io.write_json(args.json, report))
     if not args.no_plot:
-        written.append(plot_ratios(report, run_dir / "ratios.png"))
+        plot = plot_ratios(report, run_dir / "ratios.png")
+        if plot is None:
+            print("\nno plot: the run is flagged and its wall-time ratios are not drawn")
+        else:
+            written.append(plot)
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _run_grid(args: argparse.Namespace, overwrite: bool) -> int:
+    """``--grid``: measure, print the worst cells and tables, write JSON and heatmaps."""
+    quick = bool(args.quick)
+    if args.threads is not None:
+        _bench.check_positive_int("--threads", args.threads)
+    report = benchmark_grid.run_grid(
+        ns=benchmark_grid.QUICK_NS if quick else benchmark_grid.GRID_NS,
+        spreads=benchmark_grid.QUICK_SPREADS if quick else benchmark_grid.GRID_SPREADS,
+        threads=None if args.threads is None else [args.threads],
+        elements=benchmark_grid.QUICK_ELEMENTS if quick else benchmark_grid.GRID_ELEMENTS,
+        repeats=args.repeats if args.repeats is not None else (3 if quick else 5),
+        seed=args.seed,
+        device=args.device,
+        quick=quick,
+    )
+    print(benchmark_grid.format_grid(report))
+    run_dir = _io.new_run_dir("bench-topk-grid", args.out, overwrite=overwrite)
+    written = [_io.write_json(run_dir / "results.json", report)]
+    if args.json:
+        written.append(_io.write_json(args.json, report))
+    if not args.no_plot:
+        for setting in report["settings"]:
+            name = f"grid_{setting['dtype']}_{setting['threads']}thread.png"
+            written.append(benchmark_grid.plot_grid(report, setting, run_dir / name))
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
 
