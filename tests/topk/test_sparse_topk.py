@@ -258,3 +258,41 @@ def test_properties(n, rows, seed, fraction, log_tau, ties):
     torch.testing.assert_close(p, sparse_topk_reference(x, k, tau), atol=tol, rtol=0)
     order = x.argsort(-1)
     assert (p.gather(-1, order).diff(dim=-1) >= -tol).all()  # monotone in x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_agrees_with_torch_path(dtype):
+    """The fused kernel (rows it takes) and the PyTorch path (all rows) on a mixed batch,
+    including rows the kernel hands back (+inf, NaN)."""
+    from gradkit.topk import _native
+
+    if not _native.available():
+        pytest.skip(f"fused CPU kernel {_native.status()}")
+    x = torch.cat([seeded_randn(30, 200, seed=60) * s for s in (1e-2, 1.0, 30.0)]).to(dtype)
+    x[3, 5], x[40, 7], x[50, :20] = math.inf, math.nan, -math.inf
+    k = torch.rand(90, generator=torch.Generator().manual_seed(61), dtype=torch.float64) * 150
+    grad = seeded_randn(90, 200, seed=62).to(dtype)
+    results = []
+    for switched_off in (False, True):
+        context = (
+            _native.disabled()
+            if switched_off
+            else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+        )
+        with context:
+            leaf = x.clone().requires_grad_()
+            p = sparse_topk(leaf, k.to(dtype), temperature=0.3)
+            p.backward(grad)
+            results.append((p.detach(), leaf.grad))
+    eps = torch.finfo(dtype).eps
+    scale = 30 * 4 / 0.3  # the largest |x/τ|, roughly
+    torch.testing.assert_close(
+        results[0][0], results[1][0], atol=64 * eps * scale, rtol=0, equal_nan=True
+    )
+    torch.testing.assert_close(
+        results[0][1], results[1][1], atol=64 * eps / 0.3, rtol=0, equal_nan=True
+    )
+    expected = sparse_topk_reference(x.double(), k, 0.3)
+    torch.testing.assert_close(
+        results[0][0].double(), expected, atol=64 * eps * scale, rtol=0, equal_nan=True
+    )

@@ -547,4 +547,264 @@ int gradkit_vjp(int is_double, const void *grad, const void *p, void *out, void 
     return run_parallel(job, rows, threads);
 }
 
-int gradkit_abi_version(void) { return 2; }
+int gradkit_abi_version(void) { return 3; }
+
+/* ================================================================== sparse_topk
+ * Appended section: the exact sparse projection of gradkit.sparse_topk (math: _sparse.py).
+ * Per row, in double: w_i = (x_i − x_max)/τ (−inf for masked entries), the threshold t with
+ * F(t) = Σ clip(w_i − t, 0, 1) = k by active-set Newton steps t ← (Σ_F w + |U| − k)/|F|,
+ * stopped when the active set is stable, inside a bracket (secant fallback).  Rows spanning
+ * more than SPARSE_SPREAD τ start from the order-statistics bracket
+ * [w_(⌊k⌋+1) − 1, w_(⌈k⌉)] (width ≤ 1), found by quickselect.
+ * status: 0 solved; 1 a NaN or +inf entry; 3 no convergence or no memory (caller solves).
+ */
+#include <stdlib.h>
+
+#define SPARSE_MAX_PASSES 64
+#define SPARSE_SPREAD 2.0
+
+/* The index-th smallest of a[0..n), n ≥ 1 (Hoare quickselect; permutes a). */
+static double sparse_select(double *a, int64_t n, int64_t index) {
+    int64_t left = 0, right = n - 1;
+    while (left < right) {
+        double pivot = a[left + (right - left) / 2];
+        int64_t i = left, j = right;
+        while (i <= j) {
+            while (a[i] < pivot) ++i;
+            while (a[j] > pivot) --j;
+            if (i <= j) {
+                double swap = a[i];
+                a[i++] = a[j];
+                a[j--] = swap;
+            }
+        }
+        if (index <= j)
+            right = j;
+        else if (index >= i)
+            left = i;
+        else
+            return a[index];
+    }
+    return a[index];
+}
+
+/* |U|, |F| and Σ_F w at t. */
+static void sparse_stats(const double *w, int64_t n, double t, double *upper, double *count,
+                         double *total) {
+    double u = 0.0, c = 0.0, s = 0.0;
+#pragma omp simd reduction(+ : u, c, s)
+    for (int64_t i = 0; i < n; ++i) {
+        double z = w[i] - t;
+        int free = z > 0.0 && z < 1.0;
+        u += z >= 1.0 ? 1.0 : 0.0;
+        c += free ? 1.0 : 0.0;
+        s += free ? w[i] : 0.0;
+    }
+    *upper = u;
+    *count = c;
+    *total = s;
+}
+
+/* Tighten [lo, hi] to the order-statistics bracket; pick holds the `live` finite w. */
+static void sparse_order_bracket(const double *w, double *pick, int64_t n, int64_t live,
+                                 double k, double *lo, double *hi) {
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; ++i)
+        if (w[i] > -INFINITY) pick[m++] = w[i];
+    int64_t up = (int64_t)floor(k) + 1, down = (int64_t)ceil(k);
+    if (down < 1) down = 1;
+    double a = sparse_select(pick, live, live - up); /* the up-th largest */
+    double b = down == up ? a : sparse_select(pick + (live - up + 1), up - 1, up - down - 1);
+    if (a - 1.0 > *lo) *lo = a - 1.0;
+    if (b < *hi) *hi = b;
+}
+
+/* The threshold t of a row with 0 < k < live; returns 0, or 3 without convergence. */
+static int sparse_threshold(const double *w, double *pick, int64_t n, int64_t live, double k,
+                            double lo, double *t_out) {
+    double hi = 0.0, mass_lo = (double)live, mass_hi = 0.0, t;
+    if (lo < -SPARSE_SPREAD) {
+        sparse_order_bracket(w, pick, n, live, k, &lo, &hi);
+        mass_lo = floor(k) + 1.0;
+        mass_hi = ceil(k) - 1.0;
+        t = 0.5 * (lo + hi);
+    } else {
+        double sum = 0.0;
+        for (int64_t i = 0; i < n; ++i) sum += w[i] > -INFINITY ? w[i] : 0.0;
+        t = (sum - k) / (double)live;
+        t = t < lo ? lo : (t > hi ? hi : t);
+    }
+    for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {
+        double upper, count, total;
+        sparse_stats(w, n, t, &upper, &count, &total);
+        double mass = upper + total - count * t;
+        if (mass >= k) lo = t, mass_lo = mass;
+        if (mass <= k) hi = t, mass_hi = mass;
+        double step = count > 0 ? (total + upper - k) / count : t;
+        if (count > 0 && fabs(step - t) <= 2.0 * 2.220446049250313e-16 * (fabs(t) + 1.0)) {
+            *t_out = step; /* the active set is stable: the exact root of its piece */
+            return 0;
+        }
+        if (mass == k) {
+            *t_out = t;
+            return 0;
+        }
+        if (count > 0 && step > lo && step < hi) {
+            t = step;
+        } else { /* regula falsi, kept a quarter of the bracket off its ends */
+            double share = (mass_lo - k) / (mass_lo - mass_hi > 1e-30 ? mass_lo - mass_hi : 1e-30);
+            share = share < 0.25 ? 0.25 : (share > 0.75 ? 0.75 : share);
+            t = lo + share * (hi - lo);
+        }
+    }
+    return 3;
+}
+
+#define DEFINE_SPARSE_KERNELS(T, SUFFIX)                                                         \
+    static int sparse_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double tau,         \
+                                   double *w, double *pick) {                                    \
+        double top = -INFINITY, bottom = INFINITY;                                               \
+        int64_t live = 0;                                                                        \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            double v = (double)x[i];                                                             \
+            if (v != v || v == INFINITY) return 1;                                               \
+            if (v > -INFINITY) {                                                                 \
+                ++live;                                                                          \
+                top = v > top ? v : top;                                                         \
+                bottom = v < bottom ? v : bottom;                                                \
+            }                                                                                    \
+        }                                                                                        \
+        if (k <= 0.0 || k >= (double)live) {                                                     \
+            for (int64_t i = 0; i < n; ++i) out[i] = (T)(k > 0.0 && x[i] > -INFINITY);         \
+            return 0;                                                                            \
+        }                                                                                        \
+        const double inv = 1.0 / tau;                                                            \
+        if (!((bottom - top) * inv - 1.0 > -INFINITY)) return 1; /* w overflows */             \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            w[i] = x[i] > -INFINITY ? ((double)x[i] - top) * inv : -INFINITY;                    \
+        double t;                                                                                \
+        int status = sparse_threshold(w, pick, n, live, k, (bottom - top) * inv - 1.0, &t);      \
+        if (status) return status;                                                               \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            double z = w[i] - t;                                                                 \
+            out[i] = (T)(z > 0.0 ? (z < 1.0 ? z : 1.0) : 0.0);                                   \
+        }                                                                                        \
+        return 0;                                                                                \
+    }                                                                                            \
+                                                                                                 \
+    /* grad_x = 1_F (g − mean_F g)/τ (NaN where p is NaN); returns mean_F g. */                \
+    static double sparse_vjp_row_##SUFFIX(const T *g, const T *p, T *out, int64_t n,            \
+                                          double inv_tau) {                                      \
+        double count = 0.0, total = 0.0;                                                         \
+        _Pragma("omp simd reduction(+ : count, total)")                                          \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            int free = p[i] > (T)0 && p[i] < (T)1;                                               \
+            count += free ? 1.0 : 0.0;                                                           \
+            total += free ? (double)g[i] : 0.0;                                                  \
+        }                                                                                        \
+        double mean = count > 0.0 ? total / count : 0.0;                                         \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            T value = p[i] > (T)0 && p[i] < (T)1 ? (T)(((double)g[i] - mean) * inv_tau) : (T)0;  \
+            out[i] = p[i] != p[i] ? p[i] : value;                                                \
+        }                                                                                        \
+        return mean;                                                                             \
+    }
+
+DEFINE_SPARSE_KERNELS(float, f32)
+DEFINE_SPARSE_KERNELS(double, f64)
+
+typedef struct {
+    int op; /* 0 solve f32, 1 solve f64, 2 vjp f32, 3 vjp f64 */
+    const void *a, *b;
+    void *out, *aux; /* aux: int32 status (solves) or the per-row mean_F g (vjps) */
+    const double *budgets, *taus; /* per-row k and τ, or NULL */
+    int64_t row_begin, row_end, n;
+    double k, tau;
+} SparseJob;
+
+static void sparse_run_job(const SparseJob *job) {
+    double *scratch = NULL;
+    if (job->op < 2 && !(scratch = malloc(2 * (size_t)(job->n > 0 ? job->n : 1) * sizeof(double)))) {
+        for (int64_t row = job->row_begin; row < job->row_end; ++row) ((int32_t *)job->aux)[row] = 3;
+        return;
+    }
+    for (int64_t row = job->row_begin; row < job->row_end; ++row) {
+        int64_t offset = row * job->n;
+        double k = job->budgets ? job->budgets[row] : job->k;
+        double tau = job->taus ? job->taus[row] : job->tau;
+        switch (job->op) {
+        case 0:
+            ((int32_t *)job->aux)[row] = sparse_row_f32((const float *)job->a + offset,
+                (float *)job->out + offset, job->n, k, tau, scratch, scratch + job->n);
+            break;
+        case 1:
+            ((int32_t *)job->aux)[row] = sparse_row_f64((const double *)job->a + offset,
+                (double *)job->out + offset, job->n, k, tau, scratch, scratch + job->n);
+            break;
+        case 2:
+            ((float *)job->aux)[row] = (float)sparse_vjp_row_f32((const float *)job->a + offset,
+                (const float *)job->b + offset, (float *)job->out + offset, job->n, 1.0 / tau);
+            break;
+        default:
+            ((double *)job->aux)[row] = sparse_vjp_row_f64((const double *)job->a + offset,
+                (const double *)job->b + offset, (double *)job->out + offset, job->n, 1.0 / tau);
+        }
+    }
+    free(scratch);
+}
+
+#ifndef _OPENMP
+static void *sparse_thread_main(void *arg) {
+    sparse_run_job((const SparseJob *)arg);
+    return NULL;
+}
+#endif
+
+static int sparse_run_parallel(SparseJob base, int64_t rows, int threads) {
+    int64_t useful = (rows * base.n) / MIN_ELEMENTS_PER_THREAD;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > useful) threads = (int)useful;
+    if (threads > rows) threads = (int)rows;
+    if (threads < 1) threads = 1;
+    SparseJob jobs[MAX_THREADS];
+    for (int j = 0; j < threads; ++j) {
+        jobs[j] = base;
+        jobs[j].row_begin = rows * j / threads;
+        jobs[j].row_end = rows * (j + 1) / threads;
+    }
+    if (threads == 1) {
+        sparse_run_job(&jobs[0]);
+        return 1;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int j = 0; j < threads; ++j) sparse_run_job(&jobs[j]);
+#else
+    pthread_t handles[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int j = 1; j < threads; ++j)
+        started[j] = pthread_create(&handles[j], NULL, sparse_thread_main, &jobs[j]) == 0;
+    sparse_run_job(&jobs[0]);
+    for (int j = 1; j < threads; ++j) {
+        if (started[j])
+            pthread_join(handles[j], NULL);
+        else
+            sparse_run_job(&jobs[j]);
+    }
+#endif
+    return threads;
+}
+
+int gradkit_sparse_solve(int is_double, const void *x, void *out, int32_t *status, int64_t rows,
+                         int64_t n, double k, const double *budgets, double tau,
+                         const double *taus, int threads) {
+    SparseJob job = {is_double ? 1 : 0, x, NULL, out, status, budgets, taus, 0, rows, n, k, tau};
+    return sparse_run_parallel(job, rows, threads);
+}
+
+int gradkit_sparse_vjp(int is_double, const void *grad, const void *p, void *out, void *mean,
+                       int64_t rows, int64_t n, double tau, const double *taus, int threads) {
+    SparseJob job = {is_double ? 3 : 2, grad, p, out, mean, NULL, taus, 0, rows, n, 0.0, tau};
+    return sparse_run_parallel(job, rows, threads);
+}
+/* ================================================================== end of sparse_topk */

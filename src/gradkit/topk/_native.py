@@ -45,7 +45,7 @@ __all__ = ["available", "disabled", "plain_tensors", "solve", "status", "vjp"]
 
 _SOURCE = Path(__file__).with_name("_native.c")
 _FLAGS = ["-O3", "-fPIC", "-std=c99"]
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _reason: str | None = None  # why the kernel is not in use (None while it is, or untried)
@@ -211,6 +211,7 @@ def _load() -> ctypes.CDLL | None:
             ctypes.c_int,
         ]
         library.gradkit_vjp.restype = ctypes.c_int
+        _declare_sparse(library)
         _library = library
         return library
 
@@ -325,6 +326,23 @@ def vjp(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, Tensor] | 
 
 
 # ------------------------------------------------------------------ sparse_topk entry points
+
+
+def _declare_sparse(library: ctypes.CDLL) -> None:
+    """ctypes signatures of the sparse_topk kernels."""
+    int64, double, pointer = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+    # (is_double, x, out, status, rows, n, k, budgets or NULL, τ, τs or NULL, threads)
+    library.gradkit_sparse_solve.argtypes = [
+        *(ctypes.c_int, pointer, pointer, pointer, int64, int64),
+        *(double, pointer, double, pointer, ctypes.c_int),
+    ]
+    library.gradkit_sparse_solve.restype = ctypes.c_int
+    # (is_double, grad, p, out, mean, rows, n, τ, τs or NULL, threads)
+    library.gradkit_sparse_vjp.argtypes = [
+        *(ctypes.c_int, pointer, pointer, pointer, pointer, int64, int64),
+        *(double, pointer, ctypes.c_int),
+    ]
+    library.gradkit_sparse_vjp.restype = ctypes.c_int
 
 
 def _per_row_doubles(value: Tensor | float, rows: int) -> Tensor | None:
