@@ -588,55 +588,96 @@ static double sparse_select(double *a, int64_t n, int64_t index) {
     return a[index];
 }
 
-/* |U|, |F| and Σ_F w at t. */
+#define SPARSE_TOP_LIST 16 /* budgets below this take their order statistics from one scan */
+#define SPARSE_SAMPLE 256  /* strided sample for the start of wide rows with larger budgets */
+
+/* a = the up-th and b = the down-th largest of w[0..m) (1 ≤ down ≤ up ≤ min(m,
+   SPARSE_TOP_LIST)), from a sorted list of the top `up` built in one scan. */
+static void sparse_top_list(const double *w, int64_t m, int64_t up, int64_t down, double *a,
+                            double *b) {
+    double top[SPARSE_TOP_LIST];
+    int64_t size = 0;
+    for (int64_t i = 0; i < m; ++i) {
+        double v = w[i];
+        if (size == up && !(v > top[size - 1])) continue;
+        int64_t j = size < up ? size++ : up - 1;
+        for (; j > 0 && top[j - 1] < v; --j) top[j] = top[j - 1];
+        top[j] = v;
+    }
+    *a = top[up - 1];
+    *b = top[down - 1];
+}
+
+/* |U|, |F| and Σ_F w at t over finite w (vectorised). */
 static void sparse_stats(const double *w, int64_t n, double t, double *upper, double *count,
                          double *total) {
     double u = 0.0, c = 0.0, s = 0.0;
 #pragma omp simd reduction(+ : u, c, s)
     for (int64_t i = 0; i < n; ++i) {
         double z = w[i] - t;
-        int free = z > 0.0 && z < 1.0;
-        u += z >= 1.0 ? 1.0 : 0.0;
-        c += free ? 1.0 : 0.0;
-        s += free ? w[i] : 0.0;
+        double up = (double)(z >= 1.0), free = (double)(z > 0.0) - up; /* (arithmetic masks
+                                                                            vectorise) */
+        u += up;
+        c += free;
+        s += free * w[i];
     }
     *upper = u;
     *count = c;
     *total = s;
 }
 
-/* Tighten [lo, hi] to the order-statistics bracket; pick holds the `live` finite w. */
-static void sparse_order_bracket(const double *w, double *pick, int64_t n, int64_t live,
-                                 double k, double *lo, double *hi) {
-    int64_t m = 0;
-    for (int64_t i = 0; i < n; ++i)
-        if (w[i] > -INFINITY) pick[m++] = w[i];
-    int64_t up = (int64_t)floor(k) + 1, down = (int64_t)ceil(k);
-    if (down < 1) down = 1;
-    double a = sparse_select(pick, live, live - up); /* the up-th largest */
-    double b = down == up ? a : sparse_select(pick + (live - up + 1), up - 1, up - down - 1);
-    if (a - 1.0 > *lo) *lo = a - 1.0;
-    if (b < *hi) *hi = b;
+/* Drop the entries the bracket has decided (w ≤ low: 0; w ≥ high: 1, counted in *fixed). */
+static int64_t sparse_compact(double *w, int64_t n, double low, double high, double *fixed) {
+    int64_t kept = 0;
+    double above_count = 0.0;
+    for (int64_t i = 0; i < n; ++i) { /* branch-free: random data defeats prediction */
+        double v = w[i];
+        int above = v >= high;
+        w[kept] = v;
+        kept += (v > low) & !above;
+        above_count += above;
+    }
+    *fixed += above_count;
+    return kept;
 }
 
-/* The threshold t of a row with 0 < k < live; returns 0, or 3 without convergence. */
-static int sparse_threshold(const double *w, double *pick, int64_t n, int64_t live, double k,
-                            double lo, double *t_out) {
-    double hi = 0.0, mass_lo = (double)live, mass_hi = 0.0, t;
-    if (lo < -SPARSE_SPREAD) {
-        sparse_order_bracket(w, pick, n, live, k, &lo, &hi);
+/* The threshold t of a row with 0 < k < m; cand holds its m finite w, in [lo + 1, 0] (it is
+   permuted and compacted: once the bracket [lo, hi] is narrow, the entries it has decided,
+   w ≤ lo at 0 and w ≥ hi + 1 at 1, are dropped).  Returns 0, or 3 without convergence. */
+static int sparse_threshold(double *cand, int64_t m, double k, double sum, double lo,
+                            double *t_out) {
+    double hi = 0.0, mass_lo = (double)m, mass_hi = 0.0, fixed = 0.0, span = -lo - 1.0, t;
+    if (lo < -SPARSE_SPREAD && floor(k) + 1 <= SPARSE_TOP_LIST) {
+        /* wide, small budget: the order-statistics bracket (width ≤ 1) from one scan */
+        int64_t up = (int64_t)floor(k) + 1, down = (int64_t)ceil(k);
+        double a, b;
+        sparse_top_list(cand, m, up, down < 1 ? 1 : down, &a, &b);
+        lo = a - 1.0 > lo ? a - 1.0 : lo;
+        hi = b < hi ? b : hi;
         mass_lo = floor(k) + 1.0;
         mass_hi = ceil(k) - 1.0;
         t = 0.5 * (lo + hi);
-    } else {
-        double sum = 0.0;
-        for (int64_t i = 0; i < n; ++i) sum += w[i] > -INFINITY ? w[i] : 0.0;
-        t = (sum - k) / (double)live;
+    } else if (lo < -SPARSE_SPREAD) {
+        /* wide, large budget: start at the k-th largest of a strided sample (no bracket) */
+        double sample[SPARSE_SAMPLE];
+        int64_t size = m < SPARSE_SAMPLE ? m : SPARSE_SAMPLE;
+        for (int64_t j = 0; j < size; ++j) sample[j] = cand[j * m / size];
+        int64_t rank = (int64_t)(k * (double)size / (double)m); /* from the top */
+        rank = rank < 0 ? 0 : (rank > size - 1 ? size - 1 : rank);
+        t = sparse_select(sample, size, size - 1 - rank) - 0.5;
+        t = t < lo ? lo : (t > hi ? hi : t);
+    } else { /* the all-free root */
+        t = (sum - k) / (double)m;
         t = t < lo ? lo : (t > hi ? hi : t);
     }
     for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {
+        if (hi + 1.0 - lo < 0.5 * span) { /* the window (lo, hi + 1) holds few entries */
+            m = sparse_compact(cand, m, lo, hi + 1.0, &fixed);
+            span = hi + 1.0 - lo;
+        }
         double upper, count, total;
-        sparse_stats(w, n, t, &upper, &count, &total);
+        sparse_stats(cand, m, t, &upper, &count, &total);
+        upper += fixed;
         double mass = upper + total - count * t;
         if (mass >= k) lo = t, mass_lo = mass;
         if (mass <= k) hi = t, mass_hi = mass;
@@ -652,7 +693,8 @@ static int sparse_threshold(const double *w, double *pick, int64_t n, int64_t li
         if (count > 0 && step > lo && step < hi) {
             t = step;
         } else { /* regula falsi, kept a quarter of the bracket off its ends */
-            double share = (mass_lo - k) / (mass_lo - mass_hi > 1e-30 ? mass_lo - mass_hi : 1e-30);
+            double gap = mass_lo - mass_hi > 1e-30 ? mass_lo - mass_hi : 1e-30;
+            double share = (mass_lo - k) / gap;
             share = share < 0.25 ? 0.25 : (share > 0.75 ? 0.75 : share);
             t = lo + share * (hi - lo);
         }
@@ -662,32 +704,46 @@ static int sparse_threshold(const double *w, double *pick, int64_t n, int64_t li
 
 #define DEFINE_SPARSE_KERNELS(T, SUFFIX)                                                         \
     static int sparse_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double tau,         \
-                                   double *w, double *pick) {                                    \
+                                   double *cand) {                                               \
         double top = -INFINITY, bottom = INFINITY;                                               \
-        int64_t live = 0;                                                                        \
+        int64_t live = 0, bad = 0;                                                               \
+        T top_t = (T)-INFINITY, bottom_t = (T)INFINITY;                                          \
+        _Pragma("omp simd reduction(+ : live, bad) reduction(max : top_t) reduction(min : bottom_t)")\
         for (int64_t i = 0; i < n; ++i) {                                                        \
-            double v = (double)x[i];                                                             \
-            if (v != v || v == INFINITY) return 1;                                               \
-            if (v > -INFINITY) {                                                                 \
-                ++live;                                                                          \
-                top = v > top ? v : top;                                                         \
-                bottom = v < bottom ? v : bottom;                                                \
-            }                                                                                    \
+            T v = x[i];                                                                          \
+            bad += (v != v) | (v == (T)INFINITY);                                                \
+            live += v > (T)-INFINITY;                                                            \
+            top_t = v > top_t ? v : top_t;                                                       \
+            T finite_v = v > (T)-INFINITY ? v : (T)INFINITY;                                     \
+            bottom_t = finite_v < bottom_t ? finite_v : bottom_t;                                \
         }                                                                                        \
+        top = (double)top_t;                                                                     \
+        bottom = (double)bottom_t;                                                               \
+        if (bad) return 1;                                                                       \
         if (k <= 0.0 || k >= (double)live) {                                                     \
             for (int64_t i = 0; i < n; ++i) out[i] = (T)(k > 0.0 && x[i] > -INFINITY);         \
             return 0;                                                                            \
         }                                                                                        \
         const double inv = 1.0 / tau;                                                            \
         if (!((bottom - top) * inv - 1.0 > -INFINITY)) return 1; /* w overflows */             \
-        for (int64_t i = 0; i < n; ++i)                                                          \
-            w[i] = x[i] > -INFINITY ? ((double)x[i] - top) * inv : -INFINITY;                    \
+        double sum = 0.0;                                                                        \
+        int64_t m = 0;                                                                           \
+        for (int64_t i = 0; i < n; ++i) { /* the finite w, compacted without branches */        \
+            double w = ((double)x[i] - top) * inv;                                               \
+            int finite = x[i] > -INFINITY;                                                       \
+            cand[m] = w;                                                                         \
+            m += finite;                                                                         \
+            sum += finite ? w : 0.0;                                                             \
+        }                                                                                        \
         double t;                                                                                \
-        int status = sparse_threshold(w, pick, n, live, k, (bottom - top) * inv - 1.0, &t);      \
+        int status = sparse_threshold(cand, m, k, sum, (bottom - top) * inv - 1.0, &t);         \
         if (status) return status;                                                               \
+        const T top_t2 = (T)top, inv_t = (T)inv, t_t = (T)t;                                     \
+        _Pragma("omp simd")                                                                      \
         for (int64_t i = 0; i < n; ++i) {                                                        \
-            double z = w[i] - t;                                                                 \
-            out[i] = (T)(z > 0.0 ? (z < 1.0 ? z : 1.0) : 0.0);                                   \
+            T z = (x[i] - top_t2) * inv_t - t_t; /* −inf for masked entries */                   \
+            z = z < (T)1 ? z : (T)1;                                                             \
+            out[i] = z > (T)0 ? z : (T)0;                                                        \
         }                                                                                        \
         return 0;                                                                                \
     }                                                                                            \
@@ -696,15 +752,24 @@ static int sparse_threshold(const double *w, double *pick, int64_t n, int64_t li
     static double sparse_vjp_row_##SUFFIX(const T *g, const T *p, T *out, int64_t n,            \
                                           double inv_tau) {                                      \
         double count = 0.0, total = 0.0;                                                         \
-        _Pragma("omp simd reduction(+ : count, total)")                                          \
-        for (int64_t i = 0; i < n; ++i) {                                                        \
-            int free = p[i] > (T)0 && p[i] < (T)1;                                               \
-            count += free ? 1.0 : 0.0;                                                           \
-            total += free ? (double)g[i] : 0.0;                                                  \
+        for (int64_t start = 0; start < n; start += BLOCK) { /* accurate partial sums */         \
+            int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
+            T block_count = 0, block_total = 0;                                                  \
+            _Pragma("omp simd reduction(+ : block_count, block_total)")                          \
+            for (int64_t i = start; i < stop; ++i) {                                             \
+                T free = (T)(p[i] > (T)0) * (T)(p[i] < (T)1);                                    \
+                block_count += free;                                                             \
+                block_total += free * g[i];                                                      \
+            }                                                                                    \
+            count += block_count;                                                                \
+            total += block_total;                                                                \
         }                                                                                        \
         double mean = count > 0.0 ? total / count : 0.0;                                         \
+        const T mean_t = (T)mean, scale = (T)inv_tau;                                            \
+        _Pragma("omp simd")                                                                      \
         for (int64_t i = 0; i < n; ++i) {                                                        \
-            T value = p[i] > (T)0 && p[i] < (T)1 ? (T)(((double)g[i] - mean) * inv_tau) : (T)0;  \
+            T free = (T)(p[i] > (T)0) * (T)(p[i] < (T)1);                                        \
+            T value = free * (g[i] - mean_t) * scale;                                            \
             out[i] = p[i] != p[i] ? p[i] : value;                                                \
         }                                                                                        \
         return mean;                                                                             \
@@ -724,7 +789,7 @@ typedef struct {
 
 static void sparse_run_job(const SparseJob *job) {
     double *scratch = NULL;
-    if (job->op < 2 && !(scratch = malloc(2 * (size_t)(job->n > 0 ? job->n : 1) * sizeof(double)))) {
+    if (job->op < 2 && !(scratch = malloc((size_t)(job->n > 0 ? job->n : 1) * sizeof(double)))) {
         for (int64_t row = job->row_begin; row < job->row_end; ++row) ((int32_t *)job->aux)[row] = 3;
         return;
     }
@@ -735,11 +800,11 @@ static void sparse_run_job(const SparseJob *job) {
         switch (job->op) {
         case 0:
             ((int32_t *)job->aux)[row] = sparse_row_f32((const float *)job->a + offset,
-                (float *)job->out + offset, job->n, k, tau, scratch, scratch + job->n);
+                (float *)job->out + offset, job->n, k, tau, scratch);
             break;
         case 1:
             ((int32_t *)job->aux)[row] = sparse_row_f64((const double *)job->a + offset,
-                (double *)job->out + offset, job->n, k, tau, scratch, scratch + job->n);
+                (double *)job->out + offset, job->n, k, tau, scratch);
             break;
         case 2:
             ((float *)job->aux)[row] = (float)sparse_vjp_row_f32((const float *)job->a + offset,
