@@ -87,7 +87,7 @@ def measure_sparse(
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """One row per (shape, τ, method): median wall/CPU ms and the ratios to the sigmoid pass
-    and to ``budget_bisect`` (``None`` where a method is missing)."""
+    and to ``budget_bisect`` (``None`` where a method is missing), by wall and by CPU time."""
     threads = threads or torch.get_num_threads()
     rows = []
     with _bench.torch_threads(threads):
@@ -103,7 +103,8 @@ def _measure_cell(shape: Shape, tau: float, x, repeats: int, budget_s: float) ->
         name: _median_times(_forward_backward(forward, x), repeats, budget_s)
         for name, forward in _forwards(shape, tau).items()
     }
-    sigmoid, bisect = times["sigmoid"][0], times.get("budget_bisect", (None,))[0]
+    sigmoid, sigmoid_cpu = times["sigmoid"]
+    bisect, bisect_cpu = times.get("budget_bisect", (None, None))
     return [
         {
             "shape": shape.name,
@@ -115,7 +116,9 @@ def _measure_cell(shape: Shape, tau: float, x, repeats: int, budget_s: float) ->
             "wall_ms": wall,
             "cpu_ms": cpu,
             "vs_sigmoid": wall / sigmoid,
+            "vs_sigmoid_cpu": cpu / sigmoid_cpu,
             "bisect_speedup": None if bisect is None else bisect / wall,
+            "bisect_speedup_cpu": None if bisect is None else bisect_cpu / cpu,
         }
         for name, (wall, cpu) in times.items()
     ]
@@ -125,14 +128,19 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of :func:`measure_sparse`'s rows."""
     header = (
         f"{'shape':<22} {'τ':>6}  {'method':<30} {'wall ms':>9} {'cpu ms':>9} "
-        f"{'×sigmoid':>9} {'bisect/this':>11}"
+        f"{'×sigmoid':>9} {'bisect/this':>11} {'(cpu)':>6} {'(cpu)':>6}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
-        speedup = "" if row["bisect_speedup"] is None else f"{row['bisect_speedup']:.1f}"
+        speedup, speedup_cpu = (
+            ("", "")
+            if row["bisect_speedup"] is None
+            else (f"{row['bisect_speedup']:.1f}", f"{row['bisect_speedup_cpu']:.1f}")
+        )
         lines.append(
             f"{row['shape']:<22} {row['temperature']:>6g}  {METHODS[row['method']]:<30} "
-            f"{row['wall_ms']:>9.3f} {row['cpu_ms']:>9.3f} {row['vs_sigmoid']:>9.2f} {speedup:>11}"
+            f"{row['wall_ms']:>9.3f} {row['cpu_ms']:>9.3f} {row['vs_sigmoid']:>9.2f} {speedup:>11} "
+            f"{row['vs_sigmoid_cpu']:>6.2f} {speedup_cpu:>6}"
         )
     return "\n".join(lines)
 

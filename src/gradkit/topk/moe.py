@@ -40,8 +40,8 @@ GATINGS = ("softmax", "hard", "soft_topk", "sparse_topk")
 class MoEConfig:
     """Sizes and training settings of the toy task (plain data)."""
 
-    dim: int = 16
-    hidden: int = 256
+    dim: int = 32
+    hidden: int = 512
     out: int = 4
     experts: int = 8
     k: int = 2
@@ -113,40 +113,58 @@ class MoE(nn.Module):
         return output, active
 
 
-def train_moe(config: MoEConfig, gating: str, seed: int) -> dict[str, Any]:
-    """Train one layer with Adam on fresh batches; returns test MSE, step time and compute."""
-    torch.manual_seed(seed)
+def _step(model, optimizer, x, y) -> tuple[float, int]:
+    """One Adam step; returns (seconds, (input, expert) pairs computed)."""
+    start = time.perf_counter()
+    output, computed = model(x)
+    loss = (output - y).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - start, int(computed)
+
+
+def train_moe(config: MoEConfig, seed: int, gatings=GATINGS) -> list[dict[str, Any]]:
+    """Train one layer per gating with Adam, in lockstep on the same batches (the gatings take
+    turns at every step, in rotating order, so a busy machine slows them alike); returns per
+    gating the test MSE, the median step time and the experts run per input."""
     sample = make_task(config, seed)
-    model = MoE(config, gating)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    models = {}
+    for gating in gatings:
+        torch.manual_seed(seed)  # the same initial experts and router for every gating
+        model = MoE(config, gating)
+        models[gating] = (model, torch.optim.Adam(model.parameters(), lr=config.lr))
     data = torch.Generator().manual_seed(seed + 1)
-    step_times, active = [], []
-    for _ in range(config.steps):
+    times = {gating: [] for gating in gatings}
+    active = {gating: [] for gating in gatings}
+    for step in range(config.steps):
         x, y = sample(config.batch, data)
-        start = time.perf_counter()
-        output, computed = model(x)
-        loss = (output - y).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        step_times.append(time.perf_counter() - start)
-        active.append(int(computed) / config.batch)
+        order = list(gatings[step % len(gatings) :]) + list(gatings[: step % len(gatings)])
+        for gating in order:
+            seconds, computed = _step(*models[gating], x, y)
+            times[gating].append(seconds)
+            active[gating].append(computed / config.batch)
     x_test, y_test = sample(config.test_size, torch.Generator().manual_seed(seed + 2))
-    with torch.no_grad():
-        test_mse = float((model(x_test)[0] - y_test).pow(2).mean())
-    tail = active[len(active) // 2 :]
-    return {
-        "gating": gating,
-        "seed": seed,
-        "test_mse": test_mse,
-        "step_ms_median": 1e3 * statistics.median(step_times),
-        "experts_per_input_last_half": statistics.mean(tail),
-    }
+    results = []
+    for gating, (model, _) in models.items():
+        with torch.no_grad():
+            test_mse = float((model(x_test)[0] - y_test).pow(2).mean())
+        tail = active[gating][len(active[gating]) // 2 :]
+        results.append(
+            {
+                "gating": gating,
+                "seed": seed,
+                "test_mse": test_mse,
+                "step_ms_median": 1e3 * statistics.median(times[gating]),
+                "experts_per_input_last_half": statistics.mean(tail),
+            }
+        )
+    return results
 
 
 def compare(config: MoEConfig, seeds: list[int], gatings=GATINGS) -> dict[str, Any]:
     """Every gating on every seed, with per-gating medians."""
-    runs = [train_moe(config, gating, seed) for gating in gatings for seed in seeds]
+    runs = [run for seed in seeds for run in train_moe(config, seed, gatings)]
     summary = {}
     for gating in gatings:
         mine = [run for run in runs if run["gating"] == gating]

@@ -153,9 +153,8 @@ def sparse_topk(
     Example::
 
         >>> x = torch.tensor([[3.0, 1.0, 2.2, -1.0]], requires_grad=True)
-        >>> p = sparse_topk(x, k=2)
-        >>> p
-        tensor([[1.0000, 0.0000, 1.0000, 0.0000]], grad_fn=<...>)
+        >>> sparse_topk(x, k=2).detach()              # gaps ≥ τ: the hard mask
+        tensor([[1., 0., 1., 0.]])
         >>> p = sparse_topk(x, k=2, temperature=2.0)
         >>> p.detach()
         tensor([[1.0000, 0.2000, 0.8000, 0.0000]])
