@@ -292,3 +292,28 @@ def test_kernel_agrees_with_torch_path(dtype):
     torch.testing.assert_close(
         results[0][0].double(), expected, atol=64 * eps * scale, rtol=0, equal_nan=True
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ties_on_kinks_and_degenerate_slices(solver_path, dtype):
+    """Integer scores (entries exactly on θ or θ + τ), all-equal slices, tiny spreads around a
+    large offset and wide spreads, with integer and fractional budgets."""
+    generator = torch.Generator().manual_seed(70)
+    for trial in range(40):
+        n = int(torch.randint(1, 30, (1,), generator=generator))
+        x = [
+            torch.randint(-3, 4, (3, n), generator=generator).double(),
+            torch.zeros(3, n, dtype=torch.float64),
+            torch.randn(3, n, generator=generator, dtype=torch.float64) * 1e-9 + 5,
+            torch.randn(3, n, generator=generator, dtype=torch.float64) * 100,
+        ][trial % 4].to(dtype)
+        k = float(torch.randint(0, n + 1, (1,), generator=generator))
+        k = k if trial % 2 else k * 0.7
+        tau = [1.0, 0.5, 1e-3, 10.0][(trial // 4) % 4]
+        p = sparse_topk(x, k, temperature=tau).double()
+        scale = max(1.0, x.abs().max().item() / tau)
+        tol = 64 * torch.finfo(dtype).eps * scale * n
+        torch.testing.assert_close(p, sparse_topk_reference(x.double(), k, tau), atol=tol, rtol=0)
+        torch.testing.assert_close(
+            p.sum(-1), torch.full((3,), k, dtype=torch.float64), atol=tol, rtol=0
+        )
