@@ -317,3 +317,20 @@ def test_ties_on_kinks_and_degenerate_slices(solver_path, dtype):
         torch.testing.assert_close(
             p.sum(-1), torch.full((3,), k, dtype=torch.float64), atol=tol, rtol=0
         )
+
+
+def test_batched_cotangents_and_hessian(solver_path):
+    x = seeded_randn(3, 7, seed=80).requires_grad_()
+    p = sparse_topk(x, 2.5, temperature=2.0)
+    identity = torch.eye(21, dtype=torch.float64).reshape(21, 3, 7)
+    (batched,) = torch.autograd.grad(p, x, identity, is_grads_batched=True)
+    jacobian = torch.autograd.functional.jacobian(
+        lambda a: sparse_topk(a, 2.5, temperature=2.0), x.detach()
+    )
+    torch.testing.assert_close(batched.reshape(3, 7, 3, 7), jacobian)
+    # p is piecewise linear, so the Hessian of Σp² is 2 JᵀJ.
+    row = x.detach()[0]
+    hessian = torch.func.hessian(lambda a: sparse_topk(a, 2.5, temperature=2.0).pow(2).sum())(row)
+    j = torch.func.jacrev(lambda a: sparse_topk(a, 2.5, temperature=2.0))(row)
+    torch.testing.assert_close(hessian, 2 * j.T @ j)
+    assert j.abs().sum() > 0
