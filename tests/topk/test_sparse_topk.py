@@ -334,3 +334,17 @@ def test_batched_cotangents_and_hessian(solver_path):
     j = torch.func.jacrev(lambda a: sparse_topk(a, 2.5, temperature=2.0))(row)
     torch.testing.assert_close(hessian, 2 * j.T @ j)
     assert j.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tau", [1.0, 0.01, 1e-3])
+def test_long_rows_small_budgets(solver_path, dtype, tau):
+    """Long rows with small budgets (the kernel keeps only the entries near the root)."""
+    x = seeded_randn(2, 2000, seed=90).to(dtype)
+    x[0, :100] = -math.inf
+    for k in (2.5, 15.0):
+        p = sparse_topk(x, k, temperature=tau)
+        tol = _tolerance(x.double(), tau) * torch.finfo(dtype).eps / torch.finfo(torch.float64).eps
+        torch.testing.assert_close(
+            p.double(), sparse_topk_reference(x.double(), k, tau), atol=tol, rtol=0
+        )

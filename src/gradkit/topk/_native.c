@@ -562,6 +562,9 @@ int gradkit_abi_version(void) { return 3; }
 
 #define SPARSE_MAX_PASSES 64
 #define SPARSE_SPREAD 2.0
+/* Rows wider than this many τ, or long rows with a small budget, keep only the entries near
+   the root in a second scan of x (a predictable branch: few entries are kept). */
+#define SPARSE_NARROW 16.0
 
 /* The index-th smallest of a[0..n), n ≥ 1 (Hoare quickselect; permutes a). */
 static double sparse_select(double *a, int64_t n, int64_t index) {
@@ -641,35 +644,12 @@ static int64_t sparse_compact(double *w, int64_t n, double low, double high, dou
     return kept;
 }
 
-/* The threshold t of a row with 0 < k < m; cand holds its m finite w, in [lo + 1, 0] (it is
-   permuted and compacted: once the bracket [lo, hi] is narrow, the entries it has decided,
-   w ≤ lo at 0 and w ≥ hi + 1 at 1, are dropped).  Returns 0, or 3 without convergence. */
-static int sparse_threshold(double *cand, int64_t m, double k, double sum, double lo,
-                            double *t_out) {
-    double hi = 0.0, mass_lo = (double)m, mass_hi = 0.0, fixed = 0.0, span = -lo - 1.0, t;
-    if (lo < -SPARSE_SPREAD && floor(k) + 1 <= SPARSE_TOP_LIST) {
-        /* wide, small budget: the order-statistics bracket (width ≤ 1) from one scan */
-        int64_t up = (int64_t)floor(k) + 1, down = (int64_t)ceil(k);
-        double a, b;
-        sparse_top_list(cand, m, up, down < 1 ? 1 : down, &a, &b);
-        lo = a - 1.0 > lo ? a - 1.0 : lo;
-        hi = b < hi ? b : hi;
-        mass_lo = floor(k) + 1.0;
-        mass_hi = ceil(k) - 1.0;
-        t = 0.5 * (lo + hi);
-    } else if (lo < -SPARSE_SPREAD) {
-        /* wide, large budget: start at the k-th largest of a strided sample (no bracket) */
-        double sample[SPARSE_SAMPLE];
-        int64_t size = m < SPARSE_SAMPLE ? m : SPARSE_SAMPLE;
-        for (int64_t j = 0; j < size; ++j) sample[j] = cand[j * m / size];
-        int64_t rank = (int64_t)(k * (double)size / (double)m); /* from the top */
-        rank = rank < 0 ? 0 : (rank > size - 1 ? size - 1 : rank);
-        t = sparse_select(sample, size, size - 1 - rank) - 0.5;
-        t = t < lo ? lo : (t > hi ? hi : t);
-    } else { /* the all-free root */
-        t = (sum - k) / (double)m;
-        t = t < lo ? lo : (t > hi ? hi : t);
-    }
+/* Active-set Newton from t inside the bracket [lo, hi] (masses mass_lo ≥ k ≥ mass_hi), on the
+   m undecided entries cand (fixed: entries decided at 1; span: the width cand was last
+   compacted to).  Returns 0 with *t_out, or 3 without convergence. */
+static int sparse_newton(double *cand, int64_t m, double k, double fixed, double lo, double hi,
+                         double mass_lo, double mass_hi, double span, double t,
+                         double *t_out) {
     for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {
         if (hi + 1.0 - lo < 0.5 * span) { /* the window (lo, hi + 1) holds few entries */
             m = sparse_compact(cand, m, lo, hi + 1.0, &fixed);
@@ -702,7 +682,56 @@ static int sparse_threshold(double *cand, int64_t m, double k, double sum, doubl
     return 3;
 }
 
+/* The threshold t of a row with 0 < k < m; cand holds its m finite w, in [lo + 1, 0] (it is
+   permuted and compacted: once the bracket [lo, hi] is narrow, the entries it has decided,
+   w ≤ lo at 0 and w ≥ hi + 1 at 1, are dropped).  Returns 0, or 3 without convergence. */
+static int sparse_threshold(double *cand, int64_t m, double k, double sum, double lo,
+                            double *t_out) {
+    double hi = 0.0, mass_lo = (double)m, mass_hi = 0.0, fixed = 0.0, span = -lo - 1.0, t;
+    if (lo < -SPARSE_SPREAD && floor(k) + 1 <= SPARSE_TOP_LIST) {
+        /* wide, small budget: the order-statistics bracket (width ≤ 1) from one scan */
+        int64_t up = (int64_t)floor(k) + 1, down = (int64_t)ceil(k);
+        double a, b;
+        sparse_top_list(cand, m, up, down < 1 ? 1 : down, &a, &b);
+        lo = a - 1.0 > lo ? a - 1.0 : lo;
+        hi = b < hi ? b : hi;
+        mass_lo = floor(k) + 1.0;
+        mass_hi = ceil(k) - 1.0;
+        t = 0.5 * (lo + hi);
+    } else if (lo < -SPARSE_SPREAD) {
+        /* wide, large budget: start at the k-th largest of a strided sample (no bracket) */
+        double sample[SPARSE_SAMPLE];
+        int64_t size = m < SPARSE_SAMPLE ? m : SPARSE_SAMPLE;
+        for (int64_t j = 0; j < size; ++j) sample[j] = cand[j * m / size];
+        int64_t rank = (int64_t)(k * (double)size / (double)m); /* from the top */
+        rank = rank < 0 ? 0 : (rank > size - 1 ? size - 1 : rank);
+        t = sparse_select(sample, size, size - 1 - rank) - 0.5;
+        t = t < lo ? lo : (t > hi ? hi : t);
+    } else { /* the all-free root */
+        t = (sum - k) / (double)m;
+        t = t < lo ? lo : (t > hi ? hi : t);
+    }
+    return sparse_newton(cand, m, k, fixed, lo, hi, mass_lo, mass_hi, span, t, t_out);
+}
+
 #define DEFINE_SPARSE_KERNELS(T, SUFFIX)                                                         \
+    /* a = the up-th, b = the down-th largest of x (1 ≤ down ≤ up ≤ SPARSE_TOP_LIST, up ≤ the */ \
+    /* number of finite entries): a sorted list of the top `up` kept in one scan. */             \
+    static void sparse_top_list_##SUFFIX(const T *x, int64_t n, int64_t up, int64_t down,        \
+                                         double *a, double *b) {                                 \
+        double top[SPARSE_TOP_LIST];                                                             \
+        int64_t size = 0;                                                                        \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            double v = (double)x[i];                                                             \
+            if (size == up && !(v > top[size - 1])) continue;                                    \
+            int64_t j = size < up ? size++ : up - 1;                                             \
+            for (; j > 0 && top[j - 1] < v; --j) top[j] = top[j - 1];                            \
+            top[j] = v;                                                                          \
+        }                                                                                        \
+        *a = top[up - 1];                                                                        \
+        *b = top[down - 1];                                                                      \
+    }                                                                                            \
+                                                                                                 \
     static int sparse_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double tau,         \
                                    double *cand) {                                               \
         double top = -INFINITY, bottom = INFINITY;                                               \
@@ -726,17 +755,42 @@ static int sparse_threshold(double *cand, int64_t m, double k, double sum, doubl
         }                                                                                        \
         const double inv = 1.0 / tau;                                                            \
         if (!((bottom - top) * inv - 1.0 > -INFINITY)) return 1; /* w overflows */             \
-        double sum = 0.0;                                                                        \
-        int64_t m = 0;                                                                           \
-        for (int64_t i = 0; i < n; ++i) { /* the finite w, compacted without branches */        \
-            double w = ((double)x[i] - top) * inv;                                               \
-            int finite = x[i] > -INFINITY;                                                       \
-            cand[m] = w;                                                                         \
-            m += finite;                                                                         \
-            sum += finite ? w : 0.0;                                                             \
+        double t, lo = (bottom - top) * inv - 1.0;                                               \
+        int status;                                                                              \
+        const double up_rank = floor(k) + 1.0;                                                   \
+        if (up_rank <= SPARSE_TOP_LIST && lo < -SPARSE_SPREAD &&                                 \
+            (lo < -SPARSE_NARROW || (double)n >= 256.0 * up_rank)) {                             \
+            /* wide, small budget: the order-statistics bracket (width ≤ 1) from one             \
+               scan of x; then only the entries inside the window (lo, hi + 1) are               \
+               kept (few, and a predictable branch) */                                           \
+            int64_t up = (int64_t)floor(k) + 1, down = (int64_t)ceil(k);                         \
+            double a, b;                                                                         \
+            sparse_top_list_##SUFFIX(x, n, up, down < 1 ? 1 : down, &a, &b);                     \
+            double low = (a - top) * inv - 1.0, hi = (b - top) * inv, fixed = 0.0;               \
+            low = low > lo ? low : lo;                                                           \
+            hi = hi < 0.0 ? hi : 0.0;                                                            \
+            int64_t m = 0;                                                                       \
+            for (int64_t i = 0; i < n; ++i) {                                                    \
+                double w = ((double)x[i] - top) * inv; /* −inf for masked entries */             \
+                if (w >= hi + 1.0)                                                               \
+                    fixed += 1.0;                                                                \
+                else if (w > low)                                                                \
+                    cand[m++] = w;                                                               \
+            }                                                                                    \
+            status = sparse_newton(cand, m, k, fixed, low, hi, floor(k) + 1.0, ceil(k) - 1.0,    \
+                                   hi + 1.0 - low, 0.5 * (low + hi), &t);                        \
+        } else {                                                                                 \
+            double sum = 0.0;                                                                    \
+            int64_t m = 0;                                                                       \
+            for (int64_t i = 0; i < n; ++i) { /* the finite w, compacted, branch-free */         \
+                double w = ((double)x[i] - top) * inv;                                           \
+                int finite = x[i] > -INFINITY;                                                   \
+                cand[m] = w;                                                                     \
+                m += finite;                                                                     \
+                sum += finite ? w : 0.0;                                                         \
+            }                                                                                    \
+            status = sparse_threshold(cand, m, k, sum, lo, &t);                                  \
         }                                                                                        \
-        double t;                                                                                \
-        int status = sparse_threshold(cand, m, k, sum, (bottom - top) * inv - 1.0, &t);         \
         if (status) return status;                                                               \
         const T top_t2 = (T)top, inv_t = (T)inv, t_t = (T)t;                                     \
         _Pragma("omp simd")                                                                      \
