@@ -9,8 +9,8 @@ Alignment lab: :mod:`gradkit.align` (random deep nets, layerwise targets, alignm
 """
 
 from . import align
-from .topk import SoftTopK, soft_topk
+from .topk import SoftTopK, SparseTopK, soft_topk, sparse_topk
 
 __version__ = "0.1.0"
 
-__all__ = ["SoftTopK", "__version__", "align", "soft_topk"]
+__all__ = ["SoftTopK", "SparseTopK", "__version__", "align", "soft_topk", "sparse_topk"]

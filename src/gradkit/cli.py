@@ -4,8 +4,10 @@ Each command's flags and work live next to the code they exercise; this file onl
 them together::
 
     gradkit bench topk [--json FILE]     speed of soft top-k against baselines
+    gradkit bench sparse                 speed of sparse_topk against a sigmoid pass and peers
     gradkit bench align                  fast alignment matrix vs a naive loop
     gradkit demo topk                    learn scores so the soft top-k hits a target mask
+    gradkit demo moe                     mixture-of-experts routing: four gatings compared
     gradkit align [sweep] ...            measure gradient alignment (one setting, or a grid)
     gradkit train ...                    local versus global training with layerwise targets
 """
@@ -18,8 +20,12 @@ import os
 import sys
 
 # command -> {subject -> module}; each module exposes add_arguments(parser) and run(args).
-_BENCH = {"topk": "gradkit.topk.benchmark", "align": "gradkit.align.benchmark"}
-_DEMO = {"topk": "gradkit.topk.demo"}
+_BENCH = {
+    "topk": "gradkit.topk.benchmark",
+    "sparse": "gradkit.topk.bench_sparse",
+    "align": "gradkit.align.benchmark",
+}
+_DEMO = {"topk": "gradkit.topk.demo", "moe": "gradkit.topk.demo_moe"}
 _TOP = {"align": "gradkit.align.experiment_cli", "train": "gradkit.align.train_experiment"}
 
 

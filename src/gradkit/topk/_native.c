@@ -642,4 +642,383 @@ int gradkit_vjp(int is_double, const void *grad, const void *p, void *out, void 
     return run_parallel(job, rows, threads);
 }
 
-int gradkit_abi_version(void) { return 2; }
+int gradkit_abi_version(void) { return 3; }
+
+/* ================================================================== sparse_topk
+ * Appended section: the exact sparse projection of gradkit.sparse_topk (math: _sparse.py).
+ * Per row, in double: w_i = (x_i − x_max)/τ (−inf for masked entries), the threshold t with
+ * F(t) = Σ clip(w_i − t, 0, 1) = k by active-set Newton steps t ← (Σ_F w + |U| − k)/|F|,
+ * stopped when the active set is stable, inside a bracket (secant fallback).  Rows spanning
+ * more than SPARSE_SPREAD τ start from the order-statistics bracket
+ * [w_(⌊k⌋+1) − 1, w_(⌈k⌉)] (width ≤ 1), found by quickselect.
+ * status: 0 solved; 1 a NaN or +inf entry; 3 no convergence or no memory (caller solves).
+ */
+#include <stdlib.h>
+
+#define SPARSE_MAX_PASSES 64
+#define SPARSE_SPREAD 2.0
+/* Rows wider than this many τ, or long rows with a small budget, keep only the entries near
+   the root in a second scan of x (a predictable branch: few entries are kept). */
+#define SPARSE_NARROW 16.0
+
+/* The index-th smallest of a[0..n), n ≥ 1 (Hoare quickselect; permutes a). */
+static double sparse_select(double *a, int64_t n, int64_t index) {
+    int64_t left = 0, right = n - 1;
+    while (left < right) {
+        double pivot = a[left + (right - left) / 2];
+        int64_t i = left, j = right;
+        while (i <= j) {
+            while (a[i] < pivot) ++i;
+            while (a[j] > pivot) --j;
+            if (i <= j) {
+                double swap = a[i];
+                a[i++] = a[j];
+                a[j--] = swap;
+            }
+        }
+        if (index <= j)
+            right = j;
+        else if (index >= i)
+            left = i;
+        else
+            return a[index];
+    }
+    return a[index];
+}
+
+#define SPARSE_TOP_LIST 16 /* budgets below this take their order statistics from one scan */
+#define SPARSE_SAMPLE 256  /* strided sample for the start of wide rows with larger budgets */
+
+/* a = the up-th and b = the down-th largest of w[0..m) (1 ≤ down ≤ up ≤ min(m,
+   SPARSE_TOP_LIST)), from a sorted list of the top `up` built in one scan. */
+static void sparse_top_list(const double *w, int64_t m, int64_t up, int64_t down, double *a,
+                            double *b) {
+    double top[SPARSE_TOP_LIST];
+    int64_t size = 0;
+    for (int64_t i = 0; i < m; ++i) {
+        double v = w[i];
+        if (size == up && !(v > top[size - 1])) continue;
+        int64_t j = size < up ? size++ : up - 1;
+        for (; j > 0 && top[j - 1] < v; --j) top[j] = top[j - 1];
+        top[j] = v;
+    }
+    *a = top[up - 1];
+    *b = top[down - 1];
+}
+
+/* |U|, |F| and Σ_F w at t over finite w (vectorised). */
+static void sparse_stats(const double *w, int64_t n, double t, double *upper, double *count,
+                         double *total) {
+    double u = 0.0, c = 0.0, s = 0.0;
+#pragma omp simd reduction(+ : u, c, s)
+    for (int64_t i = 0; i < n; ++i) {
+        double z = w[i] - t;
+        double up = (double)(z >= 1.0), free = (double)(z > 0.0) - up; /* (arithmetic masks
+                                                                            vectorise) */
+        u += up;
+        c += free;
+        s += free * w[i];
+    }
+    *upper = u;
+    *count = c;
+    *total = s;
+}
+
+/* Drop the entries the bracket has decided (w ≤ low: 0; w ≥ high: 1, counted in *fixed). */
+static int64_t sparse_compact(double *w, int64_t n, double low, double high, double *fixed) {
+    int64_t kept = 0;
+    double above_count = 0.0;
+    for (int64_t i = 0; i < n; ++i) { /* branch-free: random data defeats prediction */
+        double v = w[i];
+        int above = v >= high;
+        w[kept] = v;
+        kept += (v > low) & !above;
+        above_count += above;
+    }
+    *fixed += above_count;
+    return kept;
+}
+
+/* Active-set Newton from t inside the bracket [lo, hi] (masses mass_lo ≥ k ≥ mass_hi), on the
+   m undecided entries cand (fixed: entries decided at 1; span: the width cand was last
+   compacted to).  Returns 0 with *t_out, or 3 without convergence. */
+static int sparse_newton(double *cand, int64_t m, double k, double fixed, double lo, double hi,
+                         double mass_lo, double mass_hi, double span, double t,
+                         double *t_out) {
+    for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {
+        if (hi + 1.0 - lo < 0.5 * span) { /* the window (lo, hi + 1) holds few entries */
+            m = sparse_compact(cand, m, lo, hi + 1.0, &fixed);
+            span = hi + 1.0 - lo;
+        }
+        double upper, count, total;
+        sparse_stats(cand, m, t, &upper, &count, &total);
+        upper += fixed;
+        double mass = upper + total - count * t;
+        if (mass >= k) lo = t, mass_lo = mass;
+        if (mass <= k) hi = t, mass_hi = mass;
+        double step = count > 0 ? (total + upper - k) / count : t;
+        if (count > 0 && fabs(step - t) <= 2.0 * 2.220446049250313e-16 * (fabs(t) + 1.0)) {
+            *t_out = step; /* the active set is stable: the exact root of its piece */
+            return 0;
+        }
+        if (mass == k) {
+            *t_out = t;
+            return 0;
+        }
+        if (count > 0 && step > lo && step < hi) {
+            t = step;
+        } else { /* regula falsi, kept a quarter of the bracket off its ends */
+            double gap = mass_lo - mass_hi > 1e-30 ? mass_lo - mass_hi : 1e-30;
+            double share = (mass_lo - k) / gap;
+            share = share < 0.25 ? 0.25 : (share > 0.75 ? 0.75 : share);
+            t = lo + share * (hi - lo);
+        }
+    }
+    return 3;
+}
+
+/* The threshold t of a row with 0 < k < m; cand holds its m finite w, in [lo + 1, 0] (it is
+   permuted and compacted: once the bracket [lo, hi] is narrow, the entries it has decided,
+   w ≤ lo at 0 and w ≥ hi + 1 at 1, are dropped).  Returns 0, or 3 without convergence. */
+static int sparse_threshold(double *cand, int64_t m, double k, double sum, double lo,
+                            double *t_out) {
+    double hi = 0.0, mass_lo = (double)m, mass_hi = 0.0, fixed = 0.0, span = -lo - 1.0, t;
+    if (lo < -SPARSE_SPREAD && floor(k) + 1 <= SPARSE_TOP_LIST) {
+        /* wide, small budget: the order-statistics bracket (width ≤ 1) from one scan */
+        int64_t up = (int64_t)floor(k) + 1, down = (int64_t)ceil(k);
+        double a, b;
+        sparse_top_list(cand, m, up, down < 1 ? 1 : down, &a, &b);
+        lo = a - 1.0 > lo ? a - 1.0 : lo;
+        hi = b < hi ? b : hi;
+        mass_lo = floor(k) + 1.0;
+        mass_hi = ceil(k) - 1.0;
+        t = 0.5 * (lo + hi);
+    } else if (lo < -SPARSE_SPREAD) {
+        /* wide, large budget: start at the k-th largest of a strided sample (no bracket) */
+        double sample[SPARSE_SAMPLE];
+        int64_t size = m < SPARSE_SAMPLE ? m : SPARSE_SAMPLE;
+        for (int64_t j = 0; j < size; ++j) sample[j] = cand[j * m / size];
+        int64_t rank = (int64_t)(k * (double)size / (double)m); /* from the top */
+        rank = rank < 0 ? 0 : (rank > size - 1 ? size - 1 : rank);
+        t = sparse_select(sample, size, size - 1 - rank) - 0.5;
+        t = t < lo ? lo : (t > hi ? hi : t);
+    } else { /* the all-free root */
+        t = (sum - k) / (double)m;
+        t = t < lo ? lo : (t > hi ? hi : t);
+    }
+    return sparse_newton(cand, m, k, fixed, lo, hi, mass_lo, mass_hi, span, t, t_out);
+}
+
+#define DEFINE_SPARSE_KERNELS(T, SUFFIX)                                                         \
+    /* a = the up-th, b = the down-th largest of x (1 ≤ down ≤ up ≤ SPARSE_TOP_LIST, up ≤ the */ \
+    /* number of finite entries): a sorted list of the top `up` kept in one scan. */             \
+    static void sparse_top_list_##SUFFIX(const T *x, int64_t n, int64_t up, int64_t down,        \
+                                         double *a, double *b) {                                 \
+        double top[SPARSE_TOP_LIST];                                                             \
+        int64_t size = 0;                                                                        \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            double v = (double)x[i];                                                             \
+            if (size == up && !(v > top[size - 1])) continue;                                    \
+            int64_t j = size < up ? size++ : up - 1;                                             \
+            for (; j > 0 && top[j - 1] < v; --j) top[j] = top[j - 1];                            \
+            top[j] = v;                                                                          \
+        }                                                                                        \
+        *a = top[up - 1];                                                                        \
+        *b = top[down - 1];                                                                      \
+    }                                                                                            \
+                                                                                                 \
+    static int sparse_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double tau,         \
+                                   double *cand) {                                               \
+        double top = -INFINITY, bottom = INFINITY;                                               \
+        int64_t live = 0, bad = 0;                                                               \
+        T top_t = (T)-INFINITY, bottom_t = (T)INFINITY;                                          \
+        _Pragma("omp simd reduction(+ : live, bad) reduction(max : top_t) reduction(min : bottom_t)")\
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            T v = x[i];                                                                          \
+            bad += (v != v) | (v == (T)INFINITY);                                                \
+            live += v > (T)-INFINITY;                                                            \
+            top_t = v > top_t ? v : top_t;                                                       \
+            T finite_v = v > (T)-INFINITY ? v : (T)INFINITY;                                     \
+            bottom_t = finite_v < bottom_t ? finite_v : bottom_t;                                \
+        }                                                                                        \
+        top = (double)top_t;                                                                     \
+        bottom = (double)bottom_t;                                                               \
+        if (bad) return 1;                                                                       \
+        if (k <= 0.0 || k >= (double)live) {                                                     \
+            for (int64_t i = 0; i < n; ++i) out[i] = (T)(k > 0.0 && x[i] > -INFINITY);         \
+            return 0;                                                                            \
+        }                                                                                        \
+        const double inv = 1.0 / tau;                                                            \
+        if (!((bottom - top) * inv - 1.0 > -INFINITY)) return 1; /* w overflows */             \
+        double t, lo = (bottom - top) * inv - 1.0;                                               \
+        int status;                                                                              \
+        const double up_rank = floor(k) + 1.0;                                                   \
+        if (up_rank <= SPARSE_TOP_LIST && lo < -SPARSE_SPREAD &&                                 \
+            (lo < -SPARSE_NARROW || (double)n >= 256.0 * up_rank)) {                             \
+            /* wide, small budget: the order-statistics bracket (width ≤ 1) from one             \
+               scan of x; then only the entries inside the window (lo, hi + 1) are               \
+               kept (few, and a predictable branch) */                                           \
+            int64_t up = (int64_t)floor(k) + 1, down = (int64_t)ceil(k);                         \
+            double a, b;                                                                         \
+            sparse_top_list_##SUFFIX(x, n, up, down < 1 ? 1 : down, &a, &b);                     \
+            double low = (a - top) * inv - 1.0, hi = (b - top) * inv, fixed = 0.0;               \
+            low = low > lo ? low : lo;                                                           \
+            hi = hi < 0.0 ? hi : 0.0;                                                            \
+            int64_t m = 0;                                                                       \
+            for (int64_t i = 0; i < n; ++i) {                                                    \
+                double w = ((double)x[i] - top) * inv; /* −inf for masked entries */             \
+                if (w >= hi + 1.0)                                                               \
+                    fixed += 1.0;                                                                \
+                else if (w > low)                                                                \
+                    cand[m++] = w;                                                               \
+            }                                                                                    \
+            status = sparse_newton(cand, m, k, fixed, low, hi, floor(k) + 1.0, ceil(k) - 1.0,    \
+                                   hi + 1.0 - low, 0.5 * (low + hi), &t);                        \
+        } else {                                                                                 \
+            double sum = 0.0;                                                                    \
+            int64_t m = 0;                                                                       \
+            for (int64_t i = 0; i < n; ++i) { /* the finite w, compacted, branch-free */         \
+                double w = ((double)x[i] - top) * inv;                                           \
+                int finite = x[i] > -INFINITY;                                                   \
+                cand[m] = w;                                                                     \
+                m += finite;                                                                     \
+                sum += finite ? w : 0.0;                                                         \
+            }                                                                                    \
+            status = sparse_threshold(cand, m, k, sum, lo, &t);                                  \
+        }                                                                                        \
+        if (status) return status;                                                               \
+        const T top_t2 = (T)top, inv_t = (T)inv, t_t = (T)t;                                     \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            T z = (x[i] - top_t2) * inv_t - t_t; /* −inf for masked entries */                   \
+            z = z < (T)1 ? z : (T)1;                                                             \
+            out[i] = z > (T)0 ? z : (T)0;                                                        \
+        }                                                                                        \
+        return 0;                                                                                \
+    }                                                                                            \
+                                                                                                 \
+    /* grad_x = 1_F (g − mean_F g)/τ (NaN where p is NaN); returns mean_F g. */                \
+    static double sparse_vjp_row_##SUFFIX(const T *g, const T *p, T *out, int64_t n,            \
+                                          double inv_tau) {                                      \
+        double count = 0.0, total = 0.0;                                                         \
+        for (int64_t start = 0; start < n; start += BLOCK) { /* accurate partial sums */         \
+            int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
+            T block_count = 0, block_total = 0;                                                  \
+            _Pragma("omp simd reduction(+ : block_count, block_total)")                          \
+            for (int64_t i = start; i < stop; ++i) {                                             \
+                T free = (T)(p[i] > (T)0) * (T)(p[i] < (T)1);                                    \
+                block_count += free;                                                             \
+                block_total += free * g[i];                                                      \
+            }                                                                                    \
+            count += block_count;                                                                \
+            total += block_total;                                                                \
+        }                                                                                        \
+        double mean = count > 0.0 ? total / count : 0.0;                                         \
+        const T mean_t = (T)mean, scale = (T)inv_tau;                                            \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            T free = (T)(p[i] > (T)0) * (T)(p[i] < (T)1);                                        \
+            T value = free * (g[i] - mean_t) * scale;                                            \
+            out[i] = p[i] != p[i] ? p[i] : value;                                                \
+        }                                                                                        \
+        return mean;                                                                             \
+    }
+
+DEFINE_SPARSE_KERNELS(float, f32)
+DEFINE_SPARSE_KERNELS(double, f64)
+
+typedef struct {
+    int op; /* 0 solve f32, 1 solve f64, 2 vjp f32, 3 vjp f64 */
+    const void *a, *b;
+    void *out, *aux; /* aux: int32 status (solves) or the per-row mean_F g (vjps) */
+    const double *budgets, *taus; /* per-row k and τ, or NULL */
+    int64_t row_begin, row_end, n;
+    double k, tau;
+} SparseJob;
+
+static void sparse_run_job(const SparseJob *job) {
+    double *scratch = NULL;
+    if (job->op < 2 && !(scratch = malloc((size_t)(job->n > 0 ? job->n : 1) * sizeof(double)))) {
+        for (int64_t row = job->row_begin; row < job->row_end; ++row) ((int32_t *)job->aux)[row] = 3;
+        return;
+    }
+    for (int64_t row = job->row_begin; row < job->row_end; ++row) {
+        int64_t offset = row * job->n;
+        double k = job->budgets ? job->budgets[row] : job->k;
+        double tau = job->taus ? job->taus[row] : job->tau;
+        switch (job->op) {
+        case 0:
+            ((int32_t *)job->aux)[row] = sparse_row_f32((const float *)job->a + offset,
+                (float *)job->out + offset, job->n, k, tau, scratch);
+            break;
+        case 1:
+            ((int32_t *)job->aux)[row] = sparse_row_f64((const double *)job->a + offset,
+                (double *)job->out + offset, job->n, k, tau, scratch);
+            break;
+        case 2:
+            ((float *)job->aux)[row] = (float)sparse_vjp_row_f32((const float *)job->a + offset,
+                (const float *)job->b + offset, (float *)job->out + offset, job->n, 1.0 / tau);
+            break;
+        default:
+            ((double *)job->aux)[row] = sparse_vjp_row_f64((const double *)job->a + offset,
+                (const double *)job->b + offset, (double *)job->out + offset, job->n, 1.0 / tau);
+        }
+    }
+    free(scratch);
+}
+
+#ifndef _OPENMP
+static void *sparse_thread_main(void *arg) {
+    sparse_run_job((const SparseJob *)arg);
+    return NULL;
+}
+#endif
+
+static int sparse_run_parallel(SparseJob base, int64_t rows, int threads) {
+    int64_t useful = (rows * base.n) / MIN_ELEMENTS_PER_THREAD;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > useful) threads = (int)useful;
+    if (threads > rows) threads = (int)rows;
+    if (threads < 1) threads = 1;
+    SparseJob jobs[MAX_THREADS];
+    for (int j = 0; j < threads; ++j) {
+        jobs[j] = base;
+        jobs[j].row_begin = rows * j / threads;
+        jobs[j].row_end = rows * (j + 1) / threads;
+    }
+    if (threads == 1) {
+        sparse_run_job(&jobs[0]);
+        return 1;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int j = 0; j < threads; ++j) sparse_run_job(&jobs[j]);
+#else
+    pthread_t handles[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int j = 1; j < threads; ++j)
+        started[j] = pthread_create(&handles[j], NULL, sparse_thread_main, &jobs[j]) == 0;
+    sparse_run_job(&jobs[0]);
+    for (int j = 1; j < threads; ++j) {
+        if (started[j])
+            pthread_join(handles[j], NULL);
+        else
+            sparse_run_job(&jobs[j]);
+    }
+#endif
+    return threads;
+}
+
+int gradkit_sparse_solve(int is_double, const void *x, void *out, int32_t *status, int64_t rows,
+                         int64_t n, double k, const double *budgets, double tau,
+                         const double *taus, int threads) {
+    SparseJob job = {is_double ? 1 : 0, x, NULL, out, status, budgets, taus, 0, rows, n, k, tau};
+    return sparse_run_parallel(job, rows, threads);
+}
+
+int gradkit_sparse_vjp(int is_double, const void *grad, const void *p, void *out, void *mean,
+                       int64_t rows, int64_t n, double tau, const double *taus, int threads) {
+    SparseJob job = {is_double ? 3 : 2, grad, p, out, mean, NULL, taus, 0, rows, n, 0.0, tau};
+    return sparse_run_parallel(job, rows, threads);
+}
+/* ================================================================== end of sparse_topk */

@@ -42,7 +42,7 @@ from . import _kernel_cache as cache
 
 __all__ = ["available", "disabled", "plain_tensors", "solve", "status", "vjp"]
 
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _int64, _double, _pointer, _int = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
 #: The kernel's C entry points: name -> (restype, argtypes), declared in one loop at load.
 _SIGNATURES = {
@@ -55,6 +55,17 @@ _SIGNATURES = {
     "gradkit_vjp": (
         _int,
         [_int, _pointer, _pointer, _pointer, _pointer, _int64, _int64, _double, _int],
+    ),
+    # sparse_topk: (is_double, x, out, status, rows, n, k, budgets or NULL, τ, τs or NULL,
+    # threads)
+    "gradkit_sparse_solve": (
+        _int,
+        [_int, _pointer, _pointer, _pointer, _int64, _int64, *(_double, _pointer) * 2, _int],
+    ),
+    # (is_double, grad, p, out, mean, rows, n, τ, τs or NULL, threads)
+    "gradkit_sparse_vjp": (
+        _int,
+        [_int, _pointer, _pointer, _pointer, _pointer, _int64, _int64, _double, _pointer, _int],
     ),
 }
 _lock = threading.Lock()
@@ -281,6 +292,81 @@ def vjp(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, Tensor] | 
         rows,
         n,
         1.0 / temperature,
+        torch.get_num_threads(),
+    )
+    return out, grad_k
+
+
+# ------------------------------------------------------------------ sparse_topk entry points
+
+
+def _per_row_doubles(value: Tensor | float, rows: int) -> Tensor | None:
+    """Per-row values as a contiguous float64 CPU tensor, or ``None`` for a single number."""
+    if not isinstance(value, Tensor):
+        return None
+    flat = value.detach().to(device="cpu", dtype=torch.float64).reshape(-1).contiguous()
+    if flat.numel() != rows:
+        raise ValueError(f"expected {rows} per-row values, got {flat.numel()}")
+    return flat
+
+
+def sparse_solve(x: Tensor, k: float | Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor] | None:
+    """``p = clip((x − θ)/τ, 0, 1)`` with ``Σp = k`` along the last dimension, by the kernel.
+
+    ``k`` and ``τ`` are numbers or tensors of shape ``x.shape[:-1]``.  Returns ``(p, status)``
+    (a nonzero per-row status: not solved, the caller must solve that row), or ``None`` when
+    the kernel cannot take ``x`` at all.
+    """
+    if x.numel() == 0 or not _eligible(x) or not hasattr(_library, "gradkit_sparse_solve"):
+        return None
+    x = x.contiguous()
+    n = x.shape[-1]
+    rows = x.numel() // n
+    budgets, taus = _per_row_doubles(k, rows), _per_row_doubles(tau, rows)
+    p = torch.empty_like(x)
+    row_status = torch.empty(x.shape[:-1], dtype=torch.int32)
+    _library.gradkit_sparse_solve(
+        int(x.dtype == torch.float64),
+        x.data_ptr(),
+        p.data_ptr(),
+        row_status.data_ptr(),
+        rows,
+        n,
+        0.0 if budgets is not None else float(k),
+        budgets.data_ptr() if budgets is not None else None,
+        1.0 if taus is not None else float(tau),
+        taus.data_ptr() if taus is not None else None,
+        torch.get_num_threads(),
+    )
+    return p, row_status
+
+
+def sparse_vjp(grad: Tensor, p: Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(∂L/∂x, ∂L/∂k)`` of ``sparse_topk`` by the kernel (see
+    :func:`~gradkit.topk._sparse.sparse_topk_vjp`), or ``None`` when it cannot take them."""
+    if (
+        grad.shape != p.shape
+        or p.numel() == 0
+        or not _eligible(p, grad)
+        or not hasattr(_library, "gradkit_sparse_vjp")
+    ):
+        return None
+    grad, p = grad.contiguous(), p.contiguous()
+    n = p.shape[-1]
+    rows = p.numel() // n
+    taus = _per_row_doubles(tau, rows)
+    out = torch.empty_like(p)
+    grad_k = torch.empty(p.shape[:-1], dtype=p.dtype)
+    _library.gradkit_sparse_vjp(
+        int(p.dtype == torch.float64),
+        grad.data_ptr(),
+        p.data_ptr(),
+        out.data_ptr(),
+        grad_k.data_ptr(),
+        rows,
+        n,
+        1.0 if taus is not None else float(tau),
+        taus.data_ptr() if taus is not None else None,
         torch.get_num_threads(),
     )
     return out, grad_k

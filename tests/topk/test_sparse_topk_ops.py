@@ -1,0 +1,108 @@
+"""sparse_topk as registered ops: torch.compile(fullgraph=True), torch.export, opcheck, jvp."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import seeded_randn
+
+import gradkit
+from gradkit.topk import _sparse_ops
+
+pytestmark = pytest.mark.skipif(
+    not _sparse_ops.REGISTERED, reason="torch.library.register_fake needs torch ≥ 2.4"
+)
+
+WEIGHTS = torch.arange(8.0, dtype=torch.float64)
+
+
+def _loss(x, k, tau, hard=False):
+    return (gradkit.sparse_topk(x, k, temperature=tau, hard=hard) * WEIGHTS).sum()
+
+
+def _grads(function, *inputs):
+    inputs = [
+        t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) else t for t in inputs
+    ]
+    function(*inputs).backward()
+    return [t.grad for t in inputs if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize(
+    ("k", "tau", "hard"),
+    [
+        (3.0, 0.7, False),
+        (torch.tensor([2.5, 3.0, 1.0, 4.0], dtype=torch.float64), 1.3, False),
+        (3.0, torch.tensor(0.7, dtype=torch.float64), False),
+        (3.0, 0.7, True),
+    ],
+)
+def test_compile_fullgraph_matches_eager(k, tau, hard):
+    torch._dynamo.reset()
+    x = seeded_randn(4, 8, seed=1)
+    explain = torch._dynamo.explain(lambda a, b, c: _loss(a, b, c, hard))(x, k, tau)
+    assert explain.graph_break_count == 0
+    compiled = torch.compile(lambda a, b, c: _loss(a, b, c, hard), fullgraph=True)
+    for got, expected in zip(
+        _grads(compiled, x, k, tau),
+        _grads(lambda a, b, c: _loss(a, b, c, hard), x, k, tau),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, expected)
+
+
+def test_export_matches_eager():
+    module = gradkit.SparseTopK(k=2.5, temperature=0.5)
+    x = seeded_randn(5, 8, seed=2)
+    program = torch.export.export(module, (x,))
+    assert "gradkit.sparse_topk" in program.graph_module.code
+    other = seeded_randn(5, 8, seed=3)
+    torch.testing.assert_close(program.module()(other), module(other))
+
+
+@pytest.mark.parametrize("per_slice", [False, True])
+def test_opcheck(per_slice):
+    x = seeded_randn(4, 8, seed=4).requires_grad_()
+    if per_slice:
+        k = torch.tensor([1.0, 2.5, 3.0, 7.5], dtype=torch.float64, requires_grad=True)
+        tau = torch.tensor([0.5, 1.0, 2.0, 0.1], dtype=torch.float64, requires_grad=True)
+        args = (x, k, 0.0, tau, 0.0)
+    else:
+        args = (x, None, 3.0, None, 0.7)
+    torch.library.opcheck(torch.ops.gradkit.sparse_topk.default, args)
+    p = gradkit.sparse_topk(x.detach(), 3.0, temperature=0.7)
+    grad = seeded_randn(4, 8, seed=5)
+    torch.library.opcheck(torch.ops.gradkit.sparse_topk_vjp.default, (grad, p, None, 0.7))
+
+
+def test_op_gradcheck_and_jvp():
+    """The op's own autograd formula (Autograd kernel), backward and forward mode."""
+    x = seeded_randn(3, 8, seed=6)
+    x = x + torch.linspace(0, 0.5, 8, dtype=torch.float64)  # distinct, away from kinks
+
+    def op(a):
+        return torch.ops.gradkit.sparse_topk(a, None, 3.0, None, 2.0)
+
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(op, (x,))
+    assert torch.autograd.gradgradcheck(op, (x,))
+    assert torch.autograd.gradcheck(
+        op, (x,), check_forward_ad=True, check_backward_ad=False, check_undefined_grad=False
+    )
+
+
+def test_jvp_matches_finite_differences_eager_and_compiled():
+    x = seeded_randn(4, 8, seed=7)
+    tangent = seeded_randn(4, 8, seed=8)
+
+    def f(a):
+        return gradkit.sparse_topk(a, 3.0, temperature=2.0)
+
+    step = 1e-6
+    finite = (f(x + step * tangent) - f(x - step * tangent)) / (2 * step)
+    _, eager = torch.func.jvp(f, (x,), (tangent,))
+    torch.testing.assert_close(eager, finite, atol=1e-7, rtol=0)
+    assert eager.abs().sum() > 0
+    torch._dynamo.reset()
+    _, compiled = torch.compile(lambda a, t: torch.func.jvp(f, (a,), (t,)))(x, tangent)
+    torch.testing.assert_close(compiled, finite, atol=1e-7, rtol=0)
