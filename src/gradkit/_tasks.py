@@ -21,9 +21,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
-__all__ = ["EXECUTORS", "run_tasks"]
+from ._checks import choice, integer
+
+__all__ = ["EXECUTORS", "JOBS", "run_tasks"]
 
 EXECUTORS = ("local", "ray")
+#: ``--jobs``: how many tasks run at once (local processes, or the CPUs of a local Ray).
+JOBS = integer("--jobs", 1, 4096)
 
 
 def run_tasks(
@@ -39,8 +43,7 @@ def run_tasks(
     ``fn`` must be a module-level function and each task picklable (for processes and Ray).
     Closing the iterator early (or Ctrl-C) cancels the tasks not yet started.
     """
-    if executor not in EXECUTORS:
-        raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    choice("--executor", EXECUTORS)(executor)
     if address is not None and executor != "ray":
         raise ValueError("--address is for --executor ray")
     if executor == "ray":
