@@ -16,6 +16,7 @@ Results travel back to the caller, which writes them: cluster nodes need no shar
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -23,11 +24,16 @@ from typing import Any
 
 from ._checks import choice, integer
 
-__all__ = ["EXECUTORS", "JOBS", "run_tasks"]
+__all__ = ["EXECUTORS", "JOBS", "add_jobs_argument", "run_tasks"]
 
 EXECUTORS = ("local", "ray")
 #: ``--jobs``: how many tasks run at once (local processes, or the CPUs of a local Ray).
 JOBS = integer("--jobs", 1, 4096)
+
+
+def add_jobs_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--jobs N`` (default 1), checked by :data:`JOBS`; ``what``: what runs, N at a time."""
+    parser.add_argument("--jobs", type=JOBS.argtype(), default=1, help=f"{what} [default: 1]")
 
 
 def run_tasks(

@@ -133,11 +133,8 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_execution_arguments(parser: argparse.ArgumentParser) -> None:
     _runtime.add_threads_argument(parser)
     _runtime.add_device_argument(parser)
-    parser.add_argument(
-        "--jobs",
-        type=_tasks.JOBS.argtype(),
-        default=1,
-        help="sweep: cells run in N local processes (or N CPUs of a local Ray) [default: 1]",
+    _tasks.add_jobs_argument(
+        parser, "sweep: cells run in N local processes (or N CPUs of a local Ray)"
     )
     parser.add_argument(
         "--executor",

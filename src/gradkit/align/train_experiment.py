@@ -157,11 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _io.add_overwrite_argument(parser)
     _runtime.add_threads_argument(parser)
     _runtime.add_device_argument(parser)
-    parser.add_argument(
-        "--jobs",
-        type=_tasks.JOBS.argtype(),
-        default=1,
-        help="run the seeds (digits: activation × seed) in N local processes [default: 1]",
+    _tasks.add_jobs_argument(
+        parser, "run the seeds (digits: activation × seed) in N local processes"
     )
 
 
