@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ._checks import integer, one_of_or
+from ._checks import choice, integer, one_of_or
 
 __all__ = [
     "DEVICES",
@@ -62,7 +62,7 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 def resolve_threads(threads: int | str | None) -> int:
     """The thread count for ``--threads`` (``None``/``"auto"`` → :data:`AUTO_THREADS`)."""
-    value = THREADS(threads) if threads is not None else None
+    value = THREADS.parse(threads)
     return AUTO_THREADS if value is None else value
 
 
@@ -86,9 +86,7 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
                 f"(torch {torch.__version__}); use --device cpu or auto"
             )
         return torch.device(text)
-    if text != "cpu":
-        raise ValueError(f"--device must be one of {', '.join(DEVICES)}; got {text!r}")
-    return torch.device("cpu")
+    return torch.device(choice("--device", DEVICES)(text))
 
 
 class Meter:

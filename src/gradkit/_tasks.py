@@ -16,14 +16,24 @@ Results travel back to the caller, which writes them: cluster nodes need no shar
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
-__all__ = ["EXECUTORS", "run_tasks"]
+from ._checks import choice, integer
+
+__all__ = ["EXECUTORS", "JOBS", "add_jobs_argument", "run_tasks"]
 
 EXECUTORS = ("local", "ray")
+#: ``--jobs``: how many tasks run at once (local processes, or the CPUs of a local Ray).
+JOBS = integer("--jobs", 1, 4096)
+
+
+def add_jobs_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--jobs N`` (default 1), checked by :data:`JOBS`; ``what``: what runs, N at a time."""
+    parser.add_argument("--jobs", type=JOBS.argtype(), default=1, help=f"{what} [default: 1]")
 
 
 def run_tasks(
@@ -39,8 +49,7 @@ def run_tasks(
     ``fn`` must be a module-level function and each task picklable (for processes and Ray).
     Closing the iterator early (or Ctrl-C) cancels the tasks not yet started.
     """
-    if executor not in EXECUTORS:
-        raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}; got {executor!r}")
+    choice("--executor", EXECUTORS)(executor)
     if address is not None and executor != "ray":
         raise ValueError("--address is for --executor ray")
     if executor == "ray":

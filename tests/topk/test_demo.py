@@ -44,11 +44,11 @@ def test_initial_target_is_the_seed_setting():
 def test_run_prints_progress_and_writes_json(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
-    path = tmp_path / "demo.json"
-    args = parser.parse_args(
-        ["--batch", "2", "--n", "6", "--k", "2", "--steps", "20", "--json", str(path)]
-    )
+    path, out = tmp_path / "demo.json", tmp_path / "run"
+    flags = ["--batch", "2", "--n", "6", "--k", "2", "--steps", "20", "--json", str(path)]
+    args = parser.parse_args([*flags, "--out", str(out)])
     assert demo.run(args) == 0
+    assert json.loads((out / "demo.json").read_text())["config"]["steps"] == 20
     printed = capsys.readouterr().out
     assert "step    20" in printed and "final soft top-k" in printed and "rows" in printed
     saved = json.loads(path.read_text())
@@ -65,13 +65,14 @@ def test_bad_settings_raise_value_error(kwargs, name):
         demo.train_scores(n=6, steps=1, **kwargs)
 
 
-def test_gradkit_demo_topk_command(capsys):
+def test_gradkit_demo_topk_command(tmp_path, capsys):
     from gradkit.cli import main as gradkit_main
 
-    assert gradkit_main(["demo", "topk", "--steps", "10", "--batch", "2"]) == 0
+    out = str(tmp_path / "run")
+    assert gradkit_main(["demo", "topk", "--steps", "10", "--batch", "2", "--out", out]) == 0
     assert "hard top-k equals the target" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
-        gradkit_main(["demo", "topk", "--k", "10", "--n", "10"])
+        gradkit_main(["demo", "topk", "--k", "10", "--n", "10", "--out", f"{out}-bad"])
     assert exit_info.value.code == 2
     assert "k must be an integer with 0 < k < n = 10" in capsys.readouterr().err
 
@@ -81,9 +82,11 @@ def test_an_existing_json_is_kept_unless_overwrite(tmp_path, capsys):
 
     path = tmp_path / "demo.json"
     path.write_text("{}")
+    flags = ["demo", "topk", "--steps", "2", "--json", str(path), "--out", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as exit_info:
-        gradkit_main(["demo", "topk", "--steps", "2", "--json", str(path)])
+        gradkit_main(flags)
     assert exit_info.value.code == 2
     assert "--json" in capsys.readouterr().err and path.read_text() == "{}"
-    assert gradkit_main(["demo", "topk", "--steps", "2", "--json", str(path), "--overwrite"]) == 0
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
+    assert gradkit_main([*flags, "--overwrite"]) == 0
     assert json.loads(path.read_text())["config"]["steps"] == 2

@@ -6,11 +6,11 @@ measured by
 
 * ``fast``: :func:`gradkit.align.measure.alignment_matrix` — one reverse sweep carrying a
   stack of cotangents, weight gradients never formed (Gram identity);
-* ``naive``: :func:`gradkit.align.measure.alignment_matrix_naive` — ``L`` calls of
+* ``naive``: :func:`gradkit.align.reference.alignment_matrix_naive` — ``L`` calls of
   ``torch.autograd.grad``, every ``∂ℓ_j/∂φ_i`` flattened, cosines one by one (the baseline);
 
 and, with ``--report``, the full :func:`~gradkit.align.measure.alignment_report` against
-:func:`~gradkit.align.measure.alignment_report_naive`. Times are medians of wall time
+:func:`~gradkit.align.reference.alignment_report_naive`. Times are medians of wall time
 (``time.perf_counter``) in one process, after one warm-up call; slow methods get fewer
 repeats (``clamp(budget / t_first, 1, repeats)``; a warm-up call longer than the budget is
 itself the one timing). Before timing,
@@ -41,14 +41,10 @@ from typing import Any
 
 import torch
 
-from .. import _bench, _io, _runtime
-from .measure import (
-    alignment_matrix,
-    alignment_matrix_naive,
-    alignment_report,
-    alignment_report_naive,
-)
+from .. import _bench, _checks, _io, _runtime
+from .measure import alignment_matrix, alignment_report
 from .networks import make_mlp
+from .reference import alignment_matrix_naive, alignment_report_naive
 from .targets import make_targets
 
 __all__ = [
@@ -198,8 +194,7 @@ def run_benchmark(
     if not (isinstance(budget_s, (int, float)) and budget_s > 0):
         raise ValueError(f"budget must be a number of seconds > 0, got {budget_s!r}")
     for case in cases:
-        if case.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {case.dtype!r}")
+        _checks.choice("dtype", tuple(_DTYPES))(case.dtype)
     with _bench.torch_threads(threads):
         items = _io.progress(cases, "bench align") if show_progress else cases
         results = [

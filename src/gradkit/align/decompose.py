@@ -135,12 +135,3 @@ def decomposition(
 
     _reverse_sweep(layers, params, x, targets, _split_seed, consume, method)
     return _finish({name: value.cpu() for name, value in raw.items()})
-
-
-def __getattr__(name: str):
-    # The oracle moved to gradkit.align.reference; the old import path keeps working.
-    if name == "decomposition_naive":
-        from . import reference
-
-        return reference.decomposition_naive
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .. import _checks
 from .networks import ACTIVATIONS, DenseLayer, default_gain, forward_states, reinitialize
 from .training import (
     TRAIN_MODES,
@@ -92,8 +93,7 @@ def make_classifier(
     Hidden weights ``~ N(0, gain²/fan_in)`` with the activation's :func:`default_gain`, logits
     weights ``~ N(0, 1/fan_in)``; biases start at zero.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+    _checks.choice("activation", ACTIVATIONS)(activation)
     if not (isinstance(depth, int) and depth >= 2):
         raise ValueError(f"depth must be an integer ≥ 2 (hidden layers + logits), got {depth!r}")
     sizes = [in_features] + [width] * (depth - 1)

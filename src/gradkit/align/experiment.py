@@ -87,12 +87,10 @@ CHECKS: dict[str, _checks.Check] = {
     "width": _checks.integer("--width", 1),
     "activation": _checks.choice("--activation", ACTIVATIONS),
     "init": _checks.choice("--init", INITS),
-    "gain": _checks.one_of_or(
-        _checks.number("--gain", 0, low_open=True), {"auto": None, "default": None}
-    ),
+    "gain": _checks.one_of_or(_checks.number("--gain", above=0), {"auto": None, "default": None}),
     "bias": _checks.Check("--bias", "True or False", _bias),
     "targets": _checks.choice("--targets", TARGET_MODES),
-    "target_scale": _checks.number("--target-scale", 0, low_open=True),
+    "target_scale": _checks.number("--target-scale", above=0),
     "batch": _checks.integer("--batch", 1),
     "seeds": _checks.integer("--seeds", 1),
     "first_seed": _checks.integer("--first-seed", 0, MAX_SEED),
@@ -100,7 +98,7 @@ CHECKS: dict[str, _checks.Check] = {
 
 
 def check_setting(setting: dict) -> dict:
-    """``setting`` with every key of :data:`SETTING_KEYS` checked (``ValueError`` names it)."""
+    """``setting`` with every key of :data:`SETTING_KEYS` checked (the error names it)."""
     missing = [k for k in SETTING_KEYS if k not in setting]
     if missing:
         raise ValueError(f"setting lacks {', '.join(missing)}; it needs {', '.join(SETTING_KEYS)}")
@@ -113,7 +111,7 @@ def check_seeds(first_seed: int, count: int) -> list[int]:
     count = CHECKS["seeds"](count)
     if first + count - 1 > MAX_SEED:
         raise ValueError(
-            f"--first-seed + --seeds − 1 must be ≤ {MAX_SEED}; got {first} + {count} − 1"
+            f"--first-seed + --seeds − 1 must be ≤ {MAX_SEED}, got {first} + {count} − 1"
         )
     return list(range(first, first + count))
 
@@ -253,7 +251,7 @@ def summarize(matrices: np.ndarray) -> AlignmentSummary:
     """
     matrices = np.asarray(matrices, dtype=np.float64)
     if matrices.ndim != 3 or matrices.shape[1] != matrices.shape[2] or matrices.shape[1] < 2:
-        raise ValueError(f"matrices must have shape (seeds, L, L) with L ≥ 2; got {matrices.shape}")
+        raise ValueError(f"matrices must have shape (seeds, L, L) with L ≥ 2, got {matrices.shape}")
     depth = matrices.shape[1]
     # offsets[d-1] = values at distance d, shape (seeds, L-d).
     by_distance = [np.diagonal(matrices, offset=d, axis1=1, axis2=2) for d in range(1, depth)]
@@ -361,7 +359,7 @@ def measure_setting(
             raise
         interrupted = True
     if not reports:
-        raise ValueError("seeds must name at least one seed; got none")
+        raise ValueError("seeds must name at least one seed, got none")
     seconds = time.perf_counter() - start
     matrices = np.stack([np.asarray(r["matrix"], dtype=np.float64) for r in reports])
     summary = summarize(matrices)

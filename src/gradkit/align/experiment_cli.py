@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -50,24 +49,6 @@ _HELPS = {
     "batch": "number of inputs x ~ N(0, I) summed in each loss",
     "seeds": "number of random networks (each with its own inputs and targets)",
 }
-
-
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
-def _list_type(key: str) -> Callable[[str], tuple]:
-    """argparse ``type=``: a comma-separated list of valid values for setting ``key``."""
-    check = CHECKS[key]
-
-    def convert(text: str) -> tuple:
-        items = [item.strip() for item in str(text).split(",")]
-        if any(not item for item in items):
-            raise argparse.ArgumentTypeError(f"empty item in {text!r}")
-        return tuple(check.argtype()(item) for item in items)
-
-    convert.__name__ = key  # argparse names the type in some messages
-    return convert
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,8 +80,8 @@ def _add_setting_arguments(parser: argparse.ArgumentParser) -> None:
         default = ALIGN_DEFAULTS.get(key)
         shown = "auto" if key == "gain" and default is None else default
         parser.add_argument(
-            _flag(key),
-            type=_list_type(key),
+            _checks.flag(key),
+            type=CHECKS[key].argtype(many=True),
             default=None,
             metavar=key.upper(),
             help=f"{text} [default: {shown}]",
@@ -152,11 +133,8 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_execution_arguments(parser: argparse.ArgumentParser) -> None:
     _runtime.add_threads_argument(parser)
     _runtime.add_device_argument(parser)
-    parser.add_argument(
-        "--jobs",
-        type=_JOBS.argtype(),
-        default=1,
-        help="sweep: cells run in N local processes (or N CPUs of a local Ray) [default: 1]",
+    _tasks.add_jobs_argument(
+        parser, "sweep: cells run in N local processes (or N CPUs of a local Ray)"
     )
     parser.add_argument(
         "--executor",
@@ -171,9 +149,6 @@ def _add_execution_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-_JOBS = _checks.integer("--jobs", 1, 4096)
-
-
 def _as_values(key: str, raw: Any) -> tuple | None:
     """Normalise a flag value to a tuple of parsed values (``None`` = not given).
 
@@ -183,10 +158,10 @@ def _as_values(key: str, raw: Any) -> tuple | None:
     if raw is None:
         return None
     if isinstance(raw, (tuple, list)):
-        return tuple(CHECKS[key](v) for v in raw)
+        return tuple(CHECKS[key].parse(v) for v in raw)
     if isinstance(raw, str):
-        return tuple(CHECKS[key](item.strip()) for item in raw.split(","))
-    return (CHECKS[key](raw),)
+        return tuple(CHECKS[key].parse(item) for item in raw.split(","))
+    return (CHECKS[key].parse(raw),)
 
 
 def resolve_settings(args: argparse.Namespace) -> dict[str, tuple]:
@@ -196,14 +171,11 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, tuple]:
     tuple has exactly one value. ``gain`` may hold ``None`` (the activation's default).
     """
     mode = getattr(args, "mode", "run") or "run"
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    _checks.choice("mode", MODES)(mode)
     base = dict(ALIGN_DEFAULTS)
     preset_name = getattr(args, "preset", None)
     if preset_name is not None:
-        if preset_name not in PRESETS:
-            raise ValueError(f"--preset must be one of {', '.join(PRESETS)}; got {preset_name!r}")
-        base.update(PRESETS[preset_name])
+        base.update(PRESETS[_checks.choice("--preset", tuple(PRESETS))(preset_name)])
     settings: dict[str, tuple] = {}
     for key in (*SETTING_KEYS, "seeds"):
         given = _as_values(key, getattr(args, key, None))
@@ -217,11 +189,11 @@ def _check_list_allowed(key: str, given: tuple, mode: str) -> None:
     if mode == "run":
         listed = ",".join("auto" if v is None else str(v) for v in given)
         raise ValueError(
-            f"{_flag(key)} got {len(given)} values ({listed}); comma-separated lists "
-            f"are for `gradkit align sweep {_flag(key)} {listed} ...`"
+            f"{_checks.flag(key)} got {len(given)} values ({listed}); comma-separated lists "
+            f"are for `gradkit align sweep {_checks.flag(key)} {listed} ...`"
         )
     if key not in SWEEPABLE:
-        raise ValueError(f"{_flag(key)} takes one value, also in sweep mode")
+        raise ValueError(f"{_checks.flag(key)} takes one value, also in sweep mode")
 
 
 # --------------------------------------------------------------------------- run
@@ -358,10 +330,9 @@ def _check_mode_flags(args: argparse.Namespace) -> None:
         raise ValueError("--resume needs --out DIR: the folder of the sweep to continue")
     if args.resume and args.overwrite:
         raise ValueError("--resume keeps finished cells and --overwrite discards them: pick one")
-    if args.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {args.dtype!r}")
-    args.first_seed = CHECKS["first_seed"](args.first_seed)
-    args.jobs = _JOBS(args.jobs)
+    _checks.choice("--dtype", tuple(DTYPES))(args.dtype)
+    args.first_seed = CHECKS["first_seed"].parse(args.first_seed)
+    args.jobs = _tasks.JOBS.parse(args.jobs)
 
 
 def run(args: argparse.Namespace) -> int:

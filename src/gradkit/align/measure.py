@@ -64,8 +64,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import _checks
 from ..topk._solve import soft_topk_vjp
-from . import _checks
 from ._conv import conv_input_cotangents, conv_param_rows, is_plain_conv
 from .networks import CenteredLeakyClip, DenseLayer, KWinnersTakeAll, group_layers
 
@@ -182,7 +182,7 @@ def _check_target_shapes(states: Sequence[Tensor], targets: Sequence[Tensor]) ->
 
 
 def _check_method(method: str) -> None:
-    _checks.one_of("method", method, choices=METHODS)
+    _checks.choice("method", METHODS)(method)
 
 
 # ----------------------------------------------------------------------------- row layout
@@ -699,12 +699,3 @@ def alignment_matrix(
     See :func:`alignment_report` for the arguments; this is its ``"matrix"``.
     """
     return alignment_report(layers, x, targets, method=method)["matrix"]
-
-
-def __getattr__(name: str):
-    # The oracles moved to gradkit.align.reference; the old import path keeps working.
-    if name in ("alignment_matrix_naive", "alignment_report_naive", "per_loss_gradients"):
-        from . import reference
-
-        return getattr(reference, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

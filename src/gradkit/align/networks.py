@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from . import _checks
+from .. import _checks
 
 __all__ = [
     "ACTIVATIONS",
@@ -62,8 +62,8 @@ class KWinnersTakeAll(nn.Module):
 
     def __init__(self, k: float = 0.5, temperature: float = 0.1):
         super().__init__()
-        _checks.number("kwta k (a count, or a fraction in (0, 1))", k, above=0)
-        _checks.number("kwta temperature", temperature, above=0)
+        _checks.number("kwta k (a count, or a fraction in (0, 1))", above=0)(k)
+        _checks.number("kwta temperature", above=0)(temperature)
         self.k, self.temperature = k, temperature
 
     def winners(self, width: int) -> float:
@@ -92,7 +92,7 @@ def make_activation(name: str) -> nn.Module:
         "centered_leaky_clip": CenteredLeakyClip,
         "kwta": KWinnersTakeAll,
     }
-    return factories[_checks.one_of("activation", name, choices=ACTIVATIONS)]()
+    return factories[_checks.choice("activation", ACTIVATIONS)(name)]()
 
 
 def default_gain(activation: str) -> float:
@@ -120,8 +120,8 @@ class DenseLayer(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        init = _checks.one_of("init", init, choices=INITS)
-        gain = _checks.number("gain", gain, above=0)
+        init = _checks.choice("init", INITS)(init)
+        gain = _checks.number("gain", above=0)(gain)
         self.linear = nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
         self.activation = make_activation(activation)
         self.activation_name = activation
@@ -186,13 +186,13 @@ def make_mlp(
     Returns:
         ``nn.Sequential`` whose items are the layers, so ``net[i]`` is layer ``i+1``.
     """
-    depth = _checks.integer("depth", depth, minimum=1)
-    width = _checks.integer("width", width, minimum=1)
-    activation = _checks.one_of("activation", activation, choices=ACTIVATIONS)
-    seed = _checks.integer("seed", seed)
+    depth = _checks.integer("depth", 1)(depth)
+    width = _checks.integer("width", 1)(width)
+    activation = _checks.choice("activation", ACTIVATIONS)(activation)
+    seed = _checks.integer("seed")(seed)
     for name, value in (("in_features", in_features), ("out_features", out_features)):
         if value is not None:
-            _checks.integer(name, value, minimum=1)
+            _checks.integer(name, 1)(value)
     gain = default_gain(activation) if gain is None else gain
     sizes = [in_features or width] + [width] * (depth - 1) + [out_features or width]
     layers = [

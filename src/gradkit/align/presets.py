@@ -6,7 +6,7 @@ explicit flags override them. Keys are the flag names with ``-`` written as ``_`
 
 from __future__ import annotations
 
-from . import _checks
+from .. import _checks
 
 __all__ = ["ALIGN_DEFAULTS", "PRESETS", "preset"]
 
@@ -69,4 +69,4 @@ PRESETS: dict[str, dict] = {
 
 def preset(name: str) -> dict:
     """A copy of the preset ``name`` (one of :data:`PRESETS`)."""
-    return dict(PRESETS[_checks.one_of("preset", name, choices=tuple(PRESETS))])
+    return dict(PRESETS[_checks.choice("preset", tuple(PRESETS))(name)])

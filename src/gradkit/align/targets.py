@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import _checks
+from .. import _checks
 from .networks import forward_states, group_layers, layer_activation, reinitialized_copy
 
 __all__ = ["TARGET_MODES", "layer_losses", "make_targets"]
@@ -81,9 +81,9 @@ def make_targets(
         TypeError: ``teacher`` for a network with a trainable parameter that no module can
             re-initialise (no ``reset_parameters()``).
     """
-    mode = _checks.one_of("target mode", mode, choices=TARGET_MODES)
-    scale = _checks.number("target scale", scale, above=0)
-    seed = _checks.integer("seed", seed)
+    mode = _checks.choice("target mode", TARGET_MODES)(mode)
+    scale = _checks.number("target scale", above=0)(scale)
+    seed = _checks.integer("seed")(seed)
     layers = group_layers(layers)
     if mode == "teacher":
         teacher = reinitialized_copy(layers, seed + _TEACHER_SEED_OFFSET)

@@ -98,8 +98,8 @@ TRAIN_PRESETS: dict[str, dict] = {
 _OVERRIDES: dict[str, tuple[_checks.Check, str]] = {
     "seeds": (_checks.integer("--seeds", 1), "number of seeds (0, 1, …)"),
     "steps": (_checks.integer("--steps", 1), "SGD updates per run"),
-    "lr": (_checks.number("--lr", 0, low_open=True), "learning rate"),
-    "momentum": (_checks.number("--momentum", 0, 1, high_open=True), "SGD momentum in [0, 1)"),
+    "lr": (_checks.number("--lr", above=0), "learning rate"),
+    "momentum": (_checks.number("--momentum", at_least=0, below=1), "SGD momentum in [0, 1)"),
     "batch_size": (_checks.integer("--batch-size", 1), "examples per update"),
     "eval_every": (_checks.integer("--eval-every", 1), "steps between full-batch checkpoints"),
     "activation": (
@@ -108,7 +108,7 @@ _OVERRIDES: dict[str, tuple[_checks.Check, str]] = {
     ),
     "depth": (_checks.integer("--depth", 1), "number of layers L"),
     "width": (_checks.integer("--width", 1), "units per (hidden) layer"),
-    "gain": (_checks.number("--gain", 0, low_open=True), "weight init gain (synthetic)"),
+    "gain": (_checks.number("--gain", above=0), "weight init gain (synthetic)"),
     "init": (_checks.choice("--init", INITS), f"weight init (synthetic): {', '.join(INITS)}"),
     "samples": (_checks.integer("--samples", 1), "number of inputs (synthetic)"),
     "targets": (
@@ -116,12 +116,12 @@ _OVERRIDES: dict[str, tuple[_checks.Check, str]] = {
         f"target kind (synthetic): {', '.join(TARGET_MODES)}",
     ),
     "target_scale": (
-        _checks.number("--target-scale", 0, low_open=True),
+        _checks.number("--target-scale", above=0),
         "scale of iid targets (synthetic)",
     ),
     "teacher_steps": (_checks.integer("--teacher-steps", 1), "Adam steps of the digits teacher"),
     "teacher_lr": (
-        _checks.number("--teacher-lr", 0, low_open=True),
+        _checks.number("--teacher-lr", above=0),
         "Adam lr of the digits teacher",
     ),
 }
@@ -130,10 +130,6 @@ _SYNTHETIC_ONLY = ("gain", "init", "samples", "targets", "target_scale")
 _DIGITS_ONLY = ("teacher_steps", "teacher_lr")
 _PRESET = _checks.choice("--preset", tuple(TRAIN_PRESETS))
 _MODE = _checks.choice("--mode", ("local", "global", "both"))
-
-
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode", type=_MODE.argtype(), default="both", help="local, global or both (default both)"
     )
     for key, (check, text) in _OVERRIDES.items():
-        parser.add_argument(_flag(key), type=check.argtype(), default=None, help=text)
+        parser.add_argument(_checks.flag(key), type=check.argtype(), default=None, help=text)
     parser.add_argument(
         "--no-alignment",
         action="store_true",
@@ -161,11 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _io.add_overwrite_argument(parser)
     _runtime.add_threads_argument(parser)
     _runtime.add_device_argument(parser)
-    parser.add_argument(
-        "--jobs",
-        type=_checks.integer("--jobs", 1, 4096).argtype(),
-        default=1,
-        help="run the seeds (digits: activation × seed) in N local processes [default: 1]",
+    _tasks.add_jobs_argument(
+        parser, "run the seeds (digits: activation × seed) in N local processes"
     )
 
 
@@ -176,7 +169,7 @@ def _check_applies(args: argparse.Namespace, digits: bool) -> None:
         if getattr(args, key, None) is not None:
             kind = "the synthetic presets" if digits else "--preset digits"
             raise ValueError(
-                f"{_flag(key)} does not apply to --preset {args.preset} (it is for {kind})"
+                f"{_checks.flag(key)} does not apply to --preset {args.preset} (it is for {kind})"
             )
 
 
@@ -208,13 +201,13 @@ def resolve_config(args: argparse.Namespace) -> dict:
 def _validate(config: dict) -> None:
     for key, (check, _) in _OVERRIDES.items():
         if key in config:
-            config[key] = check(config[key])
+            config[key] = check.parse(config[key])
     activations = str(config["activation"]).split(",")
     for activation in activations:
         if activation not in ACTIVATIONS:
             raise ValueError(
                 f"--activation must be one of {', '.join(ACTIVATIONS)} (comma-separated for "
-                f"digits); got {activation!r}"
+                f"digits), got {activation!r}"
             )
     if "data" not in config:
         if len(activations) != 1:
@@ -622,12 +615,9 @@ def plot_alignment(result: dict, path: Path) -> Path:
     return _io.save_figure(fig, path)
 
 
-_JOBS = _checks.integer("--jobs", 1, 4096)
-
-
 def _jobs_of(args: argparse.Namespace) -> int:
     """``--jobs`` of a parsed (or hand-made) namespace, checked."""
-    return _JOBS(getattr(args, "jobs", None) or 1)
+    return _tasks.JOBS.parse(getattr(args, "jobs", None) or 1)
 
 
 def _print_config(config: dict, device: torch.device, out: Path) -> None:

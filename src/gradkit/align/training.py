@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from . import _checks
+from .. import _checks
 from .networks import group_layers
 from .targets import layer_losses
 
@@ -61,7 +61,7 @@ TRAIN_MODES = ("local", "global")
 
 def check_mode(mode: str) -> None:
     """A ``ValueError`` naming :data:`TRAIN_MODES` unless ``mode`` is one of them."""
-    _checks.one_of("mode", mode, choices=TRAIN_MODES)
+    _checks.choice("mode", TRAIN_MODES)(mode)
 
 
 def layerwise_losses(
@@ -125,8 +125,8 @@ def minibatch_indices(samples: int, batch_size: int, steps: int, seed: int) -> t
     seen once per epoch. Both training modes call this with the same seed, hence see the same
     minibatches in the same order.
     """
-    _checks.integer("batch_size", batch_size, minimum=1, maximum=samples)
-    _checks.integer("steps", steps, minimum=0)
+    _checks.integer("batch_size", 1, samples)(batch_size)
+    _checks.integer("steps", 0)(steps)
     per_epoch = samples // batch_size
     epochs = -(-steps // per_epoch) if steps else 0
     generator = torch.Generator().manual_seed(int(seed))
@@ -139,7 +139,7 @@ def minibatch_indices(samples: int, batch_size: int, steps: int, seed: int) -> t
 
 def checkpoint_steps(steps: int, eval_every: int) -> list[int]:
     """Steps at which training is evaluated: ``0, eval_every, 2·eval_every, …`` and ``steps``."""
-    _checks.integer("eval_every", eval_every, minimum=1)
+    _checks.integer("eval_every", 1)(eval_every)
     marks = list(range(0, steps + 1, eval_every))
     if marks[-1] != steps:
         marks.append(steps)
@@ -195,8 +195,8 @@ def train(
         ``L`` per checkpoint) when measured, and one list per ``metrics`` key.
     """
     check_mode(mode)
-    lr = _checks.number("lr", lr, above=0)
-    momentum = _checks.number("momentum", momentum, at_least=0, below=1)
+    lr = _checks.number("lr", above=0)(lr)
+    momentum = _checks.number("momentum", at_least=0, below=1)(momentum)
     network, layers = layers, group_layers(layers)
     if len(layers) != len(targets):
         raise ValueError(f"got {len(layers)} layers but {len(targets)} targets")
