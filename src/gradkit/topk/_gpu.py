@@ -69,6 +69,10 @@ _SECTIONS = 4
 # kernels round as the interpreted ones (and the tests) do.
 _OPTIONS = {"enable_fp_fusion": False}
 
+# The oldest Triton the kernels were tested with (torch 2.4's Triton 3.0 cannot interpret
+# them): an older one leaves CUDA tensors to the sync-free PyTorch path.
+OLDEST_TRITON = (3, 9)
+
 _KERNEL_SOURCE = Path(__file__).with_name("_gpu_kernels.py")
 _lock = threading.Lock()
 _modules: dict[bool, ModuleType | None] = {}
@@ -102,8 +106,14 @@ def _load_kernels(interpret: bool) -> ModuleType | None:
         name = "gradkit.topk._gpu_kernels" + ("_interpreted" if interpret else "")
         module = None
         try:
-            import triton  # noqa: F401
+            import triton
 
+            version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+            if version < OLDEST_TRITON:
+                raise ImportError(
+                    f"triton {triton.__version__} is older than "
+                    f"{'.'.join(map(str, OLDEST_TRITON))}, the oldest tested"
+                )
             spec = importlib.util.spec_from_file_location(name, _KERNEL_SOURCE)
             module = importlib.util.module_from_spec(spec)
             with _environment("TRITON_INTERPRET", "1" if interpret else "0"):

@@ -214,7 +214,7 @@ def plain_tensors(*tensors: Tensor) -> bool:
     (``is_grads_batched``) or wrapped tensor, no ``torch.compile`` tracing."""
     functorch = getattr(torch._C, "_functorch", None)
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if functorch is None or active is None or active() or torch.compiler.is_compiling():
+    if functorch is None or active is None or torch.compiler.is_compiling() or active():
         return False
     return not any(
         functorch.is_legacy_batchedtensor(t) or functorch.is_functorch_wrapped_tensor(t)

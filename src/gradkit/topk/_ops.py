@@ -55,6 +55,18 @@ def traced(x: Tensor) -> bool:
 
 
 _exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+# Dynamo traces the functorch query below in torch 2.13 (tested); torch 2.4's cannot (a graph
+# break, so fullgraph fails). There a compiled call assumes no torch.func transform is active:
+# compiling over torch.func.jvp of soft_topk/sparse_topk needs torch >= 2.13.
+_DYNAMO_READS_FUNCTORCH = torch.__version__ >= "2.13"
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform is active (see :data:`_DYNAMO_READS_FUNCTORCH`)."""
+    if not _DYNAMO_READS_FUNCTORCH and torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active()
 try:
     from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor
 except ImportError:  # pragma: no cover
@@ -164,7 +176,7 @@ def solve(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tensor:
 def vjp(grad: Tensor, p: Tensor, tau: Tensor | float) -> tuple[Tensor, Tensor]:
     """``(∂L/∂x, ∂L/∂k)`` (no graph: a backward without ``create_graph``, or below autograd;
     ``grad`` and ``p`` of one dtype and shape)."""
-    if p.is_cuda and _gpu_module() is not None:
+    if p.is_cuda and _gpu_module() is not None and _GPU.supports(p):
         if isinstance(tau, Tensor):
             grad_x, grad_k = _GPU.vjp(grad, p, 1.0)
             return grad_x * torch.reciprocal(tau).unsqueeze(-1).to(grad_x.dtype), grad_k

@@ -255,7 +255,7 @@ _ops.LIBRARY.impl("soft_topk", _autograd_kernel, "Autograd")
 def _run(x: Tensor, k, tau, traced: bool) -> Tensor:
     """The operator on the last dimension: eager → the Function; traced or under
     ``torch.func`` transforms → the registered operator, or both → :func:`_composite`."""
-    functorch = torch._C._are_functorch_transforms_active()
+    functorch = _ops.functorch_active()
     if traced and functorch:
         # Traced torch.func transforms lose the tangents of an operator's autograd kernel
         # (compiled jvp); differentiable ops around a detached solve trace as they are.

@@ -96,7 +96,7 @@ def _apply(x: Tensor, k, tau) -> Tensor:
     :func:`gradkit.topk.soft_topk._apply`); the registered op under compile and export."""
     from . import _sparse_ops
 
-    transformed = torch._C._are_functorch_transforms_active()
+    transformed = _ops.functorch_active()
     if _sparse_ops.tracing() and not transformed:
         return _sparse_ops.call_op(x, k, tau)
     unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", None)
