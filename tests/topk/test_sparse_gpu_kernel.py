@@ -215,6 +215,17 @@ def test_scales_and_offsets(solver, offset):
     _check(solve, x * 1e-4 + offset, 4.5, 1e-5)
 
 
+@pytest.mark.parametrize("temperature", [0.01, 1.0])
+def test_kinks_that_coincide(solver, temperature):
+    # Scores on a half-integer grid: many kinks w_i and w_j − 1 coincide, and ties abound.
+    solve, device = solver
+    x = (seeded_randn(16, 40, seed=16) * 3).round() / 2
+    k = torch.rand(16, generator=torch.Generator().manual_seed(17), dtype=torch.float64) * 40
+    k[::3] = k[::3].round()
+    _check(solve, x.to(device), k.to(device), temperature)
+    _check(solve, x.float().to(device), k.to(device), temperature)
+
+
 def test_empty_inputs(solver):
     solve, device = solver
     assert solve(torch.empty(3, 0, device=device), 0.0, 1.0).shape == (3, 0)

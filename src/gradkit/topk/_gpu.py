@@ -341,7 +341,8 @@ def sparse_solve_constants(x_dtype: torch.dtype, rows_per_program: int, block: i
         ROWS=rows_per_program, BLOCK=block, CDT=_triton_dtype(dtype),
         IS_F64=dtype == torch.float64, EPS=finfo.eps, LIMIT=finfo.max / 16,
         NEWTON_STEPS=SPARSE_NEWTON_STEPS, MAX_ITERS=sparse_max_iterations(dtype),
-        WIDE=_WIDE_BRACKET, COUNT=count,
+        WIDE=_WIDE_BRACKET, WIDE_START=_WIDE_START, PROBES=_PROBES, SECTIONS=_SECTIONS,
+        COUNT=count,
     )  # fmt: skip
 
 

@@ -491,6 +491,66 @@ def _sparse_active(x_ptr, row_base, row_ok, n, top, tau, t, ROWS: tl.constexpr,
 
 
 @triton.jit
+def _sparse_section(x_ptr, row_base, row_ok, n, top, tau, budget, lo, hi, mass_lo, mass_hi, wide,
+                    ROWS: tl.constexpr, PROBES: tl.constexpr, SUB: tl.constexpr,
+                    CDT: tl.constexpr, LIMIT: tl.constexpr):  # fmt: skip
+    """One multisection pass on the ``wide`` rows: ``F`` at ``PROBES`` points evenly spaced in
+    ``(lo, hi)`` (one read of the row), and the bracket (with ``F`` at its ends) shrunk to the
+    two probes around the root: ``PROBES + 1`` times narrower."""
+    fraction = (tl.arange(0, PROBES) + 1).to(CDT) / (PROBES + 1)
+    probes = lo[:, None] + (hi - lo)[:, None] * fraction[None, :]
+    masses = tl.full([ROWS, PROBES], 0, CDT)
+    for start in range(0, n, SUB):
+        x, _ = _load(x_ptr, row_base, row_ok, start, n, SUB, CDT)
+        w, live = _sparse_w(x, top, tau, LIMIT)
+        p = tl.minimum(tl.maximum(w[:, None, :] - probes[:, :, None], 0.0), 1.0)
+        masses += _sum(tl.where(live[:, None, :], p, 0.0), 2)
+    above = masses >= budget[:, None]
+    below = masses <= budget[:, None]
+    left = _max(tl.where(above, probes, float("-inf")), 1)
+    right = _min(tl.where(below, probes, float("inf")), 1)
+    # F is non-increasing: the mass at the left (right) end is the smallest (largest) above
+    # (below) the budget.
+    left_mass = _min(tl.where(above, masses, float("inf")), 1)
+    right_mass = _max(tl.where(below, masses, float("-inf")), 1)
+    move_lo = wide & (left > lo)
+    move_hi = wide & (right < hi)
+    lo = tl.where(move_lo, left, lo)
+    mass_lo = tl.where(move_lo, left_mass, mass_lo)
+    hi = tl.where(move_hi, right, hi)
+    mass_hi = tl.where(move_hi, right_mass, mass_hi)
+    return lo, hi, mass_lo, mass_hi
+
+
+@triton.jit
+def _sparse_start(x_ptr, row_base, row_ok, n, top, tau, budget, lo, hi, n_live, solving,
+                  ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
+                  LIMIT: tl.constexpr, WIDE_START: tl.constexpr, PROBES: tl.constexpr,
+                  SECTIONS: tl.constexpr):  # fmt: skip
+    """The start ``t`` and the bracket with ``F`` at its ends: the all-free root (exact when
+    nothing saturates); for rows spanning more than ``WIDE_START`` units (small τ), where that
+    root lies far from the answer, the regula-falsi point of a bracket narrowed by up to
+    ``SECTIONS`` multisection passes."""
+    total = _sparse_sum_w(x_ptr, row_base, row_ok, n, top, tau, ROWS, BLOCK, CDT, LIMIT)
+    t = tl.minimum(tl.maximum((total - budget) / tl.maximum(n_live, 1.0), lo), hi)
+    mass_lo = n_live
+    mass_hi = tl.full([ROWS], 0, CDT)
+    wide = solving & (hi - lo > WIDE_START)
+    sectioned = wide
+    section = 0
+    while (section < SECTIONS) & (_max(wide.to(tl.int32), 0) > 0):
+        lo, hi, mass_lo, mass_hi = _sparse_section(x_ptr, row_base, row_ok, n, top, tau, budget,
+                                                   lo, hi, mass_lo, mass_hi, wide, ROWS, PROBES,
+                                                   BLOCK // PROBES, CDT, LIMIT)  # fmt: skip
+        wide = wide & (hi - lo > WIDE_START)
+        section += 1
+    gap = tl.maximum(mass_lo - mass_hi, 1e-30)
+    share = tl.minimum(tl.maximum((mass_lo - budget) / gap, 0.0), 1.0)
+    t = tl.where(sectioned, lo + share * (hi - lo), t)
+    return t, lo, hi, mass_lo, mass_hi
+
+
+@triton.jit
 def _sparse_step(t, lo, hi, mass_lo, mass_hi, budget, upper, count, total, it,
                  EPS: tl.constexpr, NEWTON_STEPS: tl.constexpr, WIDE: tl.constexpr,
                  IS_F64: tl.constexpr):  # fmt: skip
@@ -514,15 +574,14 @@ def _sparse_step(t, lo, hi, mass_lo, mass_hi, budget, upper, count, total, it,
 
 
 @triton.jit
-def _sparse_iterate(x_ptr, row_base, row_ok, n, top, tau, budget, t, lo, hi, n_live, solving,
+def _sparse_iterate(x_ptr, row_base, row_ok, n, top, tau, budget, t, lo, hi, mass_lo, mass_hi,
+                    solving,
                     ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
                     LIMIT: tl.constexpr, EPS: tl.constexpr, NEWTON_STEPS: tl.constexpr,
                     MAX_ITERS: tl.constexpr, WIDE: tl.constexpr,
                     IS_F64: tl.constexpr):  # fmt: skip
     """The safeguarded active-set Newton; returns ``t`` and each row's number of passes."""
     active = solving
-    mass_lo = n_live
-    mass_hi = tl.full([ROWS], 0, CDT)
     iters = tl.full([ROWS], 0, tl.int32)
     it = 0
     while (it < MAX_ITERS) & (_max(active.to(tl.int32), axis=0) > 0):
@@ -549,7 +608,8 @@ def _sparse_solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, i
                          n, ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
                          IS_F64: tl.constexpr, EPS: tl.constexpr, LIMIT: tl.constexpr,
                          NEWTON_STEPS: tl.constexpr, MAX_ITERS: tl.constexpr,
-                         WIDE: tl.constexpr, COUNT: tl.constexpr):  # fmt: skip
+                         WIDE: tl.constexpr, WIDE_START: tl.constexpr, PROBES: tl.constexpr,
+                         SECTIONS: tl.constexpr, COUNT: tl.constexpr):  # fmt: skip
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = row < rows
     row_base = row.to(tl.int64) * n
@@ -566,12 +626,12 @@ def _sparse_solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, i
     budget = tl.where(solving, budget, 0.5)
     lo = tl.where(solving, tl.maximum((x_min - top) / tau, -LIMIT) - 1.0, -1.0)
     hi = tl.full([ROWS], 0, CDT)
-    total = _sparse_sum_w(x_ptr, row_base, row_ok, n, top, tau, ROWS, BLOCK, CDT, LIMIT)
-    start = (total - budget) / tl.maximum(n_live, 1.0)
-    t = tl.minimum(tl.maximum(start, lo), hi)
-    t, iters = _sparse_iterate(x_ptr, row_base, row_ok, n, top, tau, budget, t, lo, hi, n_live,
-                               solving, ROWS, BLOCK, CDT, LIMIT, EPS, NEWTON_STEPS, MAX_ITERS,
-                               WIDE, IS_F64)  # fmt: skip
+    t, lo, hi, mass_lo, mass_hi = _sparse_start(x_ptr, row_base, row_ok, n, top, tau, budget,
+                                                lo, hi, n_live, solving, ROWS, BLOCK, CDT, LIMIT,
+                                                WIDE_START, PROBES, SECTIONS)  # fmt: skip
+    t, iters = _sparse_iterate(x_ptr, row_base, row_ok, n, top, tau, budget, t, lo, hi, mass_lo,
+                               mass_hi, solving, ROWS, BLOCK, CDT, LIMIT, EPS, NEWTON_STEPS,
+                               MAX_ITERS, WIDE, IS_F64)  # fmt: skip
     if COUNT:
         tl.store(iters_ptr + row, iters, mask=row_ok)
     # Rows without a solve: every finite entry 0 (k' ≤ 0) or 1 (k' ≥ live); +inf entries
