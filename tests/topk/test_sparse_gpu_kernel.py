@@ -298,6 +298,20 @@ def test_vjp_empty(vjp_device):
     assert grad_x.shape == (3, 0) and torch.equal(grad_k.cpu(), torch.zeros(3))
 
 
+def test_cuda_dispatch_kernel_and_fallback(monkeypatch):
+    # The CUDA branch of solve_sparse_topk, run on CPU tensors: the Triton kernel when it is
+    # usable, else the sync-free PyTorch solve; both equal the CPU operator.
+    from gradkit.topk import _sparse
+
+    _need_kernels("cpu")
+    x = seeded_randn(5, 33, seed=19)
+    k = torch.tensor([0.0, 1.5, 4.0, 20.0, 33.0], dtype=torch.float64)
+    expected = _sparse.solve_sparse_topk(x, k, 0.2)
+    torch.testing.assert_close(_sparse._solve_cuda(x, k, 0.2), expected, atol=1e-13, rtol=0)
+    monkeypatch.setattr(_sparse, "_gpu_kernels", lambda: None)
+    torch.testing.assert_close(_sparse._solve_cuda(x, k, 0.2), expected, atol=1e-13, rtol=0)
+
+
 # ------------------------------------------------------------------ on CUDA: no host syncs
 
 
