@@ -1,4 +1,5 @@
-"""Fused Triton kernels for :func:`gradkit.soft_topk` (forward solve and vjp), with launchers.
+"""Fused Triton kernels for :func:`gradkit.soft_topk` and :func:`gradkit.sparse_topk` (forward
+solve and vjp), with launchers.
 
 Optional: needs ``triton`` (``pip install gradkit[gpu]``; CUDA builds of torch ship it).  The
 kernels (:mod:`gradkit.topk._gpu_kernels`) solve the same problem as :mod:`gradkit.topk._solve`
@@ -16,6 +17,9 @@ Interface (used by the registered ops; keep it):
   grad_k)``; ``k`` and ``inv_tau = 1/τ`` are numbers or per-slice tensors shaped
   ``x.shape[:-1]`` (anything broadcastable to it).  The caller validates ``k ∈ [0, n]`` and
   ``τ > 0``: checking values would need a host read.
+* :func:`sparse_solve` ``(x, k, tau) -> p`` and :func:`sparse_vjp` ``(grad, p, tau) ->
+  (grad_x, grad_k)``: the same for :func:`gradkit.sparse_topk`, with ``τ`` itself (not its
+  inverse), a number or a per-slice tensor.
 
 CPU tensors are run by Triton's interpreter (``TRITON_INTERPRET=1`` semantics, NumPy on the
 host), whatever the environment says: the module is loaded a second time with the variable

@@ -1,4 +1,5 @@
-"""Triton kernels for :func:`gradkit.soft_topk`: the threshold solve and the vjp.
+"""Triton kernels for :func:`gradkit.soft_topk` (and, at the end, :func:`gradkit.sparse_topk`):
+the threshold solve and the vjp.
 
 Launched only through :mod:`gradkit.topk._gpu`, which loads this module once per mode (compiled
 for CUDA tensors, interpreted for CPU tensors: Triton fixes the mode when ``@triton.jit`` runs,
