@@ -1,4 +1,5 @@
-"""Fused Triton kernels for :func:`gradkit.soft_topk` (forward solve and vjp), with launchers.
+"""Fused Triton kernels for :func:`gradkit.soft_topk` and :func:`gradkit.sparse_topk` (forward
+solve and vjp), with launchers.
 
 Optional: needs ``triton`` (``pip install gradkit[gpu]``; CUDA builds of torch ship it).  The
 kernels (:mod:`gradkit.topk._gpu_kernels`) solve the same problem as :mod:`gradkit.topk._solve`
@@ -16,6 +17,9 @@ Interface (used by the registered ops; keep it):
   grad_k)``; ``k`` and ``inv_tau = 1/τ`` are numbers or per-slice tensors shaped
   ``x.shape[:-1]`` (anything broadcastable to it).  The caller validates ``k ∈ [0, n]`` and
   ``τ > 0``: checking values would need a host read.
+* :func:`sparse_solve` ``(x, k, tau) -> p`` and :func:`sparse_vjp` ``(grad, p, tau) ->
+  (grad_x, grad_k)``: the same for :func:`gradkit.sparse_topk`, with ``τ`` itself (not its
+  inverse), a number or a per-slice tensor.
 
 CPU tensors are run by Triton's interpreter (``TRITON_INTERPRET=1`` semantics, NumPy on the
 host), whatever the environment says: the module is loaded a second time with the variable
@@ -44,6 +48,11 @@ __all__ = [
     "reason",
     "solve",
     "solve_constants",
+    "sparse_max_iterations",
+    "sparse_solve",
+    "sparse_solve_constants",
+    "sparse_vjp",
+    "sparse_vjp_constants",
     "supports",
     "tiling",
     "vjp",
@@ -325,3 +334,117 @@ def _triton_dtype(dtype: torch.dtype):
     import triton.language as tl
 
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# ------------------------------------------------------------------------------ sparse_topk
+# Active-set Newton steps before bisection, for sparse_solve (see _gpu_kernels).
+SPARSE_NEWTON_STEPS = 24
+
+
+def sparse_max_iterations(dtype: torch.dtype) -> int:
+    """Pass cap of :func:`sparse_solve` in compute dtype ``dtype``:
+    ``SPARSE_NEWTON_STEPS + bits + 2`` (58 in float32, 90 in float64)."""
+    return SPARSE_NEWTON_STEPS + torch.finfo(dtype).bits + 2
+
+
+def sparse_solve_constants(x_dtype: torch.dtype, rows_per_program: int, block: int, count: bool):
+    """The compile-time parameters of ``_sparse_solve_kernel`` for inputs of dtype ``x_dtype``."""
+    dtype = _compute_dtype(x_dtype)
+    finfo = torch.finfo(dtype)
+    return dict(
+        ROWS=rows_per_program, BLOCK=block, CDT=_triton_dtype(dtype),
+        IS_F64=dtype == torch.float64, EPS=finfo.eps, LIMIT=finfo.max / 16,
+        NEWTON_STEPS=SPARSE_NEWTON_STEPS, MAX_ITERS=sparse_max_iterations(dtype),
+        WIDE=_WIDE_BRACKET, WIDE_START=_WIDE_START, PROBES=_PROBES, SECTIONS=_SECTIONS,
+        COUNT=count,
+    )  # fmt: skip
+
+
+def sparse_vjp_constants(p_dtype: torch.dtype, rows_per_program: int, block: int):
+    """The compile-time parameters of ``_sparse_vjp_kernel`` for ``p`` of dtype ``p_dtype``."""
+    return dict(ROWS=rows_per_program, BLOCK=block, CDT=_triton_dtype(_compute_dtype(p_dtype)))
+
+
+def sparse_solve(
+    x: Tensor,
+    k: float | Tensor,
+    tau: float | Tensor,
+    *,
+    block: int | None = None,
+    iterations: Tensor | None = None,
+) -> Tensor:
+    """``p = clip((x − θ)/τ, 0, 1)`` with ``Σ p = k`` along the last dimension, on the device.
+
+    Args:
+        x: floating tensor ``(..., n)``; float16/bfloat16 are solved in float32.
+        k: budget in ``[0, n]``: a number, or a tensor broadcastable to ``x.shape[:-1]``.
+        tau: the temperature ``τ > 0`` (not its inverse): a number, or a tensor broadcastable
+            to ``x.shape[:-1]``.  The caller validates ``k`` and ``τ``.
+        block, iterations: test hooks, as in :func:`solve` (``iterations`` receives the number
+            of active-set passes of each slice).
+
+    Returns ``p`` with ``x``'s shape and dtype and :func:`gradkit.sparse_topk`'s semantics:
+    ``−inf`` entries 0, ``+inf`` entries 1 (``k/m`` each when ``m > k`` of them), a slice with
+    a NaN is NaN, exact ties ``k/n``, ``k = 0`` zeros, ``k = n`` ones.  θ is the exact solve on
+    the final active set.  No host synchronisation.
+    """
+    _check(x, "x")
+    n = x.shape[-1]
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    module = _kernels_for(x)
+    dtype = _compute_dtype(x.dtype)
+    batch = x.shape[:-1]
+    rows = x.numel() // n
+    x_rows = x.contiguous().view(rows, n)
+    out = torch.empty_like(x_rows)
+    k_rows, k_stride = _per_row(k, batch, dtype, x.device)
+    tau_rows, tau_stride = _per_row(tau, batch, dtype, x.device)
+    per_program, default_block = tiling(rows, n)
+    if block is not None:
+        per_program, default_block = 1, block
+    count = iterations is not None
+    counter = iterations if count else torch.empty(1, dtype=torch.int32, device=x.device)
+    constants = sparse_solve_constants(x.dtype, per_program, default_block, count)
+    with _host_arithmetic(x):
+        module._sparse_solve_kernel[(triton_cdiv(rows, per_program),)](
+            x_rows, out, k_rows, k_stride, tau_rows, tau_stride, counter, rows, n, **constants,
+            **_OPTIONS,
+        )  # fmt: skip
+    return out.view(x.shape)
+
+
+def sparse_vjp(
+    grad: Tensor, p: Tensor, tau: float | Tensor, *, block: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Vector–Jacobian product of :func:`sparse_solve` at its output ``p``: with the free set
+    ``F = {0 < p < 1}`` and ``m = mean_F g`` (0 where ``F`` is empty), ``grad_x = 1_F (g − m)/τ``
+    (NaN where ``p`` is NaN) and ``grad_k = m``.  ``τ`` a number or per-slice tensor.  Returns
+    ``(grad_x, grad_k)`` in ``p``'s dtype (computed in float32 for half dtypes)."""
+    _check(grad, "grad")
+    _check(p, "p")
+    if grad.shape != p.shape:
+        raise ValueError(
+            f"sparse_topk: grad and p must have the same shape, got {tuple(grad.shape)} "
+            f"and {tuple(p.shape)}"
+        )
+    n = p.shape[-1]
+    batch = p.shape[:-1]
+    grad_x = torch.empty_like(p, memory_format=torch.contiguous_format)
+    grad_k = torch.empty(batch, dtype=p.dtype, device=p.device)
+    if p.numel() == 0:
+        return grad_x.zero_(), grad_k.zero_()
+    module = _kernels_for(p)
+    rows = p.numel() // n
+    tau_rows, tau_stride = _per_row(tau, batch, _compute_dtype(p.dtype), p.device)
+    per_program, default_block = tiling(rows, n)
+    if block is not None:
+        per_program, default_block = 1, block
+    constants = sparse_vjp_constants(p.dtype, per_program, default_block)
+    with _host_arithmetic(p):
+        module._sparse_vjp_kernel[(triton_cdiv(rows, per_program),)](
+            grad.contiguous().view(rows, n), p.contiguous().view(rows, n),
+            grad_x.view(rows, n), grad_k.view(rows), tau_rows, tau_stride, rows, n, **constants,
+            **_OPTIONS,
+        )  # fmt: skip
+    return grad_x, grad_k

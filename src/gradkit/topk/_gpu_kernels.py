@@ -1,4 +1,5 @@
-"""Triton kernels for :func:`gradkit.soft_topk`: the threshold solve and the vjp.
+"""Triton kernels for :func:`gradkit.soft_topk` (and, at the end, :func:`gradkit.sparse_topk`):
+the threshold solve and the vjp.
 
 Launched only through :mod:`gradkit.topk._gpu`, which loads this module once per mode (compiled
 for CUDA tensors, interpreted for CPU tensors: Triton fixes the mode when ``@triton.jit`` runs,
@@ -438,3 +439,248 @@ def _vjp_kernel(g_ptr, p_ptr, gx_ptr, gk_ptr, tau_ptr, tau_stride, rows, n,
     if SATURATE:
         c = tl.where(c > OUT_MAX, OUT_MAX, tl.where(c < -OUT_MAX, -OUT_MAX, c))
     tl.store(gk_ptr + row, c.to(gk_ptr.dtype.element_ty), mask=row_ok)
+
+
+# ------------------------------------------------------------------------------ sparse_topk
+# Math and symbols follow :mod:`gradkit.topk._sparse`: per row, ``w_i = (x_i − x_max)/τ`` on
+# the finite entries (floored at ``−LIMIT``), ``F(t) = Σ clip(w − t, 0, 1)``, ``U = {w − t ≥
+# 1}``, the free set ``F = {0 < w − t < 1}``; the root of ``F(t) = k'`` (``k'`` the budget
+# left to the finite entries) lies in ``[w_min − 1, 0]``.  Active-set Newton (the root of the
+# linear piece at ``t``, ``(Σ_F w + |U| − k')/|F|``), safeguarded by the bracket (regula falsi
+# kept off its ends, after ``NEWTON_STEPS`` bisection in the float ordering), at most
+# ``MAX_ITERS`` passes; a row stops when the step is ``t`` itself to rounding (``t`` then
+# solves its own active set: the exact threshold), when ``F(t) = k'`` exactly, or when its
+# bracket has collapsed (then ``t`` is the exact solve of the last active set, clamped to it).
+
+
+@triton.jit
+def _sparse_w(x, top, tau, LIMIT: tl.constexpr):
+    """``w = (x − x_max)/τ`` on the finite entries (0 elsewhere) and the finiteness mask."""
+    live = (x > float("-inf")) & (x < float("inf"))
+    w = (tl.where(live, x, top[:, None]) - top[:, None]) / tau[:, None]
+    return tl.maximum(w, -LIMIT), live
+
+
+@triton.jit
+def _sparse_sum_w(x_ptr, row_base, row_ok, n, top, tau, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                  CDT: tl.constexpr, LIMIT: tl.constexpr):  # fmt: skip
+    """``Σ w`` over the finite entries (for the all-free start)."""
+    total = tl.full([ROWS], 0, CDT)
+    for start in range(0, n, BLOCK):
+        x, _ = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
+        w, live = _sparse_w(x, top, tau, LIMIT)
+        total += _sum(tl.where(live, w, 0.0), axis=1)
+    return total
+
+
+@triton.jit
+def _sparse_active(x_ptr, row_base, row_ok, n, top, tau, t, ROWS: tl.constexpr,
+                   BLOCK: tl.constexpr, CDT: tl.constexpr, LIMIT: tl.constexpr):  # fmt: skip
+    """One pass: ``|U|``, ``|F|`` and ``Σ_F w`` at ``t``."""
+    upper = tl.full([ROWS], 0, CDT)
+    count = tl.full([ROWS], 0, CDT)
+    total = tl.full([ROWS], 0, CDT)
+    for start in range(0, n, BLOCK):
+        x, _ = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
+        w, live = _sparse_w(x, top, tau, LIMIT)
+        z = w - t[:, None]
+        free = live & (z > 0) & (z < 1)
+        upper += _sum((live & (z >= 1)).to(CDT), axis=1)
+        count += _sum(free.to(CDT), axis=1)
+        total += _sum(tl.where(free, w, 0.0), axis=1)
+    return upper, count, total
+
+
+@triton.jit
+def _sparse_section(x_ptr, row_base, row_ok, n, top, tau, budget, lo, hi, mass_lo, mass_hi, wide,
+                    ROWS: tl.constexpr, PROBES: tl.constexpr, SUB: tl.constexpr,
+                    CDT: tl.constexpr, LIMIT: tl.constexpr):  # fmt: skip
+    """One multisection pass on the ``wide`` rows: ``F`` at ``PROBES`` points evenly spaced in
+    ``(lo, hi)`` (one read of the row), and the bracket (with ``F`` at its ends) shrunk to the
+    two probes around the root: ``PROBES + 1`` times narrower."""
+    fraction = (tl.arange(0, PROBES) + 1).to(CDT) / (PROBES + 1)
+    probes = lo[:, None] + (hi - lo)[:, None] * fraction[None, :]
+    masses = tl.full([ROWS, PROBES], 0, CDT)
+    for start in range(0, n, SUB):
+        x, _ = _load(x_ptr, row_base, row_ok, start, n, SUB, CDT)
+        w, live = _sparse_w(x, top, tau, LIMIT)
+        p = tl.minimum(tl.maximum(w[:, None, :] - probes[:, :, None], 0.0), 1.0)
+        masses += _sum(tl.where(live[:, None, :], p, 0.0), 2)
+    above = masses >= budget[:, None]
+    below = masses <= budget[:, None]
+    left = _max(tl.where(above, probes, float("-inf")), 1)
+    right = _min(tl.where(below, probes, float("inf")), 1)
+    # F is non-increasing: the mass at the left (right) end is the smallest (largest) above
+    # (below) the budget.
+    left_mass = _min(tl.where(above, masses, float("inf")), 1)
+    right_mass = _max(tl.where(below, masses, float("-inf")), 1)
+    move_lo = wide & (left > lo)
+    move_hi = wide & (right < hi)
+    lo = tl.where(move_lo, left, lo)
+    mass_lo = tl.where(move_lo, left_mass, mass_lo)
+    hi = tl.where(move_hi, right, hi)
+    mass_hi = tl.where(move_hi, right_mass, mass_hi)
+    return lo, hi, mass_lo, mass_hi
+
+
+@triton.jit
+def _sparse_start(x_ptr, row_base, row_ok, n, top, tau, budget, lo, hi, n_live, solving,
+                  ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
+                  LIMIT: tl.constexpr, WIDE_START: tl.constexpr, PROBES: tl.constexpr,
+                  SECTIONS: tl.constexpr):  # fmt: skip
+    """The start ``t`` and the bracket with ``F`` at its ends: the all-free root (exact when
+    nothing saturates); for rows spanning more than ``WIDE_START`` units (small τ), where that
+    root lies far from the answer, the regula-falsi point of a bracket narrowed by up to
+    ``SECTIONS`` multisection passes."""
+    total = _sparse_sum_w(x_ptr, row_base, row_ok, n, top, tau, ROWS, BLOCK, CDT, LIMIT)
+    t = tl.minimum(tl.maximum((total - budget) / tl.maximum(n_live, 1.0), lo), hi)
+    mass_lo = n_live
+    mass_hi = tl.full([ROWS], 0, CDT)
+    wide = solving & (hi - lo > WIDE_START)
+    sectioned = wide
+    section = 0
+    while (section < SECTIONS) & (_max(wide.to(tl.int32), 0) > 0):
+        lo, hi, mass_lo, mass_hi = _sparse_section(x_ptr, row_base, row_ok, n, top, tau, budget,
+                                                   lo, hi, mass_lo, mass_hi, wide, ROWS, PROBES,
+                                                   BLOCK // PROBES, CDT, LIMIT)  # fmt: skip
+        wide = wide & (hi - lo > WIDE_START)
+        section += 1
+    gap = tl.maximum(mass_lo - mass_hi, 1e-30)
+    share = tl.minimum(tl.maximum((mass_lo - budget) / gap, 0.0), 1.0)
+    t = tl.where(sectioned, lo + share * (hi - lo), t)
+    return t, lo, hi, mass_lo, mass_hi
+
+
+@triton.jit
+def _sparse_step(t, lo, hi, mass_lo, mass_hi, budget, upper, count, total, it,
+                 EPS: tl.constexpr, NEWTON_STEPS: tl.constexpr, WIDE: tl.constexpr,
+                 IS_F64: tl.constexpr):  # fmt: skip
+    """The next ``t`` and whether the row is finished (bracket already updated at ``t``)."""
+    mass = upper + total - count * t
+    step = (total + upper - budget) / tl.maximum(count, 1.0)
+    stable = (count > 0) & (tl.abs(step - t) <= 2.0 * EPS * (tl.abs(t) + 1.0))
+    solved = stable | (mass == budget)
+    collapsed = _adjacent(lo, hi)
+    newton = it < NEWTON_STEPS
+    inside = (count > 0) & (step > lo) & (step < hi)
+    gap = tl.maximum(mass_lo - mass_hi, 1e-30)
+    share = tl.minimum(tl.maximum((mass_lo - budget) / gap, 0.25), 0.75)
+    secant = lo + share * (hi - lo)
+    midpoint = tl.where(hi - lo > WIDE, _ordered_midpoint(lo, hi, IS_F64), 0.5 * lo + 0.5 * hi)
+    t_next = tl.where(inside, step, tl.where(newton, secant, midpoint))
+    last = tl.where(count > 0, tl.minimum(tl.maximum(step, lo), hi), t)
+    t_next = tl.where(collapsed & ~solved, last, t_next)
+    t_next = tl.where(stable, step, tl.where(solved, t, t_next))
+    return t_next, solved | collapsed
+
+
+@triton.jit
+def _sparse_iterate(x_ptr, row_base, row_ok, n, top, tau, budget, t, lo, hi, mass_lo, mass_hi,
+                    solving,
+                    ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
+                    LIMIT: tl.constexpr, EPS: tl.constexpr, NEWTON_STEPS: tl.constexpr,
+                    MAX_ITERS: tl.constexpr, WIDE: tl.constexpr,
+                    IS_F64: tl.constexpr):  # fmt: skip
+    """The safeguarded active-set Newton; returns ``t`` and each row's number of passes."""
+    active = solving
+    iters = tl.full([ROWS], 0, tl.int32)
+    it = 0
+    while (it < MAX_ITERS) & (_max(active.to(tl.int32), axis=0) > 0):
+        upper, count, total = _sparse_active(x_ptr, row_base, row_ok, n, top, tau, t, ROWS,
+                                             BLOCK, CDT, LIMIT)  # fmt: skip
+        mass = upper + total - count * t
+        above = active & (mass >= budget)
+        below = active & (mass <= budget)
+        lo = tl.where(above, t, lo)
+        mass_lo = tl.where(above, mass, mass_lo)
+        hi = tl.where(below, t, hi)
+        mass_hi = tl.where(below, mass, mass_hi)
+        t_next, finished = _sparse_step(t, lo, hi, mass_lo, mass_hi, budget, upper, count, total,
+                                        it, EPS, NEWTON_STEPS, WIDE, IS_F64)  # fmt: skip
+        t = tl.where(active, t_next, t)
+        iters += active.to(tl.int32)
+        active = active & ~finished
+        it += 1
+    return t, iters
+
+
+@triton.jit
+def _sparse_solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_ptr, rows,
+                         n, ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
+                         IS_F64: tl.constexpr, EPS: tl.constexpr, LIMIT: tl.constexpr,
+                         NEWTON_STEPS: tl.constexpr, MAX_ITERS: tl.constexpr,
+                         WIDE: tl.constexpr, WIDE_START: tl.constexpr, PROBES: tl.constexpr,
+                         SECTIONS: tl.constexpr, COUNT: tl.constexpr):  # fmt: skip
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = row < rows
+    row_base = row.to(tl.int64) * n
+    k = tl.load(k_ptr + row * k_stride, mask=row_ok, other=1.0).to(CDT)
+    tau = tl.load(tau_ptr + row * tau_stride, mask=row_ok, other=1.0).to(CDT)
+    x_max, x_min, live_count, pos_count, nan_count = _row_stats(
+        x_ptr, row_base, row_ok, n, ROWS, BLOCK, CDT
+    )
+    n_live = live_count.to(CDT)
+    n_pos = pos_count.to(CDT)
+    budget = k - n_pos
+    solving = row_ok & (nan_count == 0) & (budget > 0) & (budget < n_live)
+    top = tl.where(live_count > 0, x_max, 0.0)
+    budget = tl.where(solving, budget, 0.5)
+    lo = tl.where(solving, tl.maximum((x_min - top) / tau, -LIMIT) - 1.0, -1.0)
+    hi = tl.full([ROWS], 0, CDT)
+    t, lo, hi, mass_lo, mass_hi = _sparse_start(x_ptr, row_base, row_ok, n, top, tau, budget,
+                                                lo, hi, n_live, solving, ROWS, BLOCK, CDT, LIMIT,
+                                                WIDE_START, PROBES, SECTIONS)  # fmt: skip
+    t, iters = _sparse_iterate(x_ptr, row_base, row_ok, n, top, tau, budget, t, lo, hi, mass_lo,
+                               mass_hi, solving, ROWS, BLOCK, CDT, LIMIT, EPS, NEWTON_STEPS,
+                               MAX_ITERS, WIDE, IS_F64)  # fmt: skip
+    if COUNT:
+        tl.store(iters_ptr + row, iters, mask=row_ok)
+    # Rows without a solve: every finite entry 0 (k' ≤ 0) or 1 (k' ≥ live); +inf entries
+    # min(k/m, 1); a slice with a NaN is NaN.
+    fixed = tl.where(k - n_pos > 0.0, 1.0, 0.0)
+    share = tl.minimum(k / tl.maximum(n_pos, 1.0), 1.0)
+    has_nan = nan_count > 0
+    for start in range(0, n, BLOCK):
+        x, inside = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
+        w, live = _sparse_w(x, top, tau, LIMIT)
+        value = tl.minimum(tl.maximum(w - t[:, None], 0.0), 1.0)
+        value = tl.where(solving[:, None], value, fixed[:, None])
+        value = tl.where(live, value, tl.where(x == float("inf"), share[:, None], 0.0))
+        value = tl.where(has_nan[:, None], float("nan"), value)
+        cols = start + tl.arange(0, BLOCK)
+        tl.store(out_ptr + row_base[:, None] + cols[None, :],
+                 value.to(out_ptr.dtype.element_ty), mask=inside)  # fmt: skip
+
+
+@triton.jit
+def _sparse_vjp_kernel(g_ptr, p_ptr, gx_ptr, gk_ptr, tau_ptr, tau_stride, rows, n,
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):  # fmt: skip
+    """``m = mean_F g`` (0 where ``F`` is empty) and ``grad_x = 1_F (g − m)/τ`` (NaN where ``p``
+    is NaN): two passes."""
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = row < rows
+    row_base = row.to(tl.int64) * n
+    tau = tl.load(tau_ptr + row * tau_stride, mask=row_ok, other=1.0).to(CDT)
+    count = tl.full([ROWS], 0, CDT)
+    total = tl.full([ROWS], 0, CDT)
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = row_ok[:, None] & (cols < n)[None, :]
+        offsets = row_base[:, None] + cols[None, :]
+        p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(CDT)
+        g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(CDT)
+        free = (p > 0) & (p < 1)
+        count += _sum(free.to(CDT), axis=1)
+        total += _sum(tl.where(free, g, 0.0), axis=1)
+    mean = total / tl.maximum(count, 1.0)
+    for start in range(0, n, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = row_ok[:, None] & (cols < n)[None, :]
+        offsets = row_base[:, None] + cols[None, :]
+        p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(CDT)
+        g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(CDT)
+        free = (p > 0) & (p < 1)
+        grad = tl.where(free, g - mean[:, None], 0.0) / tau[:, None]
+        grad = tl.where(p != p, p, grad)
+        tl.store(gx_ptr + offsets, grad.to(gx_ptr.dtype.element_ty), mask=inside)
+    tl.store(gk_ptr + row, mean.to(gk_ptr.dtype.element_ty), mask=row_ok)

@@ -37,7 +37,13 @@ from torch import Tensor
 
 from . import _native
 
-__all__ = ["solve_sparse_topk", "sparse_topk_jvp", "sparse_topk_vjp"]
+__all__ = [
+    "fused_vjp",
+    "solve_sparse_nosync",
+    "solve_sparse_topk",
+    "sparse_topk_jvp",
+    "sparse_topk_vjp",
+]
 
 #: Newton steps before a row is handed to the sort-based solve.
 _NEWTON_STEPS = 48
@@ -135,8 +141,11 @@ def _sorted_solve(w: Tensor, k: Tensor, lo: Tensor) -> Tensor:
     return torch.where(count > 0, t, left)
 
 
-def _solve_rows(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
-    """``p`` for rows ``x`` (shape ``(rows, n)``), per-row ``k`` and ``τ`` (``(rows, 1)``)."""
+def _solve_rows(x: Tensor, k: Tensor, tau: Tensor, sync: bool = True) -> Tensor:
+    """``p`` for rows ``x`` (shape ``(rows, n)``), per-row ``k`` and ``τ`` (``(rows, 1)``).
+
+    ``sync=False``: no host read (for CUDA tensors without the Triton kernel): every row takes
+    the sort-based exact solve, no data-dependent branch."""
     n = x.shape[-1]
     finite = torch.isfinite(x)
     live = finite.sum(-1, keepdim=True).to(x.dtype)
@@ -151,7 +160,9 @@ def _solve_rows(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
     lo = torch.where(general, lo, -1.0)
     hi = torch.zeros_like(lo)
     safe_budget = torch.where(general, budget, 0.5 * torch.ones_like(budget))
-    if n > 0 and bool(general.any()):
+    if not sync:
+        t = _sorted_solve(torch.where(general, w, 0.0), safe_budget, lo) if n > 0 else hi
+    elif n > 0 and bool(general.any()):
         t, done = _newton(torch.where(general, w, 0.0), safe_budget, lo, hi)
         if not bool(done[general].all()):
             todo = (~done & general).squeeze(-1)
@@ -176,6 +187,8 @@ def solve_sparse_topk(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tens
     if x.numel() == 0:
         return torch.empty_like(x)
     rows = x.numel() // n
+    if x.is_cuda:
+        return _solve_cuda(x, k, tau)
     solved = _native.sparse_solve(x, k, tau)
     if solved is not None:
         p, status = solved
@@ -191,6 +204,47 @@ def solve_sparse_topk(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tens
     x_rows = x.reshape(rows, n)
     p = _solve_rows(x_rows, _per_row(k, rows, x), _per_row(tau, rows, x))
     return p.reshape(x.shape)
+
+
+def _gpu_kernels():
+    """:mod:`gradkit.topk._gpu` when Triton is usable (else ``None``)."""
+    from . import _ops
+
+    module = _ops._gpu_module()
+    return module if module is not None and hasattr(module, "sparse_solve") else None
+
+
+def _solve_cuda(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tensor:
+    """The solve of a CUDA tensor without host synchronisation: the Triton kernel, else the
+    sort-based exact solve in PyTorch ops for every row."""
+    gpu = _gpu_kernels()
+    if gpu is not None and gpu.supports(x):
+        return gpu.sparse_solve(x, k, tau)
+    return solve_sparse_nosync(x, k, tau)
+
+
+def solve_sparse_nosync(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tensor:
+    """:func:`solve_sparse_topk` in PyTorch ops with no host read on any device (every row by
+    the sort-based exact solve): the CUDA fallback when Triton is absent.  float16/bfloat16
+    are solved in float32."""
+    n = x.shape[-1]
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    rows = x.numel() // n
+    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    k, tau = _per_row(k, rows, wide), _per_row(tau, rows, wide)
+    p = _solve_rows(wide.reshape(rows, n), k, tau, sync=False)
+    return p.reshape(x.shape).to(x.dtype)
+
+
+def fused_vjp(grad: Tensor, p: Tensor, tau: Tensor | float) -> tuple[Tensor, Tensor] | None:
+    """The vjp by a fused kernel (the C kernel on the CPU, Triton on CUDA), or ``None``."""
+    if p.is_cuda:
+        gpu = _gpu_kernels()
+        if gpu is not None and gpu.supports(p) and grad.shape == p.shape:
+            return gpu.sparse_vjp(grad, p, tau)
+        return None
+    return _native.sparse_vjp(grad, p, tau)
 
 
 def _free(p: Tensor) -> Tensor:

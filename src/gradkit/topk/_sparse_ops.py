@@ -18,7 +18,13 @@ import torch
 from torch import Tensor
 
 from ._checks import check_values
-from ._sparse import solve_sparse_topk, sparse_topk_jvp, sparse_topk_vjp, temperature_grad
+from ._sparse import (
+    fused_vjp,
+    solve_sparse_topk,
+    sparse_topk_jvp,
+    sparse_topk_vjp,
+    temperature_grad,
+)
 
 __all__ = ["REGISTERED", "call_op", "tracing"]
 
@@ -46,15 +52,14 @@ def call_op(x: Tensor, k, tau) -> Tensor:
 def _solve_impl(x, k_tensor, k, tau_tensor, tau):
     k = k_tensor if k_tensor is not None else k
     tau = tau_tensor if tau_tensor is not None else tau
-    check_values(k, tau, x.shape[-1], "sparse_topk")
+    if not x.is_cuda:  # (reading the values back would synchronise the GPU)
+        check_values(k, tau, x.shape[-1], "sparse_topk")
     return solve_sparse_topk(x, k, tau)
 
 
 def _vjp_impl(grad, p, tau_tensor, tau):
-    from . import _native
-
     tau = tau_tensor if tau_tensor is not None else tau
-    fused = _native.sparse_vjp(grad, p, tau)
+    fused = fused_vjp(grad, p, tau)
     return fused if fused is not None else sparse_topk_vjp(grad, p, tau)
 
 

@@ -12,7 +12,13 @@ from torch import Tensor, nn
 
 from . import _ops
 from ._checks import check_k, check_temperature, check_values, check_x, normalize_dim
-from ._sparse import solve_sparse_topk, sparse_topk_jvp, sparse_topk_vjp, temperature_grad
+from ._sparse import (
+    fused_vjp,
+    solve_sparse_topk,
+    sparse_topk_jvp,
+    sparse_topk_vjp,
+    temperature_grad,
+)
 from .soft_topk import _hard_mask, _to_dtype_saturating
 
 __all__ = ["SparseTopK", "sparse_topk"]
@@ -26,7 +32,8 @@ class _SparseTopKFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tensor:
-        check_values(k, tau, x.shape[-1], _OP)  # (skipped in sparse_topk under transforms)
+        if not x.is_cuda:  # (skipped in sparse_topk under transforms; on CUDA a host read)
+            check_values(k, tau, x.shape[-1], _OP)
         return solve_sparse_topk(x, k, tau)
 
     @staticmethod
@@ -76,9 +83,7 @@ def _saved(ctx) -> tuple[Tensor, Tensor | float]:
 def _vjp(ctx, grad: Tensor, p: Tensor, tau) -> tuple[Tensor, Tensor]:
     """The vjp by the fused kernel when the graph is not kept, else by differentiable ops."""
     if not torch.is_grad_enabled():
-        from . import _native
-
-        fused = _native.sparse_vjp(grad, p, tau)
+        fused = fused_vjp(grad, p, tau)
         if fused is not None:
             return fused
     return sparse_topk_vjp(grad.to(p.dtype), p, tau)
