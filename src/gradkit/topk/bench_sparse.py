@@ -1,5 +1,8 @@
 """sparse_topk speed: ``python benchmarks/sparse.py [--quick] [--threads N] [--json FILE]``.
 
+``gradkit bench topk`` times both operators at one ``τ`` in one table; this command
+(``gradkit bench sparse``) is the sparse operator's own sweep over several ``τ``, with its
+PyTorch-ops-only path.
 Forward+backward time of :func:`gradkit.sparse_topk` beside one sigmoid pass (the floor of any
 elementwise soft mask), :func:`gradkit.soft_topk`, the PyTorch-ops-only path, and entmax's
 ``budget_bisect`` (the same projection by 50 bisection steps) when entmax is installed.  Each
@@ -19,7 +22,13 @@ import torch
 
 from .. import _bench, _io
 from . import _native
-from .benchmark import DEFAULT_SHAPES, QUICK_SHAPES, Shape, _forward_backward
+from .benchmark import (
+    DEFAULT_SHAPES,
+    QUICK_SHAPES,
+    Shape,
+    _entmax_budget_bisect,
+    _forward_backward,
+)
 from .soft_topk import soft_topk
 from .sparse_topk import sparse_topk
 
@@ -34,14 +43,6 @@ METHODS = {
     "budget_bisect": "entmax budget_bisect",
 }
 TEMPERATURES = (0.01, 1.0)
-
-
-def _entmax_budget_bisect() -> Callable | None:
-    try:
-        from entmax import budget_bisect
-    except ImportError:
-        return None
-    return budget_bisect
 
 
 def _forwards(shape: Shape, tau: float) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
