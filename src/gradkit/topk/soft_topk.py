@@ -7,20 +7,24 @@ module holds the argument checking, the autograd ``Function`` and the public API
 from __future__ import annotations
 
 import math
-import numbers
 import threading
 
 import torch
 from torch import Tensor, nn
 
 from . import _ops
+from ._checks import (
+    check_k,
+    check_temperature,
+    check_temperature_type,
+    check_x,
+    normalize_dim,
+)
 from ._solve import soft_topk_vjp
 
 __all__ = ["SoftTopK", "soft_topk"]
 
-
-class DimError(ValueError, IndexError):
-    """Bad ``dim`` argument: a :class:`ValueError`, and an :class:`IndexError` like torch's."""
+_OP = "soft_topk"
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -278,25 +282,6 @@ def _to_dtype_saturating(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype)
 
 
-def _check_temperature(temperature) -> float | Tensor:
-    """A positive finite number as a float; a tensor is returned as is (see
-    :func:`_temperature_arg`)."""
-    if isinstance(temperature, Tensor):
-        if temperature.dtype.is_complex or temperature.dtype == torch.bool:
-            raise TypeError(
-                f"soft_topk: temperature must be a real number or tensor, got {temperature.dtype}"
-            )
-        return temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"soft_topk: temperature must be a positive number, got {temperature!r}")
-    temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(
-            f"soft_topk: temperature must be finite and > 0, got temperature={temperature!r}"
-        )
-    return temperature
-
-
 def _temperature_arg(temperature, batch_shape: torch.Size, x: Tensor, traced: bool):
     """``τ`` for the operator: a float, or a tensor of shape ``batch_shape`` in ``x``'s compute
     dtype (a learnable or per-slice temperature; its values are checked by the solve).
@@ -304,35 +289,13 @@ def _temperature_arg(temperature, batch_shape: torch.Size, x: Tensor, traced: bo
     A one-element tensor without gradient or tangent becomes a float on CPU in eager mode
     (the fastest path); elsewhere reading it would be a host sync or a graph break.
     """
-    temperature = _check_temperature(temperature)
-    if not isinstance(temperature, Tensor):
-        return temperature
-    if temperature.numel() == 1:
+    temperature = check_temperature_type(temperature, _OP)
+    if isinstance(temperature, Tensor) and temperature.numel() == 1:
         temperature = temperature.reshape(())
         if not (traced or temperature.device.type != "cpu" or _needs_derivative(temperature)):
-            return _check_temperature(temperature.item())
-    try:
-        tau = temperature.broadcast_to(batch_shape)
-    except RuntimeError as error:
-        raise ValueError(
-            "soft_topk: a tensor temperature must be a scalar or broadcast to x's shape "
-            f"without dim {tuple(batch_shape)}, got temperature of shape "
-            f"{tuple(temperature.shape)}"
-        ) from error
-    return tau.to(_compute_dtype(x.dtype))
-
-
-def _normalize_dim(dim, ndim: int) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
-        raise TypeError(f"soft_topk: dim must be an int, got {dim!r}")
-    if ndim == 0:
-        raise DimError("soft_topk: x must have at least one dimension, got a 0-d tensor")
-    if not -ndim <= dim < ndim:
-        raise DimError(
-            f"soft_topk: dim={dim} is out of range for a {ndim}-d x "
-            f"(allowed: {-ndim} ≤ dim ≤ {ndim - 1})"
-        )
-    return int(dim) % ndim
+            temperature = temperature.item()
+    tau = check_temperature(temperature, batch_shape, _OP, cpu_only=True)
+    return tau.to(_compute_dtype(x.dtype)) if isinstance(tau, Tensor) else tau
 
 
 def _hard_mask(x: Tensor, k: Tensor | float, soft: Tensor, sync_free: bool) -> Tensor:
@@ -361,23 +324,6 @@ def _hard_mask(x: Tensor, k: Tensor | float, soft: Tensor, sync_free: bool) -> T
     # −inf entries are never selected; a slice with a NaN is NaN, as in the soft value.
     mask = torch.where(x == -math.inf, 0.0, mask).to(soft.dtype)
     return torch.where(torch.isnan(soft), soft, mask)
-
-
-def _check_x(x) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"soft_topk: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.layout != torch.strided:
-        raise TypeError(
-            f"soft_topk: x must be a dense (strided) tensor, got layout {x.layout}; "
-            "call x.to_dense() first"
-        )
-    if x.is_meta:
-        raise ValueError(
-            "soft_topk: x is on the meta device (shapes only, no values); the threshold "
-            "solve needs data: move x to cpu or cuda"
-        )
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"soft_topk: x must be a floating-point tensor, got dtype {x.dtype}")
 
 
 def soft_topk(
@@ -478,35 +424,15 @@ def soft_topk(
             GPU that would be a host synchronisation) or of a shape that does not broadcast,
             ``dim`` out of range, or a fractional ``k`` with ``hard=True``.
     """
-    _check_x(x)
-    dim = _normalize_dim(dim, x.dim())
+    check_x(x, _OP)
+    dim = normalize_dim(dim, x.dim(), _OP)
     n = x.shape[dim]
     last = dim == x.dim() - 1
     x_last = x if last else x.movedim(dim, -1)
     batch_shape = x_last.shape[:-1]
     traced = _ops.traced(x)
     tau = _temperature_arg(temperature, batch_shape, x, traced)
-
-    if isinstance(k, Tensor):
-        if k.dtype.is_complex or k.dtype == torch.bool:
-            raise TypeError(f"soft_topk: k must be a real number or real tensor, got {k.dtype}")
-        try:
-            k_arg = k.broadcast_to(batch_shape)
-        except RuntimeError as error:
-            raise ValueError(
-                f"soft_topk: a tensor k must broadcast to x's shape without dim "
-                f"{tuple(batch_shape)}, got k of shape {tuple(k.shape)}"
-            ) from error
-        if not k_arg.dtype.is_floating_point:
-            k_arg = k_arg.to(x.dtype if x.dtype == torch.float64 else torch.float32)
-    else:
-        if isinstance(k, bool) or not isinstance(k, numbers.Real):
-            raise TypeError(f"soft_topk: k must be a number or a tensor, got {k!r}")
-        k_arg = float(k)
-        if not math.isfinite(k_arg) or not 0 <= k_arg <= n:
-            raise ValueError(f"soft_topk: k must lie in [0, n] = [0, {n}], got k={k!r}")
-        if hard and k_arg != round(k_arg):
-            raise ValueError(f"soft_topk: hard=True needs an integer k, got k={k!r}")
+    k_arg = check_k(k, n, batch_shape, x.dtype, hard, _OP, cpu_only=True)
 
     p = _run(x_last, k_arg, tau, traced)
     if hard:
@@ -544,7 +470,7 @@ class SoftTopK(nn.Module):
         else:
             self.k = k
         self.dim = dim
-        temperature = _check_temperature(temperature)
+        temperature = check_temperature_type(temperature, _OP)
         if isinstance(temperature, Tensor) and not isinstance(temperature, nn.Parameter):
             self.register_buffer("temperature", temperature)  # a Parameter τ is learnable
         else:
