@@ -443,19 +443,13 @@ def soft_topk(
     return p if last else p.movedim(-1, dim)
 
 
-class SoftTopK(nn.Module):
-    """Module form of :func:`soft_topk`: ``SoftTopK(k, dim, temperature, hard)(x)``.
+class _TopKModule(nn.Module):
+    """The module form shared by :class:`SoftTopK` and ``SparseTopK``: a tensor ``k`` or
+    ``temperature`` is a buffer (it moves with ``.to(device)``) unless it is an
+    :class:`~torch.nn.Parameter`, which is learned."""
 
-    Selects a soft top-``k`` along ``dim``: ``p_i = σ((x_i − θ)/τ)`` with ``Σ_i p_i = k``.
-    See :func:`soft_topk` for the math, the edge cases and the gradient.
-
-    Example::
-
-        >>> layer = SoftTopK(k=2, temperature=0.5)
-        >>> p = layer(torch.randn(3, 10))
-        >>> torch.allclose(p.sum(-1), torch.full((3,), 2.0))   # every row holds k
-        True
-    """
+    _OP = _OP
+    _function = staticmethod(soft_topk)
 
     def __init__(
         self,
@@ -465,23 +459,39 @@ class SoftTopK(nn.Module):
         hard: bool = False,
     ):
         super().__init__()
-        if isinstance(k, Tensor) and not isinstance(k, nn.Parameter):
-            self.register_buffer("k", k)  # moves with .to(device); a Parameter k is learnable
-        else:
-            self.k = k
+        temperature = check_temperature_type(temperature, self._OP)
+        for name, value in (("k", k), ("temperature", temperature)):
+            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+                self.register_buffer(name, value)
+            else:
+                setattr(self, name, value)
         self.dim = dim
-        temperature = check_temperature_type(temperature, _OP)
-        if isinstance(temperature, Tensor) and not isinstance(temperature, nn.Parameter):
-            self.register_buffer("temperature", temperature)  # a Parameter τ is learnable
-        else:
-            self.temperature = temperature
         self.hard = bool(hard)
 
     def forward(self, x: Tensor) -> Tensor:
-        return soft_topk(x, self.k, dim=self.dim, temperature=self.temperature, hard=self.hard)
+        return self._function(x, self.k, dim=self.dim, temperature=self.temperature, hard=self.hard)
 
     def extra_repr(self) -> str:
-        k = self.k if not isinstance(self.k, Tensor) else f"tensor{tuple(self.k.shape)}"
-        tau = self.temperature
-        tau = tau if not isinstance(tau, Tensor) else f"tensor{tuple(tau.shape)}"
-        return f"k={k}, dim={self.dim}, temperature={tau}, hard={self.hard}"
+        def show(value):
+            return f"tensor{tuple(value.shape)}" if isinstance(value, Tensor) else value
+
+        return (
+            f"k={show(self.k)}, dim={self.dim}, temperature={show(self.temperature)}, "
+            f"hard={self.hard}"
+        )
+
+
+class SoftTopK(_TopKModule):
+    """Module form of :func:`soft_topk`: ``SoftTopK(k, dim, temperature, hard)(x)``.
+
+    Selects a soft top-``k`` along ``dim``: ``p_i = σ((x_i − θ)/τ)`` with ``Σ_i p_i = k``.
+    See :func:`soft_topk` for the math, the edge cases and the gradient.  A tensor ``k`` or
+    ``temperature`` passed as an :class:`~torch.nn.Parameter` is learned.
+
+    Example::
+
+        >>> layer = SoftTopK(k=2, temperature=0.5)
+        >>> p = layer(torch.randn(3, 10))
+        >>> torch.allclose(p.sum(-1), torch.full((3,), 2.0))   # every row holds k
+        True
+    """

@@ -8,12 +8,12 @@ autograd ``Function``, the argument checking and the public API.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import _ops
 from ._checks import check_k, check_temperature, check_values, check_x, normalize_dim
 from ._sparse import solve_sparse_topk, sparse_topk_jvp, sparse_topk_vjp, temperature_grad
-from .soft_topk import _hard_mask, _to_dtype_saturating
+from .soft_topk import _hard_mask, _to_dtype_saturating, _TopKModule
 
 __all__ = ["SparseTopK", "sparse_topk"]
 
@@ -217,10 +217,10 @@ def sparse_topk(
     return p if last else p.movedim(-1, dim)
 
 
-class SparseTopK(nn.Module):
+class SparseTopK(_TopKModule):
     """Module form of :func:`sparse_topk`: ``SparseTopK(k, dim, temperature, hard)(x)``.
 
-    A tensor ``temperature`` passed as an :class:`~torch.nn.Parameter` is learned.
+    A tensor ``k`` or ``temperature`` passed as an :class:`~torch.nn.Parameter` is learned.
 
     Example::
 
@@ -230,32 +230,5 @@ class SparseTopK(nn.Module):
         True
     """
 
-    def __init__(
-        self,
-        k: float | Tensor,
-        dim: int = -1,
-        temperature: float | Tensor = 1.0,
-        hard: bool = False,
-    ):
-        super().__init__()
-        for name, value in (("k", k), ("temperature", temperature)):
-            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
-                self.register_buffer(name, value)
-            else:
-                setattr(self, name, value)
-        if not isinstance(temperature, Tensor):
-            self.temperature = check_temperature(temperature, torch.Size(), _OP)
-        self.dim = dim
-        self.hard = bool(hard)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return sparse_topk(x, self.k, dim=self.dim, temperature=self.temperature, hard=self.hard)
-
-    def extra_repr(self) -> str:
-        def show(value):
-            return f"tensor{tuple(value.shape)}" if isinstance(value, Tensor) else value
-
-        return (
-            f"k={show(self.k)}, dim={self.dim}, temperature={show(self.temperature)}, "
-            f"hard={self.hard}"
-        )
+    _OP = _OP
+    _function = staticmethod(sparse_topk)
