@@ -488,23 +488,18 @@ def run_benchmark(
     _check_settings(shapes, threads, repeats, warmup, budget_s, temperature)
     methods = list(METHOD_NAMES)
     load_before = _bench.load_average()  # other processes' load, before ours adds to it
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # peers draw noise from the global generator
-    with _bench.torch_threads(threads):
-        results = [
-            _measure_shape(
-                shape,
-                methods=methods,
-                repeats=repeats,
-                warmup=warmup,
-                budget_s=budget_s,
-                peers=peers,
-                generator=generator,
-                temperature=temperature,
-                device=torch_device,
-            )
-            for shape in _io.progress(shapes, "bench topk: shape")
-        ]
+    results = _measure_shapes(
+        shapes,
+        threads,
+        seed,
+        methods=methods,
+        repeats=repeats,
+        warmup=warmup,
+        budget_s=budget_s,
+        peers=peers,
+        temperature=temperature,
+        device=torch_device,
+    )
 
     config = {
         "shapes": [asdict(s) for s in shapes],
@@ -519,13 +514,29 @@ def run_benchmark(
         "seed": seed,
         "peers": peers,
         "quick": quick,
-        "methods": METHOD_NAMES,
-        "timing": "median of perf_counter wall times of forward+backward (torch.topk: forward)",
-        "operators": ["soft_topk", "sparse_topk"],
+        **_CONFIG_CONSTANTS,
     }
     environment = _environment(threads, load_before, torch_device)
     summary = _summary(results, _flags(environment, results, torch_device))
     return {"config": config, "environment": environment, "results": results, "summary": summary}
+
+
+def _measure_shapes(shapes: Sequence[Shape], threads: int, seed: int, **options) -> list[dict]:
+    """:func:`_measure_shape` at every shape, on ``threads`` threads, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # peers draw noise from the global generator
+    with _bench.torch_threads(threads):
+        return [
+            _measure_shape(shape, generator=generator, **options)
+            for shape in _io.progress(shapes, "bench topk: shape")
+        ]
+
+
+_CONFIG_CONSTANTS = {
+    "methods": METHOD_NAMES,
+    "timing": "median of perf_counter wall times of forward+backward (torch.topk: forward)",
+    "operators": ["soft_topk", "sparse_topk"],
+}
 
 
 def _check_settings(
@@ -742,6 +753,32 @@ def plotted_ratios(report: dict[str, Any]) -> str | None:
     return None
 
 
+def _bar_panel(axis, values: list, labels: list[str], target: float | None, relation: str):
+    """One log-scale bar panel of ratios (``None``: no bar), with an optional target line."""
+    from matplotlib import ticker
+
+    heights = [v if v is not None else 0.0 for v in values]
+    bars = axis.bar(range(len(values)), heights, color="tab:blue")
+    for bar, value in zip(bars, values, strict=True):
+        axis.annotate(
+            _cell(value, ".1f"),
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    if target is not None:
+        axis.axhline(target, color="tab:red", linestyle="--", label=f"target {relation}{target:g}")
+        axis.legend(fontsize=8)
+    axis.set_xticks(range(len(values)), labels, fontsize=7)
+    axis.set_yscale("log")
+    # Bars start at 1 (a ratio of one) and the target line stays in view.
+    shown = [v for v in values if v] + ([target] if target else []) + [1.0]
+    axis.set_ylim(min(shown) / 2, max(shown) * 2)
+    axis.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def plot_ratios(report: dict[str, Any], path: str | Path) -> Path | None:
     """Bar plot of the four ratios per shape, with the targets drawn as dashed lines.
 
@@ -752,8 +789,6 @@ def plot_ratios(report: dict[str, Any], path: str | Path) -> Path | None:
     if source is None:
         return None
     plt = _io.pyplot()
-    from matplotlib import ticker
-
     results = report["results"]
     labels = [f"{r['shape'][0]}×{r['shape'][1]}\nk={r['k']}" for r in results]
     panels = (
@@ -769,29 +804,7 @@ def plot_ratios(report: dict[str, Any], path: str | Path) -> Path | None:
     )
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
     for axis, (key, title, target, relation) in zip(axes, panels, strict=True):
-        values = [r[source][key] for r in results]
-        heights = [v if v is not None else 0.0 for v in values]
-        bars = axis.bar(range(len(results)), heights, color="tab:blue")
-        for bar, value in zip(bars, values, strict=True):
-            axis.annotate(
-                _cell(value, ".1f"),
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-            )
-        if target is not None:
-            axis.axhline(
-                target, color="tab:red", linestyle="--", label=f"target {relation}{target:g}"
-            )
-            axis.legend(fontsize=8)
-        axis.set_xticks(range(len(results)), labels, fontsize=7)
-        axis.set_yscale("log")
-        # Bars start at 1 (a ratio of one) and the target line stays in view.
-        shown = [v for v in values if v] + ([target] if target else []) + [1.0]
-        axis.set_ylim(min(shown) / 2, max(shown) * 2)
-        axis.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        axis.yaxis.set_minor_formatter(ticker.NullFormatter())
+        _bar_panel(axis, [r[source][key] for r in results], labels, target, relation)
         axis.set_title(title, fontsize=9)
     env = report["environment"]
     device = report["config"].get("device", "cpu")
