@@ -28,9 +28,8 @@ from .benchmark import (
     Shape,
     _entmax_budget_bisect,
     _forward_backward,
+    _own_forwards,
 )
-from .soft_topk import soft_topk
-from .sparse_topk import sparse_topk
 
 __all__ = ["METHODS", "add_arguments", "format_rows", "main", "measure_sparse", "run"]
 
@@ -47,21 +46,21 @@ TEMPERATURES = (0.01, 1.0)
 
 def _forwards(shape: Shape, tau: float) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """The methods as functions of the scores ``x`` (shape ``(batch, n)``)."""
-    k = shape.k
+    own = _own_forwards(shape.k, tau)
 
     def torch_only(x):
         with _native.disabled():
-            return sparse_topk(x, k, temperature=tau)
+            return own["sparse_topk"](x)
 
     methods = {
-        "sparse_topk": lambda x: sparse_topk(x, k, temperature=tau),
+        "sparse_topk": own["sparse_topk"],
         "sparse_torch": torch_only,
-        "sigmoid": torch.sigmoid,
-        "soft_topk": lambda x: soft_topk(x, k, temperature=tau),
+        "sigmoid": own["sigmoid"],
+        "soft_topk": own["gradkit"],
     }
     bisect = _entmax_budget_bisect()
     if bisect is not None:
-        methods["budget_bisect"] = lambda x: bisect(x / tau, budget=k)
+        methods["budget_bisect"] = lambda x: bisect(x / tau, budget=shape.k)
     return methods
 
 
