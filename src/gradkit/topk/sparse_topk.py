@@ -191,10 +191,11 @@ def sparse_topk(
           of the free set found.
 
     Raises:
-        TypeError: ``x`` is not a floating tensor, or ``k``/``temperature``/``dim`` has a bad
-            type.
-        ValueError: ``k`` outside ``[0, n]`` or not finite, ``temperature`` not finite and
-            positive, ``dim`` out of range, or a fractional ``k`` with ``hard=True``.
+        TypeError: ``x`` is not a dense floating tensor, or ``k``/``temperature``/``dim``
+            has a bad type.
+        ValueError: ``x`` on the meta device, ``k`` outside ``[0, n]`` or not finite,
+            ``temperature`` not finite and positive or of a shape that does not broadcast,
+            ``dim`` out of range, or a fractional ``k`` with ``hard=True``.
     """
     check_x(x, _OP)
     dim = normalize_dim(dim, x.dim(), _OP)
