@@ -89,14 +89,9 @@ class _SoftTopKFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _, k, tau, via_op = inputs
-        ctx.k_is_tensor = isinstance(k, Tensor)
-        ctx.tau_is_tensor = isinstance(tau, Tensor)
-        ctx.temperature = None if ctx.tau_is_tensor else tau
+        _save(ctx, k, tau, output)
         ctx.via_op = via_op
         ctx.out_dtype = output.dtype
-        saved = (output, tau) if ctx.tau_is_tensor else (output,)
-        ctx.save_for_backward(*saved)
-        ctx.save_for_forward(*saved)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -134,9 +129,21 @@ class _SoftTopKFunction(torch.autograd.Function):
         return _to_dtype_saturating(tangent, ctx.out_dtype)
 
 
+def _save(ctx, k, tau, output: Tensor) -> None:
+    """``setup_context`` of the top-k Functions (soft and sparse): whether ``k`` and ``τ`` are
+    tensors, and ``p`` (with a tensor ``τ``) saved for backward and forward mode."""
+    ctx.k_is_tensor = isinstance(k, Tensor)
+    ctx.tau_is_tensor = isinstance(tau, Tensor)
+    ctx.tau = None if ctx.tau_is_tensor else tau
+    saved = (output, tau) if ctx.tau_is_tensor else (output,)
+    ctx.save_for_backward(*saved)
+    ctx.save_for_forward(*saved)
+
+
 def _saved(ctx) -> tuple[Tensor, Tensor | float]:
+    """``(p, τ)`` as :func:`_save` kept them."""
     saved = ctx.saved_tensors
-    return saved[0], (saved[1] if ctx.tau_is_tensor else ctx.temperature)
+    return saved[0], (saved[1] if ctx.tau_is_tensor else ctx.tau)
 
 
 def _op_args(k, tau) -> tuple:

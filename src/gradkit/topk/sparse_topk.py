@@ -13,7 +13,7 @@ from torch import Tensor
 from . import _ops
 from ._checks import check_k, check_temperature, check_values, check_x, normalize_dim
 from ._sparse import solve_sparse_topk, sparse_topk_jvp, sparse_topk_vjp, temperature_grad
-from .soft_topk import _hard_mask, _to_dtype_saturating, _TopKModule
+from .soft_topk import _hard_mask, _save, _saved, _to_dtype_saturating, _TopKModule
 
 __all__ = ["SparseTopK", "sparse_topk"]
 
@@ -32,12 +32,7 @@ class _SparseTopKFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _, k, tau = inputs
-        ctx.k_is_tensor = isinstance(k, Tensor)
-        ctx.tau_is_tensor = isinstance(tau, Tensor)
-        ctx.tau = None if ctx.tau_is_tensor else tau
-        saved = (output, tau) if ctx.tau_is_tensor else (output,)
-        ctx.save_for_backward(*saved)
-        ctx.save_for_forward(*saved)
+        _save(ctx, k, tau, output)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -66,11 +61,6 @@ class _SparseTopKFunction(torch.autograd.Function):
         k = _batched(k, k_dim, info.batch_size, x.shape[:-1])
         tau = _batched(tau, tau_dim, info.batch_size, x.shape[:-1])
         return _SparseTopKFunction.apply(x, k, tau), 0
-
-
-def _saved(ctx) -> tuple[Tensor, Tensor | float]:
-    saved = ctx.saved_tensors
-    return (saved[0], saved[1]) if ctx.tau_is_tensor else (saved[0], ctx.tau)
 
 
 def _vjp(ctx, grad: Tensor, p: Tensor, tau) -> tuple[Tensor, Tensor]:
