@@ -291,7 +291,8 @@ def _to_dtype_saturating(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _temperature_arg(temperature, batch_shape: torch.Size, x: Tensor, traced: bool):
     """``τ`` for the operator: a float, or a tensor of shape ``batch_shape`` in ``x``'s compute
-    dtype (a learnable or per-slice temperature; its values are checked by the solve).
+    dtype (a learnable or per-slice temperature; its values are checked here on CPU, and by
+    the solve).
 
     A one-element tensor without gradient or tangent becomes a float on CPU in eager mode
     (the fastest path); elsewhere reading it would be a host sync or a graph break.
