@@ -3,8 +3,8 @@
 Each command's flags and work live next to the code they exercise; this file only wires
 them together::
 
-    gradkit bench topk [--json FILE]     speed of soft top-k against baselines
-    gradkit bench sparse                 speed of sparse_topk against a sigmoid pass and peers
+    gradkit bench topk [--json FILE]     speed of soft_topk and sparse_topk against baselines
+    gradkit bench sparse                 sparse_topk alone over several τ, against peers
     gradkit bench align                  fast alignment matrix vs a naive loop
     gradkit demo topk                    learn scores so the soft top-k hits a target mask
     gradkit demo moe                     mixture-of-experts routing: four gatings compared

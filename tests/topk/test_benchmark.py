@@ -64,7 +64,7 @@ def test_seed_rejects_non_2d():
 
 # --------------------------------------------------------------------------- the benchmark
 
-CONTRACT_METHODS = ("gradkit", "seed", "sigmoid", "torch_topk")
+CONTRACT_METHODS = ("gradkit", "seed", "sigmoid", "torch_topk", "sparse_topk")
 
 
 def test_quick_benchmark_writes_contract_json(tmp_path, capsys):
@@ -90,12 +90,20 @@ def test_quick_benchmark_writes_contract_json(tmp_path, capsys):
         assert ratios["speedup_vs_seed"] == pytest.approx(medians["seed"] / medians["gradkit"])
         assert ratios["x_sigmoid_pass"] == pytest.approx(medians["gradkit"] / medians["sigmoid"])
         assert ratios["x_torch_topk"] == pytest.approx(medians["gradkit"] / medians["torch_topk"])
+        # Both operators in one table (issue 12): sparse_topk beside the same sigmoid pass.
+        sparse_passes = medians["sparse_topk"] / medians["sigmoid"]
+        assert ratios["sparse_x_sigmoid_pass"] == pytest.approx(sparse_passes)
+        assert ratios["sparse_speedup_vs_budget_bisect"] is None  # --no-peers
+        assert result["methods"]["budget_bisect"] == {"skipped": "peers disabled (--no-peers)"}
+        assert result["agreement"]["max_abs_sum_error_sparse"] < 1e-5 * shape.n
+        assert set(result["targets"]) >= {"sparse_x_sigmoid_pass_met"}
         # gradkit and the seed compute the same operator (τ = 1) in float32.
         assert result["agreement"]["max_abs_diff_p"] < 1e-5
         assert result["agreement"]["max_abs_diff_grad"] < 1e-5
     assert (out / "ratios.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "speedup vs seed" in printed and "torch.topk" in printed
+    assert "gradkit.sparse_topk ms" in printed and "sparse_topk × sigmoid pass" in printed
     assert "CPU time" in printed  # the one-thread run also prints the CPU-time ratios
 
 
@@ -110,9 +118,13 @@ def test_peers_are_measured_or_skipped_with_a_reason():
     report = benchmark.run_benchmark(
         [benchmark.Shape(4, 8, 2, "tiny")], threads=1, repeats=1, warmup=0, budget_s=0.01
     )
-    for peer in ("difftopk", "pytopk"):
-        entry = report["results"][0]["methods"][peer]
+    result = report["results"][0]
+    for peer in ("difftopk", "pytopk", "budget_bisect"):
+        entry = result["methods"][peer]
         assert entry.get("median_ms", 0) > 0 or entry["skipped"]
+    bisect = result["methods"]["budget_bisect"].get("median_ms")
+    expected = None if bisect is None else bisect / result["methods"]["sparse_topk"]["median_ms"]
+    assert result["ratios"]["sparse_speedup_vs_budget_bisect"] == pytest.approx(expected)
 
 
 def test_difftopk_memory_guard_skips_the_big_shapes():

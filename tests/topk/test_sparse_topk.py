@@ -135,6 +135,11 @@ def test_dim_and_empty(solver_path):
         ({"dim": 1}, IndexError, "sparse_topk: dim=1 is out of range"),
         ({"dim": 1.0}, TypeError, "dim must be an int"),
         ({"k": 1.5, "hard": True}, ValueError, "hard=True needs an integer k"),
+        # (one validation style with soft_topk: topk/_checks.py)
+        ({"x": torch.empty(3, device="meta")}, ValueError, "sparse_topk: x is on the meta"),
+        ({"x": torch.ones(3).to_sparse()}, TypeError, "sparse_topk: x must be a dense"),
+        ({"temperature": torch.tensor(1j)}, TypeError, "temperature must be a real number"),
+        ({"temperature": torch.ones(2)}, ValueError, r"temperature.*broadcast.*\(\).*\(2,\)"),
     ],
 )
 def test_errors(kwargs, error, match):

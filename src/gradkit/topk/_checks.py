@@ -1,7 +1,12 @@
 """Argument checks shared by the top-k operators, each error prefixed with the operator's name.
 
-The messages follow :func:`gradkit.soft_topk`'s: the argument, the value and the allowed range.
-``op`` is the public name (``"sparse_topk"``, ...) that starts every message.
+Every message names the argument, the value and the allowed range.  ``op`` is the public
+name (``"soft_topk"``, ``"sparse_topk"``) that starts every message.
+
+Tensor *values* (a per-slice ``k`` or ``τ``) are read on the host only when they can be: not
+while tracing or under ``torch.func`` (the solver entry checks them then, :func:`check_values`),
+and with ``cpu_only=True`` not on a GPU either, where reading them would be a host
+synchronisation.
 """
 
 from __future__ import annotations
@@ -12,12 +17,12 @@ import numbers
 import torch
 from torch import Tensor
 
-from .soft_topk import DimError
-
 __all__ = [
+    "DimError",
     "check_k",
     "check_k_values",
     "check_temperature",
+    "check_temperature_type",
     "check_temperature_values",
     "check_values",
     "check_x",
@@ -25,10 +30,24 @@ __all__ = [
 ]
 
 
+class DimError(ValueError, IndexError):
+    """Bad ``dim`` argument: a :class:`ValueError`, and an :class:`IndexError` like torch's."""
+
+
 def check_x(x, op: str) -> None:
-    """``x`` must be a floating-point tensor."""
+    """``x`` must be a dense floating-point tensor holding data (not on the meta device)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(
+            f"{op}: x must be a dense (strided) tensor, got layout {x.layout}; "
+            "call x.to_dense() first"
+        )
+    if x.is_meta:
+        raise ValueError(
+            f"{op}: x is on the meta device (shapes only, no values); the threshold "
+            "solve needs data: move x to cpu or cuda"
+        )
     if not x.dtype.is_floating_point:
         raise TypeError(f"{op}: x must be a floating-point tensor, got dtype {x.dtype}")
 
@@ -53,58 +72,62 @@ def _concrete() -> bool:
     return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
 
 
-def check_values(k, tau, n: int, op: str) -> None:
+def _value_range(values: Tensor, cpu_only: bool) -> tuple[float, float] | None:
+    """``(min, max)`` of a tensor read on the host; ``None`` for an empty one, or, with
+    ``cpu_only``, one that is not on the CPU."""
+    if values.numel() == 0 or (cpu_only and values.device.type != "cpu"):
+        return None
+    low, high = torch.aminmax(values.detach().to(torch.float64))
+    return float(low), float(high)
+
+
+def check_values(k, tau, n: int, op: str, *, cpu_only: bool = False) -> None:
     """The value checks of a tensor ``k`` and ``τ``, for the solver entry (concrete tensors)."""
     if isinstance(k, Tensor):
-        check_k_values(k, n, op)
+        check_k_values(k, n, op, cpu_only=cpu_only)
     if isinstance(tau, Tensor):
-        check_temperature_values(tau, op)
+        check_temperature_values(tau, op, cpu_only=cpu_only)
 
 
-def check_temperature_values(tau: Tensor, op: str) -> None:
+def check_temperature_values(tau: Tensor, op: str, *, cpu_only: bool = False) -> None:
     """Every ``τ`` finite and positive."""
-    if tau.numel() == 0:
-        return
-    low, high = torch.aminmax(tau.detach().to(torch.float64))
-    if not (math.isfinite(low) and math.isfinite(high) and low > 0):
+    seen = _value_range(tau, cpu_only)
+    if seen is not None and not (seen[0] > 0 and math.isfinite(seen[1])):
         raise ValueError(
-            f"{op}: temperature must be finite and > 0, "
-            f"got temperature values in [{float(low)}, {float(high)}]"
+            f"{op}: temperature must be finite and > 0, got a temperature tensor with "
+            f"values in [{seen[0]}, {seen[1]}]"
         )
 
 
-def check_k_values(k: Tensor, n: int, op: str) -> None:
-    if k.numel() == 0:
+def check_k_values(k: Tensor, n: int, op: str, *, cpu_only: bool = False) -> None:
+    """Every ``k`` finite and in ``[0, n]``."""
+    seen = _value_range(k, cpu_only)
+    if seen is None:
         return
-    k_min, k_max = torch.aminmax(k.detach().to(torch.float64))
-    if not (math.isfinite(k_min) and math.isfinite(k_max)):
-        raise ValueError(f"{op}: k must be finite, got a k tensor containing {k_min}/{k_max}")
-    if k_min < 0 or k_max > n:
+    low, high = seen
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{op}: k must be finite, got a k tensor containing {low}/{high}")
+    if low < 0 or high > n:
         raise ValueError(
             f"{op}: k must lie in [0, n] = [0, {n}] (n = size of dim), "
-            f"got k values in [{float(k_min)}, {float(k_max)}]"
+            f"got k values in [{low}, {high}]"
         )
 
 
-def check_k(k, n: int, batch_shape: torch.Size, x_dtype: torch.dtype, hard: bool, op: str):
-    """``k`` as a float, or a floating tensor of shape ``batch_shape`` (values checked)."""
+def check_k(
+    k,
+    n: int,
+    batch_shape: torch.Size,
+    x_dtype: torch.dtype,
+    hard: bool,
+    op: str,
+    *,
+    cpu_only: bool = False,
+):
+    """``k`` as a float, or a floating tensor of shape ``batch_shape`` (values checked where
+    they can be read, see the module docstring)."""
     if isinstance(k, Tensor):
-        if k.dtype.is_complex or k.dtype == torch.bool:
-            raise TypeError(f"{op}: k must be a real number or real tensor, got {k.dtype}")
-        try:
-            k_arg = k.broadcast_to(batch_shape)
-        except RuntimeError as error:
-            raise ValueError(
-                f"{op}: a tensor k must broadcast to x's shape without dim "
-                f"{tuple(batch_shape)}, got k of shape {tuple(k.shape)}"
-            ) from error
-        if not k_arg.dtype.is_floating_point:
-            k_arg = k_arg.to(x_dtype if x_dtype == torch.float64 else torch.float32)
-        if _concrete():
-            check_k_values(k_arg, n, op)
-            if hard and k_arg.numel() and not bool(torch.all(k_arg == torch.round(k_arg))):
-                raise ValueError(f"{op}: hard=True needs an integer-valued k, got a fractional k")
-        return k_arg
+        return _check_k_tensor(k, n, batch_shape, x_dtype, hard, op, cpu_only)
     if isinstance(k, bool) or not isinstance(k, numbers.Real):
         raise TypeError(f"{op}: k must be a number or a tensor, got {k!r}")
     k_arg = float(k)
@@ -115,27 +138,65 @@ def check_k(k, n: int, batch_shape: torch.Size, x_dtype: torch.dtype, hard: bool
     return k_arg
 
 
-def check_temperature(temperature, batch_shape: torch.Size, op: str):
-    """A positive finite float, or a floating tensor broadcast to ``batch_shape`` (one τ per
-    slice; it may require grad)."""
+def _check_k_tensor(
+    k: Tensor,
+    n: int,
+    batch_shape: torch.Size,
+    x_dtype: torch.dtype,
+    hard: bool,
+    op: str,
+    cpu_only: bool,
+) -> Tensor:
+    if k.dtype.is_complex or k.dtype == torch.bool:
+        raise TypeError(f"{op}: k must be a real number or real tensor, got {k.dtype}")
+    try:
+        k_arg = k.broadcast_to(batch_shape)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{op}: a tensor k must broadcast to x's shape without dim "
+            f"{tuple(batch_shape)}, got k of shape {tuple(k.shape)}"
+        ) from error
+    if not k_arg.dtype.is_floating_point:
+        k_arg = k_arg.to(x_dtype if x_dtype == torch.float64 else torch.float32)
+    readable = _concrete() and not (cpu_only and k_arg.device.type != "cpu")
+    if readable:
+        check_k_values(k_arg, n, op)
+        if hard and k_arg.numel() and not bool(torch.all(k_arg == torch.round(k_arg))):
+            raise ValueError(f"{op}: hard=True needs an integer-valued k, got a fractional k")
+    return k_arg
+
+
+def check_temperature_type(temperature, op: str) -> float | Tensor:
+    """A positive finite number as a float; a real tensor is returned as is (its shape and
+    values are checked by :func:`check_temperature`)."""
     if isinstance(temperature, Tensor):
-        if not temperature.dtype.is_floating_point:
+        if temperature.dtype.is_complex or temperature.dtype == torch.bool:
             raise TypeError(
-                f"{op}: a tensor temperature must be floating-point, got {temperature.dtype}"
+                f"{op}: temperature must be a real number or tensor, got {temperature.dtype}"
             )
-        try:
-            tau = temperature.broadcast_to(batch_shape)
-        except RuntimeError as error:
-            raise ValueError(
-                f"{op}: a tensor temperature must broadcast to x's shape without dim "
-                f"{tuple(batch_shape)}, got temperature of shape {tuple(temperature.shape)}"
-            ) from error
-        if _concrete():
-            check_temperature_values(tau, op)
-        return tau
+        return temperature
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"{op}: temperature must be a positive number, got {temperature!r}")
     value = float(temperature)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{op}: temperature must be finite and > 0, got temperature={value!r}")
     return value
+
+
+def check_temperature(temperature, batch_shape: torch.Size, op: str, *, cpu_only: bool = False):
+    """A positive finite float, or a real tensor broadcast to ``batch_shape`` (one ``τ`` per
+    slice; it may require grad), its values checked where they can be read."""
+    temperature = check_temperature_type(temperature, op)
+    if not isinstance(temperature, Tensor):
+        return temperature
+    try:
+        tau = temperature.broadcast_to(batch_shape)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{op}: a tensor temperature must be a scalar or broadcast to x's shape "
+            f"without dim {tuple(batch_shape)}, got temperature of shape "
+            f"{tuple(temperature.shape)}"
+        ) from error
+    if _concrete():
+        check_temperature_values(tau, op, cpu_only=cpu_only)
+    return tau

@@ -1,4 +1,5 @@
-"""Optional fused CPU kernels for :func:`gradkit.soft_topk` (``_native.c``), built on first use.
+"""Optional fused CPU kernels for :func:`gradkit.soft_topk` and :func:`gradkit.sparse_topk`
+(``_native.c``), built on first use.
 
 The PyTorch path (:mod:`gradkit.topk._solve`) is exact and general but pays, per solver pass,
 four or five full-size ops and dozens of small per-slice ops.  ``_native.c`` solves one row
@@ -19,9 +20,12 @@ Everything here is an optimisation with a fallback, never a requirement:
   library that does not load, ``GRADKIT_NATIVE=0``, a non-CPU tensor, a dtype other than
   float32/float64, ``torch.func`` transforms or ``torch.compile`` tracing: the PyTorch path
   runs instead;
-* rows the kernel does not take on (``+inf`` or NaN entries, a bracket collapsed onto a jump
-  of ``F``) come back with a nonzero status and are solved by the PyTorch path; ``−inf``
-  (masked) entries it handles itself.
+* the ``soft_topk`` kernel solves every row itself, ``−inf`` (masked), ``+inf`` and NaN
+  entries included (as the PyTorch path: ``0``, ``k/m`` each at most 1, a NaN slice); a row
+  comes back with a nonzero status, and is solved by the PyTorch path, only when
+  ``|x/τ|`` exceeds ``max/16`` or memory runs out (status 1) or its bracket collapsed onto a
+  jump of ``F`` the dtype cannot resolve (status 3).  The ``sparse_topk`` kernel leaves rows
+  with ``+inf`` or NaN entries (status 1) and unconverged rows (status 3) to the caller.
 
 :func:`status` says whether the kernel is in use and, if not, why.
 """
@@ -238,11 +242,12 @@ def _eligible(*tensors: Tensor) -> bool:
 def solve(x: Tensor, k: float | Tensor, inv_tau: float) -> tuple[Tensor, Tensor] | None:
     """``p = σ((x − θ)/τ)`` with ``Σp = k`` along the last dimension, by the fused kernel.
 
-    ``x`` has shape ``(..., n)`` (rows with ``+inf`` or NaN are left to the caller); ``k`` is
-    a number with ``0 < k < n`` or a tensor of per-row budgets in ``[0, n]`` with shape
-    ``x.shape[:-1]``.  Returns ``(p, status)`` with a per-row int32 ``status`` (nonzero: the
-    row was not solved; the caller must solve it), or ``None`` when the kernel cannot take
-    ``x`` at all.
+    ``x`` has shape ``(..., n)``, any entries (``−inf``, ``+inf`` and NaN are solved here, as
+    the PyTorch path solves them); ``k`` is a number with ``0 < k < n`` or a tensor of per-row
+    budgets in ``[0, n]`` with shape ``x.shape[:-1]``.  Returns ``(p, status)`` with a per-row
+    int32 ``status``: 0 solved; 1 ``|x/τ|`` beyond ``max/16`` or out of memory; 3 a bracket
+    collapsed onto a jump of ``F`` (nonzero: the caller must solve that row).  ``None`` when
+    the kernel cannot take ``x`` at all.
     """
     if not _eligible(x):
         return None

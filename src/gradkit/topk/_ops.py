@@ -28,12 +28,12 @@ Other operator families register in the same namespace with their own
 from __future__ import annotations
 
 import importlib
-import math
 
 import torch
 from torch import Tensor
 
 from . import _native
+from ._checks import check_values
 from ._solve import soft_topk_vjp, solve_soft_topk
 from ._solve_nosync import solve_nosync
 
@@ -67,6 +67,8 @@ def functorch_active() -> bool:
     if not _DYNAMO_READS_FUNCTORCH and torch.compiler.is_compiling():
         return False
     return torch._C._are_functorch_transforms_active()
+
+
 try:
     from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor
 except ImportError:  # pragma: no cover
@@ -108,38 +110,6 @@ def gpu_status() -> str:
 # --------------------------------------------------------------------------- implementations
 
 
-def _value_range(values: Tensor) -> tuple[float, float] | None:
-    """``(min, max)`` of a per-slice tensor, read on the host: CPU only (on a GPU it would be a
-    synchronisation), ``None`` where not read."""
-    if values.numel() == 0 or values.device.type != "cpu":
-        return None
-    low, high = torch.aminmax(values.detach().double())
-    return float(low), float(high)
-
-
-def _check_k_values(k: Tensor, n: int) -> None:
-    seen = _value_range(k)
-    if seen is None:
-        return
-    low, high = seen
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError(f"soft_topk: k must be finite, got a k tensor containing {low}/{high}")
-    if low < 0 or high > n:
-        raise ValueError(
-            f"soft_topk: k must lie in [0, n] = [0, {n}] (n = size of dim), "
-            f"got k values in [{low}, {high}]"
-        )
-
-
-def _check_temperature_values(tau: Tensor) -> None:
-    seen = _value_range(tau)
-    if seen is not None and not (seen[0] > 0 and math.isfinite(seen[1])):
-        raise ValueError(
-            "soft_topk: temperature must be finite and > 0, got a temperature tensor with "
-            f"values in [{seen[0]}, {seen[1]}]"
-        )
-
-
 def _scaled(x: Tensor, tau: Tensor) -> Tensor:
     """``x/τ`` per slice (``τ`` of shape ``x.shape[:-1]``), finite entries capped at
     ``max/16`` as :func:`~gradkit.topk._solve.solve_soft_topk` caps ``1/τ``."""
@@ -155,10 +125,7 @@ def solve(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tensor:
     Value checks of per-slice ``k``/``tau`` tensors run on CPU only (on a GPU they would be a
     host synchronisation).  CUDA tensors go to the Triton kernel when it is available.
     """
-    if isinstance(k, Tensor):
-        _check_k_values(k, x.shape[-1])
-    if isinstance(tau, Tensor):
-        _check_temperature_values(tau)
+    check_values(k, tau, x.shape[-1], "soft_topk", cpu_only=True)
     # (no grad mode to set: this runs in an autograd.Function's forward or below autograd)
     if x.is_cuda:
         # The Triton kernel, else the same solve in PyTorch ops: neither reads the GPU back.

@@ -58,8 +58,9 @@ on CPU a fresh large allocation costs about as much as a pass), plus ``Σ p·v``
 place) for the slices the one-tail step leaves.
 
 The fused CPU kernel (:mod:`gradkit.topk._native`) runs the same iteration one row at a
-time in cache, for float32/float64 on CPU (any budgets, finite or masked rows); the rows it
-leaves (``+inf``, NaN, degenerate brackets), and every other case, are solved here.
+time in cache, for float32/float64 on CPU (any budgets; masked, ``+inf`` and NaN entries
+included).  The rows it leaves (``|x/τ|`` beyond ``max/16``, brackets collapsed onto a jump
+of ``F``, no memory), and every other case, are solved here.
 """
 
 from __future__ import annotations
@@ -348,7 +349,8 @@ def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
     shared = not isinstance(k, Tensor)
     if not shared or 0 < float(k) < x.shape[-1]:
         # The fused CPU kernel, when built and applicable (see _native.py); the rows it
-        # leaves (+inf, NaN, degenerate) are solved below, as are all other cases.
+        # leaves (status ≠ 0: |x/τ| beyond max/16, a collapsed bracket, no memory) are
+        # solved below, as are all other cases.
         native = _native.solve(x, float(k) if shared else k.expand(x.shape[:-1]), inv_tau)
         if native is not None:
             p, row_status = native

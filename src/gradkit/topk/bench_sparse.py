@@ -1,5 +1,8 @@
 """sparse_topk speed: ``python benchmarks/sparse.py [--quick] [--threads N] [--json FILE]``.
 
+``gradkit bench topk`` times both operators at one ``τ`` in one table; this command
+(``gradkit bench sparse``) is the sparse operator's own sweep over several ``τ``, with its
+PyTorch-ops-only path.
 Forward+backward time of :func:`gradkit.sparse_topk` beside one sigmoid pass (the floor of any
 elementwise soft mask), :func:`gradkit.soft_topk`, the PyTorch-ops-only path, and entmax's
 ``budget_bisect`` (the same projection by 50 bisection steps) when entmax is installed.  Each
@@ -19,9 +22,14 @@ import torch
 
 from .. import _bench, _io
 from . import _native
-from .benchmark import DEFAULT_SHAPES, QUICK_SHAPES, Shape, _forward_backward
-from .soft_topk import soft_topk
-from .sparse_topk import sparse_topk
+from .benchmark import (
+    DEFAULT_SHAPES,
+    QUICK_SHAPES,
+    Shape,
+    _entmax_budget_bisect,
+    _forward_backward,
+    _own_forwards,
+)
 
 __all__ = ["METHODS", "add_arguments", "format_rows", "main", "measure_sparse", "run"]
 
@@ -36,31 +44,23 @@ METHODS = {
 TEMPERATURES = (0.01, 1.0)
 
 
-def _entmax_budget_bisect() -> Callable | None:
-    try:
-        from entmax import budget_bisect
-    except ImportError:
-        return None
-    return budget_bisect
-
-
 def _forwards(shape: Shape, tau: float) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """The methods as functions of the scores ``x`` (shape ``(batch, n)``)."""
-    k = shape.k
+    own = _own_forwards(shape.k, tau)
 
     def torch_only(x):
         with _native.disabled():
-            return sparse_topk(x, k, temperature=tau)
+            return own["sparse_topk"](x)
 
     methods = {
-        "sparse_topk": lambda x: sparse_topk(x, k, temperature=tau),
+        "sparse_topk": own["sparse_topk"],
         "sparse_torch": torch_only,
-        "sigmoid": torch.sigmoid,
-        "soft_topk": lambda x: soft_topk(x, k, temperature=tau),
+        "sigmoid": own["sigmoid"],
+        "soft_topk": own["gradkit"],
     }
     bisect = _entmax_budget_bisect()
     if bisect is not None:
-        methods["budget_bisect"] = lambda x: bisect(x / tau, budget=k)
+        methods["budget_bisect"] = lambda x: bisect(x / tau, budget=shape.k)
     return methods
 
 

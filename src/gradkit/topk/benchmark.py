@@ -1,4 +1,4 @@
-"""Time soft top-k forward+backward against the seed baseline, torch.topk and a sigmoid pass.
+"""Time soft and sparse top-k forward+backward against the seed, torch.topk and a sigmoid pass.
 
 Every number is a median wall time (``time.perf_counter``) of one call of
 ``out = f(x); out.backward(u)`` on CPU in float32, with a fixed upstream gradient ``u``, after
@@ -13,11 +13,14 @@ process so that their ratios share the same machine load:
   steps, per-element autograd for ``σ'``) — the baseline;
 * ``sigmoid``: one ``torch.sigmoid`` forward+backward, the cost of one pass over memory;
 * ``torch.topk``: hard top-k, forward only (no gradient exists) — the floor;
+* ``sparse_topk``: :func:`gradkit.sparse_topk` at the same ``τ`` (the other operator: exact
+  zeros and ones), as a user gets it;
 * peers when installed (``pip install difftopk pytopk``): ``difftopk`` (a relaxed bitonic
   sorting network returning a ``(b, n, k)`` soft top-k matrix; its dense matrices need
   ``O(b·n²·log²n)`` memory, so it is skipped where that exceeds a budget) and ``pytopk``
   (``NoisedTopK``: the smoothed k-th largest *value* per row, 5 noise samples; a different
-  output, listed for scale).
+  output, listed for scale); ``budget_bisect`` (``pip install entmax``: the projection that
+  ``sparse_topk`` computes, by 50 bisection steps on ``x/τ``).
 
 Ratios reported per shape: ``speedup vs seed = seed / gradkit``, ``× sigmoid pass =
 gradkit / sigmoid``, ``× torch.topk = gradkit / torch.topk``. The issue's targets are
@@ -55,11 +58,13 @@ from .. import _bench, _io
 from . import _native, benchmark_grid
 from .reference import seed_topk
 from .soft_topk import soft_topk
+from .sparse_topk import sparse_topk
 
 __all__ = [
     "DEFAULT_SHAPES",
     "QUICK_SHAPES",
     "TARGET_SIGMOID_PASSES",
+    "TARGET_SPARSE_SIGMOID_PASSES",
     "TARGET_SPEEDUP_VS_SEED",
     "Shape",
     "add_arguments",
@@ -74,6 +79,8 @@ __all__ = [
 TARGET_SPEEDUP_VS_SEED = 10.0
 #: … and at most this many times the cost of one sigmoid forward+backward pass.
 TARGET_SIGMOID_PASSES = 10.0
+#: sparse_topk: at most this many sigmoid passes (issue 12).
+TARGET_SPARSE_SIGMOID_PASSES = 3.0
 
 #: Minimum number of timed calls per method and shape, however slow the method.
 MIN_REPEATS = 3
@@ -119,9 +126,13 @@ METHOD_NAMES = {
     "seed": "seed (baseline)",
     "sigmoid": "sigmoid pass (fwd+bwd)",
     "torch_topk": "torch.topk (hard, fwd only: floor)",
+    "sparse_topk": "gradkit.sparse_topk",
     "difftopk": "difftopk (bitonic)",
     "pytopk": "pytopk NoisedTopK",
+    "budget_bisect": "entmax budget_bisect",
 }
+#: Methods that are optional peers (measured when installed, skipped by ``--no-peers``).
+PEERS = ("difftopk", "pytopk", "budget_bisect")
 
 
 # --------------------------------------------------------------------------- methods
@@ -185,61 +196,83 @@ def _checked(step: Callable[[], None], device: torch.device) -> _Prepared:
     return _Prepared(step)
 
 
+def _entmax_budget_bisect() -> Callable | None:
+    """entmax's ``budget_bisect`` when entmax is installed, else ``None``."""
+    try:
+        from entmax import budget_bisect
+    except ImportError:
+        return None
+    return budget_bisect
+
+
+def _own_forwards(k: int, temperature: float) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """gradkit's operators and the baselines as functions of the scores."""
+    return {
+        "gradkit": lambda t: soft_topk(t, k, dim=-1, temperature=temperature),
+        # The seed has no temperature: its demo scales the scores instead (σ((x − θ)/τ)).
+        "seed": lambda t: seed_topk(t / temperature, k),
+        "sigmoid": torch.sigmoid,
+        "sparse_topk": lambda t: sparse_topk(t, k, dim=-1, temperature=temperature),
+    }
+
+
 def _prepare(
     method: str, shape: Shape, x: torch.Tensor, peers: bool, temperature: float = 1.0
 ) -> _Prepared:
     k = shape.k
-    if method == "gradkit":
-        return _Prepared(
-            _forward_backward(lambda t: soft_topk(t, k, dim=-1, temperature=temperature), x)
-        )
+    forwards = _own_forwards(k, temperature)
+    if method in forwards:
+        return _Prepared(_forward_backward(forwards[method], x))
     if method == "gradkit_torch":
         # The same operator with the fused CPU kernel switched off (GRADKIT_NATIVE=0): what
         # a machine without a C compiler, or an input the kernel leaves, gets.
-        inner = _forward_backward(lambda t: soft_topk(t, k, dim=-1, temperature=temperature), x)
+        inner = _forward_backward(forwards["gradkit"], x)
 
         def step() -> None:
             with _native.disabled():
                 inner()
 
         return _Prepared(step)
-    if method == "seed":
-        # The seed has no temperature: its demo scales the scores instead (σ((x − θ)/τ)).
-        return _Prepared(_forward_backward(lambda t: seed_topk(t / temperature, k), x))
-    if method == "sigmoid":
-        return _Prepared(_forward_backward(torch.sigmoid, x))
     if method == "torch_topk":
         return _Prepared(_forward_only(lambda t: torch.topk(t, k, dim=-1), x))
+    if method not in PEERS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHOD_NAMES)}")
     if not peers:
         return _Prepared(None, "peers disabled (--no-peers)")
-    if method == "difftopk":
-        try:
-            difftopk = _import_quietly("difftopk")
-        except ImportError:
+    return _prepare_peer(method, shape, x, temperature)
+
+
+def _prepare_peer(method: str, shape: Shape, x: torch.Tensor, temperature: float) -> _Prepared:
+    """An optional peer's step, or why it is skipped (not installed, too much memory)."""
+    k = shape.k
+    if method == "budget_bisect":
+        bisect = _entmax_budget_bisect()
+        if bisect is None:
             return _Prepared(None, "not installed")
-        need = _difftopk_memory_bytes(shape)
-        if need > DIFFTOPK_MEMORY_BUDGET_BYTES:
-            budget = DIFFTOPK_MEMORY_BUDGET_BYTES / 2**30
-            return _Prepared(None, f"dense network needs ~{need / 2**30:,.0f} GiB > {budget:g}")
-        network = difftopk.DiffTopkNet("bitonic", shape.n, k, steepness=10.0)
-        if hasattr(network, "to"):
-            network = network.to(x.device)
-        return _checked(_forward_backward(lambda t: network(t)[1], x), x.device)
+        return _checked(_forward_backward(lambda t: bisect(t / temperature, budget=k), x), x.device)
+    try:
+        module = _import_quietly(method)
+    except ImportError:
+        return _Prepared(None, "not installed")
     if method == "pytopk":
-        try:
-            pytopk = _import_quietly("pytopk")
-        except ImportError:
-            return _Prepared(None, "not installed")
-        smoothed_kth_value = pytopk.NoisedTopK(k=k, epsilon=1.0, n_sample=5, dim=-1)
+        smoothed_kth_value = module.NoisedTopK(k=k, epsilon=1.0, n_sample=5, dim=-1)
         return _checked(_forward_backward(smoothed_kth_value, x), x.device)
-    raise ValueError(f"unknown method {method!r}; choose from {sorted(METHOD_NAMES)}")
+    need = _difftopk_memory_bytes(shape)
+    if need > DIFFTOPK_MEMORY_BUDGET_BYTES:
+        budget = DIFFTOPK_MEMORY_BUDGET_BYTES / 2**30
+        return _Prepared(None, f"dense network needs ~{need / 2**30:,.0f} GiB > {budget:g}")
+    network = module.DiffTopkNet("bitonic", shape.n, k, steepness=10.0)
+    if hasattr(network, "to"):
+        network = network.to(x.device)
+    return _checked(_forward_backward(lambda t: network(t)[1], x), x.device)
 
 
 # --------------------------------------------------------------------------- measuring
 
 
 def _agreement(shape: Shape, x: torch.Tensor, temperature: float = 1.0) -> dict[str, float]:
-    """Max differences between gradkit and the seed on ``x`` (forward, and VJP with one ``u``)."""
+    """Max differences between gradkit and the seed on ``x`` (forward, and VJP with one ``u``),
+    and each operator's ``max |Σp − k|``."""
     upstream = torch.randn_like(x)
     results = {}
     for name, forward in (
@@ -251,11 +284,14 @@ def _agreement(shape: Shape, x: torch.Tensor, temperature: float = 1.0) -> dict[
         (gradient,) = torch.autograd.grad(p, leaf, upstream)
         results[name] = (p.detach(), gradient)
     (p_gradkit, g_gradkit), (p_seed, g_seed) = results["gradkit"], results["seed"]
+    with torch.no_grad():
+        sparse_sum = sparse_topk(x, shape.k, dim=-1, temperature=temperature).sum(-1)
     return {
         "max_abs_diff_p": (p_gradkit - p_seed).abs().max().item(),
         "max_abs_diff_grad": (g_gradkit - g_seed).abs().max().item(),
         "max_abs_sum_error_gradkit": (p_gradkit.sum(-1) - shape.k).abs().max().item(),
         "max_abs_sum_error_seed": (p_seed.sum(-1) - shape.k).abs().max().item(),
+        "max_abs_sum_error_sparse": (sparse_sum - shape.k).abs().max().item(),
     }
 
 
@@ -263,6 +299,102 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator <= 0:
         return None
     return numerator / denominator
+
+
+def _plan_repeats(
+    runnable: dict[str, Callable[[], None]],
+    repeats: int,
+    warmup: int,
+    budget_s: float,
+    device: torch.device,
+) -> dict[str, int]:
+    """Timed calls per method: slow methods get fewer (and no extra warm-up), never skipped."""
+    planned: dict[str, int] = {}
+    for method, step in runnable.items():
+        first = _bench.timed(step, device)[0]  # the first call also warms up (allocator, vmap)
+        extra_warmup = warmup - 1 if first < budget_s / 4 else 0
+        for _ in range(max(0, extra_warmup)):
+            first = min(first, _bench.timed(step, device)[0])
+        planned[method] = max(MIN_REPEATS, min(repeats, int(budget_s / max(first, 1e-9))))
+    return planned
+
+
+def _time_round_robin(
+    runnable: dict[str, Callable[[], None]], planned: dict[str, int], device: torch.device
+) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds of each method's planned calls, methods interleaved.
+
+    Round-robin, so a burst of load on the shared CPU hits all methods alike.  The order
+    rotates every round: each method runs with cold caches (whatever ran before evicted them),
+    and a fixed order would always put the same method after the heaviest one (pytopk's sorts,
+    difftopk's dense network) and the same one after the lightest.
+    """
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in runnable}
+    order = list(runnable.items())
+    for round_index in range(max(planned.values(), default=0)):
+        shift = round_index % len(order)
+        for method, step in order[shift:] + order[:shift]:
+            if round_index < planned[method]:
+                times[method].append(_bench.timed(step, device))
+    return times
+
+
+def _summarise(times: list[tuple[float, float]]) -> dict[str, Any]:
+    ms = [1e3 * wall for wall, _ in times]
+    cpu_ms = [1e3 * cpu for _, cpu in times]
+    return {
+        "median_ms": statistics.median(ms),
+        "min_ms": min(ms),
+        "median_cpu_ms": statistics.median(cpu_ms),
+        "repeats": len(ms),
+    }
+
+
+def _ratios(measured: dict[str, dict[str, Any]], statistic: str) -> dict[str, float | None]:
+    """The reported ratios from one statistic (median, min or CPU ms) of each method."""
+
+    def of(method: str) -> float | None:
+        return measured.get(method, {}).get(statistic)
+
+    gradkit_ms, sparse_ms = of("gradkit"), of("sparse_topk")
+    return {
+        "speedup_vs_seed": _ratio(of("seed"), gradkit_ms),
+        "speedup_vs_seed_torch_ops": _ratio(of("seed"), of("gradkit_torch")),
+        "x_sigmoid_pass": _ratio(gradkit_ms, of("sigmoid")),
+        "x_torch_topk": _ratio(gradkit_ms, of("torch_topk")),
+        "speedup_vs_difftopk": _ratio(of("difftopk"), gradkit_ms),
+        "speedup_vs_pytopk": _ratio(of("pytopk"), gradkit_ms),
+        "sparse_x_sigmoid_pass": _ratio(sparse_ms, of("sigmoid")),
+        "sparse_speedup_vs_budget_bisect": _ratio(of("budget_bisect"), sparse_ms),
+    }
+
+
+def _descheduled(measured: dict[str, dict[str, Any]], device: torch.device) -> bool:
+    """One thread on CPU: a wall time well above the CPU time means the thread was
+    descheduled, so its ratios are not the operator's."""
+    return (
+        device.type == "cpu"
+        and torch.get_num_threads() == 1
+        and any(
+            m["median_ms"] > NOISE_RATIO * m["median_cpu_ms"]
+            for key, m in measured.items()
+            if key in ("gradkit", "sparse_topk", "sigmoid", "seed") and "median_ms" in m
+        )
+    )
+
+
+def _targets(ratios: dict[str, float | None]) -> dict[str, bool]:
+    def at_most(value: float | None, bound: float) -> bool:
+        return value is not None and value <= bound
+
+    speedup = ratios["speedup_vs_seed"]
+    return {
+        "speedup_vs_seed_met": speedup is not None and speedup >= TARGET_SPEEDUP_VS_SEED,
+        "x_sigmoid_pass_met": at_most(ratios["x_sigmoid_pass"], TARGET_SIGMOID_PASSES),
+        "sparse_x_sigmoid_pass_met": at_most(
+            ratios["sparse_x_sigmoid_pass"], TARGET_SPARSE_SIGMOID_PASSES
+        ),
+    }
 
 
 def _measure_shape(
@@ -279,78 +411,14 @@ def _measure_shape(
 ) -> dict[str, Any]:
     x = torch.randn(shape.batch, shape.n, generator=generator, dtype=torch.float32).to(device)
     agreement = _agreement(shape, x, temperature)
-
     prepared = {m: _prepare(m, shape, x, peers, temperature) for m in methods}
     runnable = {m: p.step for m, p in prepared.items() if p.step is not None}
-    planned: dict[str, int] = {}
-    for method, step in runnable.items():
-        first = _bench.timed(step, device)[
-            0
-        ]  # the first call also warms up (allocator, vmap tracing)
-        # Slow methods get fewer repeats (and no extra warm-up) instead of being skipped.
-        extra_warmup = warmup - 1 if first < budget_s / 4 else 0
-        for _ in range(max(0, extra_warmup)):
-            first = min(first, _bench.timed(step, device)[0])
-        planned[method] = max(MIN_REPEATS, min(repeats, int(budget_s / max(first, 1e-9))))
-
-    times: dict[str, list[tuple[float, float]]] = {m: [] for m in runnable}
-    # Round-robin over methods, so a burst of load on the shared CPU hits all of them alike.
-    # The order rotates every round: each method runs with cold caches (whatever ran before
-    # evicted them), and a fixed order would always put the same method after the heaviest
-    # one (pytopk's sorts, difftopk's dense network) and the same one after the lightest.
-    order = list(runnable.items())
-    for round_index in range(max(planned.values(), default=0)):
-        shift = round_index % len(order)
-        for method, step in order[shift:] + order[:shift]:
-            if round_index < planned[method]:
-                times[method].append(_bench.timed(step, device))
-
-    measured: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        if method in times:
-            ms = [1e3 * wall for wall, _ in times[method]]
-            cpu_ms = [1e3 * cpu for _, cpu in times[method]]
-            measured[method] = {
-                "median_ms": statistics.median(ms),
-                "min_ms": min(ms),
-                "median_cpu_ms": statistics.median(cpu_ms),
-                "repeats": len(ms),
-            }
-        else:
-            measured[method] = {"skipped": prepared[method].skipped}
-
-    def ratios_of(statistic: str) -> dict[str, float | None]:
-        def of(method: str) -> float | None:
-            return measured.get(method, {}).get(statistic)
-
-        gradkit_ms = of("gradkit")
-        return {
-            "speedup_vs_seed": _ratio(of("seed"), gradkit_ms),
-            "speedup_vs_seed_torch_ops": _ratio(of("seed"), of("gradkit_torch")),
-            "x_sigmoid_pass": _ratio(gradkit_ms, of("sigmoid")),
-            "x_torch_topk": _ratio(gradkit_ms, of("torch_topk")),
-            "speedup_vs_difftopk": _ratio(of("difftopk"), gradkit_ms),
-            "speedup_vs_pytopk": _ratio(of("pytopk"), gradkit_ms),
-        }
-
-    ratios = ratios_of("median_ms")
-    speedup, sigmoid_passes = ratios["speedup_vs_seed"], ratios["x_sigmoid_pass"]
-    # One thread on CPU: a wall time well above the CPU time means the thread was
-    # descheduled, so its ratios are not the operator's.
-    descheduled = (
-        device.type == "cpu"
-        and torch.get_num_threads() == 1
-        and any(
-            m["median_ms"] > NOISE_RATIO * m["median_cpu_ms"]
-            for key, m in measured.items()
-            if key in ("gradkit", "sigmoid", "seed") and "median_ms" in m
-        )
-    )
-    targets = {
-        "speedup_vs_seed_met": speedup is not None and speedup >= TARGET_SPEEDUP_VS_SEED,
-        "x_sigmoid_pass_met": sigmoid_passes is not None
-        and sigmoid_passes <= TARGET_SIGMOID_PASSES,
+    planned = _plan_repeats(runnable, repeats, warmup, budget_s, device)
+    times = _time_round_robin(runnable, planned, device)
+    measured = {
+        m: _summarise(times[m]) if m in times else {"skipped": prepared[m].skipped} for m in methods
     }
+    ratios = _ratios(measured, "median_ms")
     return {
         "shape": [shape.batch, shape.n],
         "k": shape.k,
@@ -359,11 +427,13 @@ def _measure_shape(
         "ratios": ratios,
         # The same ratios from the fastest call of each method: on a shared CPU the minimum
         # is the least disturbed by other processes, so a large gap flags a noisy run.
-        "ratios_from_min": ratios_of("min_ms"),
-        "ratios_from_cpu_time": ratios_of("median_cpu_ms"),
-        "targets": targets,
+        "ratios_from_min": _ratios(measured, "min_ms"),
+        "ratios_from_cpu_time": _ratios(measured, "median_cpu_ms"),
+        "targets": _targets(ratios),
         "agreement": agreement,
-        "flagged": f"descheduled (wall time > {NOISE_RATIO:g} × CPU time)" if descheduled else None,
+        "flagged": f"descheduled (wall time > {NOISE_RATIO:g} × CPU time)"
+        if _descheduled(measured, device)
+        else None,
     }
 
 
@@ -385,6 +455,7 @@ def _environment(
         "native_kernel": _native.status(),
         "difftopk": _version("difftopk"),
         "pytopk": _version("pytopk"),
+        "entmax": _version("entmax"),
         "load_average_1min_before": load_before,
         "load_average_1min_after": _bench.load_average(),
     }
@@ -414,37 +485,21 @@ def run_benchmark(
     torch_device = _bench.check_device(device)
     if threads is None:
         threads = os.cpu_count() or 1
-    _bench.check_positive_int("threads", threads)
-    _bench.check_positive_int("repeats", repeats)
-    if not (isinstance(warmup, int) and warmup >= 0):
-        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
-    if not budget_s > 0:
-        raise ValueError(f"budget must be > 0 seconds, got {budget_s!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    for shape in shapes:
-        if not 0 < shape.k < shape.n:
-            raise ValueError(f"shape {shape.name}: k must satisfy 0 < k < n")
-
+    _check_settings(shapes, threads, repeats, warmup, budget_s, temperature)
     methods = list(METHOD_NAMES)
     load_before = _bench.load_average()  # other processes' load, before ours adds to it
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # peers draw noise from the global generator
-    with _bench.torch_threads(threads):
-        results = [
-            _measure_shape(
-                shape,
-                methods=methods,
-                repeats=repeats,
-                warmup=warmup,
-                budget_s=budget_s,
-                peers=peers,
-                generator=generator,
-                temperature=temperature,
-                device=torch_device,
-            )
-            for shape in _io.progress(shapes, "bench topk: shape")
-        ]
+    results = _measure_shapes(
+        shapes,
+        threads,
+        seed,
+        methods=methods,
+        repeats=repeats,
+        warmup=warmup,
+        budget_s=budget_s,
+        peers=peers,
+        temperature=temperature,
+        device=torch_device,
+    )
 
     config = {
         "shapes": [asdict(s) for s in shapes],
@@ -459,25 +514,69 @@ def run_benchmark(
         "seed": seed,
         "peers": peers,
         "quick": quick,
-        "methods": METHOD_NAMES,
-        "timing": "median of perf_counter wall times of forward+backward (torch.topk: forward)",
+        **_CONFIG_CONSTANTS,
     }
     environment = _environment(threads, load_before, torch_device)
-    flags = _flags(environment, results, torch_device)
-    judged = not flags
-    summary = {
+    summary = _summary(results, _flags(environment, results, torch_device))
+    return {"config": config, "environment": environment, "results": results, "summary": summary}
+
+
+def _measure_shapes(shapes: Sequence[Shape], threads: int, seed: int, **options) -> list[dict]:
+    """:func:`_measure_shape` at every shape, on ``threads`` threads, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # peers draw noise from the global generator
+    with _bench.torch_threads(threads):
+        return [
+            _measure_shape(shape, generator=generator, **options)
+            for shape in _io.progress(shapes, "bench topk: shape")
+        ]
+
+
+_CONFIG_CONSTANTS = {
+    "methods": METHOD_NAMES,
+    "timing": "median of perf_counter wall times of forward+backward (torch.topk: forward)",
+    "operators": ["soft_topk", "sparse_topk"],
+}
+
+
+def _check_settings(
+    shapes: Sequence[Shape],
+    threads: int,
+    repeats: int,
+    warmup: int,
+    budget_s: float,
+    temperature: float,
+) -> None:
+    """ValueError naming the first bad setting."""
+    _bench.check_positive_int("threads", threads)
+    _bench.check_positive_int("repeats", repeats)
+    if not (isinstance(warmup, int) and warmup >= 0):
+        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+    if not budget_s > 0:
+        raise ValueError(f"budget must be > 0 seconds, got {budget_s!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    for shape in shapes:
+        if not 0 < shape.k < shape.n:
+            raise ValueError(f"shape {shape.name}: k must satisfy 0 < k < n")
+
+
+def _summary(results: list[dict[str, Any]], flags: list[str]) -> dict[str, Any]:
+    """The targets, judged at every shape unless the run is flagged (then ``None``)."""
+
+    def everywhere(target: str) -> bool | None:
+        return all(r["targets"][target] for r in results) if not flags else None
+
+    return {
         "target_speedup_vs_seed": TARGET_SPEEDUP_VS_SEED,
         "target_x_sigmoid_pass": TARGET_SIGMOID_PASSES,
+        "target_sparse_x_sigmoid_pass": TARGET_SPARSE_SIGMOID_PASSES,
         "flags": flags,
         "reliable": not flags,
-        "speedup_vs_seed_met_everywhere": all(r["targets"]["speedup_vs_seed_met"] for r in results)
-        if judged
-        else None,
-        "x_sigmoid_pass_met_everywhere": all(r["targets"]["x_sigmoid_pass_met"] for r in results)
-        if judged
-        else None,
+        "speedup_vs_seed_met_everywhere": everywhere("speedup_vs_seed_met"),
+        "x_sigmoid_pass_met_everywhere": everywhere("x_sigmoid_pass_met"),
+        "sparse_x_sigmoid_pass_met_everywhere": everywhere("sparse_x_sigmoid_pass_met"),
     }
-    return {"config": config, "environment": environment, "results": results, "summary": summary}
 
 
 def _flags(environment: dict[str, Any], results: list, device: torch.device) -> list[str]:
@@ -507,6 +606,33 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """Markdown tables of the timings, ratios and agreement checks, plus machine info."""
+    env, summary = report["environment"], report["summary"]
+    flags = summary.get("flags", [])
+    lines = _header_lines(report, flags)
+    lines += _timing_lines(report["results"])
+    if env["threads"] == 1 or flags:
+        lines += _cpu_ratio_lines(report["results"], env["threads"])
+    lines += _agreement_lines(report["results"])
+    if flags:
+        lines += ["", "Targets not judged: the run is unreliable (see above)."]
+        return "\n".join(lines)
+
+    def verdict(key: str) -> str:
+        return "met" if summary[key] else "NOT met"
+
+    lines += [
+        "",
+        f"Target ≥ {TARGET_SPEEDUP_VS_SEED:g}× faster than the seed at every shape: "
+        + verdict("speedup_vs_seed_met_everywhere"),
+        f"Target ≤ {TARGET_SIGMOID_PASSES:g}× one sigmoid pass at every shape: "
+        + verdict("x_sigmoid_pass_met_everywhere"),
+        f"Target sparse_topk ≤ {TARGET_SPARSE_SIGMOID_PASSES:g}× one sigmoid pass at every "
+        "shape: " + verdict("sparse_x_sigmoid_pass_met_everywhere"),
+    ]
+    return "\n".join(lines)
+
+
+def _header_lines(report: dict[str, Any], flags: list[str]) -> list[str]:
     env = report["environment"]
     lines = [
         f"torch {env['torch']}, {env['threads']} thread(s), CPU: {env['cpu']} "
@@ -515,23 +641,39 @@ def format_table(report: dict[str, Any]) -> str:
         f"τ = {report['config']['temperature']:g}, median ms of forward+backward; "
         f"fused CPU kernel {env.get('native_kernel', 'unknown')}",
     ]
-    summary = report["summary"]
-    flags = summary.get("flags", [])
     if flags:
         lines.append(
             "UNRELIABLE RUN: " + "; ".join(flags) + " — the wall-time ratios below are not the "
             "operator's; " + _bench.advice(env["threads"], report["config"].get("device", "cpu"))
         )
-    lines += [
+    return lines
+
+
+#: Ratio columns of the timing table: (heading, key in ``ratios``, format, suffix).
+_RATIO_COLUMNS = (
+    ("speedup vs seed", "speedup_vs_seed", ".1f", "×"),
+    ("(PyTorch ops only)", "speedup_vs_seed_torch_ops", ".1f", "×"),
+    ("× sigmoid pass", "x_sigmoid_pass", ".1f", ""),
+    ("× torch.topk", "x_torch_topk", ".1f", ""),
+    ("sparse_topk × sigmoid pass", "sparse_x_sigmoid_pass", ".1f", ""),
+    ("budget_bisect ÷ sparse_topk", "sparse_speedup_vs_budget_bisect", ".1f", "×"),
+)
+
+
+def _timing_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The per-method medians and the ratios, then one line per reason a cell is n/a."""
+    lines = [
         "",
         "| shape (b×n) | k | "
-        + " | ".join(f"{METHOD_NAMES[m]} ms" for m in METHOD_NAMES)
-        + " | speedup vs seed | (PyTorch ops only) | × sigmoid pass | × torch.topk |",
-        "|" + "---|" * (2 + len(METHOD_NAMES) + 4),
+        + " | ".join(f"{name} ms" for name in METHOD_NAMES.values())
+        + " | "
+        + " | ".join(heading for heading, *_ in _RATIO_COLUMNS)
+        + " |",
+        "|" + "---|" * (2 + len(METHOD_NAMES) + len(_RATIO_COLUMNS)),
     ]
     # method -> reason -> shapes, so each reason for an "n/a" cell is printed once.
     skipped: dict[str, dict[str, list[str]]] = {}
-    for result in report["results"]:
+    for result in results:
         batch, n = result["shape"]
         cells = []
         for method in METHOD_NAMES:
@@ -543,63 +685,57 @@ def format_table(report: dict[str, Any]) -> str:
                 reasons = skipped.setdefault(method, {})
                 reasons.setdefault(entry["skipped"], []).append(f"{batch}×{n} k={result['k']}")
         ratios = result["ratios"]
-        lines.append(
-            f"| {batch}×{n} | {result['k']} | "
-            + " | ".join(cells)
-            + f" | {_cell(ratios['speedup_vs_seed'], '.1f')}×"
-            + f" | {_cell(ratios.get('speedup_vs_seed_torch_ops'), '.1f')}×"
-            + f" | {_cell(ratios['x_sigmoid_pass'], '.1f')}"
-            + f" | {_cell(ratios['x_torch_topk'], '.1f')} |"
-        )
+        cells += [_cell(ratios.get(key), fmt) + suffix for _, key, fmt, suffix in _RATIO_COLUMNS]
+        lines.append(f"| {batch}×{n} | {result['k']} | " + " | ".join(cells) + " |")
     for method, reasons in skipped.items():
         text = "; ".join(f"{', '.join(shapes)}: {why}" for why, shapes in reasons.items())
         lines += ["", f"n/a — {METHOD_NAMES[method]}: {text}"]
-    if env["threads"] == 1 or flags:
-        # With one thread, CPU time excludes the waits of a descheduled thread: on a shared
-        # machine these ratios are the steadier ones (with more threads it counts spinning).
-        spinning = "" if env["threads"] == 1 else " (with several threads it also counts spinning)"
-        lines += [
-            "",
-            "Same ratios from the median CPU time (process_time), steadier on a busy machine"
-            + spinning
-            + ":",
-            "",
-            "| shape (b×n) | k | speedup vs seed | × sigmoid pass | × torch.topk |",
-            "|---|---|---|---|---|",
-        ]
-        for result in report["results"]:
-            ratios = result["ratios_from_cpu_time"]
-            batch, n = result["shape"]
-            lines.append(
-                f"| {batch}×{n} | {result['k']} | {_cell(ratios['speedup_vs_seed'], '.1f')}×"
-                f" | {_cell(ratios['x_sigmoid_pass'], '.1f')}"
-                f" | {_cell(ratios['x_torch_topk'], '.1f')} |"
-            )
-    lines += [
+    return lines
+
+
+def _cpu_ratio_lines(results: list[dict[str, Any]], threads: int) -> list[str]:
+    """With one thread, CPU time excludes the waits of a descheduled thread: on a shared
+    machine these ratios are the steadier ones (with more threads it counts spinning)."""
+    spinning = "" if threads == 1 else " (with several threads it also counts spinning)"
+    lines = [
         "",
-        "| shape (b×n) | k | max abs Δp vs seed | max abs Δ∂L/∂x vs seed "
-        "| max abs Σp−k gradkit | max abs Σp−k seed |",
+        "Same ratios from the median CPU time (process_time), steadier on a busy machine"
+        + spinning
+        + ":",
+        "",
+        "| shape (b×n) | k | speedup vs seed | × sigmoid pass | × torch.topk "
+        "| sparse_topk × sigmoid pass |",
         "|---|---|---|---|---|---|",
     ]
-    for result in report["results"]:
+    for result in results:
+        ratios = result["ratios_from_cpu_time"]
+        batch, n = result["shape"]
+        lines.append(
+            f"| {batch}×{n} | {result['k']} | {_cell(ratios['speedup_vs_seed'], '.1f')}×"
+            f" | {_cell(ratios['x_sigmoid_pass'], '.1f')}"
+            f" | {_cell(ratios['x_torch_topk'], '.1f')}"
+            f" | {_cell(ratios.get('sparse_x_sigmoid_pass'), '.1f')} |"
+        )
+    return lines
+
+
+def _agreement_lines(results: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "| shape (b×n) | k | max abs Δp vs seed | max abs Δ∂L/∂x vs seed "
+        "| max abs Σp−k gradkit | max abs Σp−k seed | max abs Σp−k sparse_topk |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
         a = result["agreement"]
         batch, n = result["shape"]
+        sparse = a.get("max_abs_sum_error_sparse")
         lines.append(
             f"| {batch}×{n} | {result['k']} | {a['max_abs_diff_p']:.2e} "
             f"| {a['max_abs_diff_grad']:.2e} | {a['max_abs_sum_error_gradkit']:.2e} "
-            f"| {a['max_abs_sum_error_seed']:.2e} |"
+            f"| {a['max_abs_sum_error_seed']:.2e} | {_cell(sparse, '.2e')} |"
         )
-    if flags:
-        lines += ["", "Targets not judged: the run is unreliable (see above)."]
-        return "\n".join(lines)
-    lines += [
-        "",
-        f"Target ≥ {TARGET_SPEEDUP_VS_SEED:g}× faster than the seed at every shape: "
-        + ("met" if summary["speedup_vs_seed_met_everywhere"] else "NOT met"),
-        f"Target ≤ {TARGET_SIGMOID_PASSES:g}× one sigmoid pass at every shape: "
-        + ("met" if summary["x_sigmoid_pass_met_everywhere"] else "NOT met"),
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def _gpu_name(report: dict[str, Any]) -> str:
@@ -617,8 +753,34 @@ def plotted_ratios(report: dict[str, Any]) -> str | None:
     return None
 
 
+def _bar_panel(axis, values: list, labels: list[str], target: float | None, relation: str):
+    """One log-scale bar panel of ratios (``None``: no bar), with an optional target line."""
+    from matplotlib import ticker
+
+    heights = [v if v is not None else 0.0 for v in values]
+    bars = axis.bar(range(len(values)), heights, color="tab:blue")
+    for bar, value in zip(bars, values, strict=True):
+        axis.annotate(
+            _cell(value, ".1f"),
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    if target is not None:
+        axis.axhline(target, color="tab:red", linestyle="--", label=f"target {relation}{target:g}")
+        axis.legend(fontsize=8)
+    axis.set_xticks(range(len(values)), labels, fontsize=7)
+    axis.set_yscale("log")
+    # Bars start at 1 (a ratio of one) and the target line stays in view.
+    shown = [v for v in values if v] + ([target] if target else []) + [1.0]
+    axis.set_ylim(min(shown) / 2, max(shown) * 2)
+    axis.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def plot_ratios(report: dict[str, Any], path: str | Path) -> Path | None:
-    """Bar plot of the three ratios per shape, with the targets drawn as dashed lines.
+    """Bar plot of the four ratios per shape, with the targets drawn as dashed lines.
 
     A flagged run draws no wall-time numbers: on one CPU thread it plots the CPU-time ratios
     (and says so); otherwise it draws nothing and returns ``None``.
@@ -627,45 +789,28 @@ def plot_ratios(report: dict[str, Any], path: str | Path) -> Path | None:
     if source is None:
         return None
     plt = _io.pyplot()
-    from matplotlib import ticker
-
     results = report["results"]
     labels = [f"{r['shape'][0]}×{r['shape'][1]}\nk={r['k']}" for r in results]
     panels = (
         ("speedup_vs_seed", "speedup vs seed (seed / gradkit)", TARGET_SPEEDUP_VS_SEED, "≥"),
         ("x_sigmoid_pass", "× sigmoid pass (gradkit / sigmoid)", TARGET_SIGMOID_PASSES, "≤"),
         ("x_torch_topk", "× torch.topk (gradkit / hard top-k fwd)", None, ""),
+        (
+            "sparse_x_sigmoid_pass",
+            "sparse_topk × sigmoid pass",
+            TARGET_SPARSE_SIGMOID_PASSES,
+            "≤",
+        ),
     )
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
     for axis, (key, title, target, relation) in zip(axes, panels, strict=True):
-        values = [r[source][key] for r in results]
-        heights = [v if v is not None else 0.0 for v in values]
-        bars = axis.bar(range(len(results)), heights, color="tab:blue")
-        for bar, value in zip(bars, values, strict=True):
-            axis.annotate(
-                _cell(value, ".1f"),
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-            )
-        if target is not None:
-            axis.axhline(
-                target, color="tab:red", linestyle="--", label=f"target {relation}{target:g}"
-            )
-            axis.legend(fontsize=8)
-        axis.set_xticks(range(len(results)), labels, fontsize=7)
-        axis.set_yscale("log")
-        # Bars start at 1 (a ratio of one) and the target line stays in view.
-        shown = [v for v in values if v] + ([target] if target else []) + [1.0]
-        axis.set_ylim(min(shown) / 2, max(shown) * 2)
-        axis.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        axis.yaxis.set_minor_formatter(ticker.NullFormatter())
+        _bar_panel(axis, [r[source][key] for r in results], labels, target, relation)
         axis.set_title(title, fontsize=9)
     env = report["environment"]
     device = report["config"].get("device", "cpu")
     figure.suptitle(
-        f"gradkit soft top-k, {device} float32, torch {env['torch']}, {env['threads']} thread(s)"
+        f"gradkit soft_topk and sparse_topk, {device} float32, torch {env['torch']}, "
+        f"{env['threads']} thread(s)"
         + ("" if source == "ratios" else " — machine busy: CPU-time ratios, not wall time"),
         fontsize=10,
     )
@@ -689,7 +834,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup", type=int, default=2, help="warm-up calls per method, first included"
     )
     parser.add_argument(
-        "--no-peers", action="store_true", help="skip difftopk/pytopk even when installed"
+        "--no-peers", action="store_true", help="skip difftopk/pytopk/entmax even when installed"
     )
     parser.add_argument(
         "--temperature",

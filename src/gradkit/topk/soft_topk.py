@@ -7,20 +7,24 @@ module holds the argument checking, the autograd ``Function`` and the public API
 from __future__ import annotations
 
 import math
-import numbers
 import threading
 
 import torch
 from torch import Tensor, nn
 
 from . import _ops
+from ._checks import (
+    check_k,
+    check_temperature,
+    check_temperature_type,
+    check_x,
+    normalize_dim,
+)
 from ._solve import soft_topk_vjp
 
 __all__ = ["SoftTopK", "soft_topk"]
 
-
-class DimError(ValueError, IndexError):
-    """Bad ``dim`` argument: a :class:`ValueError`, and an :class:`IndexError` like torch's."""
+_OP = "soft_topk"
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,14 +89,9 @@ class _SoftTopKFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _, k, tau, via_op = inputs
-        ctx.k_is_tensor = isinstance(k, Tensor)
-        ctx.tau_is_tensor = isinstance(tau, Tensor)
-        ctx.temperature = None if ctx.tau_is_tensor else tau
+        _save(ctx, k, tau, output)
         ctx.via_op = via_op
         ctx.out_dtype = output.dtype
-        saved = (output, tau) if ctx.tau_is_tensor else (output,)
-        ctx.save_for_backward(*saved)
-        ctx.save_for_forward(*saved)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -130,9 +129,21 @@ class _SoftTopKFunction(torch.autograd.Function):
         return _to_dtype_saturating(tangent, ctx.out_dtype)
 
 
+def _save(ctx, k, tau, output: Tensor) -> None:
+    """``setup_context`` of the top-k Functions (soft and sparse): whether ``k`` and ``τ`` are
+    tensors, and ``p`` (with a tensor ``τ``) saved for backward and forward mode."""
+    ctx.k_is_tensor = isinstance(k, Tensor)
+    ctx.tau_is_tensor = isinstance(tau, Tensor)
+    ctx.tau = None if ctx.tau_is_tensor else tau
+    saved = (output, tau) if ctx.tau_is_tensor else (output,)
+    ctx.save_for_backward(*saved)
+    ctx.save_for_forward(*saved)
+
+
 def _saved(ctx) -> tuple[Tensor, Tensor | float]:
+    """``(p, τ)`` as :func:`_save` kept them."""
     saved = ctx.saved_tensors
-    return saved[0], (saved[1] if ctx.tau_is_tensor else ctx.temperature)
+    return saved[0], (saved[1] if ctx.tau_is_tensor else ctx.tau)
 
 
 def _op_args(k, tau) -> tuple:
@@ -278,61 +289,21 @@ def _to_dtype_saturating(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype)
 
 
-def _check_temperature(temperature) -> float | Tensor:
-    """A positive finite number as a float; a tensor is returned as is (see
-    :func:`_temperature_arg`)."""
-    if isinstance(temperature, Tensor):
-        if temperature.dtype.is_complex or temperature.dtype == torch.bool:
-            raise TypeError(
-                f"soft_topk: temperature must be a real number or tensor, got {temperature.dtype}"
-            )
-        return temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"soft_topk: temperature must be a positive number, got {temperature!r}")
-    temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(
-            f"soft_topk: temperature must be finite and > 0, got temperature={temperature!r}"
-        )
-    return temperature
-
-
 def _temperature_arg(temperature, batch_shape: torch.Size, x: Tensor, traced: bool):
     """``τ`` for the operator: a float, or a tensor of shape ``batch_shape`` in ``x``'s compute
-    dtype (a learnable or per-slice temperature; its values are checked by the solve).
+    dtype (a learnable or per-slice temperature; its values are checked here on CPU, and by
+    the solve).
 
     A one-element tensor without gradient or tangent becomes a float on CPU in eager mode
     (the fastest path); elsewhere reading it would be a host sync or a graph break.
     """
-    temperature = _check_temperature(temperature)
-    if not isinstance(temperature, Tensor):
-        return temperature
-    if temperature.numel() == 1:
+    temperature = check_temperature_type(temperature, _OP)
+    if isinstance(temperature, Tensor) and temperature.numel() == 1:
         temperature = temperature.reshape(())
         if not (traced or temperature.device.type != "cpu" or _needs_derivative(temperature)):
-            return _check_temperature(temperature.item())
-    try:
-        tau = temperature.broadcast_to(batch_shape)
-    except RuntimeError as error:
-        raise ValueError(
-            "soft_topk: a tensor temperature must be a scalar or broadcast to x's shape "
-            f"without dim {tuple(batch_shape)}, got temperature of shape "
-            f"{tuple(temperature.shape)}"
-        ) from error
-    return tau.to(_compute_dtype(x.dtype))
-
-
-def _normalize_dim(dim, ndim: int) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
-        raise TypeError(f"soft_topk: dim must be an int, got {dim!r}")
-    if ndim == 0:
-        raise DimError("soft_topk: x must have at least one dimension, got a 0-d tensor")
-    if not -ndim <= dim < ndim:
-        raise DimError(
-            f"soft_topk: dim={dim} is out of range for a {ndim}-d x "
-            f"(allowed: {-ndim} ≤ dim ≤ {ndim - 1})"
-        )
-    return int(dim) % ndim
+            temperature = temperature.item()
+    tau = check_temperature(temperature, batch_shape, _OP, cpu_only=True)
+    return tau.to(_compute_dtype(x.dtype)) if isinstance(tau, Tensor) else tau
 
 
 def _hard_mask(x: Tensor, k: Tensor | float, soft: Tensor, sync_free: bool) -> Tensor:
@@ -363,28 +334,11 @@ def _hard_mask(x: Tensor, k: Tensor | float, soft: Tensor, sync_free: bool) -> T
     return torch.where(torch.isnan(soft), soft, mask)
 
 
-def _check_x(x) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"soft_topk: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.layout != torch.strided:
-        raise TypeError(
-            f"soft_topk: x must be a dense (strided) tensor, got layout {x.layout}; "
-            "call x.to_dense() first"
-        )
-    if x.is_meta:
-        raise ValueError(
-            "soft_topk: x is on the meta device (shapes only, no values); the threshold "
-            "solve needs data: move x to cpu or cuda"
-        )
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"soft_topk: x must be a floating-point tensor, got dtype {x.dtype}")
-
-
 def soft_topk(
     x: Tensor,
     k: float | Tensor,
     dim: int = -1,
-    temperature: float = 1.0,
+    temperature: float | Tensor = 1.0,
     hard: bool = False,
 ) -> Tensor:
     r"""Differentiable top-k membership: a soft 0/1 mask with exactly ``k`` ones per slice.
@@ -402,6 +356,9 @@ def soft_topk(
         ∂p_i/∂x_j = (δ_ij v_i − v_i v_j / Σ_l v_l) / τ,        ∂p_i/∂k = v_i / Σ_l v_l,
 
     so the backward pass costs ``O(n)`` per slice and is itself differentiable.
+
+    ``temperature`` may be a tensor (a scalar, or one per slice) that requires grad: a
+    learnable ``τ``, which receives the exact ``∂L/∂τ`` (see Args).
 
     Example::
 
@@ -449,26 +406,15 @@ def soft_topk(
           instead of overflowing to inf.
 
     Complexity:
-        ``O(n)`` time and memory per slice.  The forward takes a few passes over the data
-        (1–3 solver passes at ``τ = 1``, 3–6 at small ``τ``; each ``w − t``, ``σ``, ``Σp``,
-        ``Σp²``): safeguarded Newton steps on an exact two-tail model (cubically convergent)
-        from a log-sum-exp start, or, for slices spread over many ``τ``, from order statistics
-        (a partial sort of ``⌊k⌋ + 1`` values), converging to the dtype's precision; a
-        bracket with float-ordering bisection bounds adversarial inputs to at most 78 passes
-        (float64).  The backward is ``O(n)``: a few elementwise passes over ``p``
-        (out-of-place, hence twice differentiable, when the graph is kept).
-        ``hard=True`` adds a :func:`torch.topk`.
+        ``O(n)`` time and memory per slice, forward and backward (which is itself
+        differentiable).  The solve stops after a bounded number of passes whatever the data
+        (at most 78 in float64, 46 in float32); ``hard=True`` adds a :func:`torch.topk`.
 
-    Speed:
-        On CPU, float32/float64 (and half, solved in float32) runs a fused C kernel (built on
-        first use with the system C compiler, cached in ``~/.cache/gradkit``; set
-        ``GRADKIT_NATIVE=0`` to switch it off) for every slice without ``+inf`` or NaN;
-        those slices, ``torch.func`` and double backward use PyTorch ops, with the same
-        results to rounding.  Under ``torch.compile``/``torch.export`` the call is one
-        registered operator (``gradkit::soft_topk``, backward ``gradkit::soft_topk_vjp``)
-        that runs the same kernels.  :func:`gradkit.topk.status` says which path runs.
-        The kernel also solves relative to each slice's maximum (or its order statistics),
-        which keeps full precision for scores with a large common offset.
+    Backends:
+        The same values (to rounding) everywhere: a fused C kernel on CPU, a Triton kernel on
+        CUDA where Triton is installed (else PyTorch ops, with no host synchronisation), and,
+        under ``torch.compile``/``torch.export``, the registered ops ``gradkit::soft_topk`` and
+        ``gradkit::soft_topk_vjp``; :func:`gradkit.topk.status` says which runs (README: speed).
 
     Raises:
         TypeError: ``x`` is not a dense floating tensor, or ``temperature``/``dim`` has a
@@ -478,35 +424,15 @@ def soft_topk(
             GPU that would be a host synchronisation) or of a shape that does not broadcast,
             ``dim`` out of range, or a fractional ``k`` with ``hard=True``.
     """
-    _check_x(x)
-    dim = _normalize_dim(dim, x.dim())
+    check_x(x, _OP)
+    dim = normalize_dim(dim, x.dim(), _OP)
     n = x.shape[dim]
     last = dim == x.dim() - 1
     x_last = x if last else x.movedim(dim, -1)
     batch_shape = x_last.shape[:-1]
     traced = _ops.traced(x)
     tau = _temperature_arg(temperature, batch_shape, x, traced)
-
-    if isinstance(k, Tensor):
-        if k.dtype.is_complex or k.dtype == torch.bool:
-            raise TypeError(f"soft_topk: k must be a real number or real tensor, got {k.dtype}")
-        try:
-            k_arg = k.broadcast_to(batch_shape)
-        except RuntimeError as error:
-            raise ValueError(
-                f"soft_topk: a tensor k must broadcast to x's shape without dim "
-                f"{tuple(batch_shape)}, got k of shape {tuple(k.shape)}"
-            ) from error
-        if not k_arg.dtype.is_floating_point:
-            k_arg = k_arg.to(x.dtype if x.dtype == torch.float64 else torch.float32)
-    else:
-        if isinstance(k, bool) or not isinstance(k, numbers.Real):
-            raise TypeError(f"soft_topk: k must be a number or a tensor, got {k!r}")
-        k_arg = float(k)
-        if not math.isfinite(k_arg) or not 0 <= k_arg <= n:
-            raise ValueError(f"soft_topk: k must lie in [0, n] = [0, {n}], got k={k!r}")
-        if hard and k_arg != round(k_arg):
-            raise ValueError(f"soft_topk: hard=True needs an integer k, got k={k!r}")
+    k_arg = check_k(k, n, batch_shape, x.dtype, hard, _OP, cpu_only=True)
 
     p = _run(x_last, k_arg, tau, traced)
     if hard:
@@ -517,19 +443,13 @@ def soft_topk(
     return p if last else p.movedim(-1, dim)
 
 
-class SoftTopK(nn.Module):
-    """Module form of :func:`soft_topk`: ``SoftTopK(k, dim, temperature, hard)(x)``.
+class _TopKModule(nn.Module):
+    """The module form shared by :class:`SoftTopK` and ``SparseTopK``: a tensor ``k`` or
+    ``temperature`` is a buffer (it moves with ``.to(device)``) unless it is an
+    :class:`~torch.nn.Parameter`, which is learned."""
 
-    Selects a soft top-``k`` along ``dim``: ``p_i = σ((x_i − θ)/τ)`` with ``Σ_i p_i = k``.
-    See :func:`soft_topk` for the math, the edge cases and the gradient.
-
-    Example::
-
-        >>> layer = SoftTopK(k=2, temperature=0.5)
-        >>> p = layer(torch.randn(3, 10))
-        >>> torch.allclose(p.sum(-1), torch.full((3,), 2.0))   # every row holds k
-        True
-    """
+    _OP = _OP
+    _function = staticmethod(soft_topk)
 
     def __init__(
         self,
@@ -539,23 +459,39 @@ class SoftTopK(nn.Module):
         hard: bool = False,
     ):
         super().__init__()
-        if isinstance(k, Tensor) and not isinstance(k, nn.Parameter):
-            self.register_buffer("k", k)  # moves with .to(device); a Parameter k is learnable
-        else:
-            self.k = k
+        temperature = check_temperature_type(temperature, self._OP)
+        for name, value in (("k", k), ("temperature", temperature)):
+            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+                self.register_buffer(name, value)
+            else:
+                setattr(self, name, value)
         self.dim = dim
-        temperature = _check_temperature(temperature)
-        if isinstance(temperature, Tensor) and not isinstance(temperature, nn.Parameter):
-            self.register_buffer("temperature", temperature)  # a Parameter τ is learnable
-        else:
-            self.temperature = temperature
         self.hard = bool(hard)
 
     def forward(self, x: Tensor) -> Tensor:
-        return soft_topk(x, self.k, dim=self.dim, temperature=self.temperature, hard=self.hard)
+        return self._function(x, self.k, dim=self.dim, temperature=self.temperature, hard=self.hard)
 
     def extra_repr(self) -> str:
-        k = self.k if not isinstance(self.k, Tensor) else f"tensor{tuple(self.k.shape)}"
-        tau = self.temperature
-        tau = tau if not isinstance(tau, Tensor) else f"tensor{tuple(tau.shape)}"
-        return f"k={k}, dim={self.dim}, temperature={tau}, hard={self.hard}"
+        def show(value):
+            return f"tensor{tuple(value.shape)}" if isinstance(value, Tensor) else value
+
+        return (
+            f"k={show(self.k)}, dim={self.dim}, temperature={show(self.temperature)}, "
+            f"hard={self.hard}"
+        )
+
+
+class SoftTopK(_TopKModule):
+    """Module form of :func:`soft_topk`: ``SoftTopK(k, dim, temperature, hard)(x)``.
+
+    Selects a soft top-``k`` along ``dim``: ``p_i = σ((x_i − θ)/τ)`` with ``Σ_i p_i = k``.
+    See :func:`soft_topk` for the math, the edge cases and the gradient.  A tensor ``k`` or
+    ``temperature`` passed as an :class:`~torch.nn.Parameter` is learned.
+
+    Example::
+
+        >>> layer = SoftTopK(k=2, temperature=0.5)
+        >>> p = layer(torch.randn(3, 10))
+        >>> torch.allclose(p.sum(-1), torch.full((3,), 2.0))   # every row holds k
+        True
+    """

@@ -8,7 +8,7 @@ autograd ``Function``, the argument checking and the public API.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import _ops
 from ._checks import check_k, check_temperature, check_values, check_x, normalize_dim
@@ -19,7 +19,7 @@ from ._sparse import (
     sparse_topk_vjp,
     temperature_grad,
 )
-from .soft_topk import _hard_mask, _to_dtype_saturating
+from .soft_topk import _hard_mask, _save, _saved, _to_dtype_saturating, _TopKModule
 
 __all__ = ["SparseTopK", "sparse_topk"]
 
@@ -39,12 +39,7 @@ class _SparseTopKFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _, k, tau = inputs
-        ctx.k_is_tensor = isinstance(k, Tensor)
-        ctx.tau_is_tensor = isinstance(tau, Tensor)
-        ctx.tau = None if ctx.tau_is_tensor else tau
-        saved = (output, tau) if ctx.tau_is_tensor else (output,)
-        ctx.save_for_backward(*saved)
-        ctx.save_for_forward(*saved)
+        _save(ctx, k, tau, output)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -73,11 +68,6 @@ class _SparseTopKFunction(torch.autograd.Function):
         k = _batched(k, k_dim, info.batch_size, x.shape[:-1])
         tau = _batched(tau, tau_dim, info.batch_size, x.shape[:-1])
         return _SparseTopKFunction.apply(x, k, tau), 0
-
-
-def _saved(ctx) -> tuple[Tensor, Tensor | float]:
-    saved = ctx.saved_tensors
-    return (saved[0], saved[1]) if ctx.tau_is_tensor else (saved[0], ctx.tau)
 
 
 def _vjp(ctx, grad: Tensor, p: Tensor, tau) -> tuple[Tensor, Tensor]:
@@ -196,10 +186,11 @@ def sparse_topk(
           of the free set found.
 
     Raises:
-        TypeError: ``x`` is not a floating tensor, or ``k``/``temperature``/``dim`` has a bad
-            type.
-        ValueError: ``k`` outside ``[0, n]`` or not finite, ``temperature`` not finite and
-            positive, ``dim`` out of range, or a fractional ``k`` with ``hard=True``.
+        TypeError: ``x`` is not a dense floating tensor, or ``k``/``temperature``/``dim``
+            has a bad type.
+        ValueError: ``x`` on the meta device, ``k`` outside ``[0, n]`` or not finite,
+            ``temperature`` not finite and positive or of a shape that does not broadcast,
+            ``dim`` out of range, or a fractional ``k`` with ``hard=True``.
     """
     check_x(x, _OP)
     dim = normalize_dim(dim, x.dim(), _OP)
@@ -222,10 +213,10 @@ def sparse_topk(
     return p if last else p.movedim(-1, dim)
 
 
-class SparseTopK(nn.Module):
+class SparseTopK(_TopKModule):
     """Module form of :func:`sparse_topk`: ``SparseTopK(k, dim, temperature, hard)(x)``.
 
-    A tensor ``temperature`` passed as an :class:`~torch.nn.Parameter` is learned.
+    A tensor ``k`` or ``temperature`` passed as an :class:`~torch.nn.Parameter` is learned.
 
     Example::
 
@@ -235,32 +226,5 @@ class SparseTopK(nn.Module):
         True
     """
 
-    def __init__(
-        self,
-        k: float | Tensor,
-        dim: int = -1,
-        temperature: float | Tensor = 1.0,
-        hard: bool = False,
-    ):
-        super().__init__()
-        for name, value in (("k", k), ("temperature", temperature)):
-            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
-                self.register_buffer(name, value)
-            else:
-                setattr(self, name, value)
-        if not isinstance(temperature, Tensor):
-            self.temperature = check_temperature(temperature, torch.Size(), _OP)
-        self.dim = dim
-        self.hard = bool(hard)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return sparse_topk(x, self.k, dim=self.dim, temperature=self.temperature, hard=self.hard)
-
-    def extra_repr(self) -> str:
-        def show(value):
-            return f"tensor{tuple(value.shape)}" if isinstance(value, Tensor) else value
-
-        return (
-            f"k={show(self.k)}, dim={self.dim}, temperature={show(self.temperature)}, "
-            f"hard={self.hard}"
-        )
+    _OP = _OP
+    _function = staticmethod(sparse_topk)
