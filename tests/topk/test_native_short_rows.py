@@ -16,6 +16,7 @@ import torch
 from support import seeded_randn
 
 from gradkit.topk import _native, _solve
+from gradkit.topk.reference import sparse_topk_reference
 
 needs_kernel = pytest.mark.skipif(
     not _native.available(), reason=f"fused CPU kernel {_native.status()}"
@@ -138,3 +139,29 @@ def test_special_rows_inside_a_tile_are_solved_like_the_torch_path(n, dtype):
     assert torch.equal(p.isnan(), expected.isnan())
     assert bool((p[3] == 0).all())
     assert torch.equal(p[5], torch.full((n,), 0.5, dtype=dtype))
+
+
+# ------------------------------------------------------------------ sparse_topk, short rows
+# Wide rows (spread > 2τ) of up to SPARSE_SHORT = 512 entries start from the all-free root
+# instead of a quickselected sample; longer ones keep the sample.
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 16, 17, 33, 64, 100, 128, 129, 300, 512, 513, 700])
+def test_sparse_short_rows_match_the_reference(n, dtype):
+    rows = 12
+    scales = torch.tensor([0.1, 1.0, 3.0, 10.0, 30.0, 300.0] * 2, dtype=torch.float64)
+    x = (seeded_randn(rows, n, seed=5 * n) * scales[:, None]).to(dtype)
+    k = _edge_budgets(n, rows)
+    p, status = _native.sparse_solve(x, k, 1.0)
+    assert status.tolist() == [0] * rows
+    expected = sparse_topk_reference(x, k, 1.0)
+    eps = torch.finfo(dtype).eps
+    scale = x.abs().amax(-1, keepdim=True).double().clamp(min=1.0)
+    tolerance = 64 * eps * scale
+    difference = (p.double() - expected).abs()
+    assert bool((difference <= tolerance).all()), (difference - tolerance).max().item()
+    mass_error = (p.double().sum(-1) - k).abs()
+    assert bool((mass_error <= n * tolerance.squeeze(-1)).all()), mass_error.max().item()
+    assert bool((p[expected == 0] == 0).all()) and bool((p[expected == 1] == 1).all())

@@ -843,6 +843,9 @@ static double sparse_select(double *a, int64_t n, int64_t index) {
 
 #define SPARSE_TOP_LIST 16 /* budgets below this take their order statistics from one scan */
 #define SPARSE_SAMPLE 256  /* strided sample for the start of wide rows with larger budgets */
+/* … for rows of more than this many entries; shorter ones start from the all-free root (a
+   sample would be the whole row, and its quickselect costs more than a Newton pass or two). */
+#define SPARSE_SHORT 512
 
 /* a = the up-th and b = the down-th largest of w[0..m) (1 ≤ down ≤ up ≤ min(m,
    SPARSE_TOP_LIST)), from a sorted list of the top `up` built in one scan. */
@@ -948,11 +951,15 @@ static int sparse_threshold(double *cand, int64_t m, double k, double sum, doubl
         mass_lo = floor(k) + 1.0;
         mass_hi = ceil(k) - 1.0;
         t = 0.5 * (lo + hi);
-    } else if (lo < -SPARSE_SPREAD) {
+    } else if (lo < -SPARSE_SPREAD && m > SPARSE_SHORT) {
         /* wide, large budget: start at the k-th largest of a strided sample (no bracket) */
         double sample[SPARSE_SAMPLE];
         int64_t size = m < SPARSE_SAMPLE ? m : SPARSE_SAMPLE;
-        for (int64_t j = 0; j < size; ++j) sample[j] = cand[j * m / size];
+        const double stride = (double)m / (double)size; /* (no integer divide per entry) */
+        for (int64_t j = 0; j < size; ++j) {
+            int64_t at = (int64_t)((double)j * stride);
+            sample[j] = cand[at < m ? at : m - 1];
+        }
         int64_t rank = (int64_t)(k * (double)size / (double)m); /* from the top */
         rank = rank < 0 ? 0 : (rank > size - 1 ? size - 1 : rank);
         t = sparse_select(sample, size, size - 1 - rank) - 0.5;
