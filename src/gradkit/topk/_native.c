@@ -43,6 +43,8 @@
 #define COUNT_THRESHOLDS 7 /* cuts per counting pass of a wide row's start (see count_start) */
 #define MAX_COUNT_PASSES 8  /* … which narrow its bracket at most 8⁸-fold */
 #define START_WIDTH 2.0     /* … down to this many units of τ */
+#define SHORT_ROW 128 /* rows this short are solved LANES at a time, one per vector lane */
+#define LANES 8
 
 /* ------------------------------------------------------------------ vectorisable exp */
 
@@ -508,6 +510,140 @@ static inline double clamp_f64(double v, double low, double high) {
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
+    /* Short rows (n ≤ SHORT_ROW), LANES at a time, one row per vector lane: the same solve as   \
+       solve_row's direct (log-sum-exp) form, on a transposed tile, so that the lanes' Newton    \
+       arithmetic (a sqrt and divides per pass) overlaps instead of forming one latency chain   \
+       per row.  Rows the direct form does not cover (NaN or +inf entries, k ≤ 0 or ≥ the live  \
+       count, exact ties, |x/τ| too large, wide rows) or that do not converge here are solved    \
+       by solve_row itself, so the results keep its contract.  Budgets k[0..LANES). */            \
+    static void solve_tile_##SUFFIX(const T *x, T *out, int32_t *status, int64_t n,              \
+                                    const double *k, double inv_tau) {                           \
+        T xt[SHORT_ROW * LANES], e[SHORT_ROW * LANES];                                           \
+        const T minus_inf = -(T)INFINITY, plus_inf = (T)INFINITY;                                \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            for (int l = 0; l < LANES; ++l) xt[i * LANES + l] = x[l * n + i];                    \
+        T top[LANES], bottom[LANES], minus[LANES], bad[LANES];                                   \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            top[l] = minus_inf;                                                                  \
+            bottom[l] = plus_inf;                                                                \
+            minus[l] = 0;                                                                        \
+            bad[l] = 0;                                                                          \
+        }                                                                                        \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                T v = xt[i * LANES + l];                                                         \
+                int finite = v - v == 0; /* (selects, not branches: no masked stores) */         \
+                T high = finite ? v : minus_inf, low = finite ? v : plus_inf;                    \
+                top[l] = high > top[l] ? high : top[l];                                          \
+                bottom[l] = low < bottom[l] ? low : bottom[l];                                   \
+                minus[l] += (T)(v == minus_inf);                                                 \
+                bad[l] += (T)((v != v) | (v == plus_inf));                                       \
+            }                                                                                    \
+        }                                                                                        \
+        int ok[LANES], flipped[LANES], done[LANES];                                              \
+        double budget[LANES], c[LANES], lo[LANES], hi[LANES], tol_mass[LANES];                   \
+        T sc[LANES], w_top[LANES], cl[LANES], exp_sum[LANES];                                    \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            double live = (double)n - (double)minus[l], kk = k[l];                               \
+            double x_max = (double)top[l], x_min = (double)bottom[l];                            \
+            double spread = (x_max - x_min) * inv_tau;                                           \
+            int flip = kk > 0.5 * live;                                                          \
+            double b = flip ? live - kk : kk;                                                    \
+            double limit = SMALL_BUDGET_SPREAD_LIMIT; /* (passes are cheap here) */              \
+            ok[l] = bad[l] == 0 && kk > 0.0 && kk < live && x_max != x_min &&                    \
+                    fabs(x_max * inv_tau) <= (LIMIT) && fabs(x_min * inv_tau) <= (LIMIT) &&      \
+                    spread <= limit;                                                             \
+            flipped[l] = flip;                                                                   \
+            budget[l] = ok[l] ? b : 1.0;                                                         \
+            sc[l] = ok[l] ? (T)(flip ? -inv_tau : inv_tau) : (T)0;                               \
+            w_top[l] = ok[l] ? (T)(flip ? -x_min * inv_tau : x_max * inv_tau) : (T)0;            \
+            exp_sum[l] = 0;                                                                      \
+            done[l] = !ok[l];                                                                    \
+            tol_mass[l] = 8.0 * EPS * (budget[l] > 1.0 ? budget[l] : 1.0);                       \
+            double odds = b / (live - b);                                                        \
+            lo[l] = odds;                                                                        \
+            hi[l] = ok[l] ? odds * exp_f64(spread) : 1.0;                                        \
+        }                                                                                        \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                T v = xt[i * LANES + l];                                                         \
+                T ev = v == minus_inf ? (T)0 : EXP(v * sc[l] - w_top[l]);                        \
+                ev = ok[l] ? ev : (T)0;                                                          \
+                e[i * LANES + l] = ev;                                                           \
+                exp_sum[l] += ev;                                                                \
+            }                                                                                    \
+        }                                                                                        \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            if (!ok[l]) { c[l] = 1.0; continue; }                                                \
+            c[l] = budget[l] / (double)exp_sum[l];                                               \
+            if (c[l] > lo[l]) lo[l] = c[l];                                                      \
+            if (c[l] > hi[l]) c[l] = hi[l];                                                      \
+        }                                                                                        \
+        const T huge = (T)ldexp(1.0, EXP_CUT), tiny = (T)ldexp(1.0, -EXP_CUT);                   \
+        for (int pass = 0;; ++pass) {                                                            \
+            int pending = 0;                                                                     \
+            for (int l = 0; l < LANES; ++l) pending += !done[l];                                 \
+            if (!pending) break;                                                                 \
+            if (pass == MAX_PASSES) { /* solve_row decides what these rows get */                \
+                for (int l = 0; l < LANES; ++l) ok[l] = ok[l] && done[l];                        \
+                break;                                                                           \
+            }                                                                                    \
+            T sum_p[LANES], sum_v[LANES], sum_pv[LANES];                                         \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                cl[l] = (T)c[l];                                                                 \
+                sum_p[l] = 0;                                                                    \
+                sum_v[l] = 0;                                                                    \
+                sum_pv[l] = 0;                                                                   \
+            }                                                                                    \
+            for (int64_t i = 0; i < n; ++i) {                                                    \
+                _Pragma("omp simd")                                                              \
+                for (int l = 0; l < LANES; ++l) {                                                \
+                    T y = cl[l] * e[i * LANES + l];                                              \
+                    y = y > tiny ? (y < huge ? y : huge) : (T)0;                                 \
+                    T r = (T)1 / ((T)1 + y);                                                     \
+                    T p = y * r;                                                                 \
+                    T v = p * r;                                                                 \
+                    sum_p[l] += p;                                                               \
+                    sum_v[l] += v;                                                               \
+                    sum_pv[l] += p * v;                                                          \
+                }                                                                                \
+            }                                                                                    \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                if (done[l]) continue;                                                           \
+                double excess = (double)sum_p[l] - budget[l];                                    \
+                if (fabs(excess) <= tol_mass[l]) { done[l] = 1; continue; }                      \
+                if (excess > 0) hi[l] = c[l]; else lo[l] = c[l];                                 \
+                double y = two_tail_##SUFFIX(excess, (double)sum_v[l], (double)sum_pv[l]);       \
+                double next = c[l] / y;                                                          \
+                if (!(next > lo[l] && next < hi[l])) {                                           \
+                    if (hi[l] - lo[l] <= 4.0 * EPS * hi[l]) { ok[l] = 0; done[l] = 1; continue; }\
+                    c[l] = sqrt(lo[l] * hi[l]);                                                  \
+                    continue;                                                                    \
+                }                                                                                \
+                if (next == c[l]) { done[l] = 1; continue; }                                     \
+                c[l] = next;                                                                     \
+                double change = fabs(y - 1.0);                                                   \
+                if (change * change * change <= 4.0 * EPS) done[l] = 1;                          \
+            }                                                                                    \
+        }                                                                                        \
+        const T big = (T)EXP_MAX;                                                                \
+        for (int l = 0; l < LANES; ++l) cl[l] = (T)c[l];                                         \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                T y = cl[l] * e[i * LANES + l];                                                  \
+                T r = (T)1 / ((T)1 + y);                                                         \
+                T other = y < big ? y * r : (T)1;                                                \
+                T value = flipped[l] ? r : other;                                                \
+                out[l * n + i] = xt[i * LANES + l] == minus_inf ? (T)0 : value;                  \
+            }                                                                                    \
+        }                                                                                        \
+        for (int l = 0; l < LANES; ++l) /* (solve_row overwrites the rows not solved here) */    \
+            status[l] = ok[l] ? 0 : solve_row_##SUFFIX(x + l * n, out + l * n, n, k[l], inv_tau);\
+    }                                                                                            \
+                                                                                                 \
     /* grad_x = v⊙(g − c)/τ with c = Σ g·v / Σ v (0 for a saturated row); returns c. */          \
     static double vjp_row_##SUFFIX(const T *g, const T *p, T *out, int64_t n, double inv_tau) {  \
         double sum_v = 0.0, sum_gv = 0.0;                                                        \
@@ -550,8 +686,27 @@ typedef struct {
     double k, inv_tau;
 } Job;
 
+/* Solve rows [*row, row_end) LANES at a time while whole tiles remain (short rows only). */
+static void run_tiles(const Job *job, int64_t *row) {
+    if (job->op > 1 || job->n > SHORT_ROW || job->n < 1) return;
+    for (; *row + LANES <= job->row_end; *row += LANES) {
+        double k[LANES];
+        for (int l = 0; l < LANES; ++l) k[l] = job->budgets ? job->budgets[*row + l] : job->k;
+        int64_t offset = *row * job->n;
+        int32_t *status = (int32_t *)job->aux + *row;
+        if (job->op == 0)
+            solve_tile_f32((const float *)job->a + offset, (float *)job->out + offset, status,
+                           job->n, k, job->inv_tau);
+        else
+            solve_tile_f64((const double *)job->a + offset, (double *)job->out + offset, status,
+                           job->n, k, job->inv_tau);
+    }
+}
+
 static void run_job(const Job *job) {
-    for (int64_t row = job->row_begin; row < job->row_end; ++row) {
+    int64_t first = job->row_begin;
+    run_tiles(job, &first);
+    for (int64_t row = first; row < job->row_end; ++row) {
         int64_t offset = row * job->n;
         switch (job->op) {
         case 0:
@@ -688,6 +843,9 @@ static double sparse_select(double *a, int64_t n, int64_t index) {
 
 #define SPARSE_TOP_LIST 16 /* budgets below this take their order statistics from one scan */
 #define SPARSE_SAMPLE 256  /* strided sample for the start of wide rows with larger budgets */
+/* … for rows of more than this many entries; shorter ones start from the all-free root (a
+   sample would be the whole row, and its quickselect costs more than a Newton pass or two). */
+#define SPARSE_SHORT 512
 
 /* a = the up-th and b = the down-th largest of w[0..m) (1 ≤ down ≤ up ≤ min(m,
    SPARSE_TOP_LIST)), from a sorted list of the top `up` built in one scan. */
@@ -793,11 +951,15 @@ static int sparse_threshold(double *cand, int64_t m, double k, double sum, doubl
         mass_lo = floor(k) + 1.0;
         mass_hi = ceil(k) - 1.0;
         t = 0.5 * (lo + hi);
-    } else if (lo < -SPARSE_SPREAD) {
+    } else if (lo < -SPARSE_SPREAD && m > SPARSE_SHORT) {
         /* wide, large budget: start at the k-th largest of a strided sample (no bracket) */
         double sample[SPARSE_SAMPLE];
         int64_t size = m < SPARSE_SAMPLE ? m : SPARSE_SAMPLE;
-        for (int64_t j = 0; j < size; ++j) sample[j] = cand[j * m / size];
+        const double stride = (double)m / (double)size; /* (no integer divide per entry) */
+        for (int64_t j = 0; j < size; ++j) {
+            int64_t at = (int64_t)((double)j * stride);
+            sample[j] = cand[at < m ? at : m - 1];
+        }
         int64_t rank = (int64_t)(k * (double)size / (double)m); /* from the top */
         rank = rank < 0 ? 0 : (rank > size - 1 ? size - 1 : rank);
         t = sparse_select(sample, size, size - 1 - rank) - 0.5;

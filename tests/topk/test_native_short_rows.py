@@ -1,0 +1,167 @@
+"""The fused kernel's short-row path (rows of n ≤ 128, solved 8 at a time, one per lane).
+
+Only calls with at least 8 rows reach it, so these tests use 8–19 rows (whole tiles plus a
+remainder that takes the per-row path) for every n in 1..130, per-row budgets at the edges,
+rows of different spreads in one tile (some of them left to the per-row path), −inf masks,
+and NaN / +inf / tied rows inside a tile.  References: bisection in float64 (masked entries
+excluded) and the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from support import seeded_randn
+
+from gradkit.topk import _native, _solve
+from gradkit.topk.reference import sparse_topk_reference
+
+needs_kernel = pytest.mark.skipif(
+    not _native.available(), reason=f"fused CPU kernel {_native.status()}"
+)
+
+ROWS = 19  # two tiles of 8 rows and 3 rows on the per-row path
+SPREADS = [0.1, 1.0, 3.0, 6.0, 10.0, 0.5, 2.0, 30.0]  # row scales (30: wide rows too)
+
+
+def _masked_reference(x: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Float64 bisection on θ (200 steps) over the live (> −inf) entries of each row.
+
+    Rows with at least one live entry; ``k`` per row, in [0, live count].
+    """
+    x = x.double()
+    live = x > -math.inf
+    k = k.double().unsqueeze(-1)
+    lo = torch.where(live, x, math.inf).amin(-1, keepdim=True) - 50 * temperature
+    hi = torch.where(live, x, -math.inf).amax(-1, keepdim=True) + 50 * temperature
+    for _ in range(200):
+        mid = lo / 2 + hi / 2
+        mass = torch.sigmoid((x - mid) / temperature).sum(-1, keepdim=True)
+        lo = torch.where(mass > k, mid, lo)
+        hi = torch.where(mass > k, hi, mid)
+    return torch.sigmoid((x - (lo / 2 + hi / 2)) / temperature)
+
+
+def _edge_budgets(n: int, rows: int) -> torch.Tensor:
+    """Per-row budgets cycling through the edges of [0, n] and a few interior values."""
+    edges = [0.0, 0.25, 1.0, 2.0, n / 10, n / 2, n - 1.0, n - 0.25, float(n), 1.5, n / 3]
+    return torch.tensor(
+        [min(max(edges[r % len(edges)], 0.0), n) for r in range(rows)],
+        dtype=torch.float64,
+    )
+
+
+def _tolerance(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """θ to an ulp of the row's scale |x|/τ moves p by ≤ Δθ/(4τ); plus n-term rounding."""
+    eps = torch.finfo(x.dtype).eps
+    scale = torch.where(x > -math.inf, x, 0.0).abs().amax(-1, keepdim=True).double()
+    return 64 * eps + 4 * eps * scale / temperature
+
+
+def _check_against_reference(x, k, temperature):
+    p, status = _native.solve(x, k, 1.0 / temperature)
+    assert status.tolist() == [0] * x.shape[0], status.tolist()
+    expected = _masked_reference(x, k, temperature)
+    difference = (p.double() - expected).abs()
+    tolerance = _tolerance(x, temperature)
+    assert bool((difference <= tolerance).all()), (difference - tolerance).max().item()
+    live = (x > -math.inf).sum(-1)
+    mass_error = (p.double().sum(-1) - k.clamp(max=live)).abs()
+    eps = torch.finfo(x.dtype).eps
+    assert bool((mass_error <= 64 * eps * k.clamp(min=1)).all()), mass_error.max().item()
+    assert bool((p[x == -math.inf] == 0).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", range(1, 131))
+def test_short_rows_match_the_reference_for_every_n(n, dtype):
+    x = seeded_randn(ROWS, n, seed=n) * torch.tensor(SPREADS * 3)[:ROWS, None]
+    x = x.to(dtype)
+    _check_against_reference(x, _edge_budgets(n, ROWS), temperature=1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [2, 7, 16, 33, 64, 100, 128])
+@pytest.mark.parametrize("temperature", [0.25, 1.0, 3.0])
+def test_short_rows_with_masks_match_the_reference(n, temperature, dtype):
+    generator = torch.Generator().manual_seed(n)
+    x = torch.randn(ROWS, n, generator=generator, dtype=torch.float64) * 3
+    density = torch.tensor([1.0, 0.9, 0.5, 0.2] * 5)[:ROWS, None]
+    keep = torch.rand(ROWS, n, generator=generator) < density
+    keep[:, 0] = True  # at least one live entry per row
+    x = torch.where(keep, x, -math.inf).to(dtype)
+    live = keep.sum(-1).double()
+    share = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0, 1.3, 0.3] * 3)[:ROWS]
+    k = (live * share).floor() + torch.tensor([0.0, 0.5] * 10)[:ROWS]
+    _check_against_reference(x, k.clamp(max=live), temperature)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [8, 16, 64, 128])
+def test_short_rows_with_one_budget_for_all_match_the_reference(n, dtype):
+    x = (seeded_randn(16, n, seed=3 * n) * 3).to(dtype)
+    for k in [0.5, 1.0, 2.0, n / 10, n / 2, n - 1.0, n - 0.5]:
+        if not 0 < k < n:
+            continue
+        p, status = _native.solve(x, k, 1.0)
+        assert bool((status == 0).all())
+        expected = _masked_reference(x, torch.full((16,), k, dtype=torch.float64), 1.0)
+        difference = (p.double() - expected).abs()
+        assert bool((difference <= _tolerance(x, 1.0)).all()), (k, difference.max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [5, 16, 64, 128])
+def test_special_rows_inside_a_tile_are_solved_like_the_torch_path(n, dtype):
+    x = seeded_randn(16, n, seed=n).to(dtype)
+    x[1, 3] = math.nan  # the whole slice is NaN
+    x[2, 1] = math.inf  # takes the budget's share k/m, the finite entries the rest
+    x[3, :] = -math.inf  # every entry masked: zeros
+    x[4] *= 1000.0  # spread ≫ 40·τ: the per-row (order statistics) path
+    x[5] = 0.25  # exact ties: p = k/n
+    x[6, 2] = -math.inf
+    x[9] += 1e4  # a large common offset
+    k = 0.5 * n
+    _, status = _native.solve(x, k, 1.0)
+    assert status.tolist() == [0] * 16
+    p = _native.solve(x, k, 1.0)[0]
+    with _native.disabled():
+        expected = _solve.solve_soft_topk(x, k, 1.0)
+    tolerance = _tolerance(x, 1.0)
+    difference = torch.where(p.isnan() & expected.isnan(), 0.0, (p - expected).abs()).double()
+    assert bool((difference <= tolerance).all()), (difference - tolerance).max().item()
+    assert torch.equal(p.isnan(), expected.isnan())
+    assert bool((p[3] == 0).all())
+    assert torch.equal(p[5], torch.full((n,), 0.5, dtype=dtype))
+
+
+# ------------------------------------------------------------------ sparse_topk, short rows
+# Wide rows (spread > 2τ) of up to SPARSE_SHORT = 512 entries start from the all-free root
+# instead of a quickselected sample; longer ones keep the sample.
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 16, 17, 33, 64, 100, 128, 129, 300, 512, 513, 700])
+def test_sparse_short_rows_match_the_reference(n, dtype):
+    rows = 12
+    scales = torch.tensor([0.1, 1.0, 3.0, 10.0, 30.0, 300.0] * 2, dtype=torch.float64)
+    x = (seeded_randn(rows, n, seed=5 * n) * scales[:, None]).to(dtype)
+    k = _edge_budgets(n, rows)
+    p, status = _native.sparse_solve(x, k, 1.0)
+    assert status.tolist() == [0] * rows
+    expected = sparse_topk_reference(x, k, 1.0)
+    eps = torch.finfo(dtype).eps
+    scale = x.abs().amax(-1, keepdim=True).double().clamp(min=1.0)
+    tolerance = 64 * eps * scale
+    difference = (p.double() - expected).abs()
+    assert bool((difference <= tolerance).all()), (difference - tolerance).max().item()
+    mass_error = (p.double().sum(-1) - k).abs()
+    assert bool((mass_error <= n * tolerance.squeeze(-1)).all()), mass_error.max().item()
+    assert bool((p[expected == 0] == 0).all()) and bool((p[expected == 1] == 1).all())
