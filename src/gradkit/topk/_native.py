@@ -239,6 +239,16 @@ def _eligible(*tensors: Tensor) -> bool:
     )
 
 
+def _per_row_doubles(value: Tensor | float, rows: int, name: str) -> Tensor | None:
+    """Per-row values as a contiguous float64 CPU tensor, or ``None`` for a single number."""
+    if not isinstance(value, Tensor):
+        return None
+    flat = value.detach().to(device="cpu", dtype=torch.float64).reshape(-1).contiguous()
+    if flat.numel() != rows:
+        raise ValueError(f"{name}: expected {rows} per-row values, got {flat.numel()}")
+    return flat
+
+
 def solve(x: Tensor, k: float | Tensor, inv_tau: float) -> tuple[Tensor, Tensor] | None:
     """``p = σ((x − θ)/τ)`` with ``Σp = k`` along the last dimension, by the fused kernel.
 
@@ -254,11 +264,7 @@ def solve(x: Tensor, k: float | Tensor, inv_tau: float) -> tuple[Tensor, Tensor]
     x = x.contiguous()
     n = x.shape[-1]
     rows = x.numel() // n
-    budgets = None
-    if isinstance(k, Tensor):
-        budgets = k.detach().to(device="cpu", dtype=torch.float64).reshape(-1).contiguous()
-        if budgets.numel() != rows:
-            raise ValueError(f"k: expected {rows} per-row budgets, got {budgets.numel()}")
+    budgets = _per_row_doubles(k, rows, "k")
     p = torch.empty_like(x)
     row_status = torch.empty(x.shape[:-1], dtype=torch.int32)
     _library.gradkit_solve(
@@ -305,16 +311,6 @@ def vjp(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, Tensor] | 
 # ------------------------------------------------------------------ sparse_topk entry points
 
 
-def _per_row_doubles(value: Tensor | float, rows: int) -> Tensor | None:
-    """Per-row values as a contiguous float64 CPU tensor, or ``None`` for a single number."""
-    if not isinstance(value, Tensor):
-        return None
-    flat = value.detach().to(device="cpu", dtype=torch.float64).reshape(-1).contiguous()
-    if flat.numel() != rows:
-        raise ValueError(f"expected {rows} per-row values, got {flat.numel()}")
-    return flat
-
-
 def sparse_solve(x: Tensor, k: float | Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor] | None:
     """``p = clip((x − θ)/τ, 0, 1)`` with ``Σp = k`` along the last dimension, by the kernel.
 
@@ -322,12 +318,12 @@ def sparse_solve(x: Tensor, k: float | Tensor, tau: float | Tensor) -> tuple[Ten
     (a nonzero per-row status: not solved, the caller must solve that row), or ``None`` when
     the kernel cannot take ``x`` at all.
     """
-    if x.numel() == 0 or not _eligible(x) or not hasattr(_library, "gradkit_sparse_solve"):
+    if x.numel() == 0 or not _eligible(x):
         return None
     x = x.contiguous()
     n = x.shape[-1]
     rows = x.numel() // n
-    budgets, taus = _per_row_doubles(k, rows), _per_row_doubles(tau, rows)
+    budgets, taus = _per_row_doubles(k, rows, "k"), _per_row_doubles(tau, rows, "tau")
     p = torch.empty_like(x)
     row_status = torch.empty(x.shape[:-1], dtype=torch.int32)
     _library.gradkit_sparse_solve(
@@ -349,17 +345,12 @@ def sparse_solve(x: Tensor, k: float | Tensor, tau: float | Tensor) -> tuple[Ten
 def sparse_vjp(grad: Tensor, p: Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor] | None:
     """``(∂L/∂x, ∂L/∂k)`` of ``sparse_topk`` by the kernel (see
     :func:`~gradkit.topk._sparse.sparse_topk_vjp`), or ``None`` when it cannot take them."""
-    if (
-        grad.shape != p.shape
-        or p.numel() == 0
-        or not _eligible(p, grad)
-        or not hasattr(_library, "gradkit_sparse_vjp")
-    ):
+    if grad.shape != p.shape or p.numel() == 0 or not _eligible(p, grad):
         return None
     grad, p = grad.contiguous(), p.contiguous()
     n = p.shape[-1]
     rows = p.numel() // n
-    taus = _per_row_doubles(tau, rows)
+    taus = _per_row_doubles(tau, rows, "tau")
     out = torch.empty_like(p)
     grad_k = torch.empty(p.shape[:-1], dtype=p.dtype)
     _library.gradkit_sparse_vjp(
