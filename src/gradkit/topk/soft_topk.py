@@ -11,6 +11,7 @@ import threading
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from . import _ops
 from ._checks import (
@@ -255,9 +256,11 @@ def _autograd_kernel(x, k_tensor, k, tau_tensor, tau):
     if torch._C._are_functorch_transforms_active():
         if not _DEPTH.solving_detached and _needs_derivative(x, k_tensor, tau_tensor):
             return _composite(x, k_arg, tau_arg)
-        with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.gradkit.soft_topk(x, k_tensor, k, tau_tensor, tau)
-    return _SoftTopKFunction.apply(x, k_arg, tau_arg, True)
+    elif torch.is_grad_enabled() or forward_ad._current_level >= 0:
+        return _SoftTopKFunction.apply(x, k_arg, tau_arg, True)
+    # Nothing to record (a compiled graph's forward runs without grad): the kernel itself.
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.gradkit.soft_topk(x, k_tensor, k, tau_tensor, tau)
 
 
 _ops.LIBRARY.impl("soft_topk", _autograd_kernel, "Autograd")
