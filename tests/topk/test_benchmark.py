@@ -360,3 +360,22 @@ def test_load_flag_discounts_this_process_own_threads(monkeypatch):
     assert benchmark._bench.load_flag(3.0, 2.3, threads=2, own_before=2) is None
     assert benchmark._bench.load_flag(3.0, 2.3, threads=2, own_before=0) is not None
     assert benchmark._bench.load_flag(None, None, threads=2) is None
+
+
+def test_compile_benchmark_script_plumbing(tmp_path, capsys):
+    """``benchmarks/compile.py`` on one tiny shape: every step runs, the ratios follow from the
+    medians it reports (no timing is judged)."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "compile.py"
+    namespace = runpy.run_path(str(script))
+    namespace["SHAPES"][:] = [(4, 8, 2)]
+    out = tmp_path / "compile.json"
+    assert namespace["main"](["--repeats", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    for clock in ("wall", "cpu"):
+        eager, compiled = row[f"layer_eager_{clock}_ms"], row[f"layer_compiled_{clock}_ms"]
+        assert eager > 0 and compiled > 0
+        assert row[f"layer_compiled_over_eager_{clock}"] == pytest.approx(compiled / eager)
+        floor = row[f"floor_compiled_{clock}_ms"] - row[f"floor_eager_{clock}_ms"]
+        less_floor = row[f"layer_compiled_less_floor_over_eager_{clock}"]
+        assert less_floor == pytest.approx((compiled - floor) / eager)
+    assert "| 4x8 | 2 |" in capsys.readouterr().out
