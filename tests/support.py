@@ -52,3 +52,39 @@ def assert_png(path: Path) -> None:
     data = Path(path).read_bytes()
     assert data[:8] == PNG_SIGNATURE, f"{Path(path).name} is not a PNG"
     assert len(data) > 5_000, f"{Path(path).name} is suspiciously small ({len(data)} bytes)"
+
+
+def need_triton_kernels(device: str) -> None:
+    """Skip unless the Triton kernels run on ``device`` here (interpreted on CPU tensors)."""
+    import pytest
+
+    from gradkit.topk import _gpu
+
+    pytest.importorskip("triton", reason="triton is not installed (pip install gradkit[gpu])")
+    if not _gpu.supports(torch.empty(1, device=device)):
+        pytest.skip(f"Triton kernels cannot run here: {_gpu.reason()}")
+
+
+def triton_pointer(dtype: torch.dtype) -> str:
+    """Triton's signature type of a pointer to ``dtype``."""
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    return "*" + names.get(dtype, "fp64")
+
+
+def compile_for_sm90(kernel, runtime: dict, constants: dict):
+    """Compile the Triton ``kernel`` to a cubin for an sm_90 GPU (no GPU needed: Triton's
+    bundled compiler and ptxas), with the launcher's compile-time parameters ``constants``
+    and the signature types ``runtime`` of the other arguments."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gradkit.topk import _gpu
+
+    signature = {**runtime, **dict.fromkeys(constants, "constexpr")}
+    names = list(signature)
+    if names != kernel.arg_names:
+        raise AssertionError(f"signature {names} != the kernel's {kernel.arg_names}")
+    folded = {(names.index(name),): value for name, value in constants.items()}
+    source = ASTSource(kernel, signature, constexprs=folded)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(_gpu._OPTIONS))

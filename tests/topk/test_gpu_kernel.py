@@ -13,7 +13,13 @@ import math
 
 import pytest
 import torch
-from support import reference_soft_topk, seeded_randn
+from support import (
+    compile_for_sm90,
+    need_triton_kernels,
+    reference_soft_topk,
+    seeded_randn,
+    triton_pointer,
+)
 
 from gradkit.topk import _gpu
 from gradkit.topk._solve_nosync import solve_nosync
@@ -24,49 +30,13 @@ INF = math.inf
 CUDA = torch.cuda.is_available()
 
 
-def _triton_missing() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed (pip install gradkit[gpu])"
-    return None
-
-
-@pytest.fixture(
-    params=[
-        ("triton", "cpu"),
-        pytest.param(("triton", "cuda"), marks=pytest.mark.skipif(not CUDA, reason="no GPU")),
-        ("nosync", "cpu"),
-        pytest.param(("nosync", "cuda"), marks=pytest.mark.skipif(not CUDA, reason="no GPU")),
-    ],
-    ids=lambda param: "-".join(param),
-)
-def solver(request):
+@pytest.fixture
+def solver(gpu_path):
     """``(solve, device)``: ``solve(x, k, inv_tau, **hooks)`` for one implementation."""
-    kind, device = request.param
+    kind, device = gpu_path
     if kind == "triton":
-        missing = _triton_missing()
-        if missing:
-            pytest.skip(missing)
-        if not _gpu.supports(torch.empty(1, device=device)):
-            pytest.skip(f"Triton kernels cannot run here: {_gpu.reason()}")
         return _gpu.solve, device
     return (lambda x, k, inv_tau, **_: solve_nosync(x, k, inv_tau)), device
-
-
-@pytest.fixture(
-    params=[
-        "cpu",
-        pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no GPU")),
-    ]
-)
-def vjp_device(request):
-    missing = _triton_missing()
-    if missing:
-        pytest.skip(missing)
-    if not _gpu.supports(torch.empty(1, device=request.param)):
-        pytest.skip(f"Triton kernels cannot run here: {_gpu.reason()}")
-    return request.param
 
 
 def _tolerance(x: torch.Tensor, k, inv_tau: float, dtype: torch.dtype) -> float:
@@ -294,8 +264,7 @@ def test_ties_at_the_resolution_limit_share_the_remainder(solver, dtype):
 
 def test_small_temperatures_take_few_iterations():
     # Multisection narrows wide brackets before Newton; counted in iterations, not seconds.
-    if _triton_missing() or not _gpu.supports(torch.empty(1)):
-        pytest.skip("Triton kernels cannot run here")
+    need_triton_kernels("cpu")
     x = seeded_randn(4, 64, seed=9)
     k = torch.tensor([1.0, 2.0, 16.5, 32.0], dtype=torch.float64)
     for temperature in (1.0, 0.01, 0.001):
@@ -411,27 +380,6 @@ def test_no_host_synchronisation_and_cuda_graph_capture(solver):
 # ------------------------------------------------------- compiled for a GPU, without one
 
 
-def _pointer(dtype: torch.dtype) -> str:
-    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    return "*" + names.get(dtype, "fp64")
-
-
-def _compile_for_cuda(kernel, runtime: dict, constants: dict):
-    """Compile ``kernel`` to a cubin for an sm_90 GPU (no GPU needed: Triton's bundled
-    compiler and ptxas) with the launcher's compile-time parameters."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = {**runtime, **dict.fromkeys(constants, "constexpr")}
-    names = list(signature)
-    assert names == kernel.arg_names, names
-    folded = {(names.index(name),): value for name, value in constants.items()}
-    source = ASTSource(kernel, signature, constexprs=folded)
-    target = GPUTarget("cuda", 90, 32)
-    return triton.compile(source, target=target, options=dict(_gpu._OPTIONS))
-
-
 @pytest.mark.parametrize(
     ("x_dtype", "rows", "n"),
     [(torch.float32, 4096, 64), (torch.float64, 2, 3000)],
@@ -439,10 +387,7 @@ def _compile_for_cuda(kernel, runtime: dict, constants: dict):
 def test_kernels_compile_for_a_cuda_gpu(x_dtype, rows, n):
     # Interpreted runs skip Triton's compiler (types of loop-carried values, constexpr
     # folding, lowering of the reductions): compile both kernels as the launcher would.
-    missing = _triton_missing()
-    if missing:
-        pytest.skip(missing)
-    import triton
+    triton = pytest.importorskip("triton", reason="triton is not installed")
 
     if "nvidia" not in getattr(triton.backends, "backends", {}):
         pytest.skip("this triton has no NVIDIA backend")
@@ -451,14 +396,14 @@ def test_kernels_compile_for_a_cuda_gpu(x_dtype, rows, n):
         pytest.skip(f"triton unusable: {_gpu.reason()}")
     assert isinstance(module._solve_kernel, triton.runtime.JITFunction)
     per_program, block = _gpu.tiling(rows, n)
-    data = _pointer(x_dtype)
-    solve = _pointer(torch.float64 if x_dtype == torch.float64 else torch.float32)
+    data = triton_pointer(x_dtype)
+    solve = triton_pointer(torch.float64 if x_dtype == torch.float64 else torch.float32)
     runtime = {"x_ptr": data, "out_ptr": data, "k_ptr": solve, "k_stride": "i32"}
     runtime.update({"tau_ptr": solve, "tau_stride": "i32", "iters_ptr": "*i32"})
     runtime.update({"rows": "i32", "n": "i32"})
     constants = _gpu.solve_constants(x_dtype, per_program, block, count=False)
-    assert _compile_for_cuda(module._solve_kernel, runtime, constants).asm["cubin"]
+    assert compile_for_sm90(module._solve_kernel, runtime, constants).asm["cubin"]
     runtime = {"g_ptr": data, "p_ptr": data, "gx_ptr": data, "gk_ptr": data}
     runtime.update({"tau_ptr": solve, "tau_stride": "i32", "rows": "i32", "n": "i32"})
     constants = _gpu.vjp_constants(x_dtype, per_program, block)
-    assert _compile_for_cuda(module._vjp_kernel, runtime, constants).asm["cubin"]
+    assert compile_for_sm90(module._vjp_kernel, runtime, constants).asm["cubin"]

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from support import seeded_randn
+from support import compile_for_sm90, need_triton_kernels, seeded_randn, triton_pointer
 
 import gradkit
 from gradkit.topk import _gpu
@@ -26,46 +26,13 @@ INF = math.inf
 CUDA = torch.cuda.is_available()
 
 
-def _triton_missing() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed (pip install gradkit[gpu])"
-    return None
-
-
-def _need_kernels(device: str) -> None:
-    missing = _triton_missing()
-    if missing:
-        pytest.skip(missing)
-    if not _gpu.supports(torch.empty(1, device=device)):
-        pytest.skip(f"Triton kernels cannot run here: {_gpu.reason()}")
-
-
-@pytest.fixture(
-    params=[
-        ("triton", "cpu"),
-        pytest.param(("triton", "cuda"), marks=pytest.mark.skipif(not CUDA, reason="no GPU")),
-        ("nosync", "cpu"),
-        pytest.param(("nosync", "cuda"), marks=pytest.mark.skipif(not CUDA, reason="no GPU")),
-    ],
-    ids=lambda param: "-".join(param),
-)
-def solver(request):
+@pytest.fixture
+def solver(gpu_path):
     """``(solve, device)``: ``solve(x, k, tau, **hooks)`` for one implementation."""
-    kind, device = request.param
+    kind, device = gpu_path
     if kind == "triton":
-        _need_kernels(device)
         return _gpu.sparse_solve, device
     return (lambda x, k, tau, **_: solve_sparse_nosync(x, k, tau)), device
-
-
-@pytest.fixture(
-    params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no GPU"))]
-)
-def vjp_device(request):
-    _need_kernels(request.param)
-    return request.param
 
 
 def _tolerance(x: torch.Tensor, k, temperature, dtype: torch.dtype) -> float:
@@ -233,7 +200,7 @@ def test_empty_inputs(solver):
 
 
 def test_passes_are_bounded():
-    _need_kernels("cpu")
+    need_triton_kernels("cpu")
     x = seeded_randn(8, 64, seed=9, dtype=torch.float32)
     iterations = torch.zeros(8, dtype=torch.int32)
     for temperature in (1e-3, 1.0, 1e3):
@@ -303,7 +270,7 @@ def test_cuda_dispatch_kernel_and_fallback(monkeypatch):
     # usable, else the sync-free PyTorch solve; both equal the CPU operator.
     from gradkit.topk import _sparse
 
-    _need_kernels("cpu")
+    need_triton_kernels("cpu")
     x = seeded_randn(5, 33, seed=19)
     k = torch.tensor([0.0, 1.5, 4.0, 20.0, 33.0], dtype=torch.float64)
     expected = _sparse.solve_sparse_topk(x, k, 0.2)
@@ -346,33 +313,11 @@ def test_public_operator_on_cuda_without_host_synchronisation():
 # ------------------------------------------------------- compiled for a GPU, without one
 
 
-def _pointer(dtype: torch.dtype) -> str:
-    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    return "*" + names.get(dtype, "fp64")
-
-
-def _compile_for_cuda(kernel, runtime: dict, constants: dict):
-    """Compile ``kernel`` to a cubin for an sm_90 GPU (Triton's bundled compiler and ptxas)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = {**runtime, **dict.fromkeys(constants, "constexpr")}
-    names = list(signature)
-    assert names == kernel.arg_names, names
-    folded = {(names.index(name),): value for name, value in constants.items()}
-    source = ASTSource(kernel, signature, constexprs=folded)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(_gpu._OPTIONS))
-
-
 @pytest.mark.parametrize(
     ("x_dtype", "rows", "n"), [(torch.float32, 4096, 64), (torch.float64, 2, 3000)]
 )
 def test_sparse_kernels_compile_for_a_cuda_gpu(x_dtype, rows, n):
-    missing = _triton_missing()
-    if missing:
-        pytest.skip(missing)
-    import triton
+    triton = pytest.importorskip("triton", reason="triton is not installed")
 
     if "nvidia" not in getattr(triton.backends, "backends", {}):
         pytest.skip("this triton has no NVIDIA backend")
@@ -380,14 +325,14 @@ def test_sparse_kernels_compile_for_a_cuda_gpu(x_dtype, rows, n):
     if module is None:
         pytest.skip(f"triton unusable: {_gpu.reason()}")
     per_program, block = _gpu.tiling(rows, n)
-    data = _pointer(x_dtype)
-    solve = _pointer(torch.float64 if x_dtype == torch.float64 else torch.float32)
+    data = triton_pointer(x_dtype)
+    solve = triton_pointer(torch.float64 if x_dtype == torch.float64 else torch.float32)
     runtime = {"x_ptr": data, "out_ptr": data, "k_ptr": solve, "k_stride": "i32"}
     runtime.update({"tau_ptr": solve, "tau_stride": "i32", "iters_ptr": "*i32"})
     runtime.update({"rows": "i32", "n": "i32"})
     constants = _gpu.sparse_solve_constants(x_dtype, per_program, block, count=False)
-    assert _compile_for_cuda(module._sparse_solve_kernel, runtime, constants).asm["cubin"]
+    assert compile_for_sm90(module._sparse_solve_kernel, runtime, constants).asm["cubin"]
     runtime = {"g_ptr": data, "p_ptr": data, "gx_ptr": data, "gk_ptr": data}
     runtime.update({"tau_ptr": solve, "tau_stride": "i32", "rows": "i32", "n": "i32"})
     constants = _gpu.sparse_vjp_constants(x_dtype, per_program, block)
-    assert _compile_for_cuda(module._sparse_vjp_kernel, runtime, constants).asm["cubin"]
+    assert compile_for_sm90(module._sparse_vjp_kernel, runtime, constants).asm["cubin"]

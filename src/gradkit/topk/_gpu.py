@@ -193,13 +193,13 @@ def tiling(rows: int, n: int) -> tuple[int, int]:
     return per_program, block
 
 
-def _check(x: Tensor, name: str) -> None:
+def _check(x: Tensor, name: str, op: str = "soft_topk") -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"soft_topk: {name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
-        raise TypeError(f"soft_topk: {name} must be a floating-point tensor, got {x.dtype}")
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {x.dtype}")
     if x.dim() == 0:
-        raise ValueError(f"soft_topk: {name} must have at least one dimension, got a 0-d tensor")
+        raise ValueError(f"{op}: {name} must have at least one dimension, got a 0-d tensor")
 
 
 @contextlib.contextmanager
@@ -238,31 +238,44 @@ def solve(
     entries 1 (``k/m`` each when ``m > k`` of them), a slice with a NaN is NaN, exact ties
     ``k/n``, ``k = 0`` zeros and ``k = n`` ones.
     """
-    _check(x, "x")
+    return _launch_solve(
+        "_solve_kernel", solve_constants, "soft_topk", x, k, inv_tau, block, iterations
+    )
+
+
+def _launch_solve(
+    kernel: str, constants, op: str, x: Tensor, k, scale, block, iterations
+) -> Tensor:
+    """Run the solve kernel named ``kernel`` (soft or sparse) on the rows of ``x``, with
+    ``constants(x.dtype, rows per program, block, count)`` its compile-time parameters,
+    ``scale`` its per-row temperature argument (``1/τ`` or ``τ``), ``op`` the operator named
+    in errors."""
+    _check(x, "x", op)
     n = x.shape[-1]
     if x.numel() == 0:
         return torch.zeros_like(x)
     module = _kernels_for(x)
     dtype = _compute_dtype(x.dtype)
-    batch = x.shape[:-1]
     rows = x.numel() // n
     x_rows = x.contiguous().view(rows, n)
     out = torch.empty_like(x_rows)
-    k_rows, k_stride = _per_row(k, batch, dtype, x.device)
-    tau_rows, tau_stride = _per_row(inv_tau, batch, dtype, x.device)
-    per_program, default_block = tiling(rows, n)
-    if block is not None:
-        per_program, default_block = 1, block
+    k_rows, k_stride = _per_row(k, x.shape[:-1], dtype, x.device)
+    tau_rows, tau_stride = _per_row(scale, x.shape[:-1], dtype, x.device)
+    per_program, block = _program_shape(rows, n, block)
     count = iterations is not None
     counter = iterations if count else torch.empty(1, dtype=torch.int32, device=x.device)
-    constants = solve_constants(x.dtype, per_program, default_block, count)
-    grid = (triton_cdiv(rows, per_program),)
     with _host_arithmetic(x):
-        module._solve_kernel[grid](
-            x_rows, out, k_rows, k_stride, tau_rows, tau_stride, counter, rows, n, **constants,
-            **_OPTIONS,
+        getattr(module, kernel)[(triton_cdiv(rows, per_program),)](
+            x_rows, out, k_rows, k_stride, tau_rows, tau_stride, counter, rows, n,
+            **constants(x.dtype, per_program, block, count), **_OPTIONS,
         )  # fmt: skip
     return out.view(x.shape)
+
+
+def _program_shape(rows: int, n: int, block: int | None) -> tuple[int, int]:
+    """``(rows per program, block)``: :func:`tiling`, or one row per program in blocks of the
+    ``block`` a test asks for."""
+    return tiling(rows, n) if block is None else (1, block)
 
 
 def solve_constants(x_dtype: torch.dtype, rows_per_program: int, block: int, count: bool):
@@ -296,32 +309,36 @@ def vjp(
     saturate at the dtype's largest finite value (NaN stays NaN).  ``inv_tau`` is ``1/τ`` as a
     number or a per-slice tensor.  ``block`` as in :func:`solve`.
     """
-    _check(grad, "grad")
-    _check(p, "p")
+    return _launch_vjp("_vjp_kernel", vjp_constants, "soft_topk", grad, p, inv_tau, block)
+
+
+def _launch_vjp(
+    kernel: str, constants, op: str, grad: Tensor, p: Tensor, scale, block
+) -> tuple[Tensor, Tensor]:
+    """Run the vjp kernel named ``kernel`` (soft or sparse): ``constants(p.dtype, rows per
+    program, block)`` its compile-time parameters, ``scale`` its per-row temperature argument,
+    ``op`` the operator named in errors."""
+    _check(grad, "grad", op)
+    _check(p, "p", op)
     if grad.shape != p.shape:
         raise ValueError(
-            f"soft_topk: grad and p must have the same shape, got {tuple(grad.shape)} "
+            f"{op}: grad and p must have the same shape, got {tuple(grad.shape)} "
             f"and {tuple(p.shape)}"
         )
     n = p.shape[-1]
-    batch = p.shape[:-1]
     grad_x = torch.empty_like(p, memory_format=torch.contiguous_format)
-    grad_k = torch.empty(batch, dtype=p.dtype, device=p.device)
+    grad_k = torch.empty(p.shape[:-1], dtype=p.dtype, device=p.device)
     if p.numel() == 0:
         return grad_x.zero_(), grad_k.zero_()
     module = _kernels_for(p)
-    dtype = _compute_dtype(p.dtype)
     rows = p.numel() // n
-    tau_rows, tau_stride = _per_row(inv_tau, batch, dtype, p.device)
-    per_program, default_block = tiling(rows, n)
-    if block is not None:
-        per_program, default_block = 1, block
-    constants = vjp_constants(p.dtype, per_program, default_block)
+    tau_rows, tau_stride = _per_row(scale, p.shape[:-1], _compute_dtype(p.dtype), p.device)
+    per_program, block = _program_shape(rows, n, block)
     with _host_arithmetic(p):
-        module._vjp_kernel[(triton_cdiv(rows, per_program),)](
+        getattr(module, kernel)[(triton_cdiv(rows, per_program),)](
             grad.contiguous().view(rows, n), p.contiguous().view(rows, n),
-            grad_x.view(rows, n), grad_k.view(rows), tau_rows, tau_stride, rows, n, **constants,
-            **_OPTIONS,
+            grad_x.view(rows, n), grad_k.view(rows), tau_rows, tau_stride, rows, n,
+            **constants(p.dtype, per_program, block), **_OPTIONS,
         )  # fmt: skip
     return grad_x, grad_k
 
@@ -388,30 +405,9 @@ def sparse_solve(
     a NaN is NaN, exact ties ``k/n``, ``k = 0`` zeros, ``k = n`` ones.  θ is the exact solve on
     the final active set.  No host synchronisation.
     """
-    _check(x, "x")
-    n = x.shape[-1]
-    if x.numel() == 0:
-        return torch.zeros_like(x)
-    module = _kernels_for(x)
-    dtype = _compute_dtype(x.dtype)
-    batch = x.shape[:-1]
-    rows = x.numel() // n
-    x_rows = x.contiguous().view(rows, n)
-    out = torch.empty_like(x_rows)
-    k_rows, k_stride = _per_row(k, batch, dtype, x.device)
-    tau_rows, tau_stride = _per_row(tau, batch, dtype, x.device)
-    per_program, default_block = tiling(rows, n)
-    if block is not None:
-        per_program, default_block = 1, block
-    count = iterations is not None
-    counter = iterations if count else torch.empty(1, dtype=torch.int32, device=x.device)
-    constants = sparse_solve_constants(x.dtype, per_program, default_block, count)
-    with _host_arithmetic(x):
-        module._sparse_solve_kernel[(triton_cdiv(rows, per_program),)](
-            x_rows, out, k_rows, k_stride, tau_rows, tau_stride, counter, rows, n, **constants,
-            **_OPTIONS,
-        )  # fmt: skip
-    return out.view(x.shape)
+    return _launch_solve(
+        "_sparse_solve_kernel", sparse_solve_constants, "sparse_topk", x, k, tau, block, iterations
+    )
 
 
 def sparse_vjp(
@@ -421,30 +417,6 @@ def sparse_vjp(
     ``F = {0 < p < 1}`` and ``m = mean_F g`` (0 where ``F`` is empty), ``grad_x = 1_F (g − m)/τ``
     (NaN where ``p`` is NaN) and ``grad_k = m``.  ``τ`` a number or per-slice tensor.  Returns
     ``(grad_x, grad_k)`` in ``p``'s dtype (computed in float32 for half dtypes)."""
-    _check(grad, "grad")
-    _check(p, "p")
-    if grad.shape != p.shape:
-        raise ValueError(
-            f"sparse_topk: grad and p must have the same shape, got {tuple(grad.shape)} "
-            f"and {tuple(p.shape)}"
-        )
-    n = p.shape[-1]
-    batch = p.shape[:-1]
-    grad_x = torch.empty_like(p, memory_format=torch.contiguous_format)
-    grad_k = torch.empty(batch, dtype=p.dtype, device=p.device)
-    if p.numel() == 0:
-        return grad_x.zero_(), grad_k.zero_()
-    module = _kernels_for(p)
-    rows = p.numel() // n
-    tau_rows, tau_stride = _per_row(tau, batch, _compute_dtype(p.dtype), p.device)
-    per_program, default_block = tiling(rows, n)
-    if block is not None:
-        per_program, default_block = 1, block
-    constants = sparse_vjp_constants(p.dtype, per_program, default_block)
-    with _host_arithmetic(p):
-        module._sparse_vjp_kernel[(triton_cdiv(rows, per_program),)](
-            grad.contiguous().view(rows, n), p.contiguous().view(rows, n),
-            grad_x.view(rows, n), grad_k.view(rows), tau_rows, tau_stride, rows, n, **constants,
-            **_OPTIONS,
-        )  # fmt: skip
-    return grad_x, grad_k
+    return _launch_vjp(
+        "_sparse_vjp_kernel", sparse_vjp_constants, "sparse_topk", grad, p, tau, block
+    )

@@ -75,6 +75,45 @@ def _load(ptr, row_base, row_ok, start, n, BLOCK: tl.constexpr, CDT: tl.constexp
 
 
 @triton.jit
+def _program_rows(rows, n, ROWS: tl.constexpr):
+    """This program's ``ROWS`` rows: their indices, which of them exist, their offsets."""
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = row < rows
+    return row, row_ok, row.to(tl.int64) * n
+
+
+@triton.jit
+def _row_values(ptr, row, stride, row_ok, CDT: tl.constexpr):
+    """A per-row argument (``stride`` 0: one value for every row) in the compute dtype."""
+    return tl.load(ptr + row * stride, mask=row_ok, other=1.0).to(CDT)
+
+
+@triton.jit
+def _load_grad_p(g_ptr, p_ptr, row_base, row_ok, start, n, BLOCK: tl.constexpr,
+                 CDT: tl.constexpr):  # fmt: skip
+    """One tile of the cotangent ``g`` and the output ``p`` (padding 0), its mask and offsets."""
+    cols = start + tl.arange(0, BLOCK)
+    inside = row_ok[:, None] & (cols < n)[None, :]
+    offsets = row_base[:, None] + cols[None, :]
+    g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(CDT)
+    p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(CDT)
+    return g, p, inside, offsets
+
+
+@triton.jit
+def _store_values(out_ptr, row_base, start, inside, value, x, live, solving, fixed, share,
+                  has_nan, BLOCK: tl.constexpr):  # fmt: skip
+    """Write one tile of ``p``: the solved ``value`` on solved rows, else the row's ``fixed``
+    value; ``+inf`` entries ``share``, ``−inf`` entries 0, a row with a NaN NaN."""
+    value = tl.where(solving[:, None], value, fixed[:, None])
+    value = tl.where(live, value, tl.where(x == float("inf"), share[:, None], 0.0))
+    value = tl.where(has_nan[:, None], float("nan"), value)
+    cols = start + tl.arange(0, BLOCK)
+    tl.store(out_ptr + row_base[:, None] + cols[None, :],
+             value.to(out_ptr.dtype.element_ty), mask=inside)  # fmt: skip
+
+
+@triton.jit
 def _row_stats(x_ptr, row_base, row_ok, n, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                CDT: tl.constexpr):  # fmt: skip
     """Per row: max and min of the finite entries, and how many are finite, +inf, NaN."""
@@ -358,11 +397,9 @@ def _solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_pt
                   NEWTON_STEPS: tl.constexpr, MAX_ITERS: tl.constexpr, WIDE: tl.constexpr,
                   WIDE_START: tl.constexpr, PROBES: tl.constexpr, SECTIONS: tl.constexpr,
                   COUNT: tl.constexpr):  # fmt: skip
-    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = row < rows
-    row_base = row.to(tl.int64) * n
-    k = tl.load(k_ptr + row * k_stride, mask=row_ok, other=1.0).to(CDT)
-    inv_tau = tl.load(tau_ptr + row * tau_stride, mask=row_ok, other=1.0).to(CDT)
+    row, row_ok, row_base = _program_rows(rows, n, ROWS)
+    k = _row_values(k_ptr, row, k_stride, row_ok, CDT)
+    inv_tau = _row_values(tau_ptr, row, tau_stride, row_ok, CDT)
     x_max, x_min, live_count, pos_count, nan_count = _row_stats(
         x_ptr, row_base, row_ok, n, ROWS, BLOCK, CDT
     )
@@ -397,12 +434,8 @@ def _solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_pt
             p_b, q_b = _sigmoid_pair(w - t_b[:, None])
             value_b = tl.where(flip[:, None], q_b, p_b)
             value = weight[:, None] * value + (1.0 - weight[:, None]) * value_b
-        value = tl.where(solving[:, None], value, fixed[:, None])
-        value = tl.where(live, value, tl.where(x == float("inf"), share[:, None], 0.0))
-        value = tl.where(has_nan[:, None], float("nan"), value)
-        cols = start + tl.arange(0, BLOCK)
-        tl.store(out_ptr + row_base[:, None] + cols[None, :],
-                 value.to(out_ptr.dtype.element_ty), mask=inside)  # fmt: skip
+        _store_values(out_ptr, row_base, start, inside, value, x, live, solving, fixed, share,
+                      has_nan, BLOCK)  # fmt: skip
 
 
 @triton.jit
@@ -410,28 +443,18 @@ def _vjp_kernel(g_ptr, p_ptr, gx_ptr, gk_ptr, tau_ptr, tau_stride, rows, n,
                 ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
                 SATURATE: tl.constexpr, OUT_MAX: tl.constexpr):  # fmt: skip
     """``c = Σ g·v / Σ v`` (0 where ``Σ v = 0``) and ``grad_x = v⊙(g − c)/τ``: two passes."""
-    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = row < rows
-    row_base = row.to(tl.int64) * n
-    inv_tau = tl.load(tau_ptr + row * tau_stride, mask=row_ok, other=1.0).to(CDT)
+    row, row_ok, row_base = _program_rows(rows, n, ROWS)
+    inv_tau = _row_values(tau_ptr, row, tau_stride, row_ok, CDT)
     sum_v = tl.full([ROWS], 0, CDT)
     sum_gv = tl.full([ROWS], 0, CDT)
     for start in range(0, n, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        inside = row_ok[:, None] & (cols < n)[None, :]
-        offsets = row_base[:, None] + cols[None, :]
-        p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(CDT)
-        g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(CDT)
+        g, p, inside, offsets = _load_grad_p(g_ptr, p_ptr, row_base, row_ok, start, n, BLOCK, CDT)
         v = (1.0 - p) * p
         sum_v += _sum(v, axis=1)
         sum_gv += _sum(g * v, axis=1)
     c = tl.where(sum_v > 0, sum_gv / tl.where(sum_v > 0, sum_v, 1.0), 0.0)
     for start in range(0, n, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        inside = row_ok[:, None] & (cols < n)[None, :]
-        offsets = row_base[:, None] + cols[None, :]
-        p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(CDT)
-        g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(CDT)
+        g, p, inside, offsets = _load_grad_p(g_ptr, p_ptr, row_base, row_ok, start, n, BLOCK, CDT)
         grad = (1.0 - p) * p * (g - c[:, None]) * inv_tau[:, None]
         if SATURATE:  # half precision: the largest finite value instead of ±inf (NaN stays)
             grad = tl.where(grad > OUT_MAX, OUT_MAX, tl.where(grad < -OUT_MAX, -OUT_MAX, grad))
@@ -611,11 +634,9 @@ def _sparse_solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, i
                          NEWTON_STEPS: tl.constexpr, MAX_ITERS: tl.constexpr,
                          WIDE: tl.constexpr, WIDE_START: tl.constexpr, PROBES: tl.constexpr,
                          SECTIONS: tl.constexpr, COUNT: tl.constexpr):  # fmt: skip
-    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = row < rows
-    row_base = row.to(tl.int64) * n
-    k = tl.load(k_ptr + row * k_stride, mask=row_ok, other=1.0).to(CDT)
-    tau = tl.load(tau_ptr + row * tau_stride, mask=row_ok, other=1.0).to(CDT)
+    row, row_ok, row_base = _program_rows(rows, n, ROWS)
+    k = _row_values(k_ptr, row, k_stride, row_ok, CDT)
+    tau = _row_values(tau_ptr, row, tau_stride, row_ok, CDT)
     x_max, x_min, live_count, pos_count, nan_count = _row_stats(
         x_ptr, row_base, row_ok, n, ROWS, BLOCK, CDT
     )
@@ -644,12 +665,8 @@ def _sparse_solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, i
         x, inside = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
         w, live = _sparse_w(x, top, tau, LIMIT)
         value = tl.minimum(tl.maximum(w - t[:, None], 0.0), 1.0)
-        value = tl.where(solving[:, None], value, fixed[:, None])
-        value = tl.where(live, value, tl.where(x == float("inf"), share[:, None], 0.0))
-        value = tl.where(has_nan[:, None], float("nan"), value)
-        cols = start + tl.arange(0, BLOCK)
-        tl.store(out_ptr + row_base[:, None] + cols[None, :],
-                 value.to(out_ptr.dtype.element_ty), mask=inside)  # fmt: skip
+        _store_values(out_ptr, row_base, start, inside, value, x, live, solving, fixed, share,
+                      has_nan, BLOCK)  # fmt: skip
 
 
 @triton.jit
@@ -657,28 +674,18 @@ def _sparse_vjp_kernel(g_ptr, p_ptr, gx_ptr, gk_ptr, tau_ptr, tau_stride, rows, 
                        ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr):  # fmt: skip
     """``m = mean_F g`` (0 where ``F`` is empty) and ``grad_x = 1_F (g − m)/τ`` (NaN where ``p``
     is NaN): two passes."""
-    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = row < rows
-    row_base = row.to(tl.int64) * n
-    tau = tl.load(tau_ptr + row * tau_stride, mask=row_ok, other=1.0).to(CDT)
+    row, row_ok, row_base = _program_rows(rows, n, ROWS)
+    tau = _row_values(tau_ptr, row, tau_stride, row_ok, CDT)
     count = tl.full([ROWS], 0, CDT)
     total = tl.full([ROWS], 0, CDT)
     for start in range(0, n, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        inside = row_ok[:, None] & (cols < n)[None, :]
-        offsets = row_base[:, None] + cols[None, :]
-        p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(CDT)
-        g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(CDT)
+        g, p, inside, offsets = _load_grad_p(g_ptr, p_ptr, row_base, row_ok, start, n, BLOCK, CDT)
         free = (p > 0) & (p < 1)
         count += _sum(free.to(CDT), axis=1)
         total += _sum(tl.where(free, g, 0.0), axis=1)
     mean = total / tl.maximum(count, 1.0)
     for start in range(0, n, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        inside = row_ok[:, None] & (cols < n)[None, :]
-        offsets = row_base[:, None] + cols[None, :]
-        p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(CDT)
-        g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(CDT)
+        g, p, inside, offsets = _load_grad_p(g_ptr, p_ptr, row_base, row_ok, start, n, BLOCK, CDT)
         free = (p > 0) & (p < 1)
         grad = tl.where(free, g - mean[:, None], 0.0) / tau[:, None]
         grad = tl.where(p != p, p, grad)
