@@ -142,8 +142,8 @@ def test_special_rows_inside_a_tile_are_solved_like_the_torch_path(n, dtype):
 
 
 # ------------------------------------------------------------------ sparse_topk, short rows
-# Wide rows (spread > 2τ) of up to SPARSE_SHORT = 512 entries start from the all-free root
-# instead of a quickselected sample; longer ones keep the sample.
+# Rows of up to SPARSE_SHORT_PATH = 1024 entries take the short-row path (Newton passes over x
+# from a start at the row's moments); longer ones the order-statistics / sample path.
 
 
 @needs_kernel
@@ -164,4 +164,27 @@ def test_sparse_short_rows_match_the_reference(n, dtype):
     assert bool((difference <= tolerance).all()), (difference - tolerance).max().item()
     mass_error = (p.double().sum(-1) - k).abs()
     assert bool((mass_error <= n * tolerance.squeeze(-1)).all()), mass_error.max().item()
+    assert bool((p[expected == 0] == 0).all()) and bool((p[expected == 1] == 1).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [16, 64, 1000, 1024, 1025])
+def test_sparse_short_path_masked_offset_rows_match_the_reference(n, dtype):
+    # Half of each row masked by −inf, a common offset of 1000 (the moments the start uses
+    # cancel; the result must not), spreads from 0.1 to 300 τ, budgets up to the live count.
+    rows = 6
+    scales = torch.tensor([0.1, 1.0, 3.0, 10.0, 100.0, 300.0], dtype=torch.float64)
+    x = seeded_randn(rows, n, seed=7 * n) * scales[:, None] + 1000.0
+    order = torch.rand(rows, n, generator=torch.Generator().manual_seed(n)).argsort(-1)
+    x = x.scatter(-1, order[:, : n // 2], -math.inf).to(dtype)
+    live = n - n // 2
+    k = torch.tensor([1.0, 2.5, live / 10, live / 2, live - 1.0, live - 0.5], dtype=torch.float64)
+    p, status = _native.sparse_solve(x, k, 1.0)
+    assert status.tolist() == [0] * rows
+    expected = sparse_topk_reference(x, k, 1.0)
+    tolerance = 64 * torch.finfo(dtype).eps * 1300.0
+    difference = (p.double() - expected).abs()
+    assert bool((difference <= tolerance).all()), difference.max().item()
+    assert bool((p[x == -math.inf] == 0).all())
     assert bool((p[expected == 0] == 0).all()) and bool((p[expected == 1] == 1).all())

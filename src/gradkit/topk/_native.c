@@ -971,6 +971,41 @@ static int sparse_threshold(double *cand, int64_t m, double k, double sum, doubl
     return sparse_newton(cand, m, k, fixed, lo, hi, mass_lo, mass_hi, span, t, t_out);
 }
 
+/* Rows of at most this many entries take the short-row path (sparse_short_row_*): a start
+   from the row's moments, then active-set Newton passes straight over x (no compaction, no
+   copy; each pass one vectorised loop). */
+#ifndef SPARSE_SHORT_PATH
+#define SPARSE_SHORT_PATH 1024
+#endif
+
+/* z with Φ(z) ≈ 1 − share (0 < share < 1), by the logistic approximation Φ(z) ≈ σ(1.702 z):
+   only a starting point, its accuracy matters for speed, never for the result. */
+static double sparse_upper_quantile(double share) { return log((1.0 - share) / share) / 1.702; }
+
+/* One Newton step of sparse_newton's loop on (upper, count, total) at t, inside [lo, hi]:
+   returns 1 with *t_out the exact root when the active set is stable, else 0 with the next t. */
+static int sparse_step(double upper, double count, double total, double k, double *t,
+                       double *lo, double *hi, double *mass_lo, double *mass_hi) {
+    double mass = upper + total - count * *t;
+    if (mass >= k) *lo = *t, *mass_lo = mass;
+    if (mass <= k) *hi = *t, *mass_hi = mass;
+    double step = count > 0 ? (total + upper - k) / count : *t;
+    if (count > 0 && fabs(step - *t) <= 2.0 * 2.220446049250313e-16 * (fabs(*t) + 1.0)) {
+        *t = step; /* the active set is stable: the exact root of its piece */
+        return 1;
+    }
+    if (mass == k) return 1;
+    if (count > 0 && step > *lo && step < *hi) {
+        *t = step;
+    } else { /* regula falsi, kept a quarter of the bracket off its ends */
+        double gap = *mass_lo - *mass_hi > 1e-30 ? *mass_lo - *mass_hi : 1e-30;
+        double share = (*mass_lo - k) / gap;
+        share = share < 0.25 ? 0.25 : (share > 0.75 ? 0.75 : share);
+        *t = *lo + share * (*hi - *lo);
+    }
+    return 0;
+}
+
 #define DEFINE_SPARSE_KERNELS(T, SUFFIX)                                                         \
     /* a = the up-th, b = the down-th largest of x (1 ≤ down ≤ up ≤ SPARSE_TOP_LIST, up ≤ the */ \
     /* number of finite entries): a sorted list of the top `up` kept in one scan. */             \
@@ -989,24 +1024,63 @@ static int sparse_threshold(double *cand, int64_t m, double k, double sum, doubl
         *b = top[down - 1];                                                                      \
     }                                                                                            \
                                                                                                  \
+    /* A short row (n ≤ SPARSE_SHORT_PATH, no NaN/+inf, 0 < k < live): Newton passes over x     \
+       itself, w_i = (x_i − top)/τ computed on the fly (−inf entries: never free nor upper).  \
+       Starts from the all-free root when the row spans under 2 τ, else from its moments        \
+       (mean + σ·z(k/live) − 1/2).  Returns 0 with *t_out, 3 without convergence. */                  \
+    static int sparse_short_row_##SUFFIX(const T *x, int64_t n, double k, double top,         \
+                                         double inv, double lo, double sum, double square,     \
+                                         double live, double *t_out) {                         \
+        double hi = 0.0, mass_lo = live, mass_hi = 0.0;                                          \
+        double mean = (sum / live - top) * inv;                                                  \
+        double t = mean - k / live; /* the all-free root (a start: the sums may cancel) */      \
+        if (lo < -2.0) {                                                                         \
+            double var = (square / live - (sum / live) * (sum / live)) * inv * inv;              \
+            double sd = var > 0.0 ? sqrt(var) : 0.0;                                             \
+            t = mean + sd * sparse_upper_quantile(k / live) - 0.5;                               \
+        }                                                                                        \
+        t = t > lo ? (t < hi ? t : hi) : lo; /* (a NaN start, from overflowing sums: lo) */      \
+        for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {                                   \
+            double s = 0.0, u = 0.0, c = 0.0;                                                    \
+            _Pragma("omp simd reduction(+ : u, c, s)")                                           \
+            for (int64_t i = 0; i < n; ++i) {                                                    \
+                double w = ((double)x[i] - top) * inv;                                           \
+                double z = w - t;                                                                \
+                int is_up = z >= 1.0, is_free = (z > 0.0) & (z < 1.0);                           \
+                u += is_up ? 1.0 : 0.0;                                                          \
+                c += is_free ? 1.0 : 0.0;                                                        \
+                s += is_free ? w : 0.0;                                                          \
+            }                                                                                    \
+            if (sparse_step(u, c, s, k, &t, &lo, &hi, &mass_lo, &mass_hi)) {                     \
+                *t_out = t;                                                                      \
+                return 0;                                                                        \
+            }                                                                                    \
+        }                                                                                        \
+        return 3;                                                                                \
+    }                                                                                            \
+                                                                                                 \
     static int sparse_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double tau,         \
                                    double *cand) {                                               \
-        double top = -INFINITY, bottom = INFINITY;                                               \
-        int64_t live = 0, bad = 0;                                                               \
-        T top_t = (T)-INFINITY, bottom_t = (T)INFINITY;                                          \
-        _Pragma("omp simd reduction(+ : live, bad) reduction(max : top_t) reduction(min : bottom_t)")\
+        double top, bottom, live;                                                                \
+        T top_t = (T)-INFINITY, bottom_t = (T)INFINITY, live_t = 0, bad = 0, sum_t = 0, sq_t = 0; \
+        _Pragma("omp simd reduction(+ : live_t, bad, sum_t, sq_t) reduction(max : top_t) reduction(min : bottom_t)")\
         for (int64_t i = 0; i < n; ++i) {                                                        \
             T v = x[i];                                                                          \
-            bad += (v != v) | (v == (T)INFINITY);                                                \
-            live += v > (T)-INFINITY;                                                            \
+            bad += (v != v) | (v == (T)INFINITY) ? (T)1 : (T)0;                                  \
+            int finite = v > (T)-INFINITY;                                                       \
+            live_t += finite ? (T)1 : (T)0;                                                      \
+            T finite_v = finite ? v : (T)0;                                                      \
+            sum_t += finite_v; /* (for the short path's start only) */                           \
+            sq_t += finite_v * finite_v;                                                         \
             top_t = v > top_t ? v : top_t;                                                       \
-            T finite_v = v > (T)-INFINITY ? v : (T)INFINITY;                                     \
-            bottom_t = finite_v < bottom_t ? finite_v : bottom_t;                                \
+            T low_v = finite ? v : (T)INFINITY;                                                  \
+            bottom_t = low_v < bottom_t ? low_v : bottom_t;                                      \
         }                                                                                        \
         top = (double)top_t;                                                                     \
         bottom = (double)bottom_t;                                                               \
+        live = (double)live_t;                                                                   \
         if (bad) return 1;                                                                       \
-        if (k <= 0.0 || k >= (double)live) {                                                     \
+        if (k <= 0.0 || k >= live) {                                                             \
             for (int64_t i = 0; i < n; ++i) out[i] = (T)(k > 0.0 && x[i] > -INFINITY);         \
             return 0;                                                                            \
         }                                                                                        \
@@ -1015,7 +1089,10 @@ static int sparse_threshold(double *cand, int64_t m, double k, double sum, doubl
         double t, lo = (bottom - top) * inv - 1.0;                                               \
         int status;                                                                              \
         const double up_rank = floor(k) + 1.0;                                                   \
-        if (up_rank <= SPARSE_TOP_LIST && lo < -SPARSE_SPREAD &&                                 \
+        if (n <= SPARSE_SHORT_PATH) {                                                            \
+            status = sparse_short_row_##SUFFIX(x, n, k, top, inv, lo, (double)sum_t,             \
+                                               (double)sq_t, live, &t);                          \
+        } else if (up_rank <= SPARSE_TOP_LIST && lo < -SPARSE_SPREAD &&                                 \
             (lo < -SPARSE_NARROW || (double)n >= 256.0 * up_rank)) {                             \
             /* wide, small budget: the order-statistics bracket (width ≤ 1) from one             \
                scan of x; then only the entries inside the window (lo, hi + 1) are               \
