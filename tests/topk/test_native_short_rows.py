@@ -188,3 +188,22 @@ def test_sparse_short_path_masked_offset_rows_match_the_reference(n, dtype):
     assert bool((difference <= tolerance).all()), difference.max().item()
     assert bool((p[x == -math.inf] == 0).all())
     assert bool((p[expected == 0] == 0).all()) and bool((p[expected == 1] == 1).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_long_rows_match_the_sort_based_solve(dtype):
+    # Rows over SPARSE_SHORT_PATH: passes over x from the Gaussian-model start, and (wide rows,
+    # k < 16) the order-statistics window; against the PyTorch path's sort-based exact solve.
+    from gradkit.topk import _sparse
+
+    scales = torch.tensor([0.1, 1.0, 3.0, 100.0, 1000.0, 0.1, 10.0, 300.0], dtype=torch.float64)
+    x = (seeded_randn(8, 5000, seed=11) * scales[:, None] - 40.0).to(dtype)
+    x[5, ::3] = -math.inf
+    k = torch.tensor([1.0, 2.0, 50.0, 2.5, 15.0, 1600.0, 2500.0, 4999.0], dtype=torch.float64)
+    p, status = _native.sparse_solve(x, k, 0.5)
+    assert status.tolist() == [0] * 8
+    expected = _sparse.solve_sparse_nosync(x.double(), k, 0.5)
+    tolerance = 64 * torch.finfo(dtype).eps * 1e4
+    assert bool(((p.double() - expected).abs() <= tolerance).all())
+    assert bool((p[expected == 0] == 0).all()) and bool((p[expected == 1] == 1).all())

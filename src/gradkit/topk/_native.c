@@ -803,66 +803,24 @@ int gradkit_abi_version(void) { return 3; }
  * Appended section: the exact sparse projection of gradkit.sparse_topk (math: _sparse.py).
  * Per row, in double: w_i = (x_i − x_max)/τ (−inf for masked entries), the threshold t with
  * F(t) = Σ clip(w_i − t, 0, 1) = k by active-set Newton steps t ← (Σ_F w + |U| − k)/|F|,
- * stopped when the active set is stable, inside a bracket (secant fallback).  Rows spanning
- * more than SPARSE_SPREAD τ start from the order-statistics bracket
- * [w_(⌊k⌋+1) − 1, w_(⌈k⌉)] (width ≤ 1), found by quickselect.
+ * stopped when the active set is stable (then t is the exact root of its piece), inside a
+ * bracket (regula falsi fallback).  Most rows take passes straight over x (w computed on the
+ * fly) from a start at the row's moments: the all-free root for rows spanning under 2τ, else
+ * mean + σ·z(k/live) − 1/2, refined for rows of SPARSE_MODEL_START or more entries on a
+ * Gaussian model of the row.  Long rows (> SPARSE_SHORT_PATH) spanning more than
+ * SPARSE_NARROW τ with a budget under SPARSE_TOP_LIST start from the order-statistics
+ * bracket [w_(⌊k⌋+1) − 1, w_(⌈k⌉)] (width ≤ 1, from one scan) and keep only the entries in
+ * its window.
  * status: 0 solved; 1 a NaN or +inf entry; 3 no convergence or no memory (caller solves).
  */
 #include <stdlib.h>
 
 #define SPARSE_MAX_PASSES 64
-#define SPARSE_SPREAD 2.0
-/* Rows wider than this many τ, or long rows with a small budget, keep only the entries near
-   the root in a second scan of x (a predictable branch: few entries are kept). */
+/* Long rows wider than this many τ with a small budget keep only the entries near the root in
+   a second scan of x (a predictable branch: few entries are kept). */
 #define SPARSE_NARROW 16.0
 
-/* The index-th smallest of a[0..n), n ≥ 1 (Hoare quickselect; permutes a). */
-static double sparse_select(double *a, int64_t n, int64_t index) {
-    int64_t left = 0, right = n - 1;
-    while (left < right) {
-        double pivot = a[left + (right - left) / 2];
-        int64_t i = left, j = right;
-        while (i <= j) {
-            while (a[i] < pivot) ++i;
-            while (a[j] > pivot) --j;
-            if (i <= j) {
-                double swap = a[i];
-                a[i++] = a[j];
-                a[j--] = swap;
-            }
-        }
-        if (index <= j)
-            right = j;
-        else if (index >= i)
-            left = i;
-        else
-            return a[index];
-    }
-    return a[index];
-}
-
 #define SPARSE_TOP_LIST 16 /* budgets below this take their order statistics from one scan */
-#define SPARSE_SAMPLE 256  /* strided sample for the start of wide rows with larger budgets */
-/* … for rows of more than this many entries; shorter ones start from the all-free root (a
-   sample would be the whole row, and its quickselect costs more than a Newton pass or two). */
-#define SPARSE_SHORT 512
-
-/* a = the up-th and b = the down-th largest of w[0..m) (1 ≤ down ≤ up ≤ min(m,
-   SPARSE_TOP_LIST)), from a sorted list of the top `up` built in one scan. */
-static void sparse_top_list(const double *w, int64_t m, int64_t up, int64_t down, double *a,
-                            double *b) {
-    double top[SPARSE_TOP_LIST];
-    int64_t size = 0;
-    for (int64_t i = 0; i < m; ++i) {
-        double v = w[i];
-        if (size == up && !(v > top[size - 1])) continue;
-        int64_t j = size < up ? size++ : up - 1;
-        for (; j > 0 && top[j - 1] < v; --j) top[j] = top[j - 1];
-        top[j] = v;
-    }
-    *a = top[up - 1];
-    *b = top[down - 1];
-}
 
 /* |U|, |F| and Σ_F w at t over finite w (vectorised). */
 static void sparse_stats(const double *w, int64_t n, double t, double *upper, double *count,
@@ -897,93 +855,9 @@ static int64_t sparse_compact(double *w, int64_t n, double low, double high, dou
     return kept;
 }
 
-/* Active-set Newton from t inside the bracket [lo, hi] (masses mass_lo ≥ k ≥ mass_hi), on the
-   m undecided entries cand (fixed: entries decided at 1; span: the width cand was last
-   compacted to).  Returns 0 with *t_out, or 3 without convergence. */
-static int sparse_newton(double *cand, int64_t m, double k, double fixed, double lo, double hi,
-                         double mass_lo, double mass_hi, double span, double t,
-                         double *t_out) {
-    for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {
-        if (hi + 1.0 - lo < 0.5 * span) { /* the window (lo, hi + 1) holds few entries */
-            m = sparse_compact(cand, m, lo, hi + 1.0, &fixed);
-            span = hi + 1.0 - lo;
-        }
-        double upper, count, total;
-        sparse_stats(cand, m, t, &upper, &count, &total);
-        upper += fixed;
-        double mass = upper + total - count * t;
-        if (mass >= k) lo = t, mass_lo = mass;
-        if (mass <= k) hi = t, mass_hi = mass;
-        double step = count > 0 ? (total + upper - k) / count : t;
-        if (count > 0 && fabs(step - t) <= 2.0 * 2.220446049250313e-16 * (fabs(t) + 1.0)) {
-            *t_out = step; /* the active set is stable: the exact root of its piece */
-            return 0;
-        }
-        if (mass == k) {
-            *t_out = t;
-            return 0;
-        }
-        if (count > 0 && step > lo && step < hi) {
-            t = step;
-        } else { /* regula falsi, kept a quarter of the bracket off its ends */
-            double gap = mass_lo - mass_hi > 1e-30 ? mass_lo - mass_hi : 1e-30;
-            double share = (mass_lo - k) / gap;
-            share = share < 0.25 ? 0.25 : (share > 0.75 ? 0.75 : share);
-            t = lo + share * (hi - lo);
-        }
-    }
-    return 3;
-}
-
-/* The threshold t of a row with 0 < k < m; cand holds its m finite w, in [lo + 1, 0] (it is
-   permuted and compacted: once the bracket [lo, hi] is narrow, the entries it has decided,
-   w ≤ lo at 0 and w ≥ hi + 1 at 1, are dropped).  Returns 0, or 3 without convergence. */
-static int sparse_threshold(double *cand, int64_t m, double k, double sum, double lo,
-                            double *t_out) {
-    double hi = 0.0, mass_lo = (double)m, mass_hi = 0.0, fixed = 0.0, span = -lo - 1.0, t;
-    if (lo < -SPARSE_SPREAD && floor(k) + 1 <= SPARSE_TOP_LIST) {
-        /* wide, small budget: the order-statistics bracket (width ≤ 1) from one scan */
-        int64_t up = (int64_t)floor(k) + 1, down = (int64_t)ceil(k);
-        double a, b;
-        sparse_top_list(cand, m, up, down < 1 ? 1 : down, &a, &b);
-        lo = a - 1.0 > lo ? a - 1.0 : lo;
-        hi = b < hi ? b : hi;
-        mass_lo = floor(k) + 1.0;
-        mass_hi = ceil(k) - 1.0;
-        t = 0.5 * (lo + hi);
-    } else if (lo < -SPARSE_SPREAD && m > SPARSE_SHORT) {
-        /* wide, large budget: start at the k-th largest of a strided sample (no bracket) */
-        double sample[SPARSE_SAMPLE];
-        int64_t size = m < SPARSE_SAMPLE ? m : SPARSE_SAMPLE;
-        const double stride = (double)m / (double)size; /* (no integer divide per entry) */
-        for (int64_t j = 0; j < size; ++j) {
-            int64_t at = (int64_t)((double)j * stride);
-            sample[j] = cand[at < m ? at : m - 1];
-        }
-        int64_t rank = (int64_t)(k * (double)size / (double)m); /* from the top */
-        rank = rank < 0 ? 0 : (rank > size - 1 ? size - 1 : rank);
-        t = sparse_select(sample, size, size - 1 - rank) - 0.5;
-        t = t < lo ? lo : (t > hi ? hi : t);
-    } else { /* the all-free root */
-        t = (sum - k) / (double)m;
-        t = t < lo ? lo : (t > hi ? hi : t);
-    }
-    return sparse_newton(cand, m, k, fixed, lo, hi, mass_lo, mass_hi, span, t, t_out);
-}
-
-/* Rows of at most this many entries take the short-row path (sparse_short_row_*): a start
-   from the row's moments, then active-set Newton passes straight over x (no compaction, no
-   copy; each pass one vectorised loop). */
-#ifndef SPARSE_SHORT_PATH
-#define SPARSE_SHORT_PATH 1024
-#endif
-
-/* z with Φ(z) ≈ 1 − share (0 < share < 1), by the logistic approximation Φ(z) ≈ σ(1.702 z):
-   only a starting point, its accuracy matters for speed, never for the result. */
-static double sparse_upper_quantile(double share) { return log((1.0 - share) / share) / 1.702; }
-
-/* One Newton step of sparse_newton's loop on (upper, count, total) at t, inside [lo, hi]:
-   returns 1 with *t_out the exact root when the active set is stable, else 0 with the next t. */
+/* One active-set Newton step from (upper, count, total) = (|U|, |F|, Σ_F w) at *t, inside the
+   bracket [*lo, *hi] (masses *mass_lo ≥ k ≥ *mass_hi, updated): returns 1 with *t the exact
+   root when the active set is stable, else 0 with the next *t. */
 static int sparse_step(double upper, double count, double total, double k, double *t,
                        double *lo, double *hi, double *mass_lo, double *mass_hi) {
     double mass = upper + total - count * *t;
@@ -1006,6 +880,67 @@ static int sparse_step(double upper, double count, double total, double k, doubl
     return 0;
 }
 
+/* Active-set Newton from t inside the bracket [lo, hi] (masses mass_lo ≥ k ≥ mass_hi), on the
+   m undecided entries cand (fixed: entries decided at 1; span: the width cand was last
+   compacted to).  Returns 0 with *t_out, or 3 without convergence. */
+static int sparse_newton(double *cand, int64_t m, double k, double fixed, double lo, double hi,
+                         double mass_lo, double mass_hi, double span, double t,
+                         double *t_out) {
+    for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {
+        if (hi + 1.0 - lo < 0.5 * span) { /* the window (lo, hi + 1) holds few entries */
+            m = sparse_compact(cand, m, lo, hi + 1.0, &fixed);
+            span = hi + 1.0 - lo;
+        }
+        double upper, count, total;
+        sparse_stats(cand, m, t, &upper, &count, &total);
+        if (sparse_step(upper + fixed, count, total, k, &t, &lo, &hi, &mass_lo, &mass_hi)) {
+            *t_out = t;
+            return 0;
+        }
+    }
+    return 3;
+}
+
+/* Rows of at most this many entries (and longer ones unless wide with a small budget) take
+   the pass-over-x path (sparse_pass_row_*): a start from the row's moments, then active-set
+   Newton passes straight over x (no copy, no compaction; each pass one vectorised loop). */
+#define SPARSE_SHORT_PATH 1024
+
+/* z with Φ(z) ≈ 1 − share (0 < share < 1), by the logistic approximation Φ(z) ≈ σ(1.702 z):
+   only a starting point, its accuracy matters for speed, never for the result. */
+static double sparse_upper_quantile(double share) { return log((1.0 - share) / share) / 1.702; }
+
+/* Rows of at least this many entries start from the Gaussian model of the row (a few scalar
+   Newton steps: cheap next to the row, much closer than the moments' quantile). */
+#define SPARSE_MODEL_START 512
+
+/* E[(W − a)⁺] for W ~ N(mean, sd²), and its derivative −P(W > a). */
+static double sparse_excess(double a, double mean, double sd, double *slope) {
+    double d = (a - mean) / sd;
+    double tail = 0.5 * erfc(d * 0.7071067811865476);
+    *slope = -tail;
+    return sd * 0.3989422804014327 * exp(-0.5 * d * d) + (mean - a) * tail;
+}
+
+/* t with live·E[clip(W − t, 0, 1)] = k for W ~ N(mean, sd²) (sd > 0): the expected root of a
+   bell-shaped row.  Safeguarded Newton on the model, started at `t`, inside [lo, hi]; only
+   a starting point (its accuracy matters for speed, never for the result). */
+static double sparse_model_root(double mean, double sd, double live, double k, double t,
+                                double lo, double hi) {
+    for (int step = 0; step < 12; ++step) {
+        double slope_0, slope_1;
+        double mass = live * (sparse_excess(t, mean, sd, &slope_0) -
+                              sparse_excess(t + 1.0, mean, sd, &slope_1));
+        double rate = live * (slope_0 - slope_1); /* ≤ 0 */
+        if (mass > k) lo = t; else hi = t;
+        double next = rate < 0.0 ? t - (mass - k) / rate : 0.5 * (lo + hi);
+        next = next > lo && next < hi ? next : 0.5 * (lo + hi);
+        if (fabs(next - t) < 1e-3) return next;
+        t = next;
+    }
+    return t;
+}
+
 #define DEFINE_SPARSE_KERNELS(T, SUFFIX)                                                         \
     /* a = the up-th, b = the down-th largest of x (1 ≤ down ≤ up ≤ SPARSE_TOP_LIST, up ≤ the */ \
     /* number of finite entries): a sorted list of the top `up` kept in one scan. */             \
@@ -1024,22 +959,22 @@ static int sparse_step(double upper, double count, double total, double k, doubl
         *b = top[down - 1];                                                                      \
     }                                                                                            \
                                                                                                  \
-    /* A short row (n ≤ SPARSE_SHORT_PATH, no NaN/+inf, 0 < k < live): Newton passes over x     \
+    /* A row without NaN/+inf, 0 < k < live: active-set Newton passes over x                     \
        itself, w_i = (x_i − top)/τ computed on the fly (−inf entries: never free nor upper).  \
        Starts from the all-free root when the row spans under 2 τ, else from its moments        \
        (mean + σ·z(k/live) − 1/2).  Returns 0 with *t_out, 3 without convergence. */                  \
-    static int sparse_short_row_##SUFFIX(const T *x, int64_t n, double k, double top,         \
+    static int sparse_pass_row_##SUFFIX(const T *x, int64_t n, double k, double top,         \
                                          double inv, double lo, double sum, double square,     \
                                          double live, double *t_out) {                         \
         double hi = 0.0, mass_lo = live, mass_hi = 0.0;                                          \
         double mean = (sum / live - top) * inv;                                                  \
         double t = mean - k / live; /* the all-free root (a start: the sums may cancel) */      \
-        if (lo < -2.0) {                                                                         \
-            double var = (square / live - (sum / live) * (sum / live)) * inv * inv;              \
-            double sd = var > 0.0 ? sqrt(var) : 0.0;                                             \
-            t = mean + sd * sparse_upper_quantile(k / live) - 0.5;                               \
-        }                                                                                        \
+        double var = (square / live - (sum / live) * (sum / live)) * inv * inv;                  \
+        double sd = var > 0.0 ? sqrt(var) : 0.0;                                                 \
+        if (lo < -2.0) t = mean + sd * sparse_upper_quantile(k / live) - 0.5;                    \
         t = t > lo ? (t < hi ? t : hi) : lo; /* (a NaN start, from overflowing sums: lo) */      \
+        if (n >= SPARSE_MODEL_START && sd > 0.0 && sd < INFINITY && mean == mean)                \
+            t = sparse_model_root(mean, sd, live, k, t, lo, hi);                                 \
         for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {                                   \
             double s = 0.0, u = 0.0, c = 0.0;                                                    \
             _Pragma("omp simd reduction(+ : u, c, s)")                                           \
@@ -1089,12 +1024,11 @@ static int sparse_step(double upper, double count, double total, double k, doubl
         double t, lo = (bottom - top) * inv - 1.0;                                               \
         int status;                                                                              \
         const double up_rank = floor(k) + 1.0;                                                   \
-        if (n <= SPARSE_SHORT_PATH) {                                                            \
-            status = sparse_short_row_##SUFFIX(x, n, k, top, inv, lo, (double)sum_t,             \
+        if (!(n > SPARSE_SHORT_PATH && up_rank <= SPARSE_TOP_LIST && lo < -SPARSE_NARROW)) {     \
+            status = sparse_pass_row_##SUFFIX(x, n, k, top, inv, lo, (double)sum_t,             \
                                                (double)sq_t, live, &t);                          \
-        } else if (up_rank <= SPARSE_TOP_LIST && lo < -SPARSE_SPREAD &&                                 \
-            (lo < -SPARSE_NARROW || (double)n >= 256.0 * up_rank)) {                             \
-            /* wide, small budget: the order-statistics bracket (width ≤ 1) from one             \
+        } else {                                                                                 \
+            /* long, wide, small budget: the order-statistics bracket (width ≤ 1) from one       \
                scan of x; then only the entries inside the window (lo, hi + 1) are               \
                kept (few, and a predictable branch) */                                           \
             int64_t up = (int64_t)floor(k) + 1, down = (int64_t)ceil(k);                         \
@@ -1113,17 +1047,6 @@ static int sparse_step(double upper, double count, double total, double k, doubl
             }                                                                                    \
             status = sparse_newton(cand, m, k, fixed, low, hi, floor(k) + 1.0, ceil(k) - 1.0,    \
                                    hi + 1.0 - low, 0.5 * (low + hi), &t);                        \
-        } else {                                                                                 \
-            double sum = 0.0;                                                                    \
-            int64_t m = 0;                                                                       \
-            for (int64_t i = 0; i < n; ++i) { /* the finite w, compacted, branch-free */         \
-                double w = ((double)x[i] - top) * inv;                                           \
-                int finite = x[i] > -INFINITY;                                                   \
-                cand[m] = w;                                                                     \
-                m += finite;                                                                     \
-                sum += finite ? w : 0.0;                                                         \
-            }                                                                                    \
-            status = sparse_threshold(cand, m, k, sum, lo, &t);                                  \
         }                                                                                        \
         if (status) return status;                                                               \
         const T top_t2 = (T)top, inv_t = (T)inv, t_t = (T)t;                                     \
