@@ -207,3 +207,33 @@ def test_sparse_long_rows_match_the_sort_based_solve(dtype):
     tolerance = 64 * torch.finfo(dtype).eps * 1e4
     assert bool(((p.double() - expected).abs() <= tolerance).all())
     assert bool((p[expected == 0] == 0).all()) and bool((p[expected == 1] == 1).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [50, 3000])
+def test_sparse_kernel_solves_rows_with_infinities_and_nan(n, dtype):
+    # +inf entries take k/m each (at most 1) of the budget, the finite ones share the rest;
+    # a NaN makes its row (only) NaN; all in the kernel (status 0), as the reference.
+    scales = torch.tensor([0.1, 1.0, 3.0, 10.0, 100.0, 1.0] * 2, dtype=torch.float64)
+    x = seeded_randn(12, n, seed=n + 1) * scales[:, None]
+    x[0, 3] = math.inf
+    x[1, :3] = math.inf
+    x[2, :10] = math.inf
+    x[3, 5] = math.nan
+    x[4, :4], x[4, 10:30] = math.inf, -math.inf
+    x[5, :] = math.inf
+    x[6, :25], x[6, 25] = -math.inf, math.inf
+    x[7, :], x[7, 0] = -math.inf, math.inf
+    x[8, 7], x[8, 9] = math.inf, -math.inf
+    x = x.to(dtype)
+    k = torch.tensor([2.5, 3.0, 4.0, 2.0, 20.0, 7.0, 24.0, 0.5, 0.0, n, 1.0, n - 0.5])
+    k = k.double()
+    p, status = _native.sparse_solve(x, k, 0.7)
+    assert status.tolist() == [0] * 12
+    expected = sparse_topk_reference(x, k, 0.7)
+    assert torch.equal(p.isnan(), expected.isnan()) and bool(p[3].isnan().all())
+    tolerance = 64 * torch.finfo(dtype).eps * 1e3
+    assert bool(((p.double() - expected).abs().nan_to_num(0.0) <= tolerance).all())
+    assert bool((p[:8][x[:8] == math.inf] > 0).all()) and bool((p[8] == 0).all())  # (k = 0)
+    assert bool((p[x == -math.inf] == 0).all())

@@ -811,7 +811,8 @@ int gradkit_abi_version(void) { return 3; }
  * SPARSE_NARROW τ with a budget under SPARSE_TOP_LIST start from the order-statistics
  * bracket [w_(⌊k⌋+1) − 1, w_(⌈k⌉)] (width ≤ 1, from one scan) and keep only the entries in
  * its window.
- * status: 0 solved; 1 a NaN or +inf entry; 3 no convergence or no memory (caller solves).
+ * +inf entries take k/m each (at most 1) of the budget, a NaN makes its row NaN (as _sparse.py).
+ * status: 0 solved; 1 w overflows; 3 no convergence or no memory (the caller solves the row).
  */
 #include <stdlib.h>
 
@@ -959,22 +960,24 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         *b = top[down - 1];                                                                      \
     }                                                                                            \
                                                                                                  \
-    /* A row without NaN/+inf, 0 < k < live: active-set Newton passes over x                     \
+    /* A row without NaN, 0 < k − plus < live: active-set Newton passes over x                   \
        itself, w_i = (x_i − top)/τ computed on the fly (−inf entries: never free nor upper).  \
        Starts from the all-free root when the row spans under 2 τ, else from its moments        \
        (mean + σ·z(k/live) − 1/2).  Returns 0 with *t_out, 3 without convergence. */                  \
-    static int sparse_pass_row_##SUFFIX(const T *x, int64_t n, double k, double top,         \
-                                         double inv, double lo, double sum, double square,     \
-                                         double live, double *t_out) {                         \
-        double hi = 0.0, mass_lo = live, mass_hi = 0.0;                                          \
+    static int sparse_pass_row_##SUFFIX(const T *x, int64_t n, double k, double plus,         \
+                                        double top, double inv, double lo, double sum,          \
+                                        double square, double live, double *t_out) {            \
+        /* (+inf entries: w = +inf, always upper; the finite ones share k − plus) */            \
+        const double budget = k - plus;                                                          \
+        double hi = 0.0, mass_lo = live + plus, mass_hi = plus;                                  \
         double mean = (sum / live - top) * inv;                                                  \
-        double t = mean - k / live; /* the all-free root (a start: the sums may cancel) */      \
+        double t = mean - budget / live; /* the all-free root (a start: sums may cancel) */     \
         double var = (square / live - (sum / live) * (sum / live)) * inv * inv;                  \
         double sd = var > 0.0 ? sqrt(var) : 0.0;                                                 \
-        if (lo < -2.0) t = mean + sd * sparse_upper_quantile(k / live) - 0.5;                    \
+        if (lo < -2.0) t = mean + sd * sparse_upper_quantile(budget / live) - 0.5;               \
         t = t > lo ? (t < hi ? t : hi) : lo; /* (a NaN start, from overflowing sums: lo) */      \
         if (n >= SPARSE_MODEL_START && sd > 0.0 && sd < INFINITY && mean == mean)                \
-            t = sparse_model_root(mean, sd, live, k, t, lo, hi);                                 \
+            t = sparse_model_root(mean, sd, live, budget, t, lo, hi);                            \
         for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {                                   \
             double s = 0.0, u = 0.0, c = 0.0;                                                    \
             _Pragma("omp simd reduction(+ : u, c, s)")                                           \
@@ -996,27 +999,37 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                                                                                                  \
     static int sparse_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double tau,         \
                                    double *cand) {                                               \
-        double top, bottom, live;                                                                \
-        T top_t = (T)-INFINITY, bottom_t = (T)INFINITY, live_t = 0, bad = 0, sum_t = 0, sq_t = 0; \
-        _Pragma("omp simd reduction(+ : live_t, bad, sum_t, sq_t) reduction(max : top_t) reduction(min : bottom_t)")\
+        double top, bottom, live, plus;                                                          \
+        T top_t = (T)-INFINITY, bottom_t = (T)INFINITY, live_t = 0, nan = 0, plus_t = 0;         \
+        T sum_t = 0, sq_t = 0;                                                                   \
+        _Pragma("omp simd reduction(+ : live_t, nan, plus_t, sum_t, sq_t) reduction(max : top_t) reduction(min : bottom_t)")\
         for (int64_t i = 0; i < n; ++i) {                                                        \
             T v = x[i];                                                                          \
-            bad += (v != v) | (v == (T)INFINITY) ? (T)1 : (T)0;                                  \
-            int finite = v > (T)-INFINITY;                                                       \
+            nan += v != v ? (T)1 : (T)0;                                                         \
+            plus_t += v == (T)INFINITY ? (T)1 : (T)0;                                            \
+            int finite = (v > (T)-INFINITY) & (v < (T)INFINITY);                                 \
             live_t += finite ? (T)1 : (T)0;                                                      \
             T finite_v = finite ? v : (T)0;                                                      \
             sum_t += finite_v; /* (for the short path's start only) */                           \
             sq_t += finite_v * finite_v;                                                         \
-            top_t = v > top_t ? v : top_t;                                                       \
+            T high_v = finite ? v : (T)-INFINITY;                                                \
+            top_t = high_v > top_t ? high_v : top_t;                                             \
             T low_v = finite ? v : (T)INFINITY;                                                  \
             bottom_t = low_v < bottom_t ? low_v : bottom_t;                                      \
         }                                                                                        \
         top = (double)top_t;                                                                     \
         bottom = (double)bottom_t;                                                               \
         live = (double)live_t;                                                                   \
-        if (bad) return 1;                                                                       \
-        if (k <= 0.0 || k >= live) {                                                             \
-            for (int64_t i = 0; i < n; ++i) out[i] = (T)(k > 0.0 && x[i] > -INFINITY);         \
+        plus = (double)plus_t;                                                                   \
+        if (nan) { /* a NaN makes its slice NaN */                                               \
+            for (int64_t i = 0; i < n; ++i) out[i] = (T)NAN;                                     \
+            return 0;                                                                            \
+        }                                                                                        \
+        const double budget = k - plus; /* what the finite entries share */                      \
+        if (budget <= 0.0 || budget >= live) { /* +inf entries: k/plus each, at most 1 */        \
+            const T share = (T)(plus > k ? k / plus : 1.0), rest = (T)(budget > 0.0);             \
+            for (int64_t i = 0; i < n; ++i)                                                      \
+                out[i] = x[i] == (T)INFINITY ? share : (x[i] > (T)-INFINITY ? rest : (T)0);      \
             return 0;                                                                            \
         }                                                                                        \
         const double inv = 1.0 / tau;                                                            \
@@ -1024,9 +1037,10 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         double t, lo = (bottom - top) * inv - 1.0;                                               \
         int status;                                                                              \
         const double up_rank = floor(k) + 1.0;                                                   \
-        if (!(n > SPARSE_SHORT_PATH && up_rank <= SPARSE_TOP_LIST && lo < -SPARSE_NARROW)) {     \
-            status = sparse_pass_row_##SUFFIX(x, n, k, top, inv, lo, (double)sum_t,             \
-                                               (double)sq_t, live, &t);                          \
+        if (plus > 0.0 || !(n > SPARSE_SHORT_PATH && up_rank <= SPARSE_TOP_LIST &&              \
+                            lo < -SPARSE_NARROW)) {                                              \
+            status = sparse_pass_row_##SUFFIX(x, n, k, plus, top, inv, lo, (double)sum_t,        \
+                                              (double)sq_t, live, &t);                           \
         } else {                                                                                 \
             /* long, wide, small budget: the order-statistics bracket (width ≤ 1) from one       \
                scan of x; then only the entries inside the window (lo, hi + 1) are               \
