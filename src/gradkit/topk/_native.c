@@ -28,6 +28,7 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -810,7 +811,8 @@ int gradkit_abi_version(void) { return 3; }
  * Gaussian model of the row.  Long rows (> SPARSE_SHORT_PATH) spanning more than
  * SPARSE_NARROW τ with a budget under SPARSE_TOP_LIST start from the order-statistics
  * bracket [w_(⌊k⌋+1) − 1, w_(⌈k⌉)] (width ≤ 1, from one scan) and keep only the entries in
- * its window.
+ * its window.  Rows of at most SPARSE_TILE_N entries are solved SPARSE_LANES at a time, one
+ * per vector lane, by the same steps (sparse_tile_solve).
  * +inf entries take k/m each (at most 1) of the budget, a NaN makes its row NaN (as _sparse.py).
  * status: 0 solved; 1 w overflows; 3 no convergence or no memory (the caller solves the row).
  */
@@ -1098,7 +1100,137 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             out[i] = p[i] != p[i] ? p[i] : value;                                                \
         }                                                                                        \
         return mean;                                                                             \
+    }                                                                                            \
+                                                                                                 \
+    /* SPARSE_LANES rows of n ≤ SPARSE_TILE_N at once by sparse_tile_solve; the rows it does    \
+       not take (NaN, +inf, trivial budgets, overflow) or solve go to sparse_row. */            \
+    static void sparse_tile_##SUFFIX(const T *x, T *out, int64_t n, const double *k,            \
+                                     const double *tau, int32_t *status, double *cand) {        \
+        T xt[SPARSE_TILE_N * SPARSE_LANES];                                                      \
+        double w[SPARSE_TILE_N * SPARSE_LANES];                                                  \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            for (int l = 0; l < SPARSE_LANES; ++l) xt[i * SPARSE_LANES + l] = x[l * n + i];      \
+        T high[SPARSE_LANES], low[SPARSE_LANES], count[SPARSE_LANES], odd[SPARSE_LANES];         \
+        for (int l = 0; l < SPARSE_LANES; ++l)                                                   \
+            high[l] = (T)-INFINITY, low[l] = (T)INFINITY, count[l] = 0, odd[l] = 0;              \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
+                T v = xt[i * SPARSE_LANES + l];                                                  \
+                int finite = v - v == 0;                                                         \
+                T up_v = finite ? v : (T)-INFINITY, down_v = finite ? v : (T)INFINITY;           \
+                high[l] = up_v > high[l] ? up_v : high[l];                                       \
+                low[l] = down_v < low[l] ? down_v : low[l];                                      \
+                count[l] += (T)finite;                                                           \
+                odd[l] += (T)((v != v) | (v == (T)INFINITY));                                    \
+            }                                                                                    \
+        }                                                                                        \
+        double top[SPARSE_LANES], inv[SPARSE_LANES], lo[SPARSE_LANES], live[SPARSE_LANES];       \
+        double sum[SPARSE_LANES], t[SPARSE_LANES];                                               \
+        int go[SPARSE_LANES], taken[SPARSE_LANES];                                               \
+        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
+            top[l] = (double)high[l];                                                            \
+            inv[l] = 1.0 / tau[l];                                                               \
+            live[l] = (double)count[l];                                                          \
+            lo[l] = ((double)low[l] - top[l]) * inv[l] - 1.0;                                    \
+            go[l] = odd[l] == 0 && k[l] > 0.0 && k[l] < live[l] && lo[l] > -INFINITY;            \
+            taken[l] = go[l];                                                                    \
+            if (!go[l]) top[l] = 0.0, inv[l] = 0.0, lo[l] = -1.0, live[l] = 1.0;                 \
+            sum[l] = 0.0;                                                                        \
+        }                                                                                        \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
+                T v = xt[i * SPARSE_LANES + l];                                                  \
+                int finite = v - v == 0;                                                         \
+                double value = ((double)(finite ? v : (T)0) - top[l]) * inv[l];                  \
+                w[i * SPARSE_LANES + l] = finite ? value : -DBL_MAX;                             \
+                sum[l] += finite ? value : 0.0;                                                  \
+            }                                                                                    \
+        }                                                                                        \
+        sparse_tile_solve(w, n, k, lo, live, sum, t, go);                                        \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
+                double z = w[i * SPARSE_LANES + l] - t[l];                                       \
+                xt[i * SPARSE_LANES + l] = (T)(z < 1.0 ? (z > 0.0 ? z : 0.0) : 1.0);             \
+            }                                                                                    \
+        }                                                                                        \
+        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
+            if (taken[l] && !go[l]) {                                                            \
+                for (int64_t i = 0; i < n; ++i) out[l * n + i] = xt[i * SPARSE_LANES + l];      \
+                status[l] = 0;                                                                   \
+            } else {                                                                             \
+                status[l] = sparse_row_##SUFFIX(x + l * n, out + l * n, n, k[l], tau[l], cand);  \
+            }                                                                                    \
+        }                                                                                        \
     }
+
+#define SPARSE_TILE_N 64 /* rows this short are solved SPARSE_LANES at a time, one per lane */
+#define SPARSE_LANES 8
+
+/* Active-set Newton for SPARSE_LANES short rows at once, one row per vector lane (the per-row
+   costs of short rows, reductions and the step's branches, are shared): the steps of
+   sparse_step, branch-free across lanes, from the all-free root.  w[i·LANES + l] holds w_i of
+   lane l (−DBL_MAX where masked: finite, so that a zero mask times it is zero); k, lo, live
+   and sum (Σ finite w) per lane.  Lanes with go[l] = 0 are left alone.  On return t[l] holds
+   the root where go[l] was cleared; a lane still at go[l] = 1 did not converge. */
+static void sparse_tile_solve(const double *w, int64_t n, const double *k, const double *lo_in,
+                              const double *live, const double *sum, double *t, int *go) {
+    double lo[SPARSE_LANES], hi[SPARSE_LANES], mass_lo[SPARSE_LANES], mass_hi[SPARSE_LANES];
+    double at[SPARSE_LANES], active[SPARSE_LANES];
+    for (int l = 0; l < SPARSE_LANES; ++l) {
+        lo[l] = lo_in[l];
+        hi[l] = 0.0;
+        mass_lo[l] = live[l];
+        mass_hi[l] = 0.0;
+        double start = (sum[l] - k[l]) / live[l]; /* the all-free root */
+        at[l] = start > lo[l] ? (start < 0.0 ? start : 0.0) : lo[l];
+        active[l] = go[l] ? 1.0 : 0.0;
+    }
+    for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {
+        double u[SPARSE_LANES], c[SPARSE_LANES], s[SPARSE_LANES];
+        for (int l = 0; l < SPARSE_LANES; ++l) u[l] = c[l] = s[l] = 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+            for (int l = 0; l < SPARSE_LANES; ++l) { /* (arithmetic masks vectorise) */
+                double v = w[i * SPARSE_LANES + l], z = v - at[l];
+                double up = (double)(z >= 1.0), free = (double)(z > 0.0) - up;
+                u[l] += up;
+                c[l] += free;
+                s[l] += free * v;
+            }
+        }
+        double pending = 0.0;
+#pragma omp simd reduction(+ : pending)
+        for (int l = 0; l < SPARSE_LANES; ++l) {
+            double mass = u[l] + s[l] - c[l] * at[l];
+            int above = mass >= k[l], below = mass <= k[l], some = c[l] > 0.0;
+            double low = above ? at[l] : lo[l], high = below ? at[l] : hi[l];
+            double m_low = above ? mass : mass_lo[l], m_high = below ? mass : mass_hi[l];
+            lo[l] = low, hi[l] = high, mass_lo[l] = m_low, mass_hi[l] = m_high;
+            double step = (s[l] + u[l] - k[l]) / (some ? c[l] : 1.0);
+            double gap = step - at[l];
+            gap = gap < 0.0 ? -gap : gap;
+            double scale = (at[l] < 0.0 ? -at[l] : at[l]) + 1.0;
+            int stable = some & (gap <= 2.0 * 2.220446049250313e-16 * scale);
+            int inside = some & (step > low) & (step < high);
+            double width = m_low - m_high > 1e-30 ? m_low - m_high : 1e-30;
+            double share = (m_low - k[l]) / width;
+            share = share < 0.25 ? 0.25 : (share > 0.75 ? 0.75 : share);
+            double next = stable ? step : (mass == k[l] ? at[l] : (inside ? step : low + share * (high - low)));
+            double solved = (double)(stable | (mass == k[l]));
+            at[l] = active[l] > 0.0 ? next : at[l];
+            active[l] = active[l] * (1.0 - solved);
+            pending += active[l];
+        }
+        if (pending == 0.0) break;
+    }
+    for (int l = 0; l < SPARSE_LANES; ++l) {
+        t[l] = at[l];
+        go[l] = active[l] > 0.0;
+    }
+}
 
 DEFINE_SPARSE_KERNELS(float, f32)
 DEFINE_SPARSE_KERNELS(double, f64)
@@ -1118,7 +1250,25 @@ static void sparse_run_job(const SparseJob *job) {
         for (int64_t row = job->row_begin; row < job->row_end; ++row) ((int32_t *)job->aux)[row] = 3;
         return;
     }
-    for (int64_t row = job->row_begin; row < job->row_end; ++row) {
+    int64_t row = job->row_begin;
+    if (job->op < 2 && job->n <= SPARSE_TILE_N) { /* short rows: SPARSE_LANES at a time */
+        for (; row + SPARSE_LANES <= job->row_end; row += SPARSE_LANES) {
+            double ks[SPARSE_LANES], taus[SPARSE_LANES];
+            for (int l = 0; l < SPARSE_LANES; ++l) {
+                ks[l] = job->budgets ? job->budgets[row + l] : job->k;
+                taus[l] = job->taus ? job->taus[row + l] : job->tau;
+            }
+            int64_t offset = row * job->n;
+            int32_t *status = (int32_t *)job->aux + row;
+            if (job->op == 0)
+                sparse_tile_f32((const float *)job->a + offset, (float *)job->out + offset,
+                                job->n, ks, taus, status, scratch);
+            else
+                sparse_tile_f64((const double *)job->a + offset, (double *)job->out + offset,
+                                job->n, ks, taus, status, scratch);
+        }
+    }
+    for (; row < job->row_end; ++row) {
         int64_t offset = row * job->n;
         double k = job->budgets ? job->budgets[row] : job->k;
         double tau = job->taus ? job->taus[row] : job->tau;
