@@ -325,17 +325,72 @@ def test_grid_command_writes_json_and_one_heatmap_per_setting(monkeypatch, tmp_p
     monkeypatch.setattr(benchmark_grid, "QUICK_ELEMENTS", 64)
     out = tmp_path / "grid"
     args = ["--grid", "--quick", "--threads", "1", "--repeats", "1", "--out", str(out)]
-    assert benchmark.main(args) == 0
-    report = json.loads((out / "results.json").read_text())
+    assert benchmark.main(args) == 0  # --op soft by default
+    reports = json.loads((out / "results.json").read_text())
+    assert list(reports) == ["soft"]
+    report = reports["soft"]
     assert report["config"]["quick"] is True and report["config"]["ns"] == [16]
+    assert report["config"]["op"] == "soft"
     assert [(s["dtype"], s["threads"]) for s in report["settings"]] == [
         ("float32", 1),
         ("float64", 1),
     ]
-    for name in ("grid_float32_1thread.png", "grid_float64_1thread.png"):
+    for name in ("grid_soft_float32_1thread.png", "grid_soft_float64_1thread.png"):
         assert (out / name).read_bytes().startswith(PNG_SIGNATURE)
     printed = capsys.readouterr().out
     assert "worst cell, × sigmoid pass (wall time)" in printed
+    assert "cost of soft_topk forward+backward" in printed
+
+
+def test_grid_command_op_both_keys_the_json_and_heatmaps_by_op(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(benchmark_grid, "QUICK_NS", (16,))
+    monkeypatch.setattr(benchmark_grid, "QUICK_SPREADS", (1.0,))
+    monkeypatch.setattr(benchmark_grid, "QUICK_ELEMENTS", 32)
+    out = tmp_path / "grid"
+    args = ["--grid", "--op", "both", "--quick", "--threads", "1", "--repeats", "1"]
+    assert benchmark.main([*args, "--out", str(out)]) == 0
+    reports = json.loads((out / "results.json").read_text())
+    assert list(reports) == ["soft", "sparse"]
+    for op, report in reports.items():
+        assert report["config"]["op"] == op
+        assert {s["op"] for s in report["settings"]} == {op}
+        for dtype in ("float32", "float64"):
+            assert (out / f"grid_{op}_{dtype}_1thread.png").read_bytes().startswith(PNG_SIGNATURE)
+    printed = capsys.readouterr().out
+    assert "cost of soft_topk forward+backward" in printed
+    assert "cost of sparse_topk forward+backward" in printed
+    assert "## sparse_topk: float32, 1 thread(s), cpu" in printed
+
+
+def test_sparse_grid_has_every_cell_no_seed_and_its_own_target(monkeypatch):
+    report = _tiny_grid(op="sparse")
+    assert report["config"]["op"] == "sparse"
+    (setting,) = report["settings"]
+    assert setting["op"] == "sparse"
+    cases = {(c["n"], c["case"], c["k"], c["spread"]) for c in setting["cells"]}
+    soft_cases = {
+        (c["n"], c["case"], c["k"], c["spread"]) for c in _tiny_grid()["settings"][0]["cells"]
+    }
+    assert cases == soft_cases
+    assert all("speedup_vs_seed" not in c for c in setting["cells"])
+    for cell in setting["cells"]:
+        assert cell["x_sigmoid"] == pytest.approx(cell["gradkit_ms"] / cell["sigmoid_ms"])
+    # The targets: 3× in both dtypes, none against the seed.
+    cells = [dict(c, x_sigmoid=3.5, special_rows=False) for c in setting["cells"]]
+    assert benchmark_grid._targets("float64", cells, "sparse")["x_sigmoid_met"] is False
+    assert benchmark_grid._targets("float64", cells, "soft")["x_sigmoid_met"] is True
+    assert benchmark_grid._targets("float32", cells, "sparse")["speedup_vs_seed_met"] is None
+    text = benchmark_grid.format_grid(report)
+    assert "sparse_topk" in text and "speedup vs the seed" not in text
+    with pytest.raises(ValueError, match="op must be one of"):
+        benchmark_grid.run_grid(ns=[16], spreads=[1.0], op="dense")
+
+
+def test_op_flag_without_grid_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--op", "sparse", "--quick"])
+    assert exit_info.value.code == 2
+    assert "--op sparse applies to --grid only" in capsys.readouterr().err
 
 
 def test_gradkit_bench_topk_grid_command(monkeypatch, tmp_path):
@@ -347,7 +402,7 @@ def test_gradkit_bench_topk_grid_command(monkeypatch, tmp_path):
     out = tmp_path / "grid"
     args = ["bench", "topk", "--grid", "--quick", "--no-plot", "--repeats", "1"]
     assert gradkit_main([*args, "--out", str(out)]) == 0
-    settings = json.loads((out / "results.json").read_text())["settings"]
+    settings = json.loads((out / "results.json").read_text())["soft"]["settings"]
     assert [s["threads"] for s in settings] == [1, 1]  # --quick: one thread by default
     assert not list(out.glob("*.png"))
 

@@ -142,8 +142,9 @@ def test_special_rows_inside_a_tile_are_solved_like_the_torch_path(n, dtype):
 
 
 # ------------------------------------------------------------------ sparse_topk, short rows
-# Wide rows (spread > 2τ) of up to SPARSE_SHORT = 512 entries start from the all-free root
-# instead of a quickselected sample; longer ones keep the sample.
+# Rows of up to SPARSE_TILE_N = 64 entries are solved 8 at a time, one per vector lane (rows
+# the tile does not take or solve: the per-row path); longer ones by Newton passes over x from
+# a start at the row's moments, or (long, wide, k < 16) the order-statistics window.
 
 
 @needs_kernel
@@ -165,3 +166,77 @@ def test_sparse_short_rows_match_the_reference(n, dtype):
     mass_error = (p.double().sum(-1) - k).abs()
     assert bool((mass_error <= n * tolerance.squeeze(-1)).all()), mass_error.max().item()
     assert bool((p[expected == 0] == 0).all()) and bool((p[expected == 1] == 1).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [16, 64, 1000, 1024, 1025])
+def test_sparse_short_path_masked_offset_rows_match_the_reference(n, dtype):
+    # Half of each row masked by −inf, a common offset of 1000 (the moments the start uses
+    # cancel; the result must not), spreads from 0.1 to 300 τ, budgets up to the live count.
+    # 10 rows: one tile of 8 (rows ≤ SPARSE_TILE_N = 64) and 2 on the per-row path.
+    rows = 10
+    scales = torch.tensor([0.1, 1.0, 3.0, 10.0, 100.0, 300.0, 0.5, 30.0, 2.0, 1000.0])
+    x = seeded_randn(rows, n, seed=7 * n) * scales[:, None].double() + 1000.0
+    order = torch.rand(rows, n, generator=torch.Generator().manual_seed(n)).argsort(-1)
+    x = x.scatter(-1, order[:, : n // 2], -math.inf).to(dtype)
+    live = n - n // 2
+    k = [1.0, 2.5, live / 10, live / 2, live - 1.0, live - 0.5, 1.5, 3.0, live / 3, 2.0]
+    k = torch.tensor(k, dtype=torch.float64)
+    p, status = _native.sparse_solve(x, k, 1.0)
+    assert status.tolist() == [0] * rows
+    expected = sparse_topk_reference(x, k, 1.0)
+    tolerance = 64 * torch.finfo(dtype).eps * 5000.0
+    difference = (p.double() - expected).abs()
+    assert bool((difference <= tolerance).all()), difference.max().item()
+    assert bool((p[x == -math.inf] == 0).all())
+    assert bool((p[expected == 0] == 0).all()) and bool((p[expected == 1] == 1).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_long_rows_match_the_sort_based_solve(dtype):
+    # Rows over SPARSE_SHORT_PATH: passes over x from the Gaussian-model start, and (wide rows,
+    # k < 16) the order-statistics window; against the PyTorch path's sort-based exact solve.
+    from gradkit.topk import _sparse
+
+    scales = torch.tensor([0.1, 1.0, 3.0, 100.0, 1000.0, 0.1, 10.0, 300.0], dtype=torch.float64)
+    x = (seeded_randn(8, 5000, seed=11) * scales[:, None] - 40.0).to(dtype)
+    x[5, ::3] = -math.inf
+    k = torch.tensor([1.0, 2.0, 50.0, 2.5, 15.0, 1600.0, 2500.0, 4999.0], dtype=torch.float64)
+    p, status = _native.sparse_solve(x, k, 0.5)
+    assert status.tolist() == [0] * 8
+    expected = _sparse.solve_sparse_nosync(x.double(), k, 0.5)
+    tolerance = 64 * torch.finfo(dtype).eps * 1e4
+    assert bool(((p.double() - expected).abs() <= tolerance).all())
+    assert bool((p[expected == 0] == 0).all()) and bool((p[expected == 1] == 1).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [50, 3000])
+def test_sparse_kernel_solves_rows_with_infinities_and_nan(n, dtype):
+    # +inf entries take k/m each (at most 1) of the budget, the finite ones share the rest;
+    # a NaN makes its row (only) NaN; all in the kernel (status 0), as the reference.
+    scales = torch.tensor([0.1, 1.0, 3.0, 10.0, 100.0, 1.0] * 2, dtype=torch.float64)
+    x = seeded_randn(12, n, seed=n + 1) * scales[:, None]
+    x[0, 3] = math.inf
+    x[1, :3] = math.inf
+    x[2, :10] = math.inf
+    x[3, 5] = math.nan
+    x[4, :4], x[4, 10:30] = math.inf, -math.inf
+    x[5, :] = math.inf
+    x[6, :25], x[6, 25] = -math.inf, math.inf
+    x[7, :], x[7, 0] = -math.inf, math.inf
+    x[8, 7], x[8, 9] = math.inf, -math.inf
+    x = x.to(dtype)
+    k = torch.tensor([2.5, 3.0, 4.0, 2.0, 20.0, 7.0, 24.0, 0.5, 0.0, n, 1.0, n - 0.5])
+    k = k.double()
+    p, status = _native.sparse_solve(x, k, 0.7)
+    assert status.tolist() == [0] * 12
+    expected = sparse_topk_reference(x, k, 0.7)
+    assert torch.equal(p.isnan(), expected.isnan()) and bool(p[3].isnan().all())
+    tolerance = 64 * torch.finfo(dtype).eps * 1e3
+    assert bool(((p.double() - expected).abs().nan_to_num(0.0) <= tolerance).all())
+    assert bool((p[:8][x[:8] == math.inf] > 0).all()) and bool((p[8] == 0).all())  # (k = 0)
+    assert bool((p[x == -math.inf] == 0).all())

@@ -28,6 +28,7 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -803,66 +804,26 @@ int gradkit_abi_version(void) { return 3; }
  * Appended section: the exact sparse projection of gradkit.sparse_topk (math: _sparse.py).
  * Per row, in double: w_i = (x_i − x_max)/τ (−inf for masked entries), the threshold t with
  * F(t) = Σ clip(w_i − t, 0, 1) = k by active-set Newton steps t ← (Σ_F w + |U| − k)/|F|,
- * stopped when the active set is stable, inside a bracket (secant fallback).  Rows spanning
- * more than SPARSE_SPREAD τ start from the order-statistics bracket
- * [w_(⌊k⌋+1) − 1, w_(⌈k⌉)] (width ≤ 1), found by quickselect.
- * status: 0 solved; 1 a NaN or +inf entry; 3 no convergence or no memory (caller solves).
+ * stopped when the active set is stable (then t is the exact root of its piece), inside a
+ * bracket (regula falsi fallback).  Most rows take passes straight over x (w computed on the
+ * fly) from a start at the row's moments: the all-free root for rows spanning under 2τ, else
+ * mean + σ·z(k/live) − 1/2, refined for rows of SPARSE_MODEL_START or more entries on a
+ * Gaussian model of the row.  Long rows (> SPARSE_SHORT_PATH) spanning more than
+ * SPARSE_NARROW τ with a budget under SPARSE_TOP_LIST start from the order-statistics
+ * bracket [w_(⌊k⌋+1) − 1, w_(⌈k⌉)] (width ≤ 1, from one scan) and keep only the entries in
+ * its window.  Rows of at most SPARSE_TILE_N entries are solved SPARSE_LANES at a time, one
+ * per vector lane, by the same steps (sparse_tile_solve).
+ * +inf entries take k/m each (at most 1) of the budget, a NaN makes its row NaN (as _sparse.py).
+ * status: 0 solved; 1 w overflows; 3 no convergence or no memory (the caller solves the row).
  */
 #include <stdlib.h>
 
 #define SPARSE_MAX_PASSES 64
-#define SPARSE_SPREAD 2.0
-/* Rows wider than this many τ, or long rows with a small budget, keep only the entries near
-   the root in a second scan of x (a predictable branch: few entries are kept). */
+/* Long rows wider than this many τ with a small budget keep only the entries near the root in
+   a second scan of x (a predictable branch: few entries are kept). */
 #define SPARSE_NARROW 16.0
 
-/* The index-th smallest of a[0..n), n ≥ 1 (Hoare quickselect; permutes a). */
-static double sparse_select(double *a, int64_t n, int64_t index) {
-    int64_t left = 0, right = n - 1;
-    while (left < right) {
-        double pivot = a[left + (right - left) / 2];
-        int64_t i = left, j = right;
-        while (i <= j) {
-            while (a[i] < pivot) ++i;
-            while (a[j] > pivot) --j;
-            if (i <= j) {
-                double swap = a[i];
-                a[i++] = a[j];
-                a[j--] = swap;
-            }
-        }
-        if (index <= j)
-            right = j;
-        else if (index >= i)
-            left = i;
-        else
-            return a[index];
-    }
-    return a[index];
-}
-
 #define SPARSE_TOP_LIST 16 /* budgets below this take their order statistics from one scan */
-#define SPARSE_SAMPLE 256  /* strided sample for the start of wide rows with larger budgets */
-/* … for rows of more than this many entries; shorter ones start from the all-free root (a
-   sample would be the whole row, and its quickselect costs more than a Newton pass or two). */
-#define SPARSE_SHORT 512
-
-/* a = the up-th and b = the down-th largest of w[0..m) (1 ≤ down ≤ up ≤ min(m,
-   SPARSE_TOP_LIST)), from a sorted list of the top `up` built in one scan. */
-static void sparse_top_list(const double *w, int64_t m, int64_t up, int64_t down, double *a,
-                            double *b) {
-    double top[SPARSE_TOP_LIST];
-    int64_t size = 0;
-    for (int64_t i = 0; i < m; ++i) {
-        double v = w[i];
-        if (size == up && !(v > top[size - 1])) continue;
-        int64_t j = size < up ? size++ : up - 1;
-        for (; j > 0 && top[j - 1] < v; --j) top[j] = top[j - 1];
-        top[j] = v;
-    }
-    *a = top[up - 1];
-    *b = top[down - 1];
-}
 
 /* |U|, |F| and Σ_F w at t over finite w (vectorised). */
 static void sparse_stats(const double *w, int64_t n, double t, double *upper, double *count,
@@ -897,6 +858,31 @@ static int64_t sparse_compact(double *w, int64_t n, double low, double high, dou
     return kept;
 }
 
+/* One active-set Newton step from (upper, count, total) = (|U|, |F|, Σ_F w) at *t, inside the
+   bracket [*lo, *hi] (masses *mass_lo ≥ k ≥ *mass_hi, updated): returns 1 with *t the exact
+   root when the active set is stable, else 0 with the next *t. */
+static int sparse_step(double upper, double count, double total, double k, double *t,
+                       double *lo, double *hi, double *mass_lo, double *mass_hi) {
+    double mass = upper + total - count * *t;
+    if (mass >= k) *lo = *t, *mass_lo = mass;
+    if (mass <= k) *hi = *t, *mass_hi = mass;
+    double step = count > 0 ? (total + upper - k) / count : *t;
+    if (count > 0 && fabs(step - *t) <= 2.0 * 2.220446049250313e-16 * (fabs(*t) + 1.0)) {
+        *t = step; /* the active set is stable: the exact root of its piece */
+        return 1;
+    }
+    if (mass == k) return 1;
+    if (count > 0 && step > *lo && step < *hi) {
+        *t = step;
+    } else { /* regula falsi, kept a quarter of the bracket off its ends */
+        double gap = *mass_lo - *mass_hi > 1e-30 ? *mass_lo - *mass_hi : 1e-30;
+        double share = (*mass_lo - k) / gap;
+        share = share < 0.25 ? 0.25 : (share > 0.75 ? 0.75 : share);
+        *t = *lo + share * (*hi - *lo);
+    }
+    return 0;
+}
+
 /* Active-set Newton from t inside the bracket [lo, hi] (masses mass_lo ≥ k ≥ mass_hi), on the
    m undecided entries cand (fixed: entries decided at 1; span: the width cand was last
    compacted to).  Returns 0 with *t_out, or 3 without convergence. */
@@ -910,65 +896,52 @@ static int sparse_newton(double *cand, int64_t m, double k, double fixed, double
         }
         double upper, count, total;
         sparse_stats(cand, m, t, &upper, &count, &total);
-        upper += fixed;
-        double mass = upper + total - count * t;
-        if (mass >= k) lo = t, mass_lo = mass;
-        if (mass <= k) hi = t, mass_hi = mass;
-        double step = count > 0 ? (total + upper - k) / count : t;
-        if (count > 0 && fabs(step - t) <= 2.0 * 2.220446049250313e-16 * (fabs(t) + 1.0)) {
-            *t_out = step; /* the active set is stable: the exact root of its piece */
-            return 0;
-        }
-        if (mass == k) {
+        if (sparse_step(upper + fixed, count, total, k, &t, &lo, &hi, &mass_lo, &mass_hi)) {
             *t_out = t;
             return 0;
-        }
-        if (count > 0 && step > lo && step < hi) {
-            t = step;
-        } else { /* regula falsi, kept a quarter of the bracket off its ends */
-            double gap = mass_lo - mass_hi > 1e-30 ? mass_lo - mass_hi : 1e-30;
-            double share = (mass_lo - k) / gap;
-            share = share < 0.25 ? 0.25 : (share > 0.75 ? 0.75 : share);
-            t = lo + share * (hi - lo);
         }
     }
     return 3;
 }
 
-/* The threshold t of a row with 0 < k < m; cand holds its m finite w, in [lo + 1, 0] (it is
-   permuted and compacted: once the bracket [lo, hi] is narrow, the entries it has decided,
-   w ≤ lo at 0 and w ≥ hi + 1 at 1, are dropped).  Returns 0, or 3 without convergence. */
-static int sparse_threshold(double *cand, int64_t m, double k, double sum, double lo,
-                            double *t_out) {
-    double hi = 0.0, mass_lo = (double)m, mass_hi = 0.0, fixed = 0.0, span = -lo - 1.0, t;
-    if (lo < -SPARSE_SPREAD && floor(k) + 1 <= SPARSE_TOP_LIST) {
-        /* wide, small budget: the order-statistics bracket (width ≤ 1) from one scan */
-        int64_t up = (int64_t)floor(k) + 1, down = (int64_t)ceil(k);
-        double a, b;
-        sparse_top_list(cand, m, up, down < 1 ? 1 : down, &a, &b);
-        lo = a - 1.0 > lo ? a - 1.0 : lo;
-        hi = b < hi ? b : hi;
-        mass_lo = floor(k) + 1.0;
-        mass_hi = ceil(k) - 1.0;
-        t = 0.5 * (lo + hi);
-    } else if (lo < -SPARSE_SPREAD && m > SPARSE_SHORT) {
-        /* wide, large budget: start at the k-th largest of a strided sample (no bracket) */
-        double sample[SPARSE_SAMPLE];
-        int64_t size = m < SPARSE_SAMPLE ? m : SPARSE_SAMPLE;
-        const double stride = (double)m / (double)size; /* (no integer divide per entry) */
-        for (int64_t j = 0; j < size; ++j) {
-            int64_t at = (int64_t)((double)j * stride);
-            sample[j] = cand[at < m ? at : m - 1];
-        }
-        int64_t rank = (int64_t)(k * (double)size / (double)m); /* from the top */
-        rank = rank < 0 ? 0 : (rank > size - 1 ? size - 1 : rank);
-        t = sparse_select(sample, size, size - 1 - rank) - 0.5;
-        t = t < lo ? lo : (t > hi ? hi : t);
-    } else { /* the all-free root */
-        t = (sum - k) / (double)m;
-        t = t < lo ? lo : (t > hi ? hi : t);
+/* Rows of at most this many entries (and longer ones unless wide with a small budget) take
+   the pass-over-x path (sparse_pass_row_*): a start from the row's moments, then active-set
+   Newton passes straight over x (no copy, no compaction; each pass one vectorised loop). */
+#define SPARSE_SHORT_PATH 1024
+
+/* z with Φ(z) ≈ 1 − share (0 < share < 1), by the logistic approximation Φ(z) ≈ σ(1.702 z):
+   only a starting point, its accuracy matters for speed, never for the result. */
+static double sparse_upper_quantile(double share) { return log((1.0 - share) / share) / 1.702; }
+
+/* Rows of at least this many entries start from the Gaussian model of the row (a few scalar
+   Newton steps: cheap next to the row, much closer than the moments' quantile). */
+#define SPARSE_MODEL_START 512
+
+/* E[(W − a)⁺] for W ~ N(mean, sd²), and its derivative −P(W > a). */
+static double sparse_excess(double a, double mean, double sd, double *slope) {
+    double d = (a - mean) / sd;
+    double tail = 0.5 * erfc(d * 0.7071067811865476);
+    *slope = -tail;
+    return sd * 0.3989422804014327 * exp(-0.5 * d * d) + (mean - a) * tail;
+}
+
+/* t with live·E[clip(W − t, 0, 1)] = k for W ~ N(mean, sd²) (sd > 0): the expected root of a
+   bell-shaped row.  Safeguarded Newton on the model, started at `t`, inside [lo, hi]; only
+   a starting point (its accuracy matters for speed, never for the result). */
+static double sparse_model_root(double mean, double sd, double live, double k, double t,
+                                double lo, double hi) {
+    for (int step = 0; step < 12; ++step) {
+        double slope_0, slope_1;
+        double mass = live * (sparse_excess(t, mean, sd, &slope_0) -
+                              sparse_excess(t + 1.0, mean, sd, &slope_1));
+        double rate = live * (slope_0 - slope_1); /* ≤ 0 */
+        if (mass > k) lo = t; else hi = t;
+        double next = rate < 0.0 ? t - (mass - k) / rate : 0.5 * (lo + hi);
+        next = next > lo && next < hi ? next : 0.5 * (lo + hi);
+        if (fabs(next - t) < 1e-3) return next;
+        t = next;
     }
-    return sparse_newton(cand, m, k, fixed, lo, hi, mass_lo, mass_hi, span, t, t_out);
+    return t;
 }
 
 #define DEFINE_SPARSE_KERNELS(T, SUFFIX)                                                         \
@@ -989,25 +962,76 @@ static int sparse_threshold(double *cand, int64_t m, double k, double sum, doubl
         *b = top[down - 1];                                                                      \
     }                                                                                            \
                                                                                                  \
+    /* A row without NaN, 0 < k − plus < live: active-set Newton passes over x                   \
+       itself, w_i = (x_i − top)/τ computed on the fly (−inf entries: never free nor upper).  \
+       Starts from the all-free root when the row spans under 2 τ, else from its moments        \
+       (mean + σ·z(k/live) − 1/2).  Returns 0 with *t_out, 3 without convergence. */                  \
+    static int sparse_pass_row_##SUFFIX(const T *x, int64_t n, double k, double plus,         \
+                                        double top, double inv, double lo, double sum,          \
+                                        double square, double live, double *t_out) {            \
+        /* (+inf entries: w = +inf, always upper; the finite ones share k − plus) */            \
+        const double budget = k - plus;                                                          \
+        double hi = 0.0, mass_lo = live + plus, mass_hi = plus;                                  \
+        double mean = (sum / live - top) * inv;                                                  \
+        double t = mean - budget / live; /* the all-free root (a start: sums may cancel) */     \
+        double var = (square / live - (sum / live) * (sum / live)) * inv * inv;                  \
+        double sd = var > 0.0 ? sqrt(var) : 0.0;                                                 \
+        if (lo < -2.0) t = mean + sd * sparse_upper_quantile(budget / live) - 0.5;               \
+        t = t > lo ? (t < hi ? t : hi) : lo; /* (a NaN start, from overflowing sums: lo) */      \
+        if (n >= SPARSE_MODEL_START && sd > 0.0 && sd < INFINITY && mean == mean)                \
+            t = sparse_model_root(mean, sd, live, budget, t, lo, hi);                            \
+        for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {                                   \
+            double s = 0.0, u = 0.0, c = 0.0;                                                    \
+            _Pragma("omp simd reduction(+ : u, c, s)")                                           \
+            for (int64_t i = 0; i < n; ++i) {                                                    \
+                double w = ((double)x[i] - top) * inv;                                           \
+                double z = w - t;                                                                \
+                int is_up = z >= 1.0, is_free = (z > 0.0) & (z < 1.0);                           \
+                u += is_up ? 1.0 : 0.0;                                                          \
+                c += is_free ? 1.0 : 0.0;                                                        \
+                s += is_free ? w : 0.0;                                                          \
+            }                                                                                    \
+            if (sparse_step(u, c, s, k, &t, &lo, &hi, &mass_lo, &mass_hi)) {                     \
+                *t_out = t;                                                                      \
+                return 0;                                                                        \
+            }                                                                                    \
+        }                                                                                        \
+        return 3;                                                                                \
+    }                                                                                            \
+                                                                                                 \
     static int sparse_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double tau,         \
                                    double *cand) {                                               \
-        double top = -INFINITY, bottom = INFINITY;                                               \
-        int64_t live = 0, bad = 0;                                                               \
-        T top_t = (T)-INFINITY, bottom_t = (T)INFINITY;                                          \
-        _Pragma("omp simd reduction(+ : live, bad) reduction(max : top_t) reduction(min : bottom_t)")\
+        double top, bottom, live, plus;                                                          \
+        T top_t = (T)-INFINITY, bottom_t = (T)INFINITY, live_t = 0, nan = 0, plus_t = 0;         \
+        T sum_t = 0, sq_t = 0;                                                                   \
+        _Pragma("omp simd reduction(+ : live_t, nan, plus_t, sum_t, sq_t) reduction(max : top_t) reduction(min : bottom_t)")\
         for (int64_t i = 0; i < n; ++i) {                                                        \
             T v = x[i];                                                                          \
-            bad += (v != v) | (v == (T)INFINITY);                                                \
-            live += v > (T)-INFINITY;                                                            \
-            top_t = v > top_t ? v : top_t;                                                       \
-            T finite_v = v > (T)-INFINITY ? v : (T)INFINITY;                                     \
-            bottom_t = finite_v < bottom_t ? finite_v : bottom_t;                                \
+            nan += v != v ? (T)1 : (T)0;                                                         \
+            plus_t += v == (T)INFINITY ? (T)1 : (T)0;                                            \
+            int finite = (v > (T)-INFINITY) & (v < (T)INFINITY);                                 \
+            live_t += finite ? (T)1 : (T)0;                                                      \
+            T finite_v = finite ? v : (T)0;                                                      \
+            sum_t += finite_v; /* (for the short path's start only) */                           \
+            sq_t += finite_v * finite_v;                                                         \
+            T high_v = finite ? v : (T)-INFINITY;                                                \
+            top_t = high_v > top_t ? high_v : top_t;                                             \
+            T low_v = finite ? v : (T)INFINITY;                                                  \
+            bottom_t = low_v < bottom_t ? low_v : bottom_t;                                      \
         }                                                                                        \
         top = (double)top_t;                                                                     \
         bottom = (double)bottom_t;                                                               \
-        if (bad) return 1;                                                                       \
-        if (k <= 0.0 || k >= (double)live) {                                                     \
-            for (int64_t i = 0; i < n; ++i) out[i] = (T)(k > 0.0 && x[i] > -INFINITY);         \
+        live = (double)live_t;                                                                   \
+        plus = (double)plus_t;                                                                   \
+        if (nan) { /* a NaN makes its slice NaN */                                               \
+            for (int64_t i = 0; i < n; ++i) out[i] = (T)NAN;                                     \
+            return 0;                                                                            \
+        }                                                                                        \
+        const double budget = k - plus; /* what the finite entries share */                      \
+        if (budget <= 0.0 || budget >= live) { /* +inf entries: k/plus each, at most 1 */        \
+            const T share = (T)(plus > k ? k / plus : 1.0), rest = (T)(budget > 0.0);             \
+            for (int64_t i = 0; i < n; ++i)                                                      \
+                out[i] = x[i] == (T)INFINITY ? share : (x[i] > (T)-INFINITY ? rest : (T)0);      \
             return 0;                                                                            \
         }                                                                                        \
         const double inv = 1.0 / tau;                                                            \
@@ -1015,9 +1039,12 @@ static int sparse_threshold(double *cand, int64_t m, double k, double sum, doubl
         double t, lo = (bottom - top) * inv - 1.0;                                               \
         int status;                                                                              \
         const double up_rank = floor(k) + 1.0;                                                   \
-        if (up_rank <= SPARSE_TOP_LIST && lo < -SPARSE_SPREAD &&                                 \
-            (lo < -SPARSE_NARROW || (double)n >= 256.0 * up_rank)) {                             \
-            /* wide, small budget: the order-statistics bracket (width ≤ 1) from one             \
+        if (plus > 0.0 || !(n > SPARSE_SHORT_PATH && up_rank <= SPARSE_TOP_LIST &&              \
+                            lo < -SPARSE_NARROW)) {                                              \
+            status = sparse_pass_row_##SUFFIX(x, n, k, plus, top, inv, lo, (double)sum_t,        \
+                                              (double)sq_t, live, &t);                           \
+        } else {                                                                                 \
+            /* long, wide, small budget: the order-statistics bracket (width ≤ 1) from one       \
                scan of x; then only the entries inside the window (lo, hi + 1) are               \
                kept (few, and a predictable branch) */                                           \
             int64_t up = (int64_t)floor(k) + 1, down = (int64_t)ceil(k);                         \
@@ -1036,17 +1063,6 @@ static int sparse_threshold(double *cand, int64_t m, double k, double sum, doubl
             }                                                                                    \
             status = sparse_newton(cand, m, k, fixed, low, hi, floor(k) + 1.0, ceil(k) - 1.0,    \
                                    hi + 1.0 - low, 0.5 * (low + hi), &t);                        \
-        } else {                                                                                 \
-            double sum = 0.0;                                                                    \
-            int64_t m = 0;                                                                       \
-            for (int64_t i = 0; i < n; ++i) { /* the finite w, compacted, branch-free */         \
-                double w = ((double)x[i] - top) * inv;                                           \
-                int finite = x[i] > -INFINITY;                                                   \
-                cand[m] = w;                                                                     \
-                m += finite;                                                                     \
-                sum += finite ? w : 0.0;                                                         \
-            }                                                                                    \
-            status = sparse_threshold(cand, m, k, sum, lo, &t);                                  \
         }                                                                                        \
         if (status) return status;                                                               \
         const T top_t2 = (T)top, inv_t = (T)inv, t_t = (T)t;                                     \
@@ -1084,7 +1100,137 @@ static int sparse_threshold(double *cand, int64_t m, double k, double sum, doubl
             out[i] = p[i] != p[i] ? p[i] : value;                                                \
         }                                                                                        \
         return mean;                                                                             \
+    }                                                                                            \
+                                                                                                 \
+    /* SPARSE_LANES rows of n ≤ SPARSE_TILE_N at once by sparse_tile_solve; the rows it does    \
+       not take (NaN, +inf, trivial budgets, overflow) or solve go to sparse_row. */            \
+    static void sparse_tile_##SUFFIX(const T *x, T *out, int64_t n, const double *k,            \
+                                     const double *tau, int32_t *status, double *cand) {        \
+        T xt[SPARSE_TILE_N * SPARSE_LANES];                                                      \
+        double w[SPARSE_TILE_N * SPARSE_LANES];                                                  \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            for (int l = 0; l < SPARSE_LANES; ++l) xt[i * SPARSE_LANES + l] = x[l * n + i];      \
+        T high[SPARSE_LANES], low[SPARSE_LANES], count[SPARSE_LANES], odd[SPARSE_LANES];         \
+        for (int l = 0; l < SPARSE_LANES; ++l)                                                   \
+            high[l] = (T)-INFINITY, low[l] = (T)INFINITY, count[l] = 0, odd[l] = 0;              \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
+                T v = xt[i * SPARSE_LANES + l];                                                  \
+                int finite = v - v == 0;                                                         \
+                T up_v = finite ? v : (T)-INFINITY, down_v = finite ? v : (T)INFINITY;           \
+                high[l] = up_v > high[l] ? up_v : high[l];                                       \
+                low[l] = down_v < low[l] ? down_v : low[l];                                      \
+                count[l] += (T)finite;                                                           \
+                odd[l] += (T)((v != v) | (v == (T)INFINITY));                                    \
+            }                                                                                    \
+        }                                                                                        \
+        double top[SPARSE_LANES], inv[SPARSE_LANES], lo[SPARSE_LANES], live[SPARSE_LANES];       \
+        double sum[SPARSE_LANES], t[SPARSE_LANES];                                               \
+        int go[SPARSE_LANES], taken[SPARSE_LANES];                                               \
+        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
+            top[l] = (double)high[l];                                                            \
+            inv[l] = 1.0 / tau[l];                                                               \
+            live[l] = (double)count[l];                                                          \
+            lo[l] = ((double)low[l] - top[l]) * inv[l] - 1.0;                                    \
+            go[l] = odd[l] == 0 && k[l] > 0.0 && k[l] < live[l] && lo[l] > -INFINITY;            \
+            taken[l] = go[l];                                                                    \
+            if (!go[l]) top[l] = 0.0, inv[l] = 0.0, lo[l] = -1.0, live[l] = 1.0;                 \
+            sum[l] = 0.0;                                                                        \
+        }                                                                                        \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
+                T v = xt[i * SPARSE_LANES + l];                                                  \
+                int finite = v - v == 0;                                                         \
+                double value = ((double)(finite ? v : (T)0) - top[l]) * inv[l];                  \
+                w[i * SPARSE_LANES + l] = finite ? value : -DBL_MAX;                             \
+                sum[l] += finite ? value : 0.0;                                                  \
+            }                                                                                    \
+        }                                                                                        \
+        sparse_tile_solve(w, n, k, lo, live, sum, t, go);                                        \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
+                double z = w[i * SPARSE_LANES + l] - t[l];                                       \
+                xt[i * SPARSE_LANES + l] = (T)(z < 1.0 ? (z > 0.0 ? z : 0.0) : 1.0);             \
+            }                                                                                    \
+        }                                                                                        \
+        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
+            if (taken[l] && !go[l]) {                                                            \
+                for (int64_t i = 0; i < n; ++i) out[l * n + i] = xt[i * SPARSE_LANES + l];      \
+                status[l] = 0;                                                                   \
+            } else {                                                                             \
+                status[l] = sparse_row_##SUFFIX(x + l * n, out + l * n, n, k[l], tau[l], cand);  \
+            }                                                                                    \
+        }                                                                                        \
     }
+
+#define SPARSE_TILE_N 64 /* rows this short are solved SPARSE_LANES at a time, one per lane */
+#define SPARSE_LANES 8
+
+/* Active-set Newton for SPARSE_LANES short rows at once, one row per vector lane (the per-row
+   costs of short rows, reductions and the step's branches, are shared): the steps of
+   sparse_step, branch-free across lanes, from the all-free root.  w[i·LANES + l] holds w_i of
+   lane l (−DBL_MAX where masked: finite, so that a zero mask times it is zero); k, lo, live
+   and sum (Σ finite w) per lane.  Lanes with go[l] = 0 are left alone.  On return t[l] holds
+   the root where go[l] was cleared; a lane still at go[l] = 1 did not converge. */
+static void sparse_tile_solve(const double *w, int64_t n, const double *k, const double *lo_in,
+                              const double *live, const double *sum, double *t, int *go) {
+    double lo[SPARSE_LANES], hi[SPARSE_LANES], mass_lo[SPARSE_LANES], mass_hi[SPARSE_LANES];
+    double at[SPARSE_LANES], active[SPARSE_LANES];
+    for (int l = 0; l < SPARSE_LANES; ++l) {
+        lo[l] = lo_in[l];
+        hi[l] = 0.0;
+        mass_lo[l] = live[l];
+        mass_hi[l] = 0.0;
+        double start = (sum[l] - k[l]) / live[l]; /* the all-free root */
+        at[l] = start > lo[l] ? (start < 0.0 ? start : 0.0) : lo[l];
+        active[l] = go[l] ? 1.0 : 0.0;
+    }
+    for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {
+        double u[SPARSE_LANES], c[SPARSE_LANES], s[SPARSE_LANES];
+        for (int l = 0; l < SPARSE_LANES; ++l) u[l] = c[l] = s[l] = 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+            for (int l = 0; l < SPARSE_LANES; ++l) { /* (arithmetic masks vectorise) */
+                double v = w[i * SPARSE_LANES + l], z = v - at[l];
+                double up = (double)(z >= 1.0), free = (double)(z > 0.0) - up;
+                u[l] += up;
+                c[l] += free;
+                s[l] += free * v;
+            }
+        }
+        double pending = 0.0;
+#pragma omp simd reduction(+ : pending)
+        for (int l = 0; l < SPARSE_LANES; ++l) {
+            double mass = u[l] + s[l] - c[l] * at[l];
+            int above = mass >= k[l], below = mass <= k[l], some = c[l] > 0.0;
+            double low = above ? at[l] : lo[l], high = below ? at[l] : hi[l];
+            double m_low = above ? mass : mass_lo[l], m_high = below ? mass : mass_hi[l];
+            lo[l] = low, hi[l] = high, mass_lo[l] = m_low, mass_hi[l] = m_high;
+            double step = (s[l] + u[l] - k[l]) / (some ? c[l] : 1.0);
+            double gap = step - at[l];
+            gap = gap < 0.0 ? -gap : gap;
+            double scale = (at[l] < 0.0 ? -at[l] : at[l]) + 1.0;
+            int stable = some & (gap <= 2.0 * 2.220446049250313e-16 * scale);
+            int inside = some & (step > low) & (step < high);
+            double width = m_low - m_high > 1e-30 ? m_low - m_high : 1e-30;
+            double share = (m_low - k[l]) / width;
+            share = share < 0.25 ? 0.25 : (share > 0.75 ? 0.75 : share);
+            double next = stable ? step : (mass == k[l] ? at[l] : (inside ? step : low + share * (high - low)));
+            double solved = (double)(stable | (mass == k[l]));
+            at[l] = active[l] > 0.0 ? next : at[l];
+            active[l] = active[l] * (1.0 - solved);
+            pending += active[l];
+        }
+        if (pending == 0.0) break;
+    }
+    for (int l = 0; l < SPARSE_LANES; ++l) {
+        t[l] = at[l];
+        go[l] = active[l] > 0.0;
+    }
+}
 
 DEFINE_SPARSE_KERNELS(float, f32)
 DEFINE_SPARSE_KERNELS(double, f64)
@@ -1104,7 +1250,25 @@ static void sparse_run_job(const SparseJob *job) {
         for (int64_t row = job->row_begin; row < job->row_end; ++row) ((int32_t *)job->aux)[row] = 3;
         return;
     }
-    for (int64_t row = job->row_begin; row < job->row_end; ++row) {
+    int64_t row = job->row_begin;
+    if (job->op < 2 && job->n <= SPARSE_TILE_N) { /* short rows: SPARSE_LANES at a time */
+        for (; row + SPARSE_LANES <= job->row_end; row += SPARSE_LANES) {
+            double ks[SPARSE_LANES], taus[SPARSE_LANES];
+            for (int l = 0; l < SPARSE_LANES; ++l) {
+                ks[l] = job->budgets ? job->budgets[row + l] : job->k;
+                taus[l] = job->taus ? job->taus[row + l] : job->tau;
+            }
+            int64_t offset = row * job->n;
+            int32_t *status = (int32_t *)job->aux + row;
+            if (job->op == 0)
+                sparse_tile_f32((const float *)job->a + offset, (float *)job->out + offset,
+                                job->n, ks, taus, status, scratch);
+            else
+                sparse_tile_f64((const double *)job->a + offset, (double *)job->out + offset,
+                                job->n, ks, taus, status, scratch);
+        }
+    }
+    for (; row < job->row_end; ++row) {
         int64_t offset = row * job->n;
         double k = job->budgets ? job->budgets[row] : job->k;
         double tau = job->taus ? job->taus[row] : job->tau;

@@ -24,8 +24,9 @@ Everything here is an optimisation with a fallback, never a requirement:
   entries included (as the PyTorch path: ``0``, ``k/m`` each at most 1, a NaN slice); a row
   comes back with a nonzero status, and is solved by the PyTorch path, only when
   ``|x/τ|`` exceeds ``max/16`` or memory runs out (status 1) or its bracket collapsed onto a
-  jump of ``F`` the dtype cannot resolve (status 3).  The ``sparse_topk`` kernel leaves rows
-  with ``+inf`` or NaN entries (status 1) and unconverged rows (status 3) to the caller.
+  jump of ``F`` the dtype cannot resolve (status 3).  The ``sparse_topk`` kernel solves
+  ``−inf``, ``+inf`` and NaN entries too (as the PyTorch path) and leaves rows whose ``x/τ``
+  overflows (status 1) and unconverged rows (status 3) to the caller.
 
 :func:`status` says whether the kernel is in use and, if not, why.
 """

@@ -3,7 +3,10 @@
 ``torch.compile(fullgraph=True)`` and ``torch.export`` see each as one node (with a fake
 implementation for shapes), and the compiled graph runs the real one, fused kernel included.
 The autograd formula is registered on the op's ``Autograd`` key: an autograd ``Function``
-with forward, backward (the vjp op; differentiable ops when the graph is kept), jvp and vmap.
+with forward, backward (the vjp op; differentiable ops when the graph is kept), jvp and vmap;
+under ``torch.func`` transforms (where a ``Function`` cannot be called from an operator, and
+a traced one loses its tangents) :func:`composite`, differentiable ops around the op at
+detached inputs, so that ``torch.func.jvp``/``grad``/``vmap`` compile with ``fullgraph=True``.
 
 Eager calls do not go through the dispatcher: :func:`gradkit.sparse_topk` calls its own
 ``Function`` directly (cheaper, and ops cannot be called inside ``torch.func`` transforms),
@@ -26,7 +29,7 @@ from ._sparse import (
     temperature_grad,
 )
 
-__all__ = ["REGISTERED", "call_op", "tracing"]
+__all__ = ["REGISTERED", "call_op", "composite", "tracing"]
 
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
 REGISTERED = hasattr(torch.library, "register_fake") and _below_autograd is not None
@@ -47,6 +50,37 @@ def call_op(x: Tensor, k, tau) -> Tensor:
     k_tensor, k_number = _split(k)
     tau_tensor, tau_number = _split(tau)
     return torch.ops.gradkit.sparse_topk(x, k_tensor, k_number, tau_tensor, tau_number)
+
+
+def composite(x: Tensor, k, tau) -> Tensor:
+    """The operator as differentiable ops around a solve that is not differentiated (for
+    ``torch.func`` transforms inside ``torch.compile``).
+
+    With ``p₀`` the solve at the detached inputs and ``Δ`` the (zero-valued) differences
+    between the inputs and their detached copies, ``p(s) = p(x₀ + sΔ)`` follows
+    ``dp/ds = J(p, τ(s))·Δ`` on the free set of ``p₀``; one classical Runge–Kutta step from
+    ``s = 0`` to ``1`` has the value ``p₀`` exactly and the derivatives of
+    :func:`~gradkit.topk._sparse.sparse_topk_jvp` (exact to fourth order in ``x``, ``k`` and
+    ``τ``; the map is linear in ``x`` and ``k`` on a free set).
+    """
+    x0 = x.detach()
+    k0 = k.detach() if isinstance(k, Tensor) else k
+    tau0 = tau.detach() if isinstance(tau, Tensor) else tau
+    p0 = call_op(x0, k0, tau0)
+    # (±inf entries: their difference inf − inf must not reach the tangent)
+    dx = torch.where(torch.isfinite(x0), x - x0, torch.zeros_like(x))
+    dk = k - k0 if isinstance(k, Tensor) else None
+    dtau = tau - tau0 if isinstance(tau, Tensor) else None
+
+    def slope(p: Tensor, s: float) -> Tensor:
+        tau_s = tau0 + s * dtau if dtau is not None else tau
+        return sparse_topk_jvp(p, tau_s, dx, dk, dtau)
+
+    k1 = slope(p0, 0.0)
+    k2 = slope(p0 + 0.5 * k1, 0.5)
+    k3 = slope(p0 + 0.5 * k2, 0.5)
+    k4 = slope(p0 + k3, 1.0)
+    return p0 + (k1 + 2 * k2 + 2 * k3 + k4) / 6
 
 
 def _solve_impl(x, k_tensor, k, tau_tensor, tau):
@@ -118,6 +152,35 @@ class _OpFunction(torch.autograd.Function):
         return torch.ops.gradkit.sparse_topk(x, k_tensor, k, tau_tensor, tau), 0
 
 
+def _needs_derivative(*tensors) -> bool:
+    """Whether a tensor at the current autograd level requires grad or carries a tangent
+    (``True`` when that cannot be told: the composite is right either way)."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.requires_grad:
+            return True
+        try:
+            if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+                return True
+        except RuntimeError:
+            return True
+    return False
+
+
+def _autograd_kernel(x, k_tensor, k, tau_tensor, tau):
+    """``gradkit::sparse_topk``'s autograd: the Function, or under ``torch.func`` transforms
+    (where a Function cannot be called from an operator) the composite, or for inputs there
+    that carry no derivative the solve itself."""
+    if torch._C._are_functorch_transforms_active():
+        if _needs_derivative(x, k_tensor, tau_tensor):
+            k_arg = k if k_tensor is None else k_tensor
+            return composite(x, k_arg, tau if tau_tensor is None else tau_tensor)
+        with _below_autograd():
+            return torch.ops.gradkit.sparse_topk(x, k_tensor, k, tau_tensor, tau)
+    return _OpFunction.apply(x, k_tensor, k, tau_tensor, tau)
+
+
 def _register() -> torch.library.Library:
     # FRAGMENT: other modules (soft_topk's ops) define ops in the same namespace.
     lib = torch.library.Library("gradkit", "FRAGMENT")
@@ -129,7 +192,7 @@ def _register() -> torch.library.Library:
     )
     lib.impl("sparse_topk", _solve_impl, "CompositeExplicitAutograd")
     lib.impl("sparse_topk_vjp", _vjp_impl, "CompositeExplicitAutograd")
-    lib.impl("sparse_topk", _OpFunction.apply, "Autograd")
+    lib.impl("sparse_topk", _autograd_kernel, "Autograd")
 
     @torch.library.register_fake("gradkit::sparse_topk", lib=lib)
     def _(x, k_tensor, k, tau_tensor, tau):

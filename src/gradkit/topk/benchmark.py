@@ -82,6 +82,9 @@ TARGET_SIGMOID_PASSES = 10.0
 #: sparse_topk: at most this many sigmoid passes (issue 12).
 TARGET_SPARSE_SIGMOID_PASSES = 3.0
 
+#: ``--grid --op`` choices: one operator, or both (``soft`` then ``sparse``).
+GRID_OPS = ("soft", "sparse", "both")
+
 #: Minimum number of timed calls per method and shape, however slow the method.
 MIN_REPEATS = 3
 #: A one-thread measurement whose wall time exceeds its CPU time by this factor was descheduled.
@@ -851,7 +854,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grid",
         action="store_true",
         help="cost over a grid of n × k × spread, float32 and float64, one thread and all "
-        "(with --threads: that count only); JSON and one heatmap PNG per dtype × threads",
+        "(with --threads: that count only); JSON and one heatmap PNG per op × dtype × threads",
+    )
+    parser.add_argument(
+        "--op",
+        choices=GRID_OPS,
+        default="soft",
+        help="with --grid: the operator(s) timed: soft (soft_topk, the default), sparse "
+        "(sparse_topk) or both (about twice as long); the JSON is keyed by op",
     )
 
 
@@ -862,6 +872,8 @@ def run(args: argparse.Namespace) -> int:
     _io.check_out_dir(args.out, overwrite=overwrite)
     if args.grid:
         return _run_grid(args, overwrite)
+    if getattr(args, "op", "soft") != "soft":
+        raise ValueError(f"--op {args.op} applies to --grid only (the shapes time both operators)")
     quick = bool(args.quick)
     repeats = args.repeats if args.repeats is not None else (3 if quick else 30)
     budget = args.budget if args.budget is not None else (0.2 if quick else 1.5)
@@ -895,30 +907,37 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_grid(args: argparse.Namespace, overwrite: bool) -> int:
-    """``--grid``: measure, print the worst cells and tables, write JSON and heatmaps."""
+    """``--grid``: measure each ``--op``, print the worst cells and tables, write one JSON
+    keyed by op (``{"soft": report, "sparse": report}``) and one heatmap per op × setting
+    (``grid_<op>_<dtype>_<threads>thread.png``)."""
     quick = bool(args.quick)
     if args.threads is not None:
         _bench.check_positive_int("--threads", args.threads)
-    report = benchmark_grid.run_grid(
-        ns=benchmark_grid.QUICK_NS if quick else benchmark_grid.GRID_NS,
-        spreads=benchmark_grid.QUICK_SPREADS if quick else benchmark_grid.GRID_SPREADS,
-        threads=None if args.threads is None else [args.threads],
-        elements=benchmark_grid.QUICK_ELEMENTS if quick else benchmark_grid.GRID_ELEMENTS,
-        repeats=args.repeats if args.repeats is not None else (3 if quick else 5),
-        seed=args.seed,
-        device=args.device,
-        quick=quick,
-    )
-    print(benchmark_grid.format_grid(report))
+    ops = ("soft", "sparse") if args.op == "both" else (args.op,)
+    reports = {}
+    for op in ops:
+        reports[op] = benchmark_grid.run_grid(
+            ns=benchmark_grid.QUICK_NS if quick else benchmark_grid.GRID_NS,
+            spreads=benchmark_grid.QUICK_SPREADS if quick else benchmark_grid.GRID_SPREADS,
+            threads=None if args.threads is None else [args.threads],
+            elements=benchmark_grid.QUICK_ELEMENTS if quick else benchmark_grid.GRID_ELEMENTS,
+            repeats=args.repeats if args.repeats is not None else (3 if quick else 5),
+            seed=args.seed,
+            device=args.device,
+            quick=quick,
+            op=op,
+        )
+        print(benchmark_grid.format_grid(reports[op]) + "\n")
     run_dir = _io.new_run_dir("bench-topk-grid", args.out, overwrite=overwrite)
-    written = [_io.write_json(run_dir / "results.json", report)]
+    written = [_io.write_json(run_dir / "results.json", reports)]
     if args.json:
-        written.append(_io.write_json(args.json, report))
+        written.append(_io.write_json(args.json, reports))
     if not args.no_plot:
-        for setting in report["settings"]:
-            name = f"grid_{setting['dtype']}_{setting['threads']}thread.png"
-            written.append(benchmark_grid.plot_grid(report, setting, run_dir / name))
-    print("\nwrote " + ", ".join(str(p) for p in written))
+        for op, report in reports.items():
+            for setting in report["settings"]:
+                name = f"grid_{op}_{setting['dtype']}_{setting['threads']}thread.png"
+                written.append(benchmark_grid.plot_grid(report, setting, run_dir / name))
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 

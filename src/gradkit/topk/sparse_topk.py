@@ -92,8 +92,11 @@ def _apply(x: Tensor, k, tau) -> Tensor:
     from . import _sparse_ops
 
     transformed = _ops.functorch_active()
-    if _sparse_ops.tracing() and not transformed:
-        return _sparse_ops.call_op(x, k, tau)
+    if _sparse_ops.tracing():
+        # Traced torch.func transforms cannot trace the Function (its forward branches on
+        # data) and lose the tangents of the op's autograd kernel: differentiable ops around
+        # the op at detached inputs instead.
+        return (_sparse_ops.composite if transformed else _sparse_ops.call_op)(x, k, tau)
     unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", None)
     if unwrap_if_dead is None or transformed or torch.compiler.is_compiling():
         return _SparseTopKFunction.apply(x, k, tau)
