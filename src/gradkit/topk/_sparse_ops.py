@@ -28,6 +28,7 @@ from ._sparse import (
     sparse_topk_vjp,
     temperature_grad,
 )
+from ._transforms import needs_derivative, nothing_to_record, runge_kutta_step
 
 __all__ = ["REGISTERED", "call_op", "composite", "tracing"]
 
@@ -76,11 +77,7 @@ def composite(x: Tensor, k, tau) -> Tensor:
         tau_s = tau0 + s * dtau if dtau is not None else tau
         return sparse_topk_jvp(p, tau_s, dx, dk, dtau)
 
-    k1 = slope(p0, 0.0)
-    k2 = slope(p0 + 0.5 * k1, 0.5)
-    k3 = slope(p0 + 0.5 * k2, 0.5)
-    k4 = slope(p0 + k3, 1.0)
-    return p0 + (k1 + 2 * k2 + 2 * k3 + k4) / 6
+    return runge_kutta_step(p0, slope)
 
 
 def _solve_impl(x, k_tensor, k, tau_tensor, tau):
@@ -152,33 +149,18 @@ class _OpFunction(torch.autograd.Function):
         return torch.ops.gradkit.sparse_topk(x, k_tensor, k, tau_tensor, tau), 0
 
 
-def _needs_derivative(*tensors) -> bool:
-    """Whether a tensor at the current autograd level requires grad or carries a tangent
-    (``True`` when that cannot be told: the composite is right either way)."""
-    for t in tensors:
-        if t is None:
-            continue
-        if t.requires_grad:
-            return True
-        try:
-            if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
-                return True
-        except RuntimeError:
-            return True
-    return False
-
-
 def _autograd_kernel(x, k_tensor, k, tau_tensor, tau):
     """``gradkit::sparse_topk``'s autograd: the Function, or under ``torch.func`` transforms
     (where a Function cannot be called from an operator) the composite, or for inputs there
     that carry no derivative the solve itself."""
     if torch._C._are_functorch_transforms_active():
-        if _needs_derivative(x, k_tensor, tau_tensor):
+        if needs_derivative(x, k_tensor, tau_tensor):
             k_arg = k if k_tensor is None else k_tensor
             return composite(x, k_arg, tau if tau_tensor is None else tau_tensor)
-        with _below_autograd():
-            return torch.ops.gradkit.sparse_topk(x, k_tensor, k, tau_tensor, tau)
-    return _OpFunction.apply(x, k_tensor, k, tau_tensor, tau)
+    elif not nothing_to_record():
+        return _OpFunction.apply(x, k_tensor, k, tau_tensor, tau)
+    with _below_autograd():
+        return torch.ops.gradkit.sparse_topk(x, k_tensor, k, tau_tensor, tau)
 
 
 def _register() -> torch.library.Library:

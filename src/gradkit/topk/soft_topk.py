@@ -11,7 +11,6 @@ import threading
 
 import torch
 from torch import Tensor, nn
-from torch.autograd import forward_ad
 
 from . import _ops
 from ._checks import (
@@ -22,6 +21,7 @@ from ._checks import (
     normalize_dim,
 )
 from ._solve import soft_topk_vjp
+from ._transforms import needs_derivative, nothing_to_record, runge_kutta_step
 
 __all__ = ["SoftTopK", "soft_topk"]
 
@@ -204,29 +204,7 @@ def _composite(x: Tensor, k, tau) -> Tensor:
         tau_s = tau0 + s * dtau if dtau is not None else tau
         return _tangent(p, tau_s, dx, dk, dtau)
 
-    k1 = slope(p0, 0.0)
-    k2 = slope(p0 + 0.5 * k1, 0.5)
-    k3 = slope(p0 + 0.5 * k2, 0.5)
-    k4 = slope(p0 + k3, 1.0)
-    p = p0 + (k1 + 2 * k2 + 2 * k3 + k4) / 6
-    return _to_dtype_saturating(p, x.dtype)
-
-
-def _needs_derivative(*tensors) -> bool:
-    """Whether a tensor at the current autograd level requires grad or carries a tangent
-    (``True`` when that cannot be told, e.g. a tangent of a vmapped tensor: the composite is
-    right either way)."""
-    for t in tensors:
-        if not isinstance(t, Tensor):
-            continue
-        if t.requires_grad:
-            return True
-        try:
-            if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
-                return True
-        except RuntimeError:
-            return True
-    return False
+    return _to_dtype_saturating(runge_kutta_step(p0, slope), x.dtype)
 
 
 class _Depth(threading.local):
@@ -254,11 +232,10 @@ def _autograd_kernel(x, k_tensor, k, tau_tensor, tau):
     k_arg = k if k_tensor is None else k_tensor
     tau_arg = tau if tau_tensor is None else tau_tensor
     if torch._C._are_functorch_transforms_active():
-        if not _DEPTH.solving_detached and _needs_derivative(x, k_tensor, tau_tensor):
+        if not _DEPTH.solving_detached and needs_derivative(x, k_tensor, tau_tensor):
             return _composite(x, k_arg, tau_arg)
-    elif torch.is_grad_enabled() or forward_ad._current_level >= 0:
+    elif not nothing_to_record():
         return _SoftTopKFunction.apply(x, k_arg, tau_arg, True)
-    # Nothing to record (a compiled graph's forward runs without grad): the kernel itself.
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.gradkit.soft_topk(x, k_tensor, k, tau_tensor, tau)
 
@@ -303,7 +280,7 @@ def _temperature_arg(temperature, batch_shape: torch.Size, x: Tensor, traced: bo
     temperature = check_temperature_type(temperature, _OP)
     if isinstance(temperature, Tensor) and temperature.numel() == 1:
         temperature = temperature.reshape(())
-        if not (traced or temperature.device.type != "cpu" or _needs_derivative(temperature)):
+        if not (traced or temperature.device.type != "cpu" or needs_derivative(temperature)):
             temperature = temperature.item()
     tau = check_temperature(temperature, batch_shape, _OP, cpu_only=True)
     return tau.to(_compute_dtype(x.dtype)) if isinstance(tau, Tensor) else tau

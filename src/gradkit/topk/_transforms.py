@@ -1,0 +1,55 @@
+"""What ``soft_topk`` and ``sparse_topk`` share in their registered ops' autograd kernels.
+
+Each op's ``Autograd`` kernel picks one of three things: its ``autograd.Function`` (a graph to
+record), the kernel below autograd (nothing to record: a compiled graph's forward runs with
+grad off), or, under ``torch.func`` transforms (where a ``Function`` cannot be called from an
+operator, and a traced one loses its tangents), a composite of differentiable ops around the
+solve at detached inputs, integrated by :func:`runge_kutta_step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+
+__all__ = ["needs_derivative", "nothing_to_record", "runge_kutta_step"]
+
+
+def needs_derivative(*tensors) -> bool:
+    """Whether a tensor (``None`` and numbers are skipped) at the current autograd level
+    requires grad or carries a tangent (``True`` when that cannot be told, e.g. a tangent of a
+    vmapped tensor: the composite is right either way)."""
+    for t in tensors:
+        if not isinstance(t, Tensor):
+            continue
+        if t.requires_grad:
+            return True
+        try:
+            if forward_ad.unpack_dual(t).tangent is not None:
+                return True
+        except RuntimeError:
+            return True
+    return False
+
+
+def nothing_to_record() -> bool:
+    """Grad mode off and no forward-AD level open: an autograd kernel may call the kernel
+    below autograd directly instead of building a ``Function``."""
+    return not torch.is_grad_enabled() and forward_ad._current_level < 0
+
+
+def runge_kutta_step(p0: Tensor, slope: Callable[[Tensor, float], Tensor]) -> Tensor:
+    """One classical Runge–Kutta step of ``dp/ds = slope(p, s)`` from ``p(0) = p0`` to ``s = 1``.
+
+    With ``slope`` the Jacobian map applied to the (zero-valued) differences between the
+    inputs and their detached copies, the result has the value ``p0`` exactly and the exact
+    derivatives of every order up to four in those inputs (its error is ``O(|Δ|⁵)``).
+    """
+    k1 = slope(p0, 0.0)
+    k2 = slope(p0 + 0.5 * k1, 0.5)
+    k3 = slope(p0 + 0.5 * k2, 0.5)
+    k4 = slope(p0 + k3, 1.0)
+    return p0 + (k1 + 2 * k2 + 2 * k3 + k4) / 6
