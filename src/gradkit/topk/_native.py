@@ -250,6 +250,50 @@ def _per_row_doubles(value: Tensor | float, rows: int, name: str) -> Tensor | No
     return flat
 
 
+def _row_argument(value: Tensor | float, rows: int, name: str, default: float, keep: list):
+    """A number-or-per-row argument as the kernel takes it, ``(number, pointer or None)``:
+    ``(value, None)``, or ``(default, pointer)`` to per-row float64 values (kept alive in
+    ``keep`` for the call)."""
+    per_row = _per_row_doubles(value, rows, name)
+    if per_row is None:
+        return float(value), None
+    keep.append(per_row)
+    return default, per_row.data_ptr()
+
+
+def _call(entry: str, tensors: tuple[Tensor, ...], rows: int, n: int, *arguments) -> None:
+    """``entry(is_double, *tensor pointers, rows, n, *arguments, threads)``: the signature
+    shared by the kernel's entry points (:data:`_SIGNATURES`)."""
+    is_double = int(tensors[0].dtype == torch.float64)
+    pointers = (t.data_ptr() for t in tensors)
+    getattr(_library, entry)(is_double, *pointers, rows, n, *arguments, torch.get_num_threads())
+
+
+def _solve_call(entry: str, x: Tensor, value_arguments) -> tuple[Tensor, Tensor]:
+    """Run a solve entry point on the rows of ``x``; ``value_arguments(rows, keep)`` gives its
+    arguments after ``n``.  Returns ``(p, per-row int32 status)``."""
+    x = x.contiguous()
+    n = x.shape[-1]
+    rows = x.numel() // n
+    keep: list[Tensor] = []
+    p = torch.empty_like(x)
+    row_status = torch.empty(x.shape[:-1], dtype=torch.int32)
+    _call(entry, (x, p, row_status), rows, n, *value_arguments(rows, keep))
+    return p, row_status
+
+
+def _vjp_call(entry: str, grad: Tensor, p: Tensor, value_arguments) -> tuple[Tensor, Tensor]:
+    """Run a vjp entry point: ``(grad_x, grad_k)`` for the cotangent ``grad`` of ``p``."""
+    grad, p = grad.contiguous(), p.contiguous()  # (an expanded cotangent gets materialised)
+    n = p.shape[-1]
+    rows = p.numel() // n
+    keep: list[Tensor] = []
+    out = torch.empty_like(p)
+    grad_k = torch.empty(p.shape[:-1], dtype=p.dtype)
+    _call(entry, (grad, p, out, grad_k), rows, n, *value_arguments(rows, keep))
+    return out, grad_k
+
+
 def solve(x: Tensor, k: float | Tensor, inv_tau: float) -> tuple[Tensor, Tensor] | None:
     """``p = σ((x − θ)/τ)`` with ``Σp = k`` along the last dimension, by the fused kernel.
 
@@ -262,51 +306,19 @@ def solve(x: Tensor, k: float | Tensor, inv_tau: float) -> tuple[Tensor, Tensor]
     """
     if not _eligible(x):
         return None
-    x = x.contiguous()
-    n = x.shape[-1]
-    rows = x.numel() // n
-    budgets = _per_row_doubles(k, rows, "k")
-    p = torch.empty_like(x)
-    row_status = torch.empty(x.shape[:-1], dtype=torch.int32)
-    _library.gradkit_solve(
-        int(x.dtype == torch.float64),
-        x.data_ptr(),
-        p.data_ptr(),
-        row_status.data_ptr(),
-        rows,
-        n,
-        0.0 if budgets is not None else float(k),
-        budgets.data_ptr() if budgets is not None else None,
-        float(inv_tau),
-        torch.get_num_threads(),
+    return _solve_call(
+        "gradkit_solve",
+        x,
+        lambda rows, keep: (*_row_argument(k, rows, "k", 0.0, keep), float(inv_tau)),
     )
-    return p, row_status
 
 
 def vjp(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, Tensor] | None:
     """The closed-form vector–Jacobian product (see :func:`~gradkit.topk._solve.soft_topk_vjp`)
     by the fused kernel: ``(∂L/∂x, ∂L/∂k)``, or ``None`` when the kernel cannot take it."""
-    if grad.shape != p.shape or not _eligible(p, grad):
+    if grad.shape != p.shape or p.numel() == 0 or not _eligible(p, grad):
         return None
-    grad, p = grad.contiguous(), p.contiguous()  # (an expanded cotangent gets materialised)
-    n = p.shape[-1]
-    rows = p.numel() // n if n else 0
-    if rows == 0 or n == 0:
-        return None
-    out = torch.empty_like(p)
-    grad_k = torch.empty(p.shape[:-1], dtype=p.dtype)
-    _library.gradkit_vjp(
-        int(p.dtype == torch.float64),
-        grad.data_ptr(),
-        p.data_ptr(),
-        out.data_ptr(),
-        grad_k.data_ptr(),
-        rows,
-        n,
-        1.0 / temperature,
-        torch.get_num_threads(),
-    )
-    return out, grad_k
+    return _vjp_call("gradkit_vjp", grad, p, lambda rows, keep: (1.0 / temperature,))
 
 
 # ------------------------------------------------------------------ sparse_topk entry points
@@ -321,26 +333,14 @@ def sparse_solve(x: Tensor, k: float | Tensor, tau: float | Tensor) -> tuple[Ten
     """
     if x.numel() == 0 or not _eligible(x):
         return None
-    x = x.contiguous()
-    n = x.shape[-1]
-    rows = x.numel() // n
-    budgets, taus = _per_row_doubles(k, rows, "k"), _per_row_doubles(tau, rows, "tau")
-    p = torch.empty_like(x)
-    row_status = torch.empty(x.shape[:-1], dtype=torch.int32)
-    _library.gradkit_sparse_solve(
-        int(x.dtype == torch.float64),
-        x.data_ptr(),
-        p.data_ptr(),
-        row_status.data_ptr(),
-        rows,
-        n,
-        0.0 if budgets is not None else float(k),
-        budgets.data_ptr() if budgets is not None else None,
-        1.0 if taus is not None else float(tau),
-        taus.data_ptr() if taus is not None else None,
-        torch.get_num_threads(),
+    return _solve_call(
+        "gradkit_sparse_solve",
+        x,
+        lambda rows, keep: (
+            *_row_argument(k, rows, "k", 0.0, keep),
+            *_row_argument(tau, rows, "tau", 1.0, keep),
+        ),
     )
-    return p, row_status
 
 
 def sparse_vjp(grad: Tensor, p: Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor] | None:
@@ -348,22 +348,9 @@ def sparse_vjp(grad: Tensor, p: Tensor, tau: float | Tensor) -> tuple[Tensor, Te
     :func:`~gradkit.topk._sparse.sparse_topk_vjp`), or ``None`` when it cannot take them."""
     if grad.shape != p.shape or p.numel() == 0 or not _eligible(p, grad):
         return None
-    grad, p = grad.contiguous(), p.contiguous()
-    n = p.shape[-1]
-    rows = p.numel() // n
-    taus = _per_row_doubles(tau, rows, "tau")
-    out = torch.empty_like(p)
-    grad_k = torch.empty(p.shape[:-1], dtype=p.dtype)
-    _library.gradkit_sparse_vjp(
-        int(p.dtype == torch.float64),
-        grad.data_ptr(),
-        p.data_ptr(),
-        out.data_ptr(),
-        grad_k.data_ptr(),
-        rows,
-        n,
-        1.0 if taus is not None else float(tau),
-        taus.data_ptr() if taus is not None else None,
-        torch.get_num_threads(),
+    return _vjp_call(
+        "gradkit_sparse_vjp",
+        grad,
+        p,
+        lambda rows, keep: _row_argument(tau, rows, "tau", 1.0, keep),
     )
-    return out, grad_k
