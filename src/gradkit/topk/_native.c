@@ -24,9 +24,11 @@
  */
 /* GCC assumes by default that floating-point operations may trap (-ftrapping-math), and then
    will not if-convert the clamps and selects below: every loop of this file would run scalar
-   (about 4× slower).  Nothing here reads the floating-point exception flags. */
+   (about 4× slower).  Nothing here reads the floating-point exception flags.  Likewise
+   sqrt may set errno (-fmath-errno), a side effect that keeps a loop calling it scalar;
+   nothing here reads errno. */
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
+#pragma GCC optimize("no-trapping-math", "no-math-errno")
 #endif
 #include <math.h>
 #include <pthread.h>
@@ -45,6 +47,7 @@
 #define START_WIDTH 2.0     /* … down to this many units of τ */
 #define SHORT_ROW 128 /* rows this short are solved LANES at a time, one per vector lane */
 #define LANES 8
+#define TILE_SPREAD 40.0 /* … when they span at most this many τ */
 
 /* ------------------------------------------------------------------ vectorisable exp */
 
@@ -510,12 +513,54 @@ static inline double clamp_f64(double v, double low, double high) {
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
+    /* newton()'s bookkeeping after a pass of solve_tile, for every lane at once, with selects   \
+       for its branches (a lane that is done keeps its state).  Three loops, each simple enough  \
+       for GCC to vectorise (one loop doing it all stays scalar). */                             \
+    static void tile_steps_##SUFFIX(double *restrict c, double *restrict lo, double *restrict hi, \
+                                    double *restrict ok, double *restrict done,                  \
+                                    const T *sum_p, const T *sum_v, const T *sum_pv,             \
+                                    const double *budget, const double *tol_mass) {              \
+        double excess[LANES], y[LANES], next[LANES], moves[LANES], failed[LANES], finished[LANES]; \
+        for (int l = 0; l < LANES; ++l) { /* the two-tail step y = eᵟ */                         \
+            double slope = (double)sum_v[l], upper = (double)sum_pv[l];                          \
+            double a = upper < 0 ? 0 : (upper > slope ? slope : upper), b = slope - a;           \
+            double g = (double)sum_p[l] - budget[l] + a - b, root = sqrt(g * g + 4.0 * a * b);   \
+            y[l] = g >= 0 ? (g + root) / (2.0 * a) : (2.0 * b) / (root - g);                     \
+            excess[l] = (double)sum_p[l] - budget[l];                                            \
+        }                                                                                        \
+        for (int l = 0; l < LANES; ++l) { /* the bracket, the next c and the lane's verdict */   \
+            double now = c[l], change = fabs(y[l] - 1.0), step = now / y[l];                     \
+            int active = done[l] == 0.0, converged = fabs(excess[l]) <= tol_mass[l];             \
+            int above = excess[l] > 0;                                                           \
+            double high = active & above ? now : hi[l], low = active & !above ? now : lo[l];     \
+            int inside = (step > low) & (step < high);                                           \
+            int collapsed = !inside & (high - low <= 4.0 * EPS * high);                          \
+            int settled = inside & ((step == now) | (change * change * change <= 4.0 * EPS));    \
+            next[l] = inside ? step : sqrt(low * high); /* (outside, or NaN: bisect) */          \
+            moves[l] = active & !converged & !collapsed ? 1.0 : 0.0;                             \
+            failed[l] = active & !converged & collapsed ? 1.0 : 0.0; /* the torch path's rows */ \
+            finished[l] = !active | converged | collapsed | settled ? 1.0 : 0.0;                 \
+            hi[l] = high;                                                                        \
+            lo[l] = low;                                                                         \
+        }                                                                                        \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            c[l] = moves[l] != 0.0 ? next[l] : c[l];                                             \
+            ok[l] = failed[l] != 0.0 ? 0.0 : ok[l];                                              \
+            done[l] = finished[l];                                                               \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
     /* Short rows (n ≤ SHORT_ROW), LANES at a time, one row per vector lane: the same solve as   \
        solve_row's direct (log-sum-exp) form, on a transposed tile, so that the lanes' Newton    \
-       arithmetic (a sqrt and divides per pass) overlaps instead of forming one latency chain   \
-       per row.  Rows the direct form does not cover (NaN or +inf entries, k ≤ 0 or ≥ the live  \
-       count, exact ties, |x/τ| too large, wide rows) or that do not converge here are solved    \
-       by solve_row itself, so the results keep its contract.  Budgets k[0..LANES). */            \
+       arithmetic (a sqrt and divides per pass) overlaps instead of forming one latency chain    \
+       per row; the per-lane bookkeeping is branch-free too (0/1 masks held as doubles), so      \
+       that it vectorises and no lane's branch is mispredicted.  The start is the log-sum-exp    \
+       bound scaled by live/(live − k): since σ(cE)/(1 + cE) is concave in E, Jensen gives       \
+       F(c₀) ≤ n·σ-mass of the mean entry = k, so c₀ stays left of the root, and it is exact     \
+       for equal entries.  Rows spanning up to TILE_SPREAD·τ are solved here.  Rows the direct   \
+       form does not cover (NaN or +inf entries, k ≤ 0 or ≥ the live count, exact ties, |x/τ|    \
+       too large, wider rows) or that do not converge here are solved by solve_row itself, so    \
+       the results keep its contract.  Budgets k[0..LANES). */                                   \
     static void solve_tile_##SUFFIX(const T *x, T *out, int32_t *status, int64_t n,              \
                                     const double *k, double inv_tau) {                           \
         T xt[SHORT_ROW * LANES], e[SHORT_ROW * LANES];                                           \
@@ -541,53 +586,57 @@ static inline double clamp_f64(double v, double low, double high) {
                 bad[l] += (T)((v != v) | (v == plus_inf));                                       \
             }                                                                                    \
         }                                                                                        \
-        int ok[LANES], flipped[LANES], done[LANES];                                              \
-        double budget[LANES], c[LANES], lo[LANES], hi[LANES], tol_mass[LANES];                   \
+        double ok[LANES], flipped[LANES], done[LANES], budget[LANES], live[LANES], c[LANES];     \
+        double lo[LANES], hi[LANES], tol_mass[LANES];                                            \
         T sc[LANES], w_top[LANES], cl[LANES], exp_sum[LANES];                                    \
+        _Pragma("omp simd")                                                                      \
         for (int l = 0; l < LANES; ++l) {                                                        \
-            double live = (double)n - (double)minus[l], kk = k[l];                               \
+            double count = (double)n - (double)minus[l], kk = k[l];                              \
             double x_max = (double)top[l], x_min = (double)bottom[l];                            \
             double spread = (x_max - x_min) * inv_tau;                                           \
-            int flip = kk > 0.5 * live;                                                          \
-            double b = flip ? live - kk : kk;                                                    \
-            double limit = SMALL_BUDGET_SPREAD_LIMIT; /* (passes are cheap here) */              \
-            ok[l] = bad[l] == 0 && kk > 0.0 && kk < live && x_max != x_min &&                    \
-                    fabs(x_max * inv_tau) <= (LIMIT) && fabs(x_min * inv_tau) <= (LIMIT) &&      \
-                    spread <= limit;                                                             \
-            flipped[l] = flip;                                                                   \
-            budget[l] = ok[l] ? b : 1.0;                                                         \
-            sc[l] = ok[l] ? (T)(flip ? -inv_tau : inv_tau) : (T)0;                               \
-            w_top[l] = ok[l] ? (T)(flip ? -x_min * inv_tau : x_max * inv_tau) : (T)0;            \
+            int flip = kk > 0.5 * count;                                                         \
+            int good = (bad[l] == 0) & (kk > 0.0) & (kk < count) & (x_max != x_min) &            \
+                       (fabs(x_max * inv_tau) <= (LIMIT)) & (fabs(x_min * inv_tau) <= (LIMIT)) & \
+                       (spread <= TILE_SPREAD);                                                  \
+            double b = good ? (flip ? count - kk : kk) : 1.0;                                    \
+            count = good ? count : 2.0;                                                          \
+            ok[l] = good ? 1.0 : 0.0;                                                            \
+            done[l] = good ? 0.0 : 1.0;                                                          \
+            flipped[l] = flip ? 1.0 : 0.0;                                                       \
+            budget[l] = b;                                                                       \
+            live[l] = count;                                                                     \
+            sc[l] = good ? (T)(flip ? -inv_tau : inv_tau) : (T)0;                                \
+            w_top[l] = good ? (T)(flip ? -x_min * inv_tau : x_max * inv_tau) : (T)0;             \
             exp_sum[l] = 0;                                                                      \
-            done[l] = !ok[l];                                                                    \
-            tol_mass[l] = 8.0 * EPS * (budget[l] > 1.0 ? budget[l] : 1.0);                       \
-            double odds = b / (live - b);                                                        \
+            tol_mass[l] = 8.0 * EPS * (b > 1.0 ? b : 1.0);                                       \
+            double odds = b / (count - b);                                                       \
             lo[l] = odds;                                                                        \
-            hi[l] = ok[l] ? odds * exp_f64(spread) : 1.0;                                        \
+            hi[l] = odds * exp_f64(good ? spread : 0.0);                                         \
         }                                                                                        \
         for (int64_t i = 0; i < n; ++i) {                                                        \
             _Pragma("omp simd")                                                                  \
             for (int l = 0; l < LANES; ++l) {                                                    \
                 T v = xt[i * LANES + l];                                                         \
                 T ev = v == minus_inf ? (T)0 : EXP(v * sc[l] - w_top[l]);                        \
-                ev = ok[l] ? ev : (T)0;                                                          \
+                ev = ok[l] != 0.0 ? ev : (T)0;                                                   \
                 e[i * LANES + l] = ev;                                                           \
                 exp_sum[l] += ev;                                                                \
             }                                                                                    \
         }                                                                                        \
+        double pending = 0.0;                                                                    \
+        _Pragma("omp simd reduction(+ : pending)")                                               \
         for (int l = 0; l < LANES; ++l) {                                                        \
-            if (!ok[l]) { c[l] = 1.0; continue; }                                                \
-            c[l] = budget[l] / (double)exp_sum[l];                                               \
-            if (c[l] > lo[l]) lo[l] = c[l];                                                      \
-            if (c[l] > hi[l]) c[l] = hi[l];                                                      \
+            double bound = budget[l] / (double)exp_sum[l]; /* F(bound) < k (σ(z) < eᶻ) */        \
+            double start = bound * (live[l] / (live[l] - budget[l])); /* F(start) ≤ k (Jensen) */ \
+            lo[l] = bound > lo[l] ? bound : lo[l];                                               \
+            start = start < hi[l] ? start : hi[l];                                               \
+            c[l] = ok[l] != 0.0 ? start : 1.0;                                                   \
+            pending += 1.0 - done[l];                                                            \
         }                                                                                        \
         const T huge = (T)ldexp(1.0, EXP_CUT), tiny = (T)ldexp(1.0, -EXP_CUT);                   \
-        for (int pass = 0;; ++pass) {                                                            \
-            int pending = 0;                                                                     \
-            for (int l = 0; l < LANES; ++l) pending += !done[l];                                 \
-            if (!pending) break;                                                                 \
+        for (int pass = 0; pending > 0.0; ++pass) {                                              \
             if (pass == MAX_PASSES) { /* solve_row decides what these rows get */                \
-                for (int l = 0; l < LANES; ++l) ok[l] = ok[l] && done[l];                        \
+                for (int l = 0; l < LANES; ++l) ok[l] = done[l] != 0.0 ? ok[l] : 0.0;            \
                 break;                                                                           \
             }                                                                                    \
             T sum_p[LANES], sum_v[LANES], sum_pv[LANES];                                         \
@@ -610,23 +659,9 @@ static inline double clamp_f64(double v, double low, double high) {
                     sum_pv[l] += p * v;                                                          \
                 }                                                                                \
             }                                                                                    \
-            for (int l = 0; l < LANES; ++l) {                                                    \
-                if (done[l]) continue;                                                           \
-                double excess = (double)sum_p[l] - budget[l];                                    \
-                if (fabs(excess) <= tol_mass[l]) { done[l] = 1; continue; }                      \
-                if (excess > 0) hi[l] = c[l]; else lo[l] = c[l];                                 \
-                double y = two_tail_##SUFFIX(excess, (double)sum_v[l], (double)sum_pv[l]);       \
-                double next = c[l] / y;                                                          \
-                if (!(next > lo[l] && next < hi[l])) {                                           \
-                    if (hi[l] - lo[l] <= 4.0 * EPS * hi[l]) { ok[l] = 0; done[l] = 1; continue; }\
-                    c[l] = sqrt(lo[l] * hi[l]);                                                  \
-                    continue;                                                                    \
-                }                                                                                \
-                if (next == c[l]) { done[l] = 1; continue; }                                     \
-                c[l] = next;                                                                     \
-                double change = fabs(y - 1.0);                                                   \
-                if (change * change * change <= 4.0 * EPS) done[l] = 1;                          \
-            }                                                                                    \
+            tile_steps_##SUFFIX(c, lo, hi, ok, done, sum_p, sum_v, sum_pv, budget, tol_mass);    \
+            pending = 0.0;                                                                       \
+            for (int l = 0; l < LANES; ++l) pending += 1.0 - done[l];                            \
         }                                                                                        \
         const T big = (T)EXP_MAX;                                                                \
         for (int l = 0; l < LANES; ++l) cl[l] = (T)c[l];                                         \
@@ -636,14 +671,13 @@ static inline double clamp_f64(double v, double low, double high) {
                 T y = cl[l] * e[i * LANES + l];                                                  \
                 T r = (T)1 / ((T)1 + y);                                                         \
                 T other = y < big ? y * r : (T)1;                                                \
-                T value = flipped[l] ? r : other;                                                \
+                T value = flipped[l] != 0.0 ? r : other;                                         \
                 out[l * n + i] = xt[i * LANES + l] == minus_inf ? (T)0 : value;                  \
             }                                                                                    \
         }                                                                                        \
         for (int l = 0; l < LANES; ++l) /* (solve_row overwrites the rows not solved here) */    \
-            status[l] = ok[l] ? 0 : solve_row_##SUFFIX(x + l * n, out + l * n, n, k[l], inv_tau);\
+            status[l] = ok[l] != 0.0 ? 0 : solve_row_##SUFFIX(x + l * n, out + l * n, n, k[l], inv_tau); \
     }                                                                                            \
-                                                                                                 \
     /* grad_x = v⊙(g − c)/τ with c = Σ g·v / Σ v (0 for a saturated row); returns c. */          \
     static double vjp_row_##SUFFIX(const T *g, const T *p, T *out, int64_t n, double inv_tau) {  \
         double sum_v = 0.0, sum_gv = 0.0;                                                        \
