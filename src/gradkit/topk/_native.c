@@ -47,7 +47,9 @@
 #define START_WIDTH 2.0     /* … down to this many units of τ */
 #define SHORT_ROW 128 /* rows this short are solved LANES at a time, one per vector lane */
 #define LANES 8
-#define TILE_SPREAD 40.0 /* … when they span at most this many τ */
+#define SHORT_VJP_ROW 32 /* (longer rows read a tile no faster than row by row) */
+#define TILE_SPREAD 80.0 /* … when they span at most this many τ (e^−80 is still normal) */
+#define TILE_SOFT 6.0 /* … and start from counts above cuts when wider than this */
 
 /* ------------------------------------------------------------------ vectorisable exp */
 
@@ -550,6 +552,56 @@ static inline double clamp_f64(double v, double low, double high) {
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
+    /* A start for the lanes of a tile whose rows span more than TILE_SOFT·τ, where most entries \
+       saturate, F(t) is close to the count of entries above t, and the Jensen start lies far    \
+       from the root: count the live entries above COUNT_THRESHOLDS cuts evenly spaced in        \
+       [w_min, w_max] and interpolate the count linearly between the two cuts around the         \
+       budget.  Returns t − w_max per lane (in units of τ) in start[l]. */                       \
+    static void tile_count_start_##SUFFIX(const T *xt, int64_t n, const T *sc, const T *w_top,   \
+                                          const double *width, const double *budget,             \
+                                          const double *live, double *start) {                   \
+        const T minus_inf = -(T)INFINITY;                                                        \
+        T cut[COUNT_THRESHOLDS][LANES], count[COUNT_THRESHOLDS][LANES];                          \
+        for (int j = 0; j < COUNT_THRESHOLDS; ++j)                                               \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                cut[j][l] = (T)(-(j + 1) * width[l] / (COUNT_THRESHOLDS + 1));                   \
+                count[j][l] = 0;                                                                 \
+            }                                                                                    \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            T z[LANES];                                                                          \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                T v = xt[i * LANES + l];                                                         \
+                z[l] = v == minus_inf ? minus_inf : v * sc[l] - w_top[l]; /* (−inf·s: +inf if s < 0) */ \
+            }                                                                                    \
+            for (int j = 0; j < COUNT_THRESHOLDS; ++j) {                                         \
+                _Pragma("omp simd")                                                              \
+                for (int l = 0; l < LANES; ++l) count[j][l] += (T)(z[l] > cut[j][l]);            \
+            }                                                                                    \
+        }                                                                                        \
+        double found[LANES], below[LANES], top[LANES];                                           \
+        for (int l = 0; l < LANES; ++l) { /* the interval (cut, top]: count(top) = below */      \
+            found[l] = 0.0;                                                                      \
+            below[l] = 0.0;                                                                      \
+            top[l] = 0.0;                                                                        \
+            start[l] = -width[l];                                                                \
+        }                                                                                        \
+        for (int j = 0; j <= COUNT_THRESHOLDS; ++j) {                                            \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                int last = j == COUNT_THRESHOLDS;                                                \
+                double above = last ? live[l] : (double)count[j < COUNT_THRESHOLDS ? j : 0][l];  \
+                double at = last ? -width[l] : (double)cut[j < COUNT_THRESHOLDS ? j : 0][l];     \
+                int here = (found[l] == 0.0) & (above >= budget[l]);                             \
+                double share = (budget[l] - below[l]) / (above - below[l]);                      \
+                start[l] = here ? top[l] + (at - top[l]) * share : start[l];                     \
+                found[l] = here ? 1.0 : found[l];                                                \
+                below[l] = above;                                                                \
+                top[l] = at;                                                                     \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
     /* Short rows (n ≤ SHORT_ROW), LANES at a time, one row per vector lane: the same solve as   \
        solve_row's direct (log-sum-exp) form, on a transposed tile, so that the lanes' Newton    \
        arithmetic (a sqrt and divides per pass) overlaps instead of forming one latency chain    \
@@ -587,7 +639,7 @@ static inline double clamp_f64(double v, double low, double high) {
             }                                                                                    \
         }                                                                                        \
         double ok[LANES], flipped[LANES], done[LANES], budget[LANES], live[LANES], c[LANES];     \
-        double lo[LANES], hi[LANES], tol_mass[LANES];                                            \
+        double lo[LANES], hi[LANES], tol_mass[LANES], width[LANES];                              \
         T sc[LANES], w_top[LANES], cl[LANES], exp_sum[LANES];                                    \
         _Pragma("omp simd")                                                                      \
         for (int l = 0; l < LANES; ++l) {                                                        \
@@ -609,6 +661,7 @@ static inline double clamp_f64(double v, double low, double high) {
             w_top[l] = good ? (T)(flip ? -x_min * inv_tau : x_max * inv_tau) : (T)0;             \
             exp_sum[l] = 0;                                                                      \
             tol_mass[l] = 8.0 * EPS * (b > 1.0 ? b : 1.0);                                       \
+            width[l] = good ? spread : 0.0;                                                      \
             double odds = b / (count - b);                                                       \
             lo[l] = odds;                                                                        \
             hi[l] = odds * exp_f64(good ? spread : 0.0);                                         \
@@ -623,8 +676,8 @@ static inline double clamp_f64(double v, double low, double high) {
                 exp_sum[l] += ev;                                                                \
             }                                                                                    \
         }                                                                                        \
-        double pending = 0.0;                                                                    \
-        _Pragma("omp simd reduction(+ : pending)")                                               \
+        double pending = 0.0, wide = 0.0, counted[LANES];                                        \
+        _Pragma("omp simd reduction(+ : pending, wide)")                                         \
         for (int l = 0; l < LANES; ++l) {                                                        \
             double bound = budget[l] / (double)exp_sum[l]; /* F(bound) < k (σ(z) < eᶻ) */        \
             double start = bound * (live[l] / (live[l] - budget[l])); /* F(start) ≤ k (Jensen) */ \
@@ -632,6 +685,16 @@ static inline double clamp_f64(double v, double low, double high) {
             start = start < hi[l] ? start : hi[l];                                               \
             c[l] = ok[l] != 0.0 ? start : 1.0;                                                   \
             pending += 1.0 - done[l];                                                            \
+            wide += ok[l] != 0.0 && width[l] > TILE_SOFT ? 1.0 : 0.0;                            \
+        }                                                                                        \
+        if (wide > 0.0) { /* c = e^{w_max − t}, inside the bracket */                            \
+            tile_count_start_##SUFFIX(xt, n, sc, w_top, width, budget, live, counted);           \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                double from_count = exp_f64(-counted[l]);                                        \
+                from_count = from_count > lo[l] ? (from_count < hi[l] ? from_count : hi[l]) : lo[l]; \
+                c[l] = ok[l] != 0.0 && width[l] > TILE_SOFT ? from_count : c[l];                 \
+            }                                                                                    \
         }                                                                                        \
         const T huge = (T)ldexp(1.0, EXP_CUT), tiny = (T)ldexp(1.0, -EXP_CUT);                   \
         for (int pass = 0; pending > 0.0; ++pass) {                                              \
@@ -678,6 +741,38 @@ static inline double clamp_f64(double v, double low, double high) {
         for (int l = 0; l < LANES; ++l) /* (solve_row overwrites the rows not solved here) */    \
             status[l] = ok[l] != 0.0 ? 0 : solve_row_##SUFFIX(x + l * n, out + l * n, n, k[l], inv_tau); \
     }                                                                                            \
+                                                                                                 \
+    /* vjp_row for LANES short rows at once (rows r = 0..LANES−1 of p, g and out, each n long):  \
+       the sums of every row in one pass over the tile, lane by lane, so that no row pays a      \
+       reduction's latency on its own.  Writes c per row to cs[0..LANES). */                     \
+    static void vjp_tile_##SUFFIX(const T *g, const T *p, T *out, T *cs, int64_t n,              \
+                                  double inv_tau) {                                              \
+        T sum_v[LANES], sum_gv[LANES], c[LANES];                                                 \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            sum_v[l] = 0;                                                                        \
+            sum_gv[l] = 0;                                                                       \
+        }                                                                                        \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                T q = p[l * n + i], v = q * ((T)1 - q);                                          \
+                sum_v[l] += v;                                                                   \
+                sum_gv[l] += g[l * n + i] * v;                                                   \
+            }                                                                                    \
+        }                                                                                        \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            c[l] = sum_v[l] > 0 ? sum_gv[l] / sum_v[l] : (T)0;                                   \
+            cs[l] = c[l];                                                                        \
+        }                                                                                        \
+        const T scale = (T)inv_tau;                                                              \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            const T *gl = g + l * n, *pl = p + l * n;                                            \
+            T *ol = out + l * n;                                                                 \
+            const T cl = c[l];                                                                   \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t i = 0; i < n; ++i) ol[i] = pl[i] * ((T)1 - pl[i]) * (gl[i] - cl) * scale; \
+        }                                                                                        \
+    }                                                                                            \
     /* grad_x = v⊙(g − c)/τ with c = Σ g·v / Σ v (0 for a saturated row); returns c. */          \
     static double vjp_row_##SUFFIX(const T *g, const T *p, T *out, int64_t n, double inv_tau) {  \
         double sum_v = 0.0, sum_gv = 0.0;                                                        \
@@ -720,13 +815,25 @@ typedef struct {
     double k, inv_tau;
 } Job;
 
-/* Solve rows [*row, row_end) LANES at a time while whole tiles remain (short rows only). */
+/* Solve (or differentiate) rows [*row, row_end) LANES at a time while whole tiles remain
+   (short rows only). */
 static void run_tiles(const Job *job, int64_t *row) {
-    if (job->op > 1 || job->n > SHORT_ROW || job->n < 1) return;
+    if (job->n > (job->op > 1 ? SHORT_VJP_ROW : SHORT_ROW) || job->n < 1) return;
     for (; *row + LANES <= job->row_end; *row += LANES) {
+        int64_t offset = *row * job->n;
+        if (job->op > 1) {
+            if (job->op == 2)
+                vjp_tile_f32((const float *)job->a + offset, (const float *)job->b + offset,
+                             (float *)job->out + offset, (float *)job->aux + *row, job->n,
+                             job->inv_tau);
+            else
+                vjp_tile_f64((const double *)job->a + offset, (const double *)job->b + offset,
+                             (double *)job->out + offset, (double *)job->aux + *row, job->n,
+                             job->inv_tau);
+            continue;
+        }
         double k[LANES];
         for (int l = 0; l < LANES; ++l) k[l] = job->budgets ? job->budgets[*row + l] : job->k;
-        int64_t offset = *row * job->n;
         int32_t *status = (int32_t *)job->aux + *row;
         if (job->op == 0)
             solve_tile_f32((const float *)job->a + offset, (float *)job->out + offset, status,
