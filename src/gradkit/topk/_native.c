@@ -45,6 +45,11 @@
 #define COUNT_THRESHOLDS 7 /* cuts per counting pass of a wide row's start (see count_start) */
 #define MAX_COUNT_PASSES 8  /* … which narrow its bracket at most 8⁸-fold */
 #define START_WIDTH 2.0     /* … down to this many units of τ */
+#define TOP_LIST 16 /* wide rows of budgets below 15 start from a list of their top entries, */
+#define TOP_SHARE 256 /* … when they hold this many entries per listed one (else count_start) */
+#define NEAR_ROW 512 /* wide rows this long iterate on the entries near the root only … */
+#define NEAR_MARGIN 4.0 /* … while the threshold stays within this many τ below its start, */
+#define NEAR_SHARE 0.25 /* … if at most this share of the entries is near */
 #define SHORT_ROW 128 /* rows this short are solved LANES at a time, one per vector lane */
 #define LANES 8
 #define SHORT_VJP_ROW 32 /* (longer rows read a tile no faster than row by row) */
@@ -316,47 +321,139 @@ static inline double clamp_f64(double v, double low, double high) {
        a bisection (geometric: the midpoint in t).  Stops when the mass is within                \
        8·eps·max(k, 1) of k, or after a step with |δ|³ ≤ tol_step (the two-tail step's error     \
        is ≲ |δ|³/4).  Returns 3 if the bracket collapses onto a jump of F (ties at the           \
-       resolution limit straddle the root: the torch path blends them) or after MAX_PASSES. */   \
+       resolution limit straddle the root: the torch path blends them) or after *passes          \
+       passes.  `far` > 0 (inverted form only): e holds only the entries near the root, and      \
+       the others, far below it, weigh p ≈ v ≈ far/c (see newton_near); returns 4, with *scale   \
+       the current c, when c falls below `limit`, where that no longer holds.  On return,        \
+       *passes is the number of passes made. */                                                  \
     static int newton_##SUFFIX(const T *e, int64_t n, int inverted, double budget,               \
-                               double *scale, double lo, double hi, double tol_step) {           \
+                               double *scale, double lo, double hi, double tol_step,             \
+                               double far, double limit, int *passes) {                          \
         const double tol_mass = 8.0 * EPS * (budget > 1.0 ? budget : 1.0);                       \
+        const int max_passes = *passes;                                                          \
         double c = *scale;                                                                       \
-        for (int pass = 0;; ++pass) {                                                            \
-            if (pass == MAX_PASSES) return 3;                                                    \
+        int status = 0, pass = 0;                                                                \
+        for (;; ++pass) {                                                                        \
+            if (pass == max_passes) { status = 3; break; }                                       \
+            if (far > 0.0 && c < limit) { status = 4; break; }                                   \
             double mass, slope, upper;                                                           \
             evaluate_##SUFFIX(e, n, c, inverted, &mass, &slope, &upper);                         \
+            mass += far / c;                                                                     \
+            slope += far / c;                                                                    \
             double excess = mass - budget;                                                       \
             if (fabs(excess) <= tol_mass) break;                                                 \
             if ((excess > 0) != inverted) hi = c; else lo = c;                                   \
             double y = two_tail_##SUFFIX(excess, slope, upper);                                  \
             double next = inverted ? c * y : c / y;                                              \
             if (!(next > lo && next < hi)) { /* outside the bracket (or NaN): bisect */          \
-                if (hi - lo <= 4.0 * EPS * hi) return 3; /* collapsed: the torch path */         \
+                if (hi - lo <= 4.0 * EPS * hi) { status = 3; break; } /* collapsed: torch path */ \
                 c = sqrt(lo * hi);                                                               \
                 continue;                                                                        \
             }                                                                                    \
             if (next == c) break; /* below the resolution of c */                                \
             c = next;                                                                            \
             double change = fabs(y - 1.0);                                                       \
-            if (change * change * change <= tol_step) break;                                     \
+            if (change * change * change <= tol_step) { ++pass; break; }                         \
         }                                                                                        \
         *scale = c;                                                                              \
-        return 0;                                                                                \
+        *passes = pass;                                                                          \
+        return status;                                                                           \
+    }                                                                                            \
+                                                                                                 \
+    /* Long wide rows: newton() (inverted form, G_i = e^{t₀ − w_i} in e) on the entries near t₀  \
+       only.  An entry with G_i > e^{NEAR_MARGIN + tail} (w_i more than that many τ below t₀)    \
+       has y = cG_i ≥ e^{tail} while c ≥ e^{−NEAR_MARGIN} (t no more than NEAR_MARGIN τ below    \
+       t₀), so p_i = 1/(1 + y) = (1/y)(1 − O(e^{−tail})) and v_i = p_i(1 − p_i) likewise: those  \
+       entries weigh far/c in F and in its slope, far = Σ 1/G_i summed once, to a relative       \
+       error below e^{−tail} = eps/8.  The near entries are copied out (most rows of a small     \
+       budget keep few), and the passes run over them alone; if c leaves the region where that   \
+       holds, newton() continues on every entry.  At most MAX_PASSES passes in all. */           \
+    static int newton_near_##SUFFIX(const T *e, int64_t n, double budget, double *scale,         \
+                                    double lo, double hi, double tol_step) {                     \
+        int passes = 0;                                                                          \
+        T *near = n >= NEAR_ROW ? (T *)malloc((size_t)n * sizeof(T)) : NULL;                     \
+        if (near != NULL) {                                                                      \
+            const T cut = (T)exp_f64(NEAR_MARGIN + log(8.0 / EPS));                              \
+            double far = 0.0, count = 0.0;                                                       \
+            for (int64_t start = 0; start < n; start += BLOCK) {                                 \
+                int64_t stop = start + BLOCK < n ? start + BLOCK : n;                            \
+                T block = 0, kept = 0;                                                           \
+                _Pragma("omp simd reduction(+ : block, kept)")                                   \
+                for (int64_t i = start; i < stop; ++i) {                                         \
+                    block += e[i] > cut ? (T)1 / e[i] : (T)0;                                    \
+                    kept += (T)(e[i] <= cut);                                                    \
+                }                                                                                \
+                far += block;                                                                    \
+                count += kept;                                                                   \
+            }                                                                                    \
+            int status = 4;                                                                      \
+            if (count <= NEAR_SHARE * (double)n) { /* (else the copy would not pay) */           \
+                int64_t kept = 0;                                                                \
+                for (int64_t i = 0; i < n; ++i) { /* branch-free: kept entries are scattered */  \
+                    near[kept] = e[i];                                                           \
+                    kept += e[i] <= cut;                                                         \
+                }                                                                                \
+                passes = MAX_PASSES;                                                             \
+                status = newton_##SUFFIX(near, kept, 1, budget, scale, lo, hi, tol_step,         \
+                                         far > 0.0 ? far : 1e-300, exp_f64(-NEAR_MARGIN), &passes); \
+            }                                                                                    \
+            free(near);                                                                          \
+            if (status != 4) return status;                                                      \
+        }                                                                                        \
+        passes = MAX_PASSES - passes;                                                            \
+        return newton_##SUFFIX(e, n, 1, budget, scale, lo, hi, tol_step, 0.0, 0.0, &passes);     \
+    }                                                                                            \
+                                                                                                 \
+    /* For budgets with m = ⌊budget⌋ < TOP_LIST: w_(m+1) and w_(m) (the start of                 \
+       solve_wide_row, as count_start) from a sorted list of the m + 1 largest live w, built in  \
+       one scan.  A block whose largest w cannot enter the full list is skipped after a          \
+       vectorised max, so that on most rows few entries reach the (branchy) insertion. */        \
+    static double top_start_##SUFFIX(const T *x, int64_t n, T sc, double budget) {               \
+        const T minus_inf = -(T)INFINITY;                                                        \
+        const int64_t m = (int64_t)floor(budget), capacity = m + 1;                              \
+        T top[TOP_LIST];                                                                         \
+        int64_t size = 0;                                                                        \
+        for (int64_t start = 0; start < n; start += BLOCK) {                                     \
+            int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
+            if (size == capacity) {                                                              \
+                T high = minus_inf;                                                              \
+                _Pragma("omp simd reduction(max : high)")                                        \
+                for (int64_t i = start; i < stop; ++i) {                                         \
+                    T w = x[i] == minus_inf ? minus_inf : x[i] * sc; /* (−inf·s: +inf if s < 0) */ \
+                    high = w > high ? w : high;                                                  \
+                }                                                                                \
+                if (!(high > top[size - 1])) continue;                                           \
+            }                                                                                    \
+            for (int64_t i = start; i < stop; ++i) {                                             \
+                if (x[i] == minus_inf) continue;                                                 \
+                T w = x[i] * sc;                                                                 \
+                if (size == capacity && !(w > top[size - 1])) continue;                          \
+                int64_t j = size < capacity ? size++ : capacity - 1;                             \
+                for (; j > 0 && top[j - 1] < w; --j) top[j] = top[j - 1];                        \
+                top[j] = w;                                                                      \
+            }                                                                                    \
+        }                                                                                        \
+        double fraction = budget - (double)m, below = (double)top[m];                            \
+        return fraction == 0.0 ? 0.5 * ((double)top[m - 1] + below)                              \
+                               : below - log(fraction / (1.0 - fraction));                       \
     }                                                                                            \
                                                                                                  \
     /* Rows spanning more than SPREAD_LIMIT·τ (small temperatures): most entries saturate,       \
        the log-sum-exp start lands plateaus away from the root, and e^{w − w_max} underflows.    \
-       Start instead from order statistics (count_start, or a quickselect for the rows it        \
-       cannot resolve), store G_i = e^{t₀ − w_i} (clamped to the exp range: entries beyond       \
-       it stay saturated) and solve for c = e^{t − t₀} in the bracket                            \
-       [w_min − logit(k/n), w_max − logit(k/n)] of t, clamped to that range. */                  \
+       Start instead from order statistics (top_start for small budgets of long rows, else       \
+       count_start, or a quickselect for the rows it cannot resolve), store G_i = e^{t₀ − w_i}   \
+       (clamped to the exp range: entries beyond it stay saturated) and solve for c = e^{t − t₀} \
+       (newton_near) in the bracket [w_min − logit(k/n), w_max − logit(k/n)] of t, clamped to    \
+       that range. */                                                                            \
     static int solve_wide_row_##SUFFIX(const T *x, T *out, int64_t n, int64_t live,              \
                                        double scale, double budget, int flipped,                 \
                                        double w_min, double w_max) {                             \
         const T sc = (T)scale, minus_inf = -(T)INFINITY;                                         \
         const int masked = live < n;                                                             \
         double t;                                                                                \
-        if (!count_start_##SUFFIX(x, n, live, masked, sc, budget, (T)w_min, (T)w_max, &t)) {     \
+        if (budget < TOP_LIST - 1 && (floor(budget) + 1.0) * TOP_SHARE <= (double)n) {          \
+            t = top_start_##SUFFIX(x, n, sc, budget);                                            \
+        } else if (!count_start_##SUFFIX(x, n, live, masked, sc, budget, (T)w_min, (T)w_max, &t)) { \
             /* The (m+1)-th largest w (and the m-th) by a quickselect of the live entries. */    \
             int64_t m = (int64_t)floor(budget), candidates = 0;                                  \
             double fraction = budget - (double)m;                                                \
@@ -385,7 +482,7 @@ static inline double clamp_f64(double v, double low, double high) {
         hi = clamp_f64(hi, c_min, c_max);                                                        \
         double c = 1.0;                                                                          \
         double tol_step = 4.0 * EPS * (fabs(t0) > 1.0 ? fabs(t0) : 1.0);                         \
-        if (newton_##SUFFIX(out, n, 1, budget, &c, lo, hi, tol_step)) return 3;                  \
+        if (newton_near_##SUFFIX(out, n, budget, &c, lo, hi, tol_step)) return 3;                \
         write_##SUFFIX(out, x, masked, n, c, 1, flipped);                                        \
         return 0;                                                                                \
     }                                                                                            \
@@ -510,7 +607,9 @@ static inline double clamp_f64(double v, double low, double high) {
         double c = budget / exp_sum;                                                             \
         if (c > lo) lo = c;                                                                      \
         if (c > hi) c = hi;                                                                      \
-        if (newton_##SUFFIX(out, n, 0, budget, &c, lo, hi, 4.0 * EPS)) return 3;                 \
+        int passes = MAX_PASSES;                                                                 \
+        if (newton_##SUFFIX(out, n, 0, budget, &c, lo, hi, 4.0 * EPS, 0.0, 0.0, &passes))        \
+            return 3;                                                                            \
         write_##SUFFIX(out, x, masked, n, c, 0, flipped);                                        \
         return 0;                                                                                \
     }                                                                                            \
