@@ -177,6 +177,35 @@ def test_short_row_vjp_matches_the_differentiable_formula(n, dtype):
     assert bool((fused[0][4] == 0).all()) and fused[1][4].item() == 0.0
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [5, 16, 64])
+def test_plus_inf_entries_inside_a_tile_are_solved_like_the_torch_path(n, dtype):
+    # Rows with 1–3 entries at +inf (some also masked by −inf) in tiles: the +inf entries take
+    # k/m each (at most 1), the finite ones share what is left, per-row budgets on both sides
+    # of m and of the live count.
+    x = (seeded_randn(ROWS, n, seed=2 * n) * torch.tensor(SPREADS * 3)[:ROWS, None]).to(dtype)
+    for row in range(ROWS):
+        x[row, [(row + j) % n for j in range(1 + row % 3)]] = math.inf
+        if row % 4 == 1 and n > 4:
+            x[row, (row + 3) % n] = -math.inf
+    plus = (x == math.inf).sum(-1).double()
+    live = (x > -math.inf).sum(-1).double()
+    share = torch.tensor([0.5, 1.0, 1.5, 0.3, 0.7, 0.95, 1.0] * 3, dtype=torch.float64)[:ROWS]
+    k = torch.minimum(plus + (live - plus) * share - 0.25 * (share == 0.5), live)
+    p, status = _native.solve(x, k, 1.0)
+    assert status.tolist() == [0] * ROWS
+    with _native.disabled():
+        expected = _solve.solve_soft_topk(x, k.to(dtype), 1.0)
+    torch.testing.assert_close(
+        p.double(),
+        expected.double(),
+        rtol=0,
+        atol=64 * float(_tolerance(x.nan_to_num(0, 0, 0), 1.0).max()),
+    )
+    assert bool((p[x == -math.inf] == 0).all())
+
+
 # ------------------------------------------------------------------ sparse_topk, short rows
 # Wide rows (spread > 2τ) of up to SPARSE_SHORT = 512 entries start from the all-free root
 # instead of a quickselected sample; longer ones keep the sample.

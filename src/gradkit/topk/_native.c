@@ -671,7 +671,7 @@ static inline double clamp_f64(double v, double low, double high) {
             _Pragma("omp simd")                                                                  \
             for (int l = 0; l < LANES; ++l) {                                                    \
                 T v = xt[i * LANES + l];                                                         \
-                z[l] = v == minus_inf ? minus_inf : v * sc[l] - w_top[l]; /* (−inf·s: +inf if s < 0) */ \
+                z[l] = v - v == 0 ? v * sc[l] - w_top[l] : minus_inf; /* (finite v) */           \
             }                                                                                    \
             for (int j = 0; j < COUNT_THRESHOLDS; ++j) {                                         \
                 _Pragma("omp simd")                                                              \
@@ -706,23 +706,26 @@ static inline double clamp_f64(double v, double low, double high) {
        arithmetic (a sqrt and divides per pass) overlaps instead of forming one latency chain    \
        per row; the per-lane bookkeeping is branch-free too (0/1 masks held as doubles), so      \
        that it vectorises and no lane's branch is mispredicted.  The start is the log-sum-exp    \
-       bound scaled by live/(live − k): since σ(cE)/(1 + cE) is concave in E, Jensen gives       \
-       F(c₀) ≤ n·σ-mass of the mean entry = k, so c₀ stays left of the root, and it is exact     \
-       for equal entries.  Rows spanning up to TILE_SPREAD·τ are solved here.  Rows the direct   \
-       form does not cover (NaN or +inf entries, k ≤ 0 or ≥ the live count, exact ties, |x/τ|    \
-       too large, wider rows) or that do not converge here are solved by solve_row itself, so    \
-       the results keep its contract.  Budgets k[0..LANES). */                                   \
+       bound scaled by live/(live − k): p = cE/(1 + cE) is concave in E, so by Jensen F(c₀) is   \
+       at most live times the p of the mean E, which is k: c₀ stays left of the root, and is     \
+       exact for equal entries.  Rows wider than TILE_SOFT·τ start from counts instead           \
+       (tile_count_start); rows spanning up to TILE_SPREAD·τ are solved here.  m > 0 entries     \
+       at +inf take 1 each and the finite ones share k − m (as solve_positive_row).  Rows the    \
+       direct form does not cover (NaN entries, k ≤ m, k − m ≤ 0 or ≥ the live count, exact      \
+       ties, |x/τ| too large, wider rows) or that do not converge here are solved by solve_row   \
+       itself, so the results keep its contract.  Budgets k[0..LANES). */                        \
     static void solve_tile_##SUFFIX(const T *x, T *out, int32_t *status, int64_t n,              \
                                     const double *k, double inv_tau) {                           \
         T xt[SHORT_ROW * LANES], e[SHORT_ROW * LANES];                                           \
         const T minus_inf = -(T)INFINITY, plus_inf = (T)INFINITY;                                \
         for (int64_t i = 0; i < n; ++i)                                                          \
             for (int l = 0; l < LANES; ++l) xt[i * LANES + l] = x[l * n + i];                    \
-        T top[LANES], bottom[LANES], minus[LANES], bad[LANES];                                   \
+        T top[LANES], bottom[LANES], minus[LANES], plus[LANES], bad[LANES];                      \
         for (int l = 0; l < LANES; ++l) {                                                        \
             top[l] = minus_inf;                                                                  \
             bottom[l] = plus_inf;                                                                \
             minus[l] = 0;                                                                        \
+            plus[l] = 0;                                                                         \
             bad[l] = 0;                                                                          \
         }                                                                                        \
         for (int64_t i = 0; i < n; ++i) {                                                        \
@@ -734,7 +737,8 @@ static inline double clamp_f64(double v, double low, double high) {
                 top[l] = high > top[l] ? high : top[l];                                          \
                 bottom[l] = low < bottom[l] ? low : bottom[l];                                   \
                 minus[l] += (T)(v == minus_inf);                                                 \
-                bad[l] += (T)((v != v) | (v == plus_inf));                                       \
+                plus[l] += (T)(v == plus_inf);                                                   \
+                bad[l] += (T)(v != v);                                                           \
             }                                                                                    \
         }                                                                                        \
         double ok[LANES], flipped[LANES], done[LANES], budget[LANES], live[LANES], c[LANES];     \
@@ -742,7 +746,9 @@ static inline double clamp_f64(double v, double low, double high) {
         T sc[LANES], w_top[LANES], cl[LANES], exp_sum[LANES];                                    \
         _Pragma("omp simd")                                                                      \
         for (int l = 0; l < LANES; ++l) {                                                        \
-            double count = (double)n - (double)minus[l], kk = k[l];                              \
+            /* (+inf entries take 1 each: the finite ones share k − their count) */              \
+            double count = (double)n - (double)minus[l] - (double)plus[l];                       \
+            double kk = k[l] - (double)plus[l];                                                  \
             double x_max = (double)top[l], x_min = (double)bottom[l];                            \
             double spread = (x_max - x_min) * inv_tau;                                           \
             int flip = kk > 0.5 * count;                                                         \
@@ -769,7 +775,7 @@ static inline double clamp_f64(double v, double low, double high) {
             _Pragma("omp simd")                                                                  \
             for (int l = 0; l < LANES; ++l) {                                                    \
                 T v = xt[i * LANES + l];                                                         \
-                T ev = v == minus_inf ? (T)0 : EXP(v * sc[l] - w_top[l]);                        \
+                T ev = v - v == 0 ? EXP(v * sc[l] - w_top[l]) : (T)0; /* (finite v) */           \
                 ev = ok[l] != 0.0 ? ev : (T)0;                                                   \
                 e[i * LANES + l] = ev;                                                           \
                 exp_sum[l] += ev;                                                                \
@@ -834,7 +840,8 @@ static inline double clamp_f64(double v, double low, double high) {
                 T r = (T)1 / ((T)1 + y);                                                         \
                 T other = y < big ? y * r : (T)1;                                                \
                 T value = flipped[l] != 0.0 ? r : other;                                         \
-                out[l * n + i] = xt[i * LANES + l] == minus_inf ? (T)0 : value;                  \
+                T v = xt[i * LANES + l];                                                         \
+                out[l * n + i] = v == minus_inf ? (T)0 : (v == plus_inf ? (T)1 : value);         \
             }                                                                                    \
         }                                                                                        \
         for (int l = 0; l < LANES; ++l) /* (solve_row overwrites the rows not solved here) */    \
