@@ -55,7 +55,6 @@
 #define SHORT_VJP_ROW 32 /* (longer rows read a tile no faster than row by row) */
 #define TILE_SPREAD 80.0 /* … when they span at most this many τ (e^−80 is still normal) */
 #define TILE_SOFT 6.0 /* … and start from counts above cuts when wider than this */
-#define TILE_REACH 40.0 /* the root of a tile row wider than TILE_SPREAD·τ: within this of its start */
 
 /* ------------------------------------------------------------------ vectorisable exp */
 
@@ -654,72 +653,52 @@ static inline double clamp_f64(double v, double low, double high) {
                                                                                                  \
     /* A start for the lanes of a tile whose rows span more than TILE_SOFT·τ, where most entries \
        saturate, F(t) is close to the count of entries above t, and the Jensen start lies far    \
-       from the root: count the live entries above COUNT_THRESHOLDS cuts evenly spaced in an     \
-       interval (a, b] (at first [w_min, w_max]) with count(a) ≥ budget > count(b), narrow it    \
-       to the two cuts around the budget, and repeat (at most `passes` times) while a lane's     \
-       interval is wider than START_WIDTH; then interpolate the count linearly inside it.        \
-       Returns t − w_max per lane (in units of τ) in start[l]. */                                \
+       from the root: count the live entries above COUNT_THRESHOLDS cuts evenly spaced in        \
+       [w_min, w_max] and interpolate the count linearly between the two cuts around the         \
+       budget.  Returns t − w_max per lane (in units of τ) in start[l]. */                       \
     static void tile_count_start_##SUFFIX(const T *xt, int64_t n, const T *sc, const T *w_top,   \
                                           const double *width, const double *budget,             \
-                                          const double *live, int passes, double *start) {       \
+                                          const double *live, double *start) {                   \
         const T minus_inf = -(T)INFINITY;                                                        \
-        double a[LANES], b[LANES], at_a[LANES], at_b[LANES];                                     \
-        for (int l = 0; l < LANES; ++l) {                                                        \
-            a[l] = -width[l];                                                                    \
-            b[l] = 0.0;                                                                          \
-            at_a[l] = live[l];                                                                   \
-            at_b[l] = 0.0;                                                                       \
-        }                                                                                        \
-        for (int pass = 0; pass < passes; ++pass) {                                              \
-            double widest = 0.0;                                                                 \
-            for (int l = 0; l < LANES; ++l) widest = b[l] - a[l] > widest ? b[l] - a[l] : widest;\
-            if (widest <= START_WIDTH) break;                                                    \
-            T cut[COUNT_THRESHOLDS][LANES], count[COUNT_THRESHOLDS][LANES];                      \
-            for (int j = 0; j < COUNT_THRESHOLDS; ++j)                                           \
-                for (int l = 0; l < LANES; ++l) {                                                \
-                    cut[j][l] = (T)(b[l] - (j + 1) * ((b[l] - a[l]) / (COUNT_THRESHOLDS + 1)));  \
-                    count[j][l] = 0;                                                             \
-                }                                                                                \
-            for (int64_t i = 0; i < n; ++i) {                                                    \
-                T z[LANES];                                                                      \
-                _Pragma("omp simd")                                                              \
-                for (int l = 0; l < LANES; ++l) {                                                \
-                    T v = xt[i * LANES + l];                                                     \
-                    z[l] = v - v == 0 ? v * sc[l] - w_top[l] : minus_inf; /* (finite v) */       \
-                }                                                                                \
-                for (int j = 0; j < COUNT_THRESHOLDS; ++j) {                                     \
-                    _Pragma("omp simd")                                                          \
-                    for (int l = 0; l < LANES; ++l) count[j][l] += (T)(z[l] > cut[j][l]);        \
-                }                                                                                \
+        T cut[COUNT_THRESHOLDS][LANES], count[COUNT_THRESHOLDS][LANES];                          \
+        for (int j = 0; j < COUNT_THRESHOLDS; ++j)                                               \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                cut[j][l] = (T)(-(j + 1) * width[l] / (COUNT_THRESHOLDS + 1));                   \
+                count[j][l] = 0;                                                                 \
             }                                                                                    \
-            double found[LANES], upper[LANES], at_upper[LANES];                                  \
-            for (int l = 0; l < LANES; ++l) { /* (upper, b] holds no crossing so far */          \
-                found[l] = 0.0;                                                                  \
-                upper[l] = b[l];                                                                 \
-                at_upper[l] = at_b[l];                                                           \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            T z[LANES];                                                                          \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                T v = xt[i * LANES + l];                                                         \
+                z[l] = v - v == 0 ? v * sc[l] - w_top[l] : minus_inf; /* (finite v) */           \
             }                                                                                    \
             for (int j = 0; j < COUNT_THRESHOLDS; ++j) {                                         \
                 _Pragma("omp simd")                                                              \
-                for (int l = 0; l < LANES; ++l) {                                                \
-                    double here_cut = (double)cut[j][l], here_count = (double)count[j][l];       \
-                    int here = (found[l] == 0.0) & (here_count >= budget[l]);                    \
-                    b[l] = here ? upper[l] : b[l];                                               \
-                    at_b[l] = here ? at_upper[l] : at_b[l];                                      \
-                    a[l] = here ? here_cut : a[l];                                               \
-                    at_a[l] = here ? here_count : at_a[l];                                       \
-                    found[l] = here ? 1.0 : found[l];                                            \
-                    upper[l] = here_cut;                                                         \
-                    at_upper[l] = here_count;                                                    \
-                }                                                                                \
-            }                                                                                    \
-            for (int l = 0; l < LANES; ++l) { /* below the last cut: (a, last cut] */            \
-                b[l] = found[l] != 0.0 ? b[l] : upper[l];                                        \
-                at_b[l] = found[l] != 0.0 ? at_b[l] : at_upper[l];                               \
+                for (int l = 0; l < LANES; ++l) count[j][l] += (T)(z[l] > cut[j][l]);            \
             }                                                                                    \
         }                                                                                        \
-        _Pragma("omp simd")                                                                      \
-        for (int l = 0; l < LANES; ++l)                                                          \
-            start[l] = b[l] - (b[l] - a[l]) * ((budget[l] - at_b[l]) / (at_a[l] - at_b[l]));     \
+        double found[LANES], below[LANES], top[LANES];                                           \
+        for (int l = 0; l < LANES; ++l) { /* the interval (cut, top]: count(top) = below */      \
+            found[l] = 0.0;                                                                      \
+            below[l] = 0.0;                                                                      \
+            top[l] = 0.0;                                                                        \
+            start[l] = -width[l];                                                                \
+        }                                                                                        \
+        for (int j = 0; j <= COUNT_THRESHOLDS; ++j) {                                            \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                int last = j == COUNT_THRESHOLDS;                                                \
+                double above = last ? live[l] : (double)count[j < COUNT_THRESHOLDS ? j : 0][l];  \
+                double at = last ? -width[l] : (double)cut[j < COUNT_THRESHOLDS ? j : 0][l];     \
+                int here = (found[l] == 0.0) & (above >= budget[l]);                             \
+                double share = (budget[l] - below[l]) / (above - below[l]);                      \
+                start[l] = here ? top[l] + (at - top[l]) * share : start[l];                     \
+                found[l] = here ? 1.0 : found[l];                                                \
+                below[l] = above;                                                                \
+                top[l] = at;                                                                     \
+            }                                                                                    \
+        }                                                                                        \
     }                                                                                            \
                                                                                                  \
     /* Short rows (n ≤ SHORT_ROW), LANES at a time, one row per vector lane: the same solve as   \
@@ -730,10 +709,10 @@ static inline double clamp_f64(double v, double low, double high) {
        bound scaled by live/(live − k): p = cE/(1 + cE) is concave in E, so by Jensen F(c₀) is   \
        at most live times the p of the mean E, which is k: c₀ stays left of the root, and is     \
        exact for equal entries.  Rows wider than TILE_SOFT·τ start from counts instead           \
-       (tile_count_start), and those wider than TILE_SPREAD·τ a reference point.  m > 0 entries  \
+       (tile_count_start); rows spanning up to TILE_SPREAD·τ are solved here.  m > 0 entries     \
        at +inf take 1 each and the finite ones share k − m (as solve_positive_row).  Rows the    \
        direct form does not cover (NaN entries, k ≤ m, k − m ≤ 0 or ≥ the live count, exact      \
-       ties, |x/τ| too large) or that do not converge here are solved by solve_row               \
+       ties, |x/τ| too large, wider rows) or that do not converge here are solved by solve_row   \
        itself, so the results keep its contract.  Budgets k[0..LANES). */                        \
     static void solve_tile_##SUFFIX(const T *x, T *out, int32_t *status, int64_t n,              \
                                     const double *k, double inv_tau) {                           \
@@ -774,7 +753,8 @@ static inline double clamp_f64(double v, double low, double high) {
             double spread = (x_max - x_min) * inv_tau;                                           \
             int flip = kk > 0.5 * count;                                                         \
             int good = (bad[l] == 0) & (kk > 0.0) & (kk < count) & (x_max != x_min) &            \
-                       (fabs(x_max * inv_tau) <= (LIMIT)) & (fabs(x_min * inv_tau) <= (LIMIT));  \
+                       (fabs(x_max * inv_tau) <= (LIMIT)) & (fabs(x_min * inv_tau) <= (LIMIT)) & \
+                       (spread <= TILE_SPREAD);                                                  \
             double b = good ? (flip ? count - kk : kk) : 1.0;                                    \
             count = good ? count : 2.0;                                                          \
             ok[l] = good ? 1.0 : 0.0;                                                            \
@@ -789,49 +769,37 @@ static inline double clamp_f64(double v, double low, double high) {
             width[l] = good ? spread : 0.0;                                                      \
             double odds = b / (count - b);                                                       \
             lo[l] = odds;                                                                        \
-            hi[l] = odds * exp_f64(good ? (spread < TILE_SPREAD ? spread : TILE_SPREAD) : 0.0);  \
+            hi[l] = odds * exp_f64(good ? spread : 0.0);                                         \
         }                                                                                        \
-        /* Rows wider than TILE_SOFT·τ start from counts; those wider than TILE_SPREAD·τ also    \
-           take that start t₀ as their reference point, E_i = e^{w_i − t₀} (at most e^{LOG_MAX − 8}:\
-           entries further above stay saturated), and look for c = e^{t₀ − t} within e^{±TILE_REACH}\
-           (a root outside would collapse the bracket: solve_row takes that row). */             \
-        double counted[LANES], soft = 0.0, wide = 0.0;                                           \
-        for (int l = 0; l < LANES; ++l) {                                                        \
-            counted[l] = 0.0;                                                                    \
-            soft += ok[l] != 0.0 && width[l] > TILE_SOFT ? 1.0 : 0.0;                            \
-            wide += ok[l] != 0.0 && width[l] > TILE_SPREAD ? 1.0 : 0.0;                          \
-        }                                                                                        \
-        if (soft > 0.0)                                                                          \
-            tile_count_start_##SUFFIX(xt, n, sc, w_top, width, budget, live,                     \
-                                      wide > 0.0 ? MAX_COUNT_PASSES : 1, counted);               \
-        for (int l = 0; l < LANES; ++l)                                                          \
-            w_top[l] = width[l] > TILE_SPREAD ? (T)((double)w_top[l] + counted[l]) : w_top[l];   \
-        const T exp_top = (T)(LOG_MAX - 8.0);                                                    \
         for (int64_t i = 0; i < n; ++i) {                                                        \
             _Pragma("omp simd")                                                                  \
             for (int l = 0; l < LANES; ++l) {                                                    \
                 T v = xt[i * LANES + l];                                                         \
-                T z = v * sc[l] - w_top[l];                                                      \
-                T ev = v - v == 0 ? EXP(z < exp_top ? z : exp_top) : (T)0; /* (finite v) */      \
+                T ev = v - v == 0 ? EXP(v * sc[l] - w_top[l]) : (T)0; /* (finite v) */           \
                 ev = ok[l] != 0.0 ? ev : (T)0;                                                   \
                 e[i * LANES + l] = ev;                                                           \
                 exp_sum[l] += ev;                                                                \
             }                                                                                    \
         }                                                                                        \
-        double pending = 0.0;                                                                    \
-        _Pragma("omp simd reduction(+ : pending)")                                               \
+        double pending = 0.0, wide = 0.0, counted[LANES];                                        \
+        _Pragma("omp simd reduction(+ : pending, wide)")                                         \
         for (int l = 0; l < LANES; ++l) {                                                        \
             double bound = budget[l] / (double)exp_sum[l]; /* F(bound) < k (σ(z) < eᶻ) */        \
-            double start = bound * (live[l] / (live[l] - budget[l])); /* F(start) ≤ k (Jensen) */\
-            int counts = width[l] > TILE_SOFT, far = width[l] > TILE_SPREAD;                     \
-            double low = far ? exp_f64(-TILE_REACH) : lo[l], high = far ? exp_f64(TILE_REACH) : hi[l];\
-            low = bound > low ? bound : low;                                                     \
-            start = counts ? exp_f64(far ? 0.0 : -counted[l]) : start; /* c = e^{reference − t} */\
-            start = start > low ? (start < high ? start : high) : low;                           \
-            lo[l] = low;                                                                         \
-            hi[l] = high;                                                                        \
+            double start = bound * (live[l] / (live[l] - budget[l])); /* F(start) ≤ k (Jensen) */ \
+            lo[l] = bound > lo[l] ? bound : lo[l];                                               \
+            start = start < hi[l] ? start : hi[l];                                               \
             c[l] = ok[l] != 0.0 ? start : 1.0;                                                   \
             pending += 1.0 - done[l];                                                            \
+            wide += ok[l] != 0.0 && width[l] > TILE_SOFT ? 1.0 : 0.0;                            \
+        }                                                                                        \
+        if (wide > 0.0) { /* c = e^{w_max − t}, inside the bracket */                            \
+            tile_count_start_##SUFFIX(xt, n, sc, w_top, width, budget, live, counted);           \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                double from_count = exp_f64(-counted[l]);                                        \
+                from_count = from_count > lo[l] ? (from_count < hi[l] ? from_count : hi[l]) : lo[l]; \
+                c[l] = ok[l] != 0.0 && width[l] > TILE_SOFT ? from_count : c[l];                 \
+            }                                                                                    \
         }                                                                                        \
         const T huge = (T)ldexp(1.0, EXP_CUT), tiny = (T)ldexp(1.0, -EXP_CUT);                   \
         for (int pass = 0; pending > 0.0; ++pass) {                                              \
