@@ -156,6 +156,21 @@ def test_short_rows_match_the_reference_for_every_budget(n, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    ("spread", "dtype"),
+    # (float32 at |x/τ| ~ 1e5 resolves θ to ~0.03: the mass check would not hold)
+    [(100.0, torch.float32), (1000.0, torch.float32), (100.0, torch.float64), (1e5, torch.float64)],
+)
+@pytest.mark.parametrize("n", [2, 16, 64, 128])
+def test_wide_short_rows_match_the_reference_for_every_budget(n, spread, dtype):
+    # Rows far wider than a tile takes (TILE_SPREAD·τ), in tiles: each goes to the per-row
+    # (order statistics) path; every integer budget, and half-integers around the middle.
+    x = (seeded_randn(ROWS, n, seed=3 * n + 1) * spread).to(dtype)
+    for k in [*range(1, n), n / 2 + 0.5, max(n / 2 - 0.5, 0.5)]:
+        _check_against_reference(x, torch.full((ROWS,), float(k), dtype=torch.float64), 1.0)
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [1, 2, 5, 16, 31, 32, 33])
 def test_short_row_vjp_matches_the_differentiable_formula(n, dtype):
