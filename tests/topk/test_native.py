@@ -360,3 +360,47 @@ def test_kernel_float32_matches_the_float64_reference(spread, n):
         theta_ulp = torch.finfo(torch.float32).eps * max(1.0, float(x.abs().max()))
         expected = reference_soft_topk(x.double(), k)
         torch.testing.assert_close(p.double(), expected, rtol=0, atol=16 * theta_ulp + 1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [600, 5000])
+@pytest.mark.parametrize("spread", [10.0, 60.0])
+def test_long_wide_rows_of_small_budgets_match_the_reference(n, spread, dtype):
+    # Wide rows of small budgets start from a list of their top entries (budgets < 15 in
+    # long enough rows) and iterate on the entries near the root only (rows of ≥ 512): every
+    # budget near those limits, flipped budgets (n − k) and masked entries.
+    x = seeded_randn(3, n, seed=n + int(spread), dtype=torch.float64) * spread
+    # θ to the dtype's resolution at the scale of x, and the reference's own rounding of a
+    # mass of n terms (which matters for the budgets n − k).
+    theta_ulp = torch.finfo(dtype).eps * float(x.abs().max())
+    tolerance = 16 * theta_ulp + 4 * n * torch.finfo(torch.float64).eps
+    for k in [1.0, 1.5, 2.0, 13.75, 14.0, 20.0, n - 2.0]:
+        p, status = _native.solve(x.to(dtype), k, 1.0)
+        assert bool((status == 0).all()), (k, status.tolist())
+        expected = reference_soft_topk(x.to(dtype).double(), k)
+        torch.testing.assert_close(p.double(), expected, rtol=0, atol=tolerance)
+    live = torch.arange(n) % 3 != 0
+    masked = torch.where(live, x, -math.inf)
+    for k in [2.0, 14.5]:
+        p, status = _native.solve(masked.to(dtype), k, 1.0)
+        assert bool((status == 0).all()), (k, status.tolist())
+        expected = reference_soft_topk(x[:, live].to(dtype).double(), k)
+        torch.testing.assert_close(p[:, live].double(), expected, rtol=0, atol=tolerance)
+        assert bool((p[:, ~live] == 0).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1.001, 5.01, 14.001])
+def test_long_wide_rows_whose_root_lies_far_below_the_start(k, dtype):
+    # 15 tied top entries: the start from the (m+1)-th largest lies ≥ 4·τ above the root, so
+    # the iteration on the entries near the start gives way to one on every entry.
+    n = 2000
+    x = seeded_randn(2, n, seed=11, dtype=torch.float64) * 10 - 60
+    x[:, :15] = 0.0
+    p, status = _native.solve(x.to(dtype), k, 1.0)
+    assert bool((status == 0).all())
+    expected = reference_soft_topk(x, k)
+    tolerance = 64 * torch.finfo(dtype).eps * 100
+    torch.testing.assert_close(p.double(), expected, rtol=0, atol=tolerance)

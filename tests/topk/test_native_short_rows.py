@@ -15,6 +15,7 @@ import pytest
 import torch
 from support import seeded_randn
 
+from gradkit import soft_topk
 from gradkit.topk import _native, _solve
 from gradkit.topk.reference import sparse_topk_reference
 
@@ -139,6 +140,85 @@ def test_special_rows_inside_a_tile_are_solved_like_the_torch_path(n, dtype):
     assert torch.equal(p.isnan(), expected.isnan())
     assert bool((p[3] == 0).all())
     assert torch.equal(p[5], torch.full((n,), 0.5, dtype=dtype))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [3, 16, 41, 64])
+def test_short_rows_match_the_reference_for_every_budget(n, dtype):
+    # Every integer budget (and one off-integer) with one budget for all rows, on rows whose
+    # spreads cover both starts of a tile (log-sum-exp below TILE_SOFT·τ, counts above it)
+    # and rows too wide for a tile (the per-row path).
+    scales = torch.tensor([0.1, 1.0, 2.0, 4.0, 10.0, 20.0, 40.0, 3.0] * 3, dtype=torch.float64)
+    x = (seeded_randn(ROWS, n, seed=7 * n) * scales[:ROWS, None]).to(dtype)
+    for k in [*range(1, n), n - 0.5]:
+        _check_against_reference(x, torch.full((ROWS,), float(k), dtype=torch.float64), 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("spread", "dtype"),
+    # (float32 at |x/τ| ~ 1e5 resolves θ to ~0.03: the mass check would not hold)
+    [(100.0, torch.float32), (1000.0, torch.float32), (100.0, torch.float64), (1e5, torch.float64)],
+)
+@pytest.mark.parametrize("n", [2, 16, 64, 128])
+def test_wide_short_rows_match_the_reference_for_every_budget(n, spread, dtype):
+    # Rows far wider than a tile takes (TILE_SPREAD·τ), in tiles: each goes to the per-row
+    # (order statistics) path; every integer budget, and half-integers around the middle.
+    x = (seeded_randn(ROWS, n, seed=3 * n + 1) * spread).to(dtype)
+    for k in [*range(1, n), n / 2 + 0.5, max(n / 2 - 0.5, 0.5)]:
+        _check_against_reference(x, torch.full((ROWS,), float(k), dtype=torch.float64), 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 31, 32, 33])
+def test_short_row_vjp_matches_the_differentiable_formula(n, dtype):
+    # Rows of up to 32 entries are differentiated 8 at a time: two tiles and 3 more rows, one
+    # of them saturated (its vjp is 0) inside a tile.
+    x = (seeded_randn(ROWS, n, seed=n) * 3).to(dtype)
+    grad = seeded_randn(ROWS, n, seed=n + 1).to(dtype)
+    p = soft_topk(x, max(n / 3, 0.5), temperature=0.7)
+    p[4] = (torch.arange(n) % 2).to(dtype)
+    fused = _native.vjp(grad, p, 0.7)
+    assert fused is not None
+    with torch.enable_grad():  # the out-of-place, twice-differentiable formula
+        expected = _solve.soft_topk_vjp(grad, p, 0.7)
+    # |∂L/∂x| ≤ max|g|/(4τ)·2 and |∂L/∂k| ≤ max|g|: absolute errors on that scale (a row of one
+    # entry has an exact vjp of 0, computed as a difference of rounded numbers).
+    atol = 64 * torch.finfo(dtype).eps * grad.abs().max() / 0.7
+    for got, want in zip(fused, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0.0, atol=atol)
+    assert bool((fused[0][4] == 0).all()) and fused[1][4].item() == 0.0
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [5, 16, 64])
+def test_plus_inf_entries_inside_a_tile_are_solved_like_the_torch_path(n, dtype):
+    # Rows with 1–3 entries at +inf (some also masked by −inf) in tiles: the +inf entries take
+    # k/m each (at most 1), the finite ones share what is left, per-row budgets on both sides
+    # of m and of the live count.
+    x = (seeded_randn(ROWS, n, seed=2 * n) * torch.tensor(SPREADS * 3)[:ROWS, None]).to(dtype)
+    for row in range(ROWS):
+        x[row, [(row + j) % n for j in range(1 + row % 3)]] = math.inf
+        if row % 4 == 1 and n > 4:
+            x[row, (row + 3) % n] = -math.inf
+    plus = (x == math.inf).sum(-1).double()
+    live = (x > -math.inf).sum(-1).double()
+    share = torch.tensor([0.5, 1.0, 1.5, 0.3, 0.7, 0.95, 1.0] * 3, dtype=torch.float64)[:ROWS]
+    k = torch.minimum(plus + (live - plus) * share - 0.25 * (share == 0.5), live)
+    p, status = _native.solve(x, k, 1.0)
+    assert status.tolist() == [0] * ROWS
+    with _native.disabled():
+        expected = _solve.solve_soft_topk(x, k.to(dtype), 1.0)
+    torch.testing.assert_close(
+        p.double(),
+        expected.double(),
+        rtol=0,
+        atol=64 * float(_tolerance(x.nan_to_num(0, 0, 0), 1.0).max()),
+    )
+    assert bool((p[x == -math.inf] == 0).all())
 
 
 # ------------------------------------------------------------------ sparse_topk, short rows

@@ -50,7 +50,9 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).with_name("_native.c")
-FLAGS = ["-O3", "-fPIC", "-std=c99"]
+#: (-fno-math-errno: sqrt may set errno, a side effect that keeps GCC from vectorising a loop
+#: calling it, and the ``optimize`` pragma in _native.c does not lift it; nothing reads errno.)
+FLAGS = ["-O3", "-fPIC", "-std=c99", "-fno-math-errno"]
 #: Build variants, tried in order.  "openmp": compiled with -fopenmp but linked against no
 #: OpenMP library, so its parallel loops run on the OpenMP runtime PyTorch has already loaded
 #: (torch's spinning worker threads would otherwise compete with threads of our own for the

@@ -24,9 +24,11 @@
  */
 /* GCC assumes by default that floating-point operations may trap (-ftrapping-math), and then
    will not if-convert the clamps and selects below: every loop of this file would run scalar
-   (about 4× slower).  Nothing here reads the floating-point exception flags. */
+   (about 4× slower).  Nothing here reads the floating-point exception flags.  Likewise
+   sqrt may set errno (-fmath-errno), a side effect that keeps a loop calling it scalar;
+   nothing here reads errno. */
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
+#pragma GCC optimize("no-trapping-math", "no-math-errno")
 #endif
 #include <float.h>
 #include <math.h>
@@ -44,8 +46,16 @@
 #define COUNT_THRESHOLDS 7 /* cuts per counting pass of a wide row's start (see count_start) */
 #define MAX_COUNT_PASSES 8  /* … which narrow its bracket at most 8⁸-fold */
 #define START_WIDTH 2.0     /* … down to this many units of τ */
+#define TOP_LIST 16 /* wide rows of budgets below 15 start from a list of their top entries, */
+#define TOP_SHARE 256 /* … when they hold this many entries per listed one (else count_start) */
+#define NEAR_ROW 512 /* wide rows this long iterate on the entries near the root only … */
+#define NEAR_MARGIN 4.0 /* … while the threshold stays within this many τ below its start, */
+#define NEAR_SHARE 0.25 /* … if at most this share of the entries is near */
 #define SHORT_ROW 128 /* rows this short are solved LANES at a time, one per vector lane */
 #define LANES 8
+#define SHORT_VJP_ROW 32 /* (longer rows read a tile no faster than row by row) */
+#define TILE_SPREAD 80.0 /* … when they span at most this many τ (e^−80 is still normal) */
+#define TILE_SOFT 6.0 /* … and start from counts above cuts when wider than this */
 
 /* ------------------------------------------------------------------ vectorisable exp */
 
@@ -312,47 +322,139 @@ static inline double clamp_f64(double v, double low, double high) {
        a bisection (geometric: the midpoint in t).  Stops when the mass is within                \
        8·eps·max(k, 1) of k, or after a step with |δ|³ ≤ tol_step (the two-tail step's error     \
        is ≲ |δ|³/4).  Returns 3 if the bracket collapses onto a jump of F (ties at the           \
-       resolution limit straddle the root: the torch path blends them) or after MAX_PASSES. */   \
+       resolution limit straddle the root: the torch path blends them) or after *passes          \
+       passes.  `far` > 0 (inverted form only): e holds only the entries near the root, and      \
+       the others, far below it, weigh p ≈ v ≈ far/c (see newton_near); returns 4, with *scale   \
+       the current c, when c falls below `limit`, where that no longer holds.  On return,        \
+       *passes is the number of passes made. */                                                  \
     static int newton_##SUFFIX(const T *e, int64_t n, int inverted, double budget,               \
-                               double *scale, double lo, double hi, double tol_step) {           \
+                               double *scale, double lo, double hi, double tol_step,             \
+                               double far, double limit, int *passes) {                          \
         const double tol_mass = 8.0 * EPS * (budget > 1.0 ? budget : 1.0);                       \
+        const int max_passes = *passes;                                                          \
         double c = *scale;                                                                       \
-        for (int pass = 0;; ++pass) {                                                            \
-            if (pass == MAX_PASSES) return 3;                                                    \
+        int status = 0, pass = 0;                                                                \
+        for (;; ++pass) {                                                                        \
+            if (pass == max_passes) { status = 3; break; }                                       \
+            if (far > 0.0 && c < limit) { status = 4; break; }                                   \
             double mass, slope, upper;                                                           \
             evaluate_##SUFFIX(e, n, c, inverted, &mass, &slope, &upper);                         \
+            mass += far / c;                                                                     \
+            slope += far / c;                                                                    \
             double excess = mass - budget;                                                       \
             if (fabs(excess) <= tol_mass) break;                                                 \
             if ((excess > 0) != inverted) hi = c; else lo = c;                                   \
             double y = two_tail_##SUFFIX(excess, slope, upper);                                  \
             double next = inverted ? c * y : c / y;                                              \
             if (!(next > lo && next < hi)) { /* outside the bracket (or NaN): bisect */          \
-                if (hi - lo <= 4.0 * EPS * hi) return 3; /* collapsed: the torch path */         \
+                if (hi - lo <= 4.0 * EPS * hi) { status = 3; break; } /* collapsed: torch path */ \
                 c = sqrt(lo * hi);                                                               \
                 continue;                                                                        \
             }                                                                                    \
             if (next == c) break; /* below the resolution of c */                                \
             c = next;                                                                            \
             double change = fabs(y - 1.0);                                                       \
-            if (change * change * change <= tol_step) break;                                     \
+            if (change * change * change <= tol_step) { ++pass; break; }                         \
         }                                                                                        \
         *scale = c;                                                                              \
-        return 0;                                                                                \
+        *passes = pass;                                                                          \
+        return status;                                                                           \
+    }                                                                                            \
+                                                                                                 \
+    /* Long wide rows: newton() (inverted form, G_i = e^{t₀ − w_i} in e) on the entries near t₀  \
+       only.  An entry with G_i > e^{NEAR_MARGIN + tail} (w_i more than that many τ below t₀)    \
+       has y = cG_i ≥ e^{tail} while c ≥ e^{−NEAR_MARGIN} (t no more than NEAR_MARGIN τ below    \
+       t₀), so p_i = 1/(1 + y) = (1/y)(1 − O(e^{−tail})) and v_i = p_i(1 − p_i) likewise: those  \
+       entries weigh far/c in F and in its slope, far = Σ 1/G_i summed once, to a relative       \
+       error below e^{−tail} = eps/8.  The near entries are copied out (most rows of a small     \
+       budget keep few), and the passes run over them alone; if c leaves the region where that   \
+       holds, newton() continues on every entry.  At most MAX_PASSES passes in all. */           \
+    static int newton_near_##SUFFIX(const T *e, int64_t n, double budget, double *scale,         \
+                                    double lo, double hi, double tol_step) {                     \
+        int passes = 0;                                                                          \
+        T *near = n >= NEAR_ROW ? (T *)malloc((size_t)n * sizeof(T)) : NULL;                     \
+        if (near != NULL) {                                                                      \
+            const T cut = (T)exp_f64(NEAR_MARGIN + log(8.0 / EPS));                              \
+            double far = 0.0, count = 0.0;                                                       \
+            for (int64_t start = 0; start < n; start += BLOCK) {                                 \
+                int64_t stop = start + BLOCK < n ? start + BLOCK : n;                            \
+                T block = 0, kept = 0;                                                           \
+                _Pragma("omp simd reduction(+ : block, kept)")                                   \
+                for (int64_t i = start; i < stop; ++i) {                                         \
+                    block += e[i] > cut ? (T)1 / e[i] : (T)0;                                    \
+                    kept += (T)(e[i] <= cut);                                                    \
+                }                                                                                \
+                far += block;                                                                    \
+                count += kept;                                                                   \
+            }                                                                                    \
+            int status = 4;                                                                      \
+            if (count <= NEAR_SHARE * (double)n) { /* (else the copy would not pay) */           \
+                int64_t kept = 0;                                                                \
+                for (int64_t i = 0; i < n; ++i) { /* branch-free: kept entries are scattered */  \
+                    near[kept] = e[i];                                                           \
+                    kept += e[i] <= cut;                                                         \
+                }                                                                                \
+                passes = MAX_PASSES;                                                             \
+                status = newton_##SUFFIX(near, kept, 1, budget, scale, lo, hi, tol_step,         \
+                                         far > 0.0 ? far : 1e-300, exp_f64(-NEAR_MARGIN), &passes); \
+            }                                                                                    \
+            free(near);                                                                          \
+            if (status != 4) return status;                                                      \
+        }                                                                                        \
+        passes = MAX_PASSES - passes;                                                            \
+        return newton_##SUFFIX(e, n, 1, budget, scale, lo, hi, tol_step, 0.0, 0.0, &passes);     \
+    }                                                                                            \
+                                                                                                 \
+    /* For budgets with m = ⌊budget⌋ < TOP_LIST: w_(m+1) and w_(m) (the start of                 \
+       solve_wide_row, as count_start) from a sorted list of the m + 1 largest live w, built in  \
+       one scan.  A block whose largest w cannot enter the full list is skipped after a          \
+       vectorised max, so that on most rows few entries reach the (branchy) insertion. */        \
+    static double top_start_##SUFFIX(const T *x, int64_t n, T sc, double budget) {               \
+        const T minus_inf = -(T)INFINITY;                                                        \
+        const int64_t m = (int64_t)floor(budget), capacity = m + 1;                              \
+        T top[TOP_LIST];                                                                         \
+        int64_t size = 0;                                                                        \
+        for (int64_t start = 0; start < n; start += BLOCK) {                                     \
+            int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
+            if (size == capacity) {                                                              \
+                T high = minus_inf;                                                              \
+                _Pragma("omp simd reduction(max : high)")                                        \
+                for (int64_t i = start; i < stop; ++i) {                                         \
+                    T w = x[i] == minus_inf ? minus_inf : x[i] * sc; /* (−inf·s: +inf if s < 0) */ \
+                    high = w > high ? w : high;                                                  \
+                }                                                                                \
+                if (!(high > top[size - 1])) continue;                                           \
+            }                                                                                    \
+            for (int64_t i = start; i < stop; ++i) {                                             \
+                if (x[i] == minus_inf) continue;                                                 \
+                T w = x[i] * sc;                                                                 \
+                if (size == capacity && !(w > top[size - 1])) continue;                          \
+                int64_t j = size < capacity ? size++ : capacity - 1;                             \
+                for (; j > 0 && top[j - 1] < w; --j) top[j] = top[j - 1];                        \
+                top[j] = w;                                                                      \
+            }                                                                                    \
+        }                                                                                        \
+        double fraction = budget - (double)m, below = (double)top[m];                            \
+        return fraction == 0.0 ? 0.5 * ((double)top[m - 1] + below)                              \
+                               : below - log(fraction / (1.0 - fraction));                       \
     }                                                                                            \
                                                                                                  \
     /* Rows spanning more than SPREAD_LIMIT·τ (small temperatures): most entries saturate,       \
        the log-sum-exp start lands plateaus away from the root, and e^{w − w_max} underflows.    \
-       Start instead from order statistics (count_start, or a quickselect for the rows it        \
-       cannot resolve), store G_i = e^{t₀ − w_i} (clamped to the exp range: entries beyond       \
-       it stay saturated) and solve for c = e^{t − t₀} in the bracket                            \
-       [w_min − logit(k/n), w_max − logit(k/n)] of t, clamped to that range. */                  \
+       Start instead from order statistics (top_start for small budgets of long rows, else       \
+       count_start, or a quickselect for the rows it cannot resolve), store G_i = e^{t₀ − w_i}   \
+       (clamped to the exp range: entries beyond it stay saturated) and solve for c = e^{t − t₀} \
+       (newton_near) in the bracket [w_min − logit(k/n), w_max − logit(k/n)] of t, clamped to    \
+       that range. */                                                                            \
     static int solve_wide_row_##SUFFIX(const T *x, T *out, int64_t n, int64_t live,              \
                                        double scale, double budget, int flipped,                 \
                                        double w_min, double w_max) {                             \
         const T sc = (T)scale, minus_inf = -(T)INFINITY;                                         \
         const int masked = live < n;                                                             \
         double t;                                                                                \
-        if (!count_start_##SUFFIX(x, n, live, masked, sc, budget, (T)w_min, (T)w_max, &t)) {     \
+        if (budget < TOP_LIST - 1 && (floor(budget) + 1.0) * TOP_SHARE <= (double)n) {          \
+            t = top_start_##SUFFIX(x, n, sc, budget);                                            \
+        } else if (!count_start_##SUFFIX(x, n, live, masked, sc, budget, (T)w_min, (T)w_max, &t)) { \
             /* The (m+1)-th largest w (and the m-th) by a quickselect of the live entries. */    \
             int64_t m = (int64_t)floor(budget), candidates = 0;                                  \
             double fraction = budget - (double)m;                                                \
@@ -381,7 +483,7 @@ static inline double clamp_f64(double v, double low, double high) {
         hi = clamp_f64(hi, c_min, c_max);                                                        \
         double c = 1.0;                                                                          \
         double tol_step = 4.0 * EPS * (fabs(t0) > 1.0 ? fabs(t0) : 1.0);                         \
-        if (newton_##SUFFIX(out, n, 1, budget, &c, lo, hi, tol_step)) return 3;                  \
+        if (newton_near_##SUFFIX(out, n, budget, &c, lo, hi, tol_step)) return 3;                \
         write_##SUFFIX(out, x, masked, n, c, 1, flipped);                                        \
         return 0;                                                                                \
     }                                                                                            \
@@ -506,28 +608,125 @@ static inline double clamp_f64(double v, double low, double high) {
         double c = budget / exp_sum;                                                             \
         if (c > lo) lo = c;                                                                      \
         if (c > hi) c = hi;                                                                      \
-        if (newton_##SUFFIX(out, n, 0, budget, &c, lo, hi, 4.0 * EPS)) return 3;                 \
+        int passes = MAX_PASSES;                                                                 \
+        if (newton_##SUFFIX(out, n, 0, budget, &c, lo, hi, 4.0 * EPS, 0.0, 0.0, &passes))        \
+            return 3;                                                                            \
         write_##SUFFIX(out, x, masked, n, c, 0, flipped);                                        \
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
+    /* newton()'s bookkeeping after a pass of solve_tile, for every lane at once, with selects   \
+       for its branches (a lane that is done keeps its state).  Three loops, each simple enough  \
+       for GCC to vectorise (one loop doing it all stays scalar). */                             \
+    static void tile_steps_##SUFFIX(double *restrict c, double *restrict lo, double *restrict hi, \
+                                    double *restrict ok, double *restrict done,                  \
+                                    const T *sum_p, const T *sum_v, const T *sum_pv,             \
+                                    const double *budget, const double *tol_mass) {              \
+        double excess[LANES], y[LANES], next[LANES], moves[LANES], failed[LANES], finished[LANES]; \
+        for (int l = 0; l < LANES; ++l) { /* the two-tail step y = eᵟ */                         \
+            double slope = (double)sum_v[l], upper = (double)sum_pv[l];                          \
+            double a = upper < 0 ? 0 : (upper > slope ? slope : upper), b = slope - a;           \
+            double g = (double)sum_p[l] - budget[l] + a - b, root = sqrt(g * g + 4.0 * a * b);   \
+            y[l] = g >= 0 ? (g + root) / (2.0 * a) : (2.0 * b) / (root - g);                     \
+            excess[l] = (double)sum_p[l] - budget[l];                                            \
+        }                                                                                        \
+        for (int l = 0; l < LANES; ++l) { /* the bracket, the next c and the lane's verdict */   \
+            double now = c[l], change = fabs(y[l] - 1.0), step = now / y[l];                     \
+            int active = done[l] == 0.0, converged = fabs(excess[l]) <= tol_mass[l];             \
+            int above = excess[l] > 0;                                                           \
+            double high = active & above ? now : hi[l], low = active & !above ? now : lo[l];     \
+            int inside = (step > low) & (step < high);                                           \
+            int collapsed = !inside & (high - low <= 4.0 * EPS * high);                          \
+            int settled = inside & ((step == now) | (change * change * change <= 4.0 * EPS));    \
+            next[l] = inside ? step : sqrt(low * high); /* (outside, or NaN: bisect) */          \
+            moves[l] = active & !converged & !collapsed ? 1.0 : 0.0;                             \
+            failed[l] = active & !converged & collapsed ? 1.0 : 0.0; /* the torch path's rows */ \
+            finished[l] = !active | converged | collapsed | settled ? 1.0 : 0.0;                 \
+            hi[l] = high;                                                                        \
+            lo[l] = low;                                                                         \
+        }                                                                                        \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            c[l] = moves[l] != 0.0 ? next[l] : c[l];                                             \
+            ok[l] = failed[l] != 0.0 ? 0.0 : ok[l];                                              \
+            done[l] = finished[l];                                                               \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* A start for the lanes of a tile whose rows span more than TILE_SOFT·τ, where most entries \
+       saturate, F(t) is close to the count of entries above t, and the Jensen start lies far    \
+       from the root: count the live entries above COUNT_THRESHOLDS cuts evenly spaced in        \
+       [w_min, w_max] and interpolate the count linearly between the two cuts around the         \
+       budget.  Returns t − w_max per lane (in units of τ) in start[l]. */                       \
+    static void tile_count_start_##SUFFIX(const T *xt, int64_t n, const T *sc, const T *w_top,   \
+                                          const double *width, const double *budget,             \
+                                          const double *live, double *start) {                   \
+        const T minus_inf = -(T)INFINITY;                                                        \
+        T cut[COUNT_THRESHOLDS][LANES], count[COUNT_THRESHOLDS][LANES];                          \
+        for (int j = 0; j < COUNT_THRESHOLDS; ++j)                                               \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                cut[j][l] = (T)(-(j + 1) * width[l] / (COUNT_THRESHOLDS + 1));                   \
+                count[j][l] = 0;                                                                 \
+            }                                                                                    \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            T z[LANES];                                                                          \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                T v = xt[i * LANES + l];                                                         \
+                z[l] = v - v == 0 ? v * sc[l] - w_top[l] : minus_inf; /* (finite v) */           \
+            }                                                                                    \
+            for (int j = 0; j < COUNT_THRESHOLDS; ++j) {                                         \
+                _Pragma("omp simd")                                                              \
+                for (int l = 0; l < LANES; ++l) count[j][l] += (T)(z[l] > cut[j][l]);            \
+            }                                                                                    \
+        }                                                                                        \
+        double found[LANES], below[LANES], top[LANES];                                           \
+        for (int l = 0; l < LANES; ++l) { /* the interval (cut, top]: count(top) = below */      \
+            found[l] = 0.0;                                                                      \
+            below[l] = 0.0;                                                                      \
+            top[l] = 0.0;                                                                        \
+            start[l] = -width[l];                                                                \
+        }                                                                                        \
+        for (int j = 0; j <= COUNT_THRESHOLDS; ++j) {                                            \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                int last = j == COUNT_THRESHOLDS;                                                \
+                double above = last ? live[l] : (double)count[j < COUNT_THRESHOLDS ? j : 0][l];  \
+                double at = last ? -width[l] : (double)cut[j < COUNT_THRESHOLDS ? j : 0][l];     \
+                int here = (found[l] == 0.0) & (above >= budget[l]);                             \
+                double share = (budget[l] - below[l]) / (above - below[l]);                      \
+                start[l] = here ? top[l] + (at - top[l]) * share : start[l];                     \
+                found[l] = here ? 1.0 : found[l];                                                \
+                below[l] = above;                                                                \
+                top[l] = at;                                                                     \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
     /* Short rows (n ≤ SHORT_ROW), LANES at a time, one row per vector lane: the same solve as   \
        solve_row's direct (log-sum-exp) form, on a transposed tile, so that the lanes' Newton    \
-       arithmetic (a sqrt and divides per pass) overlaps instead of forming one latency chain   \
-       per row.  Rows the direct form does not cover (NaN or +inf entries, k ≤ 0 or ≥ the live  \
-       count, exact ties, |x/τ| too large, wide rows) or that do not converge here are solved    \
-       by solve_row itself, so the results keep its contract.  Budgets k[0..LANES). */            \
+       arithmetic (a sqrt and divides per pass) overlaps instead of forming one latency chain    \
+       per row; the per-lane bookkeeping is branch-free too (0/1 masks held as doubles), so      \
+       that it vectorises and no lane's branch is mispredicted.  The start is the log-sum-exp    \
+       bound scaled by live/(live − k): p = cE/(1 + cE) is concave in E, so by Jensen F(c₀) is   \
+       at most live times the p of the mean E, which is k: c₀ stays left of the root, and is     \
+       exact for equal entries.  Rows wider than TILE_SOFT·τ start from counts instead           \
+       (tile_count_start); rows spanning up to TILE_SPREAD·τ are solved here.  m > 0 entries     \
+       at +inf take 1 each and the finite ones share k − m (as solve_positive_row).  Rows the    \
+       direct form does not cover (NaN entries, k ≤ m, k − m ≤ 0 or ≥ the live count, exact      \
+       ties, |x/τ| too large, wider rows) or that do not converge here are solved by solve_row   \
+       itself, so the results keep its contract.  Budgets k[0..LANES). */                        \
     static void solve_tile_##SUFFIX(const T *x, T *out, int32_t *status, int64_t n,              \
                                     const double *k, double inv_tau) {                           \
         T xt[SHORT_ROW * LANES], e[SHORT_ROW * LANES];                                           \
         const T minus_inf = -(T)INFINITY, plus_inf = (T)INFINITY;                                \
         for (int64_t i = 0; i < n; ++i)                                                          \
             for (int l = 0; l < LANES; ++l) xt[i * LANES + l] = x[l * n + i];                    \
-        T top[LANES], bottom[LANES], minus[LANES], bad[LANES];                                   \
+        T top[LANES], bottom[LANES], minus[LANES], plus[LANES], bad[LANES];                      \
         for (int l = 0; l < LANES; ++l) {                                                        \
             top[l] = minus_inf;                                                                  \
             bottom[l] = plus_inf;                                                                \
             minus[l] = 0;                                                                        \
+            plus[l] = 0;                                                                         \
             bad[l] = 0;                                                                          \
         }                                                                                        \
         for (int64_t i = 0; i < n; ++i) {                                                        \
@@ -539,56 +738,74 @@ static inline double clamp_f64(double v, double low, double high) {
                 top[l] = high > top[l] ? high : top[l];                                          \
                 bottom[l] = low < bottom[l] ? low : bottom[l];                                   \
                 minus[l] += (T)(v == minus_inf);                                                 \
-                bad[l] += (T)((v != v) | (v == plus_inf));                                       \
+                plus[l] += (T)(v == plus_inf);                                                   \
+                bad[l] += (T)(v != v);                                                           \
             }                                                                                    \
         }                                                                                        \
-        int ok[LANES], flipped[LANES], done[LANES];                                              \
-        double budget[LANES], c[LANES], lo[LANES], hi[LANES], tol_mass[LANES];                   \
+        double ok[LANES], flipped[LANES], done[LANES], budget[LANES], live[LANES], c[LANES];     \
+        double lo[LANES], hi[LANES], tol_mass[LANES], width[LANES];                              \
         T sc[LANES], w_top[LANES], cl[LANES], exp_sum[LANES];                                    \
+        _Pragma("omp simd")                                                                      \
         for (int l = 0; l < LANES; ++l) {                                                        \
-            double live = (double)n - (double)minus[l], kk = k[l];                               \
+            /* (+inf entries take 1 each: the finite ones share k − their count) */              \
+            double count = (double)n - (double)minus[l] - (double)plus[l];                       \
+            double kk = k[l] - (double)plus[l];                                                  \
             double x_max = (double)top[l], x_min = (double)bottom[l];                            \
             double spread = (x_max - x_min) * inv_tau;                                           \
-            int flip = kk > 0.5 * live;                                                          \
-            double b = flip ? live - kk : kk;                                                    \
-            double limit = SMALL_BUDGET_SPREAD_LIMIT; /* (passes are cheap here) */              \
-            ok[l] = bad[l] == 0 && kk > 0.0 && kk < live && x_max != x_min &&                    \
-                    fabs(x_max * inv_tau) <= (LIMIT) && fabs(x_min * inv_tau) <= (LIMIT) &&      \
-                    spread <= limit;                                                             \
-            flipped[l] = flip;                                                                   \
-            budget[l] = ok[l] ? b : 1.0;                                                         \
-            sc[l] = ok[l] ? (T)(flip ? -inv_tau : inv_tau) : (T)0;                               \
-            w_top[l] = ok[l] ? (T)(flip ? -x_min * inv_tau : x_max * inv_tau) : (T)0;            \
+            int flip = kk > 0.5 * count;                                                         \
+            int good = (bad[l] == 0) & (kk > 0.0) & (kk < count) & (x_max != x_min) &            \
+                       (fabs(x_max * inv_tau) <= (LIMIT)) & (fabs(x_min * inv_tau) <= (LIMIT)) & \
+                       (spread <= TILE_SPREAD);                                                  \
+            double b = good ? (flip ? count - kk : kk) : 1.0;                                    \
+            count = good ? count : 2.0;                                                          \
+            ok[l] = good ? 1.0 : 0.0;                                                            \
+            done[l] = good ? 0.0 : 1.0;                                                          \
+            flipped[l] = flip ? 1.0 : 0.0;                                                       \
+            budget[l] = b;                                                                       \
+            live[l] = count;                                                                     \
+            sc[l] = good ? (T)(flip ? -inv_tau : inv_tau) : (T)0;                                \
+            w_top[l] = good ? (T)(flip ? -x_min * inv_tau : x_max * inv_tau) : (T)0;             \
             exp_sum[l] = 0;                                                                      \
-            done[l] = !ok[l];                                                                    \
-            tol_mass[l] = 8.0 * EPS * (budget[l] > 1.0 ? budget[l] : 1.0);                       \
-            double odds = b / (live - b);                                                        \
+            tol_mass[l] = 8.0 * EPS * (b > 1.0 ? b : 1.0);                                       \
+            width[l] = good ? spread : 0.0;                                                      \
+            double odds = b / (count - b);                                                       \
             lo[l] = odds;                                                                        \
-            hi[l] = ok[l] ? odds * exp_f64(spread) : 1.0;                                        \
+            hi[l] = odds * exp_f64(good ? spread : 0.0);                                         \
         }                                                                                        \
         for (int64_t i = 0; i < n; ++i) {                                                        \
             _Pragma("omp simd")                                                                  \
             for (int l = 0; l < LANES; ++l) {                                                    \
                 T v = xt[i * LANES + l];                                                         \
-                T ev = v == minus_inf ? (T)0 : EXP(v * sc[l] - w_top[l]);                        \
-                ev = ok[l] ? ev : (T)0;                                                          \
+                T ev = v - v == 0 ? EXP(v * sc[l] - w_top[l]) : (T)0; /* (finite v) */           \
+                ev = ok[l] != 0.0 ? ev : (T)0;                                                   \
                 e[i * LANES + l] = ev;                                                           \
                 exp_sum[l] += ev;                                                                \
             }                                                                                    \
         }                                                                                        \
+        double pending = 0.0, wide = 0.0, counted[LANES];                                        \
+        _Pragma("omp simd reduction(+ : pending, wide)")                                         \
         for (int l = 0; l < LANES; ++l) {                                                        \
-            if (!ok[l]) { c[l] = 1.0; continue; }                                                \
-            c[l] = budget[l] / (double)exp_sum[l];                                               \
-            if (c[l] > lo[l]) lo[l] = c[l];                                                      \
-            if (c[l] > hi[l]) c[l] = hi[l];                                                      \
+            double bound = budget[l] / (double)exp_sum[l]; /* F(bound) < k (σ(z) < eᶻ) */        \
+            double start = bound * (live[l] / (live[l] - budget[l])); /* F(start) ≤ k (Jensen) */ \
+            lo[l] = bound > lo[l] ? bound : lo[l];                                               \
+            start = start < hi[l] ? start : hi[l];                                               \
+            c[l] = ok[l] != 0.0 ? start : 1.0;                                                   \
+            pending += 1.0 - done[l];                                                            \
+            wide += ok[l] != 0.0 && width[l] > TILE_SOFT ? 1.0 : 0.0;                            \
+        }                                                                                        \
+        if (wide > 0.0) { /* c = e^{w_max − t}, inside the bracket */                            \
+            tile_count_start_##SUFFIX(xt, n, sc, w_top, width, budget, live, counted);           \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                double from_count = exp_f64(-counted[l]);                                        \
+                from_count = from_count > lo[l] ? (from_count < hi[l] ? from_count : hi[l]) : lo[l]; \
+                c[l] = ok[l] != 0.0 && width[l] > TILE_SOFT ? from_count : c[l];                 \
+            }                                                                                    \
         }                                                                                        \
         const T huge = (T)ldexp(1.0, EXP_CUT), tiny = (T)ldexp(1.0, -EXP_CUT);                   \
-        for (int pass = 0;; ++pass) {                                                            \
-            int pending = 0;                                                                     \
-            for (int l = 0; l < LANES; ++l) pending += !done[l];                                 \
-            if (!pending) break;                                                                 \
+        for (int pass = 0; pending > 0.0; ++pass) {                                              \
             if (pass == MAX_PASSES) { /* solve_row decides what these rows get */                \
-                for (int l = 0; l < LANES; ++l) ok[l] = ok[l] && done[l];                        \
+                for (int l = 0; l < LANES; ++l) ok[l] = done[l] != 0.0 ? ok[l] : 0.0;            \
                 break;                                                                           \
             }                                                                                    \
             T sum_p[LANES], sum_v[LANES], sum_pv[LANES];                                         \
@@ -611,23 +828,9 @@ static inline double clamp_f64(double v, double low, double high) {
                     sum_pv[l] += p * v;                                                          \
                 }                                                                                \
             }                                                                                    \
-            for (int l = 0; l < LANES; ++l) {                                                    \
-                if (done[l]) continue;                                                           \
-                double excess = (double)sum_p[l] - budget[l];                                    \
-                if (fabs(excess) <= tol_mass[l]) { done[l] = 1; continue; }                      \
-                if (excess > 0) hi[l] = c[l]; else lo[l] = c[l];                                 \
-                double y = two_tail_##SUFFIX(excess, (double)sum_v[l], (double)sum_pv[l]);       \
-                double next = c[l] / y;                                                          \
-                if (!(next > lo[l] && next < hi[l])) {                                           \
-                    if (hi[l] - lo[l] <= 4.0 * EPS * hi[l]) { ok[l] = 0; done[l] = 1; continue; }\
-                    c[l] = sqrt(lo[l] * hi[l]);                                                  \
-                    continue;                                                                    \
-                }                                                                                \
-                if (next == c[l]) { done[l] = 1; continue; }                                     \
-                c[l] = next;                                                                     \
-                double change = fabs(y - 1.0);                                                   \
-                if (change * change * change <= 4.0 * EPS) done[l] = 1;                          \
-            }                                                                                    \
+            tile_steps_##SUFFIX(c, lo, hi, ok, done, sum_p, sum_v, sum_pv, budget, tol_mass);    \
+            pending = 0.0;                                                                       \
+            for (int l = 0; l < LANES; ++l) pending += 1.0 - done[l];                            \
         }                                                                                        \
         const T big = (T)EXP_MAX;                                                                \
         for (int l = 0; l < LANES; ++l) cl[l] = (T)c[l];                                         \
@@ -637,14 +840,46 @@ static inline double clamp_f64(double v, double low, double high) {
                 T y = cl[l] * e[i * LANES + l];                                                  \
                 T r = (T)1 / ((T)1 + y);                                                         \
                 T other = y < big ? y * r : (T)1;                                                \
-                T value = flipped[l] ? r : other;                                                \
-                out[l * n + i] = xt[i * LANES + l] == minus_inf ? (T)0 : value;                  \
+                T value = flipped[l] != 0.0 ? r : other;                                         \
+                T v = xt[i * LANES + l];                                                         \
+                out[l * n + i] = v == minus_inf ? (T)0 : (v == plus_inf ? (T)1 : value);         \
             }                                                                                    \
         }                                                                                        \
         for (int l = 0; l < LANES; ++l) /* (solve_row overwrites the rows not solved here) */    \
-            status[l] = ok[l] ? 0 : solve_row_##SUFFIX(x + l * n, out + l * n, n, k[l], inv_tau);\
+            status[l] = ok[l] != 0.0 ? 0 : solve_row_##SUFFIX(x + l * n, out + l * n, n, k[l], inv_tau); \
     }                                                                                            \
                                                                                                  \
+    /* vjp_row for LANES short rows at once (rows r = 0..LANES−1 of p, g and out, each n long):  \
+       the sums of every row in one pass over the tile, lane by lane, so that no row pays a      \
+       reduction's latency on its own.  Writes c per row to cs[0..LANES). */                     \
+    static void vjp_tile_##SUFFIX(const T *g, const T *p, T *out, T *cs, int64_t n,              \
+                                  double inv_tau) {                                              \
+        T sum_v[LANES], sum_gv[LANES], c[LANES];                                                 \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            sum_v[l] = 0;                                                                        \
+            sum_gv[l] = 0;                                                                       \
+        }                                                                                        \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                T q = p[l * n + i], v = q * ((T)1 - q);                                          \
+                sum_v[l] += v;                                                                   \
+                sum_gv[l] += g[l * n + i] * v;                                                   \
+            }                                                                                    \
+        }                                                                                        \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            c[l] = sum_v[l] > 0 ? sum_gv[l] / sum_v[l] : (T)0;                                   \
+            cs[l] = c[l];                                                                        \
+        }                                                                                        \
+        const T scale = (T)inv_tau;                                                              \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            const T *gl = g + l * n, *pl = p + l * n;                                            \
+            T *ol = out + l * n;                                                                 \
+            const T cl = c[l];                                                                   \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t i = 0; i < n; ++i) ol[i] = pl[i] * ((T)1 - pl[i]) * (gl[i] - cl) * scale; \
+        }                                                                                        \
+    }                                                                                            \
     /* grad_x = v⊙(g − c)/τ with c = Σ g·v / Σ v (0 for a saturated row); returns c. */          \
     static double vjp_row_##SUFFIX(const T *g, const T *p, T *out, int64_t n, double inv_tau) {  \
         double sum_v = 0.0, sum_gv = 0.0;                                                        \
@@ -687,13 +922,25 @@ typedef struct {
     double k, inv_tau;
 } Job;
 
-/* Solve rows [*row, row_end) LANES at a time while whole tiles remain (short rows only). */
+/* Solve (or differentiate) rows [*row, row_end) LANES at a time while whole tiles remain
+   (short rows only). */
 static void run_tiles(const Job *job, int64_t *row) {
-    if (job->op > 1 || job->n > SHORT_ROW || job->n < 1) return;
+    if (job->n > (job->op > 1 ? SHORT_VJP_ROW : SHORT_ROW) || job->n < 1) return;
     for (; *row + LANES <= job->row_end; *row += LANES) {
+        int64_t offset = *row * job->n;
+        if (job->op > 1) {
+            if (job->op == 2)
+                vjp_tile_f32((const float *)job->a + offset, (const float *)job->b + offset,
+                             (float *)job->out + offset, (float *)job->aux + *row, job->n,
+                             job->inv_tau);
+            else
+                vjp_tile_f64((const double *)job->a + offset, (const double *)job->b + offset,
+                             (double *)job->out + offset, (double *)job->aux + *row, job->n,
+                             job->inv_tau);
+            continue;
+        }
         double k[LANES];
         for (int l = 0; l < LANES; ++l) k[l] = job->budgets ? job->budgets[*row + l] : job->k;
-        int64_t offset = *row * job->n;
         int32_t *status = (int32_t *)job->aux + *row;
         if (job->op == 0)
             solve_tile_f32((const float *)job->a + offset, (float *)job->out + offset, status,
