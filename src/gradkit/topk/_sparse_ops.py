@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _transforms
 from ._checks import check_values
 from ._sparse import (
     fused_vjp,
@@ -28,7 +29,7 @@ from ._sparse import (
     sparse_topk_vjp,
     temperature_grad,
 )
-from ._transforms import needs_derivative, nothing_to_record, runge_kutta_step
+from ._transforms import needs_derivative, nothing_to_record
 
 __all__ = ["REGISTERED", "call_op", "composite", "tracing"]
 
@@ -54,30 +55,11 @@ def call_op(x: Tensor, k, tau) -> Tensor:
 
 
 def composite(x: Tensor, k, tau) -> Tensor:
-    """The operator as differentiable ops around a solve that is not differentiated (for
-    ``torch.func`` transforms inside ``torch.compile``).
-
-    With ``p₀`` the solve at the detached inputs and ``Δ`` the (zero-valued) differences
-    between the inputs and their detached copies, ``p(s) = p(x₀ + sΔ)`` follows
-    ``dp/ds = J(p, τ(s))·Δ`` on the free set of ``p₀``; one classical Runge–Kutta step from
-    ``s = 0`` to ``1`` has the value ``p₀`` exactly and the derivatives of
-    :func:`~gradkit.topk._sparse.sparse_topk_jvp` (exact to fourth order in ``x``, ``k`` and
-    ``τ``; the map is linear in ``x`` and ``k`` on a free set).
-    """
-    x0 = x.detach()
-    k0 = k.detach() if isinstance(k, Tensor) else k
-    tau0 = tau.detach() if isinstance(tau, Tensor) else tau
-    p0 = call_op(x0, k0, tau0)
-    # (±inf entries: their difference inf − inf must not reach the tangent)
-    dx = torch.where(torch.isfinite(x0), x - x0, torch.zeros_like(x))
-    dk = k - k0 if isinstance(k, Tensor) else None
-    dtau = tau - tau0 if isinstance(tau, Tensor) else None
-
-    def slope(p: Tensor, s: float) -> Tensor:
-        tau_s = tau0 + s * dtau if dtau is not None else tau
-        return sparse_topk_jvp(p, tau_s, dx, dk, dtau)
-
-    return runge_kutta_step(p0, slope)
+    """The operator as differentiable ops around the op at detached inputs, for ``torch.func``
+    transforms inside ``torch.compile`` (:func:`gradkit.topk._transforms.composite`, with the
+    Jacobian map :func:`~gradkit.topk._sparse.sparse_topk_jvp`: exact to fourth order in
+    ``x``, ``k`` and ``τ``, and the map is linear in ``x`` and ``k`` on a free set)."""
+    return _transforms.composite(call_op, sparse_topk_jvp, x, k, tau, x.dtype)
 
 
 def _solve_impl(x, k_tensor, k, tau_tensor, tau):

@@ -12,7 +12,7 @@ import threading
 import torch
 from torch import Tensor, nn
 
-from . import _ops
+from . import _ops, _transforms
 from ._checks import (
     check_k,
     check_temperature,
@@ -21,7 +21,7 @@ from ._checks import (
     normalize_dim,
 )
 from ._solve import soft_topk_vjp
-from ._transforms import needs_derivative, nothing_to_record, runge_kutta_step
+from ._transforms import needs_derivative, nothing_to_record
 
 __all__ = ["SoftTopK", "soft_topk"]
 
@@ -172,14 +172,6 @@ def _apply(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tensor:
     return super(torch.autograd.Function, _SoftTopKFunction).apply(unwrap_if_dead(x), k, tau, False)
 
 
-def _detach(value):
-    return value.detach() if isinstance(value, Tensor) else value
-
-
-def _difference(value, base):
-    return value - base if isinstance(value, Tensor) else None
-
-
 def _composite(x: Tensor, k, tau) -> Tensor:
     """The operator as differentiable ops around a solve that is not differentiated.
 
@@ -192,19 +184,8 @@ def _composite(x: Tensor, k, tau) -> Tensor:
     has the value ``p₀`` exactly and the exact derivatives of every order up to four in
     ``x``, ``k`` and ``τ`` (its error is ``O(|Δ|⁵)``).
     """
-    x0, k0, tau0 = x.detach(), _detach(k), _detach(tau)
-    p0 = _solve_detached(x0, k0, tau0)
-    compute_dtype = _compute_dtype(x.dtype)
-    p0 = p0.to(compute_dtype)
-    # (−inf and +inf entries have v = 0; their difference inf − inf must not reach it)
-    dx = torch.where(torch.isfinite(x0), x - x0, torch.zeros_like(x)).to(compute_dtype)
-    dk, dtau = _difference(k, k0), _difference(tau, tau0)
-
-    def slope(p: Tensor, s: float) -> Tensor:
-        tau_s = tau0 + s * dtau if dtau is not None else tau
-        return _tangent(p, tau_s, dx, dk, dtau)
-
-    return _to_dtype_saturating(runge_kutta_step(p0, slope), x.dtype)
+    p = _transforms.composite(_solve_detached, _tangent, x, k, tau, _compute_dtype(x.dtype))
+    return _to_dtype_saturating(p, x.dtype)
 
 
 class _Depth(threading.local):
