@@ -50,15 +50,15 @@ def _steps(rows: int, n: int, k: int) -> tuple[torch.Tensor, dict]:
     tiny = torch.randn(8, generator=generator, requires_grad=True)
     sink = torch.empty_like(x)
 
+    compiled_model = torch.compile(model, fullgraph=True)
+    compiled_floor = torch.compile(floor, fullgraph=True)
     losses = {
         "layer_eager": lambda: (layer(x) * weight).sum(),
         "layer_compiled": lambda: (compiled_layer(x) * weight).sum(),
         "model_eager": lambda: model(x),
-        "model_compiled": (lambda f: lambda: f(x))(torch.compile(model, fullgraph=True)),
+        "model_compiled": lambda: compiled_model(x),
         "floor_eager": lambda: floor(tiny, sink.copy_(x)),
-        "floor_compiled": (lambda f: lambda: f(tiny, sink.copy_(x)))(
-            torch.compile(floor, fullgraph=True)
-        ),
+        "floor_compiled": lambda: compiled_floor(tiny, sink.copy_(x)),
     }
 
     def step(loss):

@@ -35,6 +35,7 @@ _HOST_READS = {
     aten.unique_dim.default,
     aten.unique_consecutive.default,
 }
+_BOOL_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}
 
 
 class _HostReads(TorchDispatchMode):
@@ -49,9 +50,6 @@ class _HostReads(TorchDispatchMode):
         if func in _HOST_READS or (func in _BOOL_INDEXING and _bool_index(args, kwargs)):
             self.seen.append(str(func))
         return func(*args, **kwargs)
-
-
-_BOOL_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}
 
 
 def _bool_index(args, kwargs) -> bool:

@@ -409,7 +409,7 @@ def _targets(dtype_name: str, cells: list[dict[str, Any]], op: str = "soft") -> 
 
 # --------------------------------------------------------------------------- reporting
 
-_OP_NAMES = {"soft": "soft_topk", "sparse": "sparse_topk"}
+_OP_NAMES = {op: operator.__name__ for op, operator in OPS.items()}
 
 
 def _describe(cell: dict[str, Any] | None, key: str) -> str:
