@@ -28,7 +28,7 @@ import sys
 import torch
 
 import gradkit
-from gradkit import _bench
+from gradkit import _bench, _io
 
 SHAPES = [(4096, 64, 2), (256, 1000, 10), (64, 32000, 10), (64, 32000, 1000), (8, 200000, 10)]
 
@@ -120,9 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per method")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    _io.add_overwrite_argument(parser)
     args = parser.parse_args(argv)
-    _bench.check_positive_int("--threads", args.threads)
-    _bench.check_positive_int("--repeats", args.repeats)
+    try:  # every flag checked before the long work; a bad one is a usage error (exit 2)
+        _bench.check_positive_int("--threads", args.threads)
+        _bench.check_positive_int("--repeats", args.repeats)
+        _io.check_output_path(args.json, "--json", overwrite=args.overwrite)
+    except ValueError as error:
+        parser.error(str(error))
     load = _bench.load_average()
     with _bench.torch_threads(args.threads):
         rows = [measure(b, n, k, args.repeats) for b, n, k in SHAPES]
@@ -136,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"UNRELIABLE ({flag}): not a result; rerun on a quiet machine.")
     print(format_rows(rows))
     if args.json:
-        from gradkit import _io
-
         _io.write_json(
             args.json,
             {"load_average_before": load, "load_average_after": after, "flag": flag, "rows": rows},

@@ -434,3 +434,20 @@ def test_compile_benchmark_script_plumbing(tmp_path, capsys):
         less_floor = row[f"layer_compiled_less_floor_over_eager_{clock}"]
         assert less_floor == pytest.approx((compiled - floor) / eager)
     assert "| 4x8 | 2 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--threads", "0"], "--threads must be an integer ≥ 1"), (["--json"], "already exists")],
+)
+def test_compile_benchmark_rejects_bad_flags_before_running(tmp_path, capsys, flags, message):
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "compile.py"
+    existing = tmp_path / "old.json"
+    existing.write_text("{}")
+    if flags == ["--json"]:
+        flags = ["--json", str(existing)]
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script))["main"](flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert existing.read_text() == "{}"  # an existing result is never replaced unasked
