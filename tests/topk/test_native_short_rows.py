@@ -163,11 +163,28 @@ def test_short_rows_match_the_reference_for_every_budget(n, dtype):
 )
 @pytest.mark.parametrize("n", [2, 16, 64, 128])
 def test_wide_short_rows_match_the_reference_for_every_budget(n, spread, dtype):
-    # Rows far wider than a tile takes (TILE_SPREAD·τ), in tiles: each goes to the per-row
-    # (order statistics) path; every integer budget, and half-integers around the middle.
+    # Rows far wider than TILE_SOFT·τ, in tiles: they start from counts above cuts (narrowed
+    # round by round, then the entries around the last cut) and solve about that start; every
+    # integer budget, and half-integers around the middle.
     x = (seeded_randn(ROWS, n, seed=3 * n + 1) * spread).to(dtype)
     for k in [*range(1, n), n / 2 + 0.5, max(n / 2 - 0.5, 0.5)]:
         _check_against_reference(x, torch.full((ROWS,), float(k), dtype=torch.float64), 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [16, 64])
+def test_rows_wider_than_the_count_start_resolves_leave_the_tile_for_the_per_row_path(n):
+    # Rows of one entry at 1e13 τ above a cluster ~1e3 τ wide: eight rounds of counts leave
+    # the cluster in a cell of ~1e6 τ, too wide for a start, so those lanes go to the per-row
+    # solve (status 0 all the same); rows spanning 1e12 τ with gaps between their entries do
+    # not (their start is read from the entries around the last cut), nor ordinary rows in
+    # the same tiles.
+    x = seeded_randn(ROWS, n, seed=5 * n)
+    x[0::3] *= 1e3
+    x[0::3, 0] = 1e13
+    x[1::3] *= 1e12
+    for k in [1.0, 2.5, n / 2, n - 1.0]:
+        _check_against_reference(x, torch.full((ROWS,), k, dtype=torch.float64), 1.0)
 
 
 @needs_kernel

@@ -53,11 +53,23 @@
 #define NEAR_SHARE 0.25 /* … if at most this share of the entries is near */
 #define SHORT_ROW 128 /* rows this short are solved LANES at a time, one per vector lane */
 #define LANES 8
+#define TILE_SQRT_f32 sqrtf /* (the tiles' bookkeeping is in the row's own type) */
+#define TILE_SQRT_f64 sqrt
 #define SHORT_VJP_ROW 32 /* (longer rows read a tile no faster than row by row) */
-#define TILE_SPREAD 80.0 /* … when they span at most this many τ (e^−80 is still normal) */
-#define TILE_SOFT 6.0 /* … and start from counts above cuts when wider than this */
+#define TILE_SOFT 6.0 /* … and start from their order statistics when wider than this many τ */
 
 /* ------------------------------------------------------------------ vectorisable exp */
+
+/* a·b + c in one rounding where the target has a fused multiply-add (ISO C mode keeps GCC from
+   contracting it by itself; elsewhere fma() would be a slow library call).  Used only where a
+   fused result is as good as the rounded one: the exponentials' polynomials. */
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define MADD_F32(a, b, c) fmaf((a), (b), (c))
+#define MADD_F64(a, b, c) fma((a), (b), (c))
+#else
+#define MADD_F32(a, b, c) ((a) * (b) + (c))
+#define MADD_F64(a, b, c) ((a) * (b) + (c))
+#endif
 
 static inline float exp_f32(float x_in) {
     /* e^x = 2^m · e^r with m = round(x / ln 2) and |r| ≤ ln2/2 (Cody–Waite split of ln 2),
@@ -70,12 +82,12 @@ static inline float exp_f32(float x_in) {
     float r = x - m * 0.693359375f;
     r = r - m * -2.12194440e-4f;
     float q = 1.9875691500e-4f;
-    q = q * r + 1.3981999507e-3f;
-    q = q * r + 8.3334519073e-3f;
-    q = q * r + 4.1665795894e-2f;
-    q = q * r + 1.6666665459e-1f;
-    q = q * r + 5.0000001201e-1f;
-    float e = q * (r * r) + r + 1.0f;
+    q = MADD_F32(q, r, 1.3981999507e-3f);
+    q = MADD_F32(q, r, 8.3334519073e-3f);
+    q = MADD_F32(q, r, 4.1665795894e-2f);
+    q = MADD_F32(q, r, 1.6666665459e-1f);
+    q = MADD_F32(q, r, 5.0000001201e-1f);
+    float e = MADD_F32(q, r * r, r) + 1.0f;
     /* 2^m by adding m to the exponent field; m is read from the low bits of `shifted`
        (= 1.5·2²³ + m) rather than converted (a float → int conversion can trap, which keeps
        GCC from vectorising, and AVX2 has no double → int64 conversion). */
@@ -96,18 +108,18 @@ static inline double exp_f64(double x_in) {
     double r = x - m * 6.93147180369123816490e-01;
     r = r - m * 1.90821492927058770002e-10;
     double q = 1.0 / 6227020800.0;
-    q = q * r + 1.0 / 479001600.0;
-    q = q * r + 1.0 / 39916800.0;
-    q = q * r + 1.0 / 3628800.0;
-    q = q * r + 1.0 / 362880.0;
-    q = q * r + 1.0 / 40320.0;
-    q = q * r + 1.0 / 5040.0;
-    q = q * r + 1.0 / 720.0;
-    q = q * r + 1.0 / 120.0;
-    q = q * r + 1.0 / 24.0;
-    q = q * r + 1.0 / 6.0;
-    q = q * r + 0.5;
-    double e = q * (r * r) + r + 1.0;
+    q = MADD_F64(q, r, 1.0 / 479001600.0);
+    q = MADD_F64(q, r, 1.0 / 39916800.0);
+    q = MADD_F64(q, r, 1.0 / 3628800.0);
+    q = MADD_F64(q, r, 1.0 / 362880.0);
+    q = MADD_F64(q, r, 1.0 / 40320.0);
+    q = MADD_F64(q, r, 1.0 / 5040.0);
+    q = MADD_F64(q, r, 1.0 / 720.0);
+    q = MADD_F64(q, r, 1.0 / 120.0);
+    q = MADD_F64(q, r, 1.0 / 24.0);
+    q = MADD_F64(q, r, 1.0 / 6.0);
+    q = MADD_F64(q, r, 0.5);
+    double e = MADD_F64(q, r * r, r) + 1.0;
     int64_t bits, m_bits;
     memcpy(&bits, &e, sizeof bits);
     memcpy(&m_bits, &shifted, sizeof m_bits);
@@ -615,90 +627,206 @@ static inline double clamp_f64(double v, double low, double high) {
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
-    /* newton()'s bookkeeping after a pass of solve_tile, for every lane at once, with selects   \
-       for its branches (a lane that is done keeps its state).  Three loops, each simple enough  \
-       for GCC to vectorise (one loop doing it all stays scalar). */                             \
-    static void tile_steps_##SUFFIX(double *restrict c, double *restrict lo, double *restrict hi, \
-                                    double *restrict ok, double *restrict done,                  \
-                                    const T *sum_p, const T *sum_v, const T *sum_pv,             \
-                                    const double *budget, const double *tol_mass) {              \
-        double excess[LANES], y[LANES], next[LANES], moves[LANES], failed[LANES], finished[LANES]; \
-        for (int l = 0; l < LANES; ++l) { /* the two-tail step y = eᵟ */                         \
-            double slope = (double)sum_v[l], upper = (double)sum_pv[l];                          \
-            double a = upper < 0 ? 0 : (upper > slope ? slope : upper), b = slope - a;           \
-            double g = (double)sum_p[l] - budget[l] + a - b, root = sqrt(g * g + 4.0 * a * b);   \
-            y[l] = g >= 0 ? (g + root) / (2.0 * a) : (2.0 * b) / (root - g);                     \
-            excess[l] = (double)sum_p[l] - budget[l];                                            \
-        }                                                                                        \
-        for (int l = 0; l < LANES; ++l) { /* the bracket, the next c and the lane's verdict */   \
-            double now = c[l], change = fabs(y[l] - 1.0), step = now / y[l];                     \
-            int active = done[l] == 0.0, converged = fabs(excess[l]) <= tol_mass[l];             \
-            int above = excess[l] > 0;                                                           \
-            double high = active & above ? now : hi[l], low = active & !above ? now : lo[l];     \
-            int inside = (step > low) & (step < high);                                           \
-            int collapsed = !inside & (high - low <= 4.0 * EPS * high);                          \
-            int settled = inside & ((step == now) | (change * change * change <= 4.0 * EPS));    \
-            next[l] = inside ? step : sqrt(low * high); /* (outside, or NaN: bisect) */          \
-            moves[l] = active & !converged & !collapsed ? 1.0 : 0.0;                             \
-            failed[l] = active & !converged & collapsed ? 1.0 : 0.0; /* the torch path's rows */ \
-            finished[l] = !active | converged | collapsed | settled ? 1.0 : 0.0;                 \
-            hi[l] = high;                                                                        \
-            lo[l] = low;                                                                         \
-        }                                                                                        \
-        for (int l = 0; l < LANES; ++l) {                                                        \
-            c[l] = moves[l] != 0.0 ? next[l] : c[l];                                             \
-            ok[l] = failed[l] != 0.0 ? 0.0 : ok[l];                                              \
-            done[l] = finished[l];                                                               \
-        }                                                                                        \
+    /* 32 bytes of T (a tile's LANES values in TILE_PARTS of them), and their comparison masks */\
+    typedef T tile_vec_##SUFFIX __attribute__((vector_size(32)));                                \
+    typedef COUNT tile_mask_##SUFFIX __attribute__((vector_size(32)));                           \
+                                                                                                 \
+    static inline tile_vec_##SUFFIX tile_select_##SUFFIX(tile_mask_##SUFFIX m, tile_vec_##SUFFIX a, \
+                                                         tile_vec_##SUFFIX b) {                  \
+        return (tile_vec_##SUFFIX)(((tile_mask_##SUFFIX)a & m) | ((tile_mask_##SUFFIX)b & ~m));  \
     }                                                                                            \
                                                                                                  \
-    /* A start for the lanes of a tile whose rows span more than TILE_SOFT·τ, where most entries \
-       saturate, F(t) is close to the count of entries above t, and the Jensen start lies far    \
-       from the root: count the live entries above COUNT_THRESHOLDS cuts evenly spaced in        \
-       [w_min, w_max] and interpolate the count linearly between the two cuts around the         \
-       budget.  Returns t − w_max per lane (in units of τ) in start[l]. */                       \
-    static void tile_count_start_##SUFFIX(const T *xt, int64_t n, const T *sc, const T *w_top,   \
-                                          const double *width, const double *budget,             \
-                                          const double *live, double *start) {                   \
-        const T minus_inf = -(T)INFINITY;                                                        \
-        T cut[COUNT_THRESHOLDS][LANES], count[COUNT_THRESHOLDS][LANES];                          \
+    /* Per lane of a transposed tile (n entries a lane), the sum of its entries. */              \
+    static void tile_sum_##SUFFIX(const T *tile, int64_t n, T *sum) {                            \
+        enum { PARTS = LANES * sizeof(T) / sizeof(tile_vec_##SUFFIX) };                          \
+        tile_vec_##SUFFIX total[PARTS];                                                          \
+        memset(total, 0, sizeof total);                                                          \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            for (int h = 0; h < PARTS; ++h) {                                                    \
+                tile_vec_##SUFFIX v;                                                             \
+                memcpy(&v, tile + i * LANES + h * (LANES / PARTS), sizeof v);                    \
+                total[h] += v;                                                                   \
+            }                                                                                    \
+        memcpy(sum, total, sizeof total);                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* Per lane of a transposed tile xt (n entries a lane): the largest and smallest finite      \
+       entries (−inf and +inf for none), and the counts of −inf, +inf and NaN entries. */        \
+    static void tile_scan_##SUFFIX(const T *xt, int64_t n, T *top, T *bottom, COUNT *minus,      \
+                                   COUNT *plus, COUNT *bad) {                                    \
+        enum { PARTS = LANES * sizeof(T) / sizeof(tile_vec_##SUFFIX) };                          \
+        const T minus_inf = -(T)INFINITY, plus_inf = (T)INFINITY;                                \
+        tile_vec_##SUFFIX high[PARTS], low[PARTS];                                               \
+        tile_mask_##SUFFIX down[PARTS], up[PARTS], nan[PARTS];                                   \
+        for (int h = 0; h < PARTS; ++h) {                                                        \
+            high[h] = (tile_vec_##SUFFIX){0} + minus_inf;                                        \
+            low[h] = (tile_vec_##SUFFIX){0} + plus_inf;                                          \
+            down[h] = up[h] = nan[h] = (tile_mask_##SUFFIX){0};                                  \
+        }                                                                                        \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            for (int h = 0; h < PARTS; ++h) {                                                    \
+                tile_vec_##SUFFIX v, none = (tile_vec_##SUFFIX){0};                              \
+                memcpy(&v, xt + i * LANES + h * (LANES / PARTS), sizeof v);                      \
+                tile_mask_##SUFFIX finite = v - v == 0; /* (selects: no masked stores) */        \
+                tile_vec_##SUFFIX above = tile_select_##SUFFIX(finite, v, none + minus_inf);     \
+                tile_vec_##SUFFIX below = tile_select_##SUFFIX(finite, v, none + plus_inf);      \
+                high[h] = tile_select_##SUFFIX(above > high[h], above, high[h]);                 \
+                low[h] = tile_select_##SUFFIX(below < low[h], below, low[h]);                    \
+                down[h] -= v == minus_inf; /* (a true comparison is −1) */                       \
+                up[h] -= v == plus_inf;                                                          \
+                nan[h] -= v != v;                                                                \
+            }                                                                                    \
+        memcpy(top, high, sizeof high);                                                          \
+        memcpy(bottom, low, sizeof low);                                                         \
+        memcpy(minus, down, sizeof down);                                                        \
+        memcpy(plus, up, sizeof up);                                                             \
+        memcpy(bad, nan, sizeof nan);                                                            \
+    }                                                                                            \
+                                                                                                 \
+    /* newton()'s bookkeeping after a pass of solve_tile, for every lane at once, in T, with     \
+       selects for its branches (a lane that is done keeps its state).  Loops simple enough for  \
+       GCC to vectorise (one loop doing it all stays scalar); the bisection's square root is     \
+       taken only in tiles where some lane steps outside its bracket. */                         \
+    static void tile_steps_##SUFFIX(T *restrict c, T *restrict lo, T *restrict hi,               \
+                                    T *restrict ok, T *restrict done, const T *sum_p,            \
+                                    const T *sum_v, const T *sum_pv, const T *budget,            \
+                                    const T *tol_mass) {                                         \
+        T excess[LANES], y[LANES], moves[LANES], failed[LANES], finished[LANES], outside[LANES]; \
+        const T eps4 = (T)(4.0 * EPS);                                                           \
+        _Pragma("omp simd")                                                                      \
+        for (int l = 0; l < LANES; ++l) { /* the two-tail step y = eᵟ */                         \
+            T slope = sum_v[l], upper = sum_pv[l];                                               \
+            T a = upper < 0 ? 0 : (upper > slope ? slope : upper), b = slope - a;                \
+            T g = sum_p[l] - budget[l] + a - b, root = TILE_SQRT_##SUFFIX(g * g + 4 * a * b);    \
+            int right = g >= 0;                                                                  \
+            y[l] = (right ? g + root : 2 * b) / (right ? 2 * a : root - g);                      \
+            excess[l] = sum_p[l] - budget[l];                                                    \
+        }                                                                                        \
+        T bisect = 0;                                                                            \
+        _Pragma("omp simd reduction(+ : bisect)")                                                \
+        for (int l = 0; l < LANES; ++l) { /* the bracket, the next c and the lane's verdict */   \
+            T now = c[l], change = y[l] > 1 ? y[l] - 1 : 1 - y[l], step = now / y[l];            \
+            T size = excess[l] < 0 ? -excess[l] : excess[l];                                     \
+            int active = done[l] == 0, converged = size <= tol_mass[l];                          \
+            int above = excess[l] > 0;                                                           \
+            T high = active & above ? now : hi[l], low = active & !above ? now : lo[l];          \
+            int inside = (step > low) & (step < high); /* (outside, or NaN: bisect) */           \
+            int collapsed = !inside & (high - low <= eps4 * high);                               \
+            int settled = inside & ((step == now) | (change * change * change <= eps4));         \
+            int move = active & !converged & !collapsed;                                         \
+            moves[l] = move ? 1 : 0;                                                             \
+            outside[l] = move & !inside ? 1 : 0;                                                 \
+            bisect += outside[l];                                                                \
+            failed[l] = active & !converged & collapsed ? 1 : 0; /* the torch path's rows */     \
+            finished[l] = !active | converged | collapsed | settled ? 1 : 0;                     \
+            hi[l] = high;                                                                        \
+            lo[l] = low;                                                                         \
+            y[l] = step;                                                                         \
+        }                                                                                        \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            c[l] = moves[l] != 0 ? y[l] : c[l];                                                  \
+            ok[l] = failed[l] != 0 ? 0 : ok[l];                                                  \
+            done[l] = finished[l];                                                               \
+        }                                                                                        \
+        if (bisect > 0)                                                                          \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l)                                                      \
+                c[l] = outside[l] != 0 ? TILE_SQRT_##SUFFIX(lo[l] * hi[l]) : c[l];               \
+    }                                                                                            \
+    /* Per lane of a transposed tile z (n entries a lane), how many entries lie above each of    \
+       COUNT_THRESHOLDS cuts (cut[j·LANES + l]), in count[j·LANES + l]. */                       \
+    static void tile_count_above_##SUFFIX(const T *z, int64_t n, const T *cut, T *count) {       \
+        enum { PARTS = LANES * sizeof(T) / sizeof(tile_vec_##SUFFIX) };                          \
+        tile_vec_##SUFFIX at[COUNT_THRESHOLDS][PARTS];                                           \
+        tile_mask_##SUFFIX above[COUNT_THRESHOLDS][PARTS];                                       \
+        memcpy(at, cut, sizeof at);                                                              \
+        memset(above, 0, sizeof above);                                                          \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            for (int h = 0; h < PARTS; ++h) {                                                    \
+                tile_vec_##SUFFIX v;                                                             \
+                memcpy(&v, z + i * LANES + h * (LANES / PARTS), sizeof v);                       \
+                for (int j = 0; j < COUNT_THRESHOLDS; ++j) above[j][h] -= v > at[j][h];          \
+            }                                                                                    \
         for (int j = 0; j < COUNT_THRESHOLDS; ++j)                                               \
-            for (int l = 0; l < LANES; ++l) {                                                    \
-                cut[j][l] = (T)(-(j + 1) * width[l] / (COUNT_THRESHOLDS + 1));                   \
-                count[j][l] = 0;                                                                 \
-            }                                                                                    \
-        for (int64_t i = 0; i < n; ++i) {                                                        \
-            T z[LANES];                                                                          \
+            for (int h = 0; h < PARTS; ++h)                                                      \
+                for (int l = 0; l < LANES / PARTS; ++l)                                          \
+                    count[j * LANES + h * (LANES / PARTS) + l] = (T)above[j][h][l];              \
+    }                                                                                            \
+                                                                                                 \
+    /* A start for the lanes of a tile whose rows span more than TILE_SOFT·τ (width[l] τ), where \
+       most entries saturate and the log-sum-exp start lies far from the root: count_start's     \
+       search on all lanes at once.  z holds w − w_top (≤ 0; −inf for masked entries).  Each     \
+       round counts the entries above COUNT_THRESHOLDS cuts evenly spaced in a lane's            \
+       interval [a, b] (first [−width − 1, 0]) and keeps the cell holding the (m+1)-th largest   \
+       entry, m = ⌊k⌋ (count(> a) > m ≥ count(> b)), until every wide lane's cell is             \
+       START_WIDTH wide.  With fewer than m entries above b, several lie in the cell: the start  \
+       interpolates the count in it.  With m above b, the root lies between the m-th and         \
+       (m+1)-th largest entries, the nearest entries above and below b: near their midpoint      \
+       for a whole budget, and near the (m+1)-th, logit(k − m) below it, otherwise (the logit    \
+       linearised and clamped: a start needs no log).  Returns t − w_top per lane (units of      \
+       τ) in start[l]; NaN where MAX_COUNT_PASSES rounds leave several entries in a cell too     \
+       wide for a start (count_start gives up there too). */                                     \
+    static void tile_count_start_##SUFFIX(const T *z, int64_t n, const T *budget,                \
+                                          const T *width, const T *live, T *start) {             \
+        T a[LANES], b[LANES], a_count[LANES], b_count[LANES], m[LANES];                          \
+        T cut[COUNT_THRESHOLDS * LANES], count[COUNT_THRESHOLDS * LANES], widest = 0;            \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            a[l] = -width[l] - 1;                                                                \
+            b[l] = 0;                                                                            \
+            a_count[l] = live[l];                                                                \
+            b_count[l] = 0;                                                                      \
+            m[l] = (T)floor((double)budget[l]);                                                  \
+            widest = width[l] > widest ? width[l] : widest;                                      \
+        }                                                                                        \
+        for (int round = 0; round < MAX_COUNT_PASSES && widest > START_WIDTH; ++round) {         \
+            widest /= COUNT_THRESHOLDS + 1;                                                      \
+            for (int j = 0; j < COUNT_THRESHOLDS; ++j)                                           \
+                for (int l = 0; l < LANES; ++l)                                                  \
+                    cut[j * LANES + l] = a[l] + (b[l] - a[l]) * (T)(j + 1) / (COUNT_THRESHOLDS + 1); \
+            tile_count_above_##SUFFIX(z, n, cut, count);                                         \
             _Pragma("omp simd")                                                                  \
-            for (int l = 0; l < LANES; ++l) {                                                    \
-                T v = xt[i * LANES + l];                                                         \
-                z[l] = v - v == 0 ? v * sc[l] - w_top[l] : minus_inf; /* (finite v) */           \
-            }                                                                                    \
-            for (int j = 0; j < COUNT_THRESHOLDS; ++j) {                                         \
-                _Pragma("omp simd")                                                              \
-                for (int l = 0; l < LANES; ++l) count[j][l] += (T)(z[l] > cut[j][l]);            \
+            for (int l = 0; l < LANES; ++l) { /* the highest cut with more than m above */       \
+                T low = a[l], low_count = a_count[l], high = cut[l], high_count = count[l];      \
+                for (int j = 0; j < COUNT_THRESHOLDS; ++j) {                                     \
+                    int more = count[j * LANES + l] > m[l], last = j + 1 == COUNT_THRESHOLDS;    \
+                    low = more ? cut[j * LANES + l] : low;                                       \
+                    low_count = more ? count[j * LANES + l] : low_count;                         \
+                    high = more ? (last ? b[l] : cut[(j + 1) * LANES + l]) : high;               \
+                    high_count = more ? (last ? b_count[l] : count[(j + 1) * LANES + l]) : high_count; \
+                }                                                                                \
+                a[l] = low;                                                                      \
+                a_count[l] = low_count;                                                          \
+                b[l] = high;                                                                     \
+                b_count[l] = high_count;                                                         \
             }                                                                                    \
         }                                                                                        \
-        double found[LANES], below[LANES], top[LANES];                                           \
-        for (int l = 0; l < LANES; ++l) { /* the interval (cut, top]: count(top) = below */      \
-            found[l] = 0.0;                                                                      \
-            below[l] = 0.0;                                                                      \
-            top[l] = 0.0;                                                                        \
-            start[l] = -width[l];                                                                \
+        enum { PARTS = LANES * sizeof(T) / sizeof(tile_vec_##SUFFIX) };                          \
+        tile_vec_##SUFFIX upper[PARTS], lower[PARTS], cell[PARTS];                               \
+        memcpy(cell, b, sizeof cell);                                                            \
+        for (int h = 0; h < PARTS; ++h) {                                                        \
+            upper[h] = cell[h] * 0 + (T)INFINITY;                                                \
+            lower[h] = cell[h] * 0 - (T)INFINITY;                                                \
         }                                                                                        \
-        for (int j = 0; j <= COUNT_THRESHOLDS; ++j) {                                            \
-            _Pragma("omp simd")                                                                  \
-            for (int l = 0; l < LANES; ++l) {                                                    \
-                int last = j == COUNT_THRESHOLDS;                                                \
-                double above = last ? live[l] : (double)count[j < COUNT_THRESHOLDS ? j : 0][l];  \
-                double at = last ? -width[l] : (double)cut[j < COUNT_THRESHOLDS ? j : 0][l];     \
-                int here = (found[l] == 0.0) & (above >= budget[l]);                             \
-                double share = (budget[l] - below[l]) / (above - below[l]);                      \
-                start[l] = here ? top[l] + (at - top[l]) * share : start[l];                     \
-                found[l] = here ? 1.0 : found[l];                                                \
-                below[l] = above;                                                                \
-                top[l] = at;                                                                     \
+        for (int64_t i = 0; i < n; ++i) /* the nearest entries above and below b */              \
+            for (int h = 0; h < PARTS; ++h) {                                                    \
+                tile_vec_##SUFFIX v;                                                             \
+                memcpy(&v, z + i * LANES + h * (LANES / PARTS), sizeof v);                       \
+                tile_mask_##SUFFIX over = v > cell[h];                                           \
+                upper[h] = tile_select_##SUFFIX(over & (v < upper[h]), v, upper[h]);             \
+                lower[h] = tile_select_##SUFFIX(~over & (v > lower[h]), v, lower[h]);            \
             }                                                                                    \
+        T above[LANES], below[LANES];                                                            \
+        memcpy(above, upper, sizeof above);                                                      \
+        memcpy(below, lower, sizeof below);                                                      \
+        _Pragma("omp simd")                                                                      \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            T share = budget[l] - m[l], shift = 4 * (share - (T)0.5);                            \
+            shift = shift < -3 ? -3 : (shift > 3 ? 3 : shift);                                   \
+            T around = share == 0 ? (T)0.5 * (above[l] + below[l]) : below[l] - shift;           \
+            T spread = a_count[l] > b_count[l] ? a_count[l] - b_count[l] : 1;                    \
+            T inside = a[l] + (b[l] - a[l]) * ((a_count[l] - budget[l]) / spread);               \
+            int unresolved = (b_count[l] < m[l]) & (b[l] - a[l] > 4 * START_WIDTH);              \
+            start[l] = unresolved ? (T)NAN : (b_count[l] < m[l] ? inside : around);              \
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
@@ -706,45 +834,31 @@ static inline double clamp_f64(double v, double low, double high) {
        solve_row's direct (log-sum-exp) form, on a transposed tile, so that the lanes' Newton    \
        arithmetic (a sqrt and divides per pass) overlaps instead of forming one latency chain    \
        per row; the per-lane bookkeeping is branch-free too (0/1 masks held as doubles), so      \
-       that it vectorises and no lane's branch is mispredicted.  The start is the log-sum-exp    \
-       bound scaled by live/(live − k): p = cE/(1 + cE) is concave in E, so by Jensen F(c₀) is   \
-       at most live times the p of the mean E, which is k: c₀ stays left of the root, and is     \
-       exact for equal entries.  Rows wider than TILE_SOFT·τ start from counts instead           \
-       (tile_count_start); rows spanning up to TILE_SPREAD·τ are solved here.  m > 0 entries     \
-       at +inf take 1 each and the finite ones share k − m (as solve_positive_row).  Rows the    \
-       direct form does not cover (NaN entries, k ≤ m, k − m ≤ 0 or ≥ the live count, exact      \
-       ties, |x/τ| too large, wider rows) or that do not converge here are solved by solve_row   \
-       itself, so the results keep its contract.  Budgets k[0..LANES). */                        \
+       that it vectorises and no lane's branch is mispredicted.  Each lane stores                \
+       e = exp(w − w_top − r) once, about a reference r, and solves for the scale                \
+       c = e^{r − t} (p = ce/(1 + ce)).  Rows spanning up to TILE_SOFT·τ take r = 0 and start    \
+       from the log-sum-exp bound scaled by live/(live − k): p = cE/(1 + cE) is concave in E,    \
+       so by Jensen F(c₀) is at most live times the p of the mean E, which is k: c₀ stays left   \
+       of the root, and is exact for equal entries.  Wider rows take r from their order          \
+       statistics (tile_count_start) and c₀ = 1; c stays within e^{±reach} and their exponents    \
+       below cap, which keeps ce finite; entries further than that from the start            \
+       are saturated.  m > 0 entries at +inf take 1 each and the finite ones share k − m (as     \
+       solve_positive_row).  Rows the direct form does not cover (NaN entries, k ≤ m,            \
+       k − m ≤ 0 or ≥ the live count, exact ties, |x/τ| too large) or that do not converge       \
+       here (a root beyond the reach of c) are solved by solve_row itself, so the results        \
+       keep its contract.  Budgets k[0..LANES). */                                               \
     static void solve_tile_##SUFFIX(const T *x, T *out, int32_t *status, int64_t n,              \
                                     const double *k, double inv_tau) {                           \
         T xt[SHORT_ROW * LANES], e[SHORT_ROW * LANES];                                           \
         const T minus_inf = -(T)INFINITY, plus_inf = (T)INFINITY;                                \
         for (int64_t i = 0; i < n; ++i)                                                          \
             for (int l = 0; l < LANES; ++l) xt[i * LANES + l] = x[l * n + i];                    \
-        T top[LANES], bottom[LANES], minus[LANES], plus[LANES], bad[LANES];                      \
-        for (int l = 0; l < LANES; ++l) {                                                        \
-            top[l] = minus_inf;                                                                  \
-            bottom[l] = plus_inf;                                                                \
-            minus[l] = 0;                                                                        \
-            plus[l] = 0;                                                                         \
-            bad[l] = 0;                                                                          \
-        }                                                                                        \
-        for (int64_t i = 0; i < n; ++i) {                                                        \
-            _Pragma("omp simd")                                                                  \
-            for (int l = 0; l < LANES; ++l) {                                                    \
-                T v = xt[i * LANES + l];                                                         \
-                int finite = v - v == 0; /* (selects, not branches: no masked stores) */         \
-                T high = finite ? v : minus_inf, low = finite ? v : plus_inf;                    \
-                top[l] = high > top[l] ? high : top[l];                                          \
-                bottom[l] = low < bottom[l] ? low : bottom[l];                                   \
-                minus[l] += (T)(v == minus_inf);                                                 \
-                plus[l] += (T)(v == plus_inf);                                                   \
-                bad[l] += (T)(v != v);                                                           \
-            }                                                                                    \
-        }                                                                                        \
-        double ok[LANES], flipped[LANES], done[LANES], budget[LANES], live[LANES], c[LANES];     \
-        double lo[LANES], hi[LANES], tol_mass[LANES], width[LANES];                              \
-        T sc[LANES], w_top[LANES], cl[LANES], exp_sum[LANES];                                    \
+        T top[LANES], bottom[LANES];                                                             \
+        COUNT minus[LANES], plus[LANES], bad[LANES];                                             \
+        tile_scan_##SUFFIX(xt, n, top, bottom, minus, plus, bad);                                \
+        T ok[LANES], flipped[LANES], done[LANES], budget[LANES], live[LANES], c[LANES];          \
+        T lo[LANES], hi[LANES], tol_mass[LANES], width[LANES], ref[LANES];                       \
+        T sc[LANES], w_top[LANES], exp_sum[LANES];                                               \
         _Pragma("omp simd")                                                                      \
         for (int l = 0; l < LANES; ++l) {                                                        \
             /* (+inf entries take 1 each: the finite ones share k − their count) */              \
@@ -754,8 +868,7 @@ static inline double clamp_f64(double v, double low, double high) {
             double spread = (x_max - x_min) * inv_tau;                                           \
             int flip = kk > 0.5 * count;                                                         \
             int good = (bad[l] == 0) & (kk > 0.0) & (kk < count) & (x_max != x_min) &            \
-                       (fabs(x_max * inv_tau) <= (LIMIT)) & (fabs(x_min * inv_tau) <= (LIMIT)) & \
-                       (spread <= TILE_SPREAD);                                                  \
+                       (fabs(x_max * inv_tau) <= (LIMIT)) & (fabs(x_min * inv_tau) <= (LIMIT));  \
             double b = good ? (flip ? count - kk : kk) : 1.0;                                    \
             count = good ? count : 2.0;                                                          \
             ok[l] = good ? 1.0 : 0.0;                                                            \
@@ -765,88 +878,105 @@ static inline double clamp_f64(double v, double low, double high) {
             live[l] = count;                                                                     \
             sc[l] = good ? (T)(flip ? -inv_tau : inv_tau) : (T)0;                                \
             w_top[l] = good ? (T)(flip ? -x_min * inv_tau : x_max * inv_tau) : (T)0;             \
-            exp_sum[l] = 0;                                                                      \
-            tol_mass[l] = 8.0 * EPS * (b > 1.0 ? b : 1.0);                                       \
-            width[l] = good ? spread : 0.0;                                                      \
-            double odds = b / (count - b);                                                       \
-            lo[l] = odds;                                                                        \
-            hi[l] = odds * exp_f64(good ? spread : 0.0);                                         \
+            tol_mass[l] = (T)(8.0 * EPS * (b > 1.0 ? b : 1.0));                                  \
+            width[l] = good ? (T)spread : 0;                                                     \
+            ref[l] = 0;                                                                          \
         }                                                                                        \
-        for (int64_t i = 0; i < n; ++i) {                                                        \
+        for (int64_t i = 0; i < n; ++i) { /* e holds z = w − w_top (−inf: masked) for now */     \
             _Pragma("omp simd")                                                                  \
             for (int l = 0; l < LANES; ++l) {                                                    \
                 T v = xt[i * LANES + l];                                                         \
-                T ev = v - v == 0 ? EXP(v * sc[l] - w_top[l]) : (T)0; /* (finite v) */           \
-                ev = ok[l] != 0.0 ? ev : (T)0;                                                   \
-                e[i * LANES + l] = ev;                                                           \
-                exp_sum[l] += ev;                                                                \
+                T z = v - v == 0 ? v * sc[l] - w_top[l] : minus_inf; /* (finite v) */            \
+                e[i * LANES + l] = ok[l] != 0.0 ? z : minus_inf;                                 \
             }                                                                                    \
         }                                                                                        \
-        double pending = 0.0, wide = 0.0, counted[LANES];                                        \
-        _Pragma("omp simd reduction(+ : pending, wide)")                                         \
-        for (int l = 0; l < LANES; ++l) {                                                        \
-            double bound = budget[l] / (double)exp_sum[l]; /* F(bound) < k (σ(z) < eᶻ) */        \
-            double start = bound * (live[l] / (live[l] - budget[l])); /* F(start) ≤ k (Jensen) */ \
-            lo[l] = bound > lo[l] ? bound : lo[l];                                               \
-            start = start < hi[l] ? start : hi[l];                                               \
-            c[l] = ok[l] != 0.0 ? start : 1.0;                                                   \
-            pending += 1.0 - done[l];                                                            \
-            wide += ok[l] != 0.0 && width[l] > TILE_SOFT ? 1.0 : 0.0;                            \
-        }                                                                                        \
-        if (wide > 0.0) { /* c = e^{w_max − t}, inside the bracket */                            \
-            tile_count_start_##SUFFIX(xt, n, sc, w_top, width, budget, live, counted);           \
-            _Pragma("omp simd")                                                                  \
+        T wide = 0;                                                                              \
+        for (int l = 0; l < LANES; ++l) wide += ok[l] != 0 && width[l] > (T)TILE_SOFT ? 1 : 0;   \
+        if (wide > 0) {                                                                          \
+            T counted[LANES], span[LANES];                                                       \
+            for (int l = 0; l < LANES; ++l) span[l] = ok[l] != 0 && width[l] > (T)TILE_SOFT ? width[l] : 0; \
+            tile_count_start_##SUFFIX(e, n, budget, span, live, counted);                        \
             for (int l = 0; l < LANES; ++l) {                                                    \
-                double from_count = exp_f64(-counted[l]);                                        \
-                from_count = from_count > lo[l] ? (from_count < hi[l] ? from_count : hi[l]) : lo[l]; \
-                c[l] = ok[l] != 0.0 && width[l] > TILE_SOFT ? from_count : c[l];                 \
+                int lost = counted[l] != counted[l]; /* (no start: solve_row takes the row) */   \
+                ok[l] = lost ? 0 : ok[l];                                                        \
+                done[l] = lost ? 1 : done[l];                                                    \
+                ref[l] = span[l] > 0 && !lost ? counted[l] : 0;                                  \
             }                                                                                    \
         }                                                                                        \
-        const T huge = (T)ldexp(1.0, EXP_CUT), tiny = (T)ldexp(1.0, -EXP_CUT);                   \
-        for (int pass = 0; pending > 0.0; ++pass) {                                              \
-            if (pass == MAX_PASSES) { /* solve_row decides what these rows get */                \
-                for (int l = 0; l < LANES; ++l) ok[l] = done[l] != 0.0 ? ok[l] : 0.0;            \
-                break;                                                                           \
-            }                                                                                    \
-            T sum_p[LANES], sum_v[LANES], sum_pv[LANES];                                         \
-            for (int l = 0; l < LANES; ++l) {                                                    \
-                cl[l] = (T)c[l];                                                                 \
-                sum_p[l] = 0;                                                                    \
-                sum_v[l] = 0;                                                                    \
-                sum_pv[l] = 0;                                                                   \
-            }                                                                                    \
-            for (int64_t i = 0; i < n; ++i) {                                                    \
-                _Pragma("omp simd")                                                              \
-                for (int l = 0; l < LANES; ++l) {                                                \
-                    T y = cl[l] * e[i * LANES + l];                                              \
-                    y = y > tiny ? (y < huge ? y : huge) : (T)0;                                 \
-                    T r = (T)1 / ((T)1 + y);                                                     \
-                    T p = y * r;                                                                 \
-                    T v = p * r;                                                                 \
-                    sum_p[l] += p;                                                               \
-                    sum_v[l] += v;                                                               \
-                    sum_pv[l] += p * v;                                                          \
-                }                                                                                \
-            }                                                                                    \
-            tile_steps_##SUFFIX(c, lo, hi, ok, done, sum_p, sum_v, sum_pv, budget, tol_mass);    \
-            pending = 0.0;                                                                       \
-            for (int l = 0; l < LANES; ++l) pending += 1.0 - done[l];                            \
-        }                                                                                        \
-        const T big = (T)EXP_MAX;                                                                \
-        for (int l = 0; l < LANES; ++l) cl[l] = (T)c[l];                                         \
+        const double reach = (EXP_CUT) / 3.0; /* (ce ≤ e^{cap + reach}: finite) */             \
+        const T cap = (T)((LOG_MAX) - reach - 8.0);                                              \
         for (int64_t i = 0; i < n; ++i) {                                                        \
             _Pragma("omp simd")                                                                  \
             for (int l = 0; l < LANES; ++l) {                                                    \
-                T y = cl[l] * e[i * LANES + l];                                                  \
+                T z = e[i * LANES + l] - ref[l];                                                 \
+                e[i * LANES + l] = EXP(z < cap ? z : cap);                                       \
+            }                                                                                    \
+        }                                                                                        \
+        tile_sum_##SUFFIX(e, n, exp_sum);                                                        \
+        T pending = 0;                                                                           \
+        const T reach_lo = EXP((T)-reach), reach_hi = EXP((T)reach);                             \
+        _Pragma("omp simd reduction(+ : pending)")                                               \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            /* the bracket [odds, odds·e^spread] of e^{−t}, times e^r, within c's reach */       \
+            T odds = budget[l] / (live[l] - budget[l]), r = ref[l];                              \
+            T low = odds * EXP(r), high = odds * EXP(width[l] + r);                              \
+            low = low > reach_lo ? low : reach_lo;                                               \
+            high = high < reach_hi ? high : reach_hi;                                            \
+            T bound = budget[l] / exp_sum[l]; /* F(bound) < k (σ(z) < eᶻ) */                     \
+            T start = bound * (live[l] / (live[l] - budget[l])); /* F(start) ≤ k (Jensen) */     \
+            int jensen = width[l] <= (T)TILE_SOFT;                                               \
+            low = jensen & (bound > low) ? bound : low;                                          \
+            start = jensen ? start : 1;                                                          \
+            start = start < high ? (start > low ? start : low) : high;                           \
+            lo[l] = low;                                                                         \
+            hi[l] = high;                                                                        \
+            c[l] = ok[l] != 0 ? start : 1;                                                       \
+            pending += 1 - done[l];                                                              \
+        }                                                                                        \
+        const T tiny = (T)ldexp(1.0, -EXP_CUT); /* (ce ≤ e^{cap + reach}: no overflow) */        \
+        for (int pass = 0; pending > 0; ++pass) {                                                \
+            if (pass == MAX_PASSES) { /* solve_row decides what these rows get */                \
+                for (int l = 0; l < LANES; ++l) ok[l] = done[l] != 0 ? ok[l] : 0;                \
+                break;                                                                           \
+            }                                                                                    \
+            T sum_p[LANES], sum_v[LANES], sum_pv[LANES];                                         \
+            enum { PARTS = LANES * sizeof(T) / sizeof(tile_vec_##SUFFIX) };                      \
+            tile_vec_##SUFFIX scale[PARTS], acc_p[PARTS], acc_v[PARTS], acc_pv[PARTS];           \
+            memcpy(scale, c, sizeof scale);                                                      \
+            for (int h = 0; h < PARTS; ++h) acc_p[h] = acc_v[h] = acc_pv[h] = scale[h] * 0;      \
+            for (int64_t i = 0; i < n; ++i) { /* (sums in registers, one row per lane) */        \
+                for (int h = 0; h < PARTS; ++h) {                                                \
+                    tile_vec_##SUFFIX y;                                                         \
+                    memcpy(&y, e + i * LANES + h * (LANES / PARTS), sizeof y);                   \
+                    y *= scale[h];                                                               \
+                    y = (tile_vec_##SUFFIX)((tile_mask_##SUFFIX)y & (y > tiny)); /* (no subnormals) */ \
+                    tile_vec_##SUFFIX r = (T)1 / ((T)1 + y), p = y * r, v = p * r;               \
+                    acc_p[h] += p;                                                               \
+                    acc_v[h] += v;                                                               \
+                    acc_pv[h] += p * v;                                                          \
+                }                                                                                \
+            }                                                                                    \
+            memcpy(sum_p, acc_p, sizeof acc_p);                                                  \
+            memcpy(sum_v, acc_v, sizeof acc_v);                                                  \
+            memcpy(sum_pv, acc_pv, sizeof acc_pv);                                               \
+            tile_steps_##SUFFIX(c, lo, hi, ok, done, sum_p, sum_v, sum_pv, budget, tol_mass);    \
+            pending = 0;                                                                         \
+            for (int l = 0; l < LANES; ++l) pending += 1 - done[l];                              \
+        }                                                                                        \
+        const T big = (T)EXP_MAX;                                                                \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                T y = c[l] * e[i * LANES + l];                                                   \
                 T r = (T)1 / ((T)1 + y);                                                         \
                 T other = y < big ? y * r : (T)1;                                                \
-                T value = flipped[l] != 0.0 ? r : other;                                         \
+                T value = flipped[l] != 0 ? r : other;                                           \
                 T v = xt[i * LANES + l];                                                         \
                 out[l * n + i] = v == minus_inf ? (T)0 : (v == plus_inf ? (T)1 : value);         \
             }                                                                                    \
         }                                                                                        \
         for (int l = 0; l < LANES; ++l) /* (solve_row overwrites the rows not solved here) */    \
-            status[l] = ok[l] != 0.0 ? 0 : solve_row_##SUFFIX(x + l * n, out + l * n, n, k[l], inv_tau); \
+            status[l] = ok[l] != 0 ? 0 : solve_row_##SUFFIX(x + l * n, out + l * n, n, k[l], inv_tau); \
     }                                                                                            \
                                                                                                  \
     /* vjp_row for LANES short rows at once (rows r = 0..LANES−1 of p, g and out, each n long):  \
