@@ -189,10 +189,11 @@ def test_rows_wider_than_the_count_start_resolves_leave_the_tile_for_the_per_row
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [1, 2, 5, 16, 31, 32, 33])
+@pytest.mark.parametrize("n", [1, 2, 5, 13, 16, 31, 32, 33, 64, 100, 128, 129])
 def test_short_row_vjp_matches_the_differentiable_formula(n, dtype):
-    # Rows of up to 32 entries are differentiated 8 at a time: two tiles and 3 more rows, one
-    # of them saturated (its vjp is 0) inside a tile.
+    # Rows of up to 128 entries are differentiated 8 at a time (a vector's worth of entries
+    # at a time, the rest one by one): two tiles and 3 more rows, one of them saturated (its
+    # vjp is 0) inside a tile; 129 takes the per-row path.
     x = (seeded_randn(ROWS, n, seed=n) * 3).to(dtype)
     grad = seeded_randn(ROWS, n, seed=n + 1).to(dtype)
     p = soft_topk(x, max(n / 3, 0.5), temperature=0.7)

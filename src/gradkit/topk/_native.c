@@ -55,7 +55,7 @@
 #define LANES 8
 #define TILE_SQRT_f32 sqrtf /* (the tiles' bookkeeping is in the row's own type) */
 #define TILE_SQRT_f64 sqrt
-#define SHORT_VJP_ROW 32 /* (longer rows read a tile no faster than row by row) */
+#define SHORT_VJP_ROW 128 /* rows this short are differentiated LANES at a time too */
 #define TILE_SOFT 6.0 /* … and start from their order statistics when wider than this many τ */
 
 /* ------------------------------------------------------------------ vectorisable exp */
@@ -126,6 +126,50 @@ static inline double exp_f64(double x_in) {
     bits += (int64_t)((uint64_t)(m_bits - 0x4338000000000000) << 52);
     memcpy(&e, &bits, sizeof e);
     return x_in < -708.0 ? 0.0 : (x_in > 709.0 ? (double)INFINITY : e);
+}
+
+/* ------------------------------------------------------------------ tile vectors
+ * 32 bytes of floats or doubles (GCC/Clang vector extensions: one AVX register, two SSE ones),
+ * and their comparison masks (a true comparison is −1), for the short-row tiles:
+ * explicit vectors keep a tile's per-lane sums in registers across a loop over its entries. */
+typedef float tile_vec_f32 __attribute__((vector_size(32)));
+typedef int32_t tile_mask_f32 __attribute__((vector_size(32)));
+typedef double tile_vec_f64 __attribute__((vector_size(32)));
+typedef int64_t tile_mask_f64 __attribute__((vector_size(32)));
+
+#define TILE_SELECT(VEC, MASK, m, a, b) ((VEC)(((MASK)(a) & (m)) | ((MASK)(b) & ~(m))))
+
+/* Two-vector shuffles with constant indices (GCC and Clang spell them differently). */
+#if defined(__clang__)
+#define SHUFFLE_F32(a, b, ...) __builtin_shufflevector((a), (b), __VA_ARGS__)
+#define SHUFFLE_F64(a, b, ...) __builtin_shufflevector((a), (b), __VA_ARGS__)
+#else
+#define SHUFFLE_F32(a, b, ...) __builtin_shuffle((a), (b), (tile_mask_f32){__VA_ARGS__})
+#define SHUFFLE_F64(a, b, ...) __builtin_shuffle((a), (b), (tile_mask_f64){__VA_ARGS__})
+#endif
+
+/* The sums of the entries of each of the vectors v[0..8), in sum[0..8): pairwise sums in a
+   tree of shuffles (no vector is summed on its own, entry by entry). */
+static inline tile_vec_f32 pair_sums_f32(tile_vec_f32 a, tile_vec_f32 b) {
+    return SHUFFLE_F32(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE_F32(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+static void row_sums_f32(const tile_vec_f32 *v, float *sum) {
+    tile_vec_f32 low = pair_sums_f32(pair_sums_f32(v[0], v[1]), pair_sums_f32(v[2], v[3]));
+    tile_vec_f32 high = pair_sums_f32(pair_sums_f32(v[4], v[5]), pair_sums_f32(v[6], v[7]));
+    tile_vec_f32 total = SHUFFLE_F32(low, high, 0, 1, 2, 3, 8, 9, 10, 11) +
+                         SHUFFLE_F32(low, high, 4, 5, 6, 7, 12, 13, 14, 15);
+    memcpy(sum, &total, sizeof total);
+}
+static inline tile_vec_f64 pair_sums_f64(tile_vec_f64 a, tile_vec_f64 b) {
+    return SHUFFLE_F64(a, b, 0, 4, 2, 6) + SHUFFLE_F64(a, b, 1, 5, 3, 7);
+}
+static void row_sums_f64(const tile_vec_f64 *v, double *sum) {
+    for (int half = 0; half < 2; ++half) {
+        tile_vec_f64 low = pair_sums_f64(v[4 * half], v[4 * half + 1]);
+        tile_vec_f64 high = pair_sums_f64(v[4 * half + 2], v[4 * half + 3]);
+        tile_vec_f64 total = SHUFFLE_F64(low, high, 0, 1, 4, 5) + SHUFFLE_F64(low, high, 2, 3, 6, 7);
+        memcpy(sum + 4 * half, &total, sizeof total);
+    }
 }
 
 static inline double clamp_f64(double v, double low, double high) {
@@ -627,26 +671,29 @@ static inline double clamp_f64(double v, double low, double high) {
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
-    /* 32 bytes of T (a tile's LANES values in TILE_PARTS of them), and their comparison masks */\
-    typedef T tile_vec_##SUFFIX __attribute__((vector_size(32)));                                \
-    typedef COUNT tile_mask_##SUFFIX __attribute__((vector_size(32)));                           \
-                                                                                                 \
     static inline tile_vec_##SUFFIX tile_select_##SUFFIX(tile_mask_##SUFFIX m, tile_vec_##SUFFIX a, \
                                                          tile_vec_##SUFFIX b) {                  \
-        return (tile_vec_##SUFFIX)(((tile_mask_##SUFFIX)a & m) | ((tile_mask_##SUFFIX)b & ~m));  \
+        return TILE_SELECT(tile_vec_##SUFFIX, tile_mask_##SUFFIX, m, a, b);                      \
     }                                                                                            \
                                                                                                  \
-    /* Per lane of a transposed tile (n entries a lane), the sum of its entries. */              \
-    static void tile_sum_##SUFFIX(const T *tile, int64_t n, T *sum) {                            \
+    /* Per lane of a transposed tile z (n entries a lane): z ← e^{min(z − ref, cap)} in place,   \
+       and the sum of the exponentials. */                                                       \
+    static void tile_exp_sum_##SUFFIX(T *z, int64_t n, const T *ref, T cap, T *sum) {            \
         enum { PARTS = LANES * sizeof(T) / sizeof(tile_vec_##SUFFIX) };                          \
         tile_vec_##SUFFIX total[PARTS];                                                          \
         memset(total, 0, sizeof total);                                                          \
-        for (int64_t i = 0; i < n; ++i)                                                          \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                T v = z[i * LANES + l] - ref[l];                                                 \
+                z[i * LANES + l] = EXP(v < cap ? v : cap);                                       \
+            }                                                                                    \
             for (int h = 0; h < PARTS; ++h) {                                                    \
                 tile_vec_##SUFFIX v;                                                             \
-                memcpy(&v, tile + i * LANES + h * (LANES / PARTS), sizeof v);                    \
+                memcpy(&v, z + i * LANES + h * (LANES / PARTS), sizeof v);                       \
                 total[h] += v;                                                                   \
             }                                                                                    \
+        }                                                                                        \
         memcpy(sum, total, sizeof total);                                                        \
     }                                                                                            \
                                                                                                  \
@@ -718,7 +765,7 @@ static inline double clamp_f64(double v, double low, double high) {
             outside[l] = move & !inside ? 1 : 0;                                                 \
             bisect += outside[l];                                                                \
             failed[l] = active & !converged & collapsed ? 1 : 0; /* the torch path's rows */     \
-            finished[l] = !active | converged | collapsed | settled ? 1 : 0;                     \
+            finished[l] = (!active) | converged | collapsed | settled ? 1 : 0;                   \
             hi[l] = high;                                                                        \
             lo[l] = low;                                                                         \
             y[l] = step;                                                                         \
@@ -905,14 +952,7 @@ static inline double clamp_f64(double v, double low, double high) {
         }                                                                                        \
         const double reach = (EXP_CUT) / 3.0; /* (ce ≤ e^{cap + reach}: finite) */             \
         const T cap = (T)((LOG_MAX) - reach - 8.0);                                              \
-        for (int64_t i = 0; i < n; ++i) {                                                        \
-            _Pragma("omp simd")                                                                  \
-            for (int l = 0; l < LANES; ++l) {                                                    \
-                T z = e[i * LANES + l] - ref[l];                                                 \
-                e[i * LANES + l] = EXP(z < cap ? z : cap);                                       \
-            }                                                                                    \
-        }                                                                                        \
-        tile_sum_##SUFFIX(e, n, exp_sum);                                                        \
+        tile_exp_sum_##SUFFIX(e, n, ref, cap, exp_sum);                                          \
         T pending = 0;                                                                           \
         const T reach_lo = EXP((T)-reach), reach_hi = EXP((T)reach);                             \
         _Pragma("omp simd reduction(+ : pending)")                                               \
@@ -980,25 +1020,39 @@ static inline double clamp_f64(double v, double low, double high) {
     }                                                                                            \
                                                                                                  \
     /* vjp_row for LANES short rows at once (rows r = 0..LANES−1 of p, g and out, each n long):  \
-       the sums of every row in one pass over the tile, lane by lane, so that no row pays a      \
-       reduction's latency on its own.  Writes c per row to cs[0..LANES). */                     \
+       each row's sums in vector registers, a vector's worth of entries at a time (the rest      \
+       one by one), then the LANES rows' vectors summed together in one tree of shuffles         \
+       (row_sums), so that no row pays a reduction on its own.  Writes c per row to              \
+       cs[0..LANES). */                                                                          \
     static void vjp_tile_##SUFFIX(const T *g, const T *p, T *out, T *cs, int64_t n,              \
                                   double inv_tau) {                                              \
-        T sum_v[LANES], sum_gv[LANES], c[LANES];                                                 \
+        enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T) };                                  \
+        tile_vec_##SUFFIX chunk_v[LANES], chunk_gv[LANES];                                       \
+        T rest_v[LANES], rest_gv[LANES], sum_v[LANES], sum_gv[LANES], c[LANES];                  \
         for (int l = 0; l < LANES; ++l) {                                                        \
-            sum_v[l] = 0;                                                                        \
-            sum_gv[l] = 0;                                                                       \
-        }                                                                                        \
-        for (int64_t i = 0; i < n; ++i) {                                                        \
-            _Pragma("omp simd")                                                                  \
-            for (int l = 0; l < LANES; ++l) {                                                    \
-                T q = p[l * n + i], v = q * ((T)1 - q);                                          \
-                sum_v[l] += v;                                                                   \
-                sum_gv[l] += g[l * n + i] * v;                                                   \
+            const T *gl = g + l * n, *pl = p + l * n;                                            \
+            chunk_v[l] = chunk_gv[l] = (tile_vec_##SUFFIX){0};                                   \
+            rest_v[l] = rest_gv[l] = 0;                                                          \
+            int64_t i = 0;                                                                       \
+            for (; i + WIDTH <= n; i += WIDTH) {                                                 \
+                tile_vec_##SUFFIX q, grad;                                                       \
+                memcpy(&q, pl + i, sizeof q);                                                    \
+                memcpy(&grad, gl + i, sizeof grad);                                              \
+                tile_vec_##SUFFIX v = q * ((T)1 - q);                                            \
+                chunk_v[l] += v;                                                                 \
+                chunk_gv[l] += grad * v;                                                         \
+            }                                                                                    \
+            for (; i < n; ++i) {                                                                 \
+                T v = pl[i] * ((T)1 - pl[i]);                                                    \
+                rest_v[l] += v;                                                                  \
+                rest_gv[l] += gl[i] * v;                                                         \
             }                                                                                    \
         }                                                                                        \
+        row_sums_##SUFFIX(chunk_v, sum_v);                                                       \
+        row_sums_##SUFFIX(chunk_gv, sum_gv);                                                     \
         for (int l = 0; l < LANES; ++l) {                                                        \
-            c[l] = sum_v[l] > 0 ? sum_gv[l] / sum_v[l] : (T)0;                                   \
+            T total_v = sum_v[l] + rest_v[l], total_gv = sum_gv[l] + rest_gv[l];                 \
+            c[l] = total_v > 0 ? total_gv / total_v : (T)0;                                      \
             cs[l] = c[l];                                                                        \
         }                                                                                        \
         const T scale = (T)inv_tau;                                                              \
