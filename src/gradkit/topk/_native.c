@@ -71,12 +71,10 @@
 #define MADD_F64(a, b, c) ((a) * (b) + (c))
 #endif
 
-static inline float exp_f32(float x_in) {
-    /* e^x = 2^m · e^r with m = round(x / ln 2) and |r| ≤ ln2/2 (Cody–Waite split of ln 2),
-       e^r from Cephes' degree-6 minimax polynomial.  The clamp keeps 2^m·e^r normal; outside
-       it the result saturates exactly, to 0 (instead of a denormal) or +inf. */
-    float x = x_in < -87.0f ? -87.0f : (x_in > 88.0f ? 88.0f : x_in);
-    /* round to nearest by the 1.5·2²³ trick (vectorises, unlike roundf) */
+static inline float exp_core_f32(float x) {
+    /* e^x for x in [−87, 88]: 2^m · e^r with m = round(x / ln 2) and |r| ≤ ln2/2 (Cody–Waite
+       split of ln 2), e^r from Cephes' degree-6 minimax polynomial.
+       round to nearest by the 1.5·2²³ trick (vectorises, unlike roundf) */
     float shifted = x * 1.44269504088896341f + 12582912.0f;
     float m = shifted - 12582912.0f;
     float r = x - m * 0.693359375f;
@@ -96,13 +94,20 @@ static inline float exp_f32(float x_in) {
     memcpy(&m_bits, &shifted, sizeof m_bits);
     bits += (int32_t)((uint32_t)(m_bits - 0x4B400000) << 23);
     memcpy(&e, &bits, sizeof e);
+    return e;
+}
+
+static inline float exp_f32(float x_in) {
+    /* The clamp keeps 2^m·e^r normal; outside it the result saturates exactly, to 0 (instead of
+       a denormal) or +inf. */
+    float x = x_in < -87.0f ? -87.0f : (x_in > 88.0f ? 88.0f : x_in);
+    float e = exp_core_f32(x);
     return x_in < -87.0f ? 0.0f : (x_in > 88.0f ? (float)INFINITY : e);
 }
 
-static inline double exp_f64(double x_in) {
-    /* The same scheme in double: fdlibm's split of ln 2, Taylor to degree 13 on |r| ≤ 0.347
-       (truncation below 1e-17 relative). */
-    double x = x_in < -708.0 ? -708.0 : (x_in > 709.0 ? 709.0 : x_in);
+static inline double exp_core_f64(double x) {
+    /* The same scheme in double, for x in [−708, 709]: fdlibm's split of ln 2, Taylor to
+       degree 13 on |r| ≤ 0.347 (truncation below 1e-17 relative). */
     double shifted = x * 1.4426950408889634074 + 6755399441055744.0;
     double m = shifted - 6755399441055744.0;
     double r = x - m * 6.93147180369123816490e-01;
@@ -125,7 +130,33 @@ static inline double exp_f64(double x_in) {
     memcpy(&m_bits, &shifted, sizeof m_bits);
     bits += (int64_t)((uint64_t)(m_bits - 0x4338000000000000) << 52);
     memcpy(&e, &bits, sizeof e);
+    return e;
+}
+
+static inline double exp_f64(double x_in) {
+    double x = x_in < -708.0 ? -708.0 : (x_in > 709.0 ? 709.0 : x_in);
+    double e = exp_core_f64(x);
     return x_in < -708.0 ? 0.0 : (x_in > 709.0 ? (double)INFINITY : e);
+}
+
+/* A zero the compiler cannot see through.  Clamps at constant bounds make GCC specialise the
+   code after them for each bound and blend all the versions (twice the instructions in a
+   vectorised loop of exponentials); bounds offset by this zero stay plain min/max selects. */
+static volatile float opaque_zero_f32 = 0.0f;
+static volatile double opaque_zero_f64 = 0.0;
+
+/* exp_f32 and exp_f64 with their range [low, high] passed in (offset by an opaque zero, for
+   the loops of exponentials over a row). */
+static inline float exp_within_f32(float x_in, float low, float high) {
+    float x = x_in > low ? x_in : low;
+    float e = exp_core_f32(x < high ? x : high);
+    return x_in < low ? 0.0f : (x_in > high ? (float)INFINITY : e);
+}
+
+static inline double exp_within_f64(double x_in, double low, double high) {
+    double x = x_in > low ? x_in : low;
+    double e = exp_core_f64(x < high ? x : high);
+    return x_in < low ? 0.0 : (x_in > high ? (double)INFINITY : e);
 }
 
 /* ------------------------------------------------------------------ tile vectors
@@ -527,9 +558,12 @@ static inline double clamp_f64(double v, double low, double high) {
         const T origin = (T)t;                                                                   \
         const double t0 = (double)origin;                                                        \
         /* G_i = e^{t₀ − w_i}; +inf for masked entries, which then weigh nothing (p = 0). */     \
+        const T low = (T)(LOG_MIN) + opaque_zero_##SUFFIX, high = (T)(LOG_MAX) + opaque_zero_##SUFFIX; \
         _Pragma("omp simd")                                                                      \
-        for (int64_t i = 0; i < n; ++i)                                                          \
-            out[i] = x[i] == minus_inf ? (T)INFINITY : EXP(origin - x[i] * sc);                  \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            T g = exp_within_##SUFFIX(origin - x[i] * sc, low, high);                            \
+            out[i] = x[i] == minus_inf ? (T)INFINITY : g;                                        \
+        }                                                                                        \
         /* c at the bracket's ends: e^{w − t₀}·(n − k)/k, within exp's range. */                 \
         const double inv_odds = ((double)live - budget) / budget;                                \
         const double c_min = exp_f64(LOG_MIN), c_max = exp_f64(LOG_MAX);                         \
@@ -634,20 +668,22 @@ static inline double clamp_f64(double v, double low, double high) {
         const T sc = (T)scale, w_top = (T)(flipped ? -x_min * inv_tau : x_max * inv_tau);        \
         /* E_i = e^{w_i − w_max} into out (≥ e^−40: normal; 0 for masked entries), and Σ E_i. */ \
         double exp_sum = 0.0;                                                                    \
+        const T low = (T)(LOG_MIN) + opaque_zero_##SUFFIX, high = (T)(LOG_MAX) + opaque_zero_##SUFFIX; \
         for (int64_t start = 0; start < n; start += BLOCK) {                                     \
             int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
             T block = 0;                                                                         \
             if (masked) {                                                                        \
                 _Pragma("omp simd reduction(+ : block)")                                         \
                 for (int64_t i = start; i < stop; ++i) {                                         \
-                    T e = x[i] == minus_inf ? (T)0 : EXP(x[i] * sc - w_top);                     \
+                    T e = exp_within_##SUFFIX(x[i] * sc - w_top, low, high);                     \
+                    e = x[i] == minus_inf ? (T)0 : e;                                            \
                     out[i] = e;                                                                  \
                     block += e;                                                                  \
                 }                                                                                \
             } else {                                                                             \
                 _Pragma("omp simd reduction(+ : block)")                                         \
                 for (int64_t i = start; i < stop; ++i) {                                         \
-                    T e = EXP(x[i] * sc - w_top);                                                \
+                    T e = exp_within_##SUFFIX(x[i] * sc - w_top, low, high);                     \
                     out[i] = e;                                                                  \
                     block += e;                                                                  \
                 }                                                                                \
@@ -676,17 +712,19 @@ static inline double clamp_f64(double v, double low, double high) {
         return TILE_SELECT(tile_vec_##SUFFIX, tile_mask_##SUFFIX, m, a, b);                      \
     }                                                                                            \
                                                                                                  \
-    /* Per lane of a transposed tile z (n entries a lane): z ← e^{min(z − ref, cap)} in place,   \
-       and the sum of the exponentials. */                                                       \
+    /* Per lane of a transposed tile z (n entries a lane): z ← e^{min(z − ref, cap)} in place    \
+       (0 below e^LOG_MIN), and the sum of the exponentials. */                                  \
     static void tile_exp_sum_##SUFFIX(T *z, int64_t n, const T *ref, T cap, T *sum) {            \
         enum { PARTS = LANES * sizeof(T) / sizeof(tile_vec_##SUFFIX) };                          \
         tile_vec_##SUFFIX total[PARTS];                                                          \
         memset(total, 0, sizeof total);                                                          \
+        const T low = (T)(LOG_MIN) + opaque_zero_##SUFFIX, high = cap + opaque_zero_##SUFFIX;    \
         for (int64_t i = 0; i < n; ++i) {                                                        \
             _Pragma("omp simd")                                                                  \
             for (int l = 0; l < LANES; ++l) {                                                    \
-                T v = z[i * LANES + l] - ref[l];                                                 \
-                z[i * LANES + l] = EXP(v < cap ? v : cap);                                       \
+                T v = z[i * LANES + l] - ref[l], w = v > low ? v : low;                          \
+                T ev = exp_core_##SUFFIX(w < high ? w : high);                                   \
+                z[i * LANES + l] = v < low ? (T)0 : ev;                                          \
             }                                                                                    \
             for (int h = 0; h < PARTS; ++h) {                                                    \
                 tile_vec_##SUFFIX v;                                                             \
