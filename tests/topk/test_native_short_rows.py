@@ -189,6 +189,29 @@ def test_rows_wider_than_the_count_start_resolves_leave_the_tile_for_the_per_row
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(6))
+def test_random_tiles_of_mixed_rows_match_the_reference(seed, dtype):
+    # Property check over the tile's branches at once: a random n ≤ 128, rows of log-uniform
+    # spreads from 0.01 to 1e4 τ (narrow and wide starts, several count rounds), random
+    # −inf masks on some rows and random per-row budgets in [0, live].
+    generator = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 129, (1,), generator=generator))
+    rows = 24
+    scales = 10 ** (torch.rand(rows, 1, generator=generator, dtype=torch.float64) * 6 - 2)
+    x = torch.randn(rows, n, generator=generator, dtype=torch.float64) * scales
+    masked = (torch.rand(rows, n, generator=generator) < 0.3) & (torch.arange(rows) % 3 == 0)[
+        :, None
+    ]
+    x[masked] = -math.inf
+    x[masked.all(-1), 0] = 0.0  # (at least one live entry per row)
+    live = (x > -math.inf).sum(-1).double()
+    k = torch.rand(rows, generator=generator, dtype=torch.float64) * live
+    k[::5] = k[::5].round()
+    _check_against_reference(x.to(dtype), k, 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [1, 2, 5, 13, 16, 31, 32, 33, 64, 100, 128, 129])
 def test_short_row_vjp_matches_the_differentiable_formula(n, dtype):
     # Rows of up to 128 entries are differentiated 8 at a time (a vector's worth of entries
