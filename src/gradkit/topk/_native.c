@@ -182,7 +182,8 @@ typedef int64_t tile_mask_f64 __attribute__((vector_size(32)));
 /* The sums of the entries of each of the vectors v[0..8), in sum[0..8): pairwise sums in a
    tree of shuffles (no vector is summed on its own, entry by entry). */
 static inline tile_vec_f32 pair_sums_f32(tile_vec_f32 a, tile_vec_f32 b) {
-    return SHUFFLE_F32(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE_F32(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+    return SHUFFLE_F32(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+           SHUFFLE_F32(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
 }
 static void row_sums_f32(const tile_vec_f32 *v, float *sum) {
     tile_vec_f32 low = pair_sums_f32(pair_sums_f32(v[0], v[1]), pair_sums_f32(v[2], v[3]));
@@ -198,7 +199,8 @@ static void row_sums_f64(const tile_vec_f64 *v, double *sum) {
     for (int half = 0; half < 2; ++half) {
         tile_vec_f64 low = pair_sums_f64(v[4 * half], v[4 * half + 1]);
         tile_vec_f64 high = pair_sums_f64(v[4 * half + 2], v[4 * half + 3]);
-        tile_vec_f64 total = SHUFFLE_F64(low, high, 0, 1, 4, 5) + SHUFFLE_F64(low, high, 2, 3, 6, 7);
+        tile_vec_f64 total =
+            SHUFFLE_F64(low, high, 0, 1, 4, 5) + SHUFFLE_F64(low, high, 2, 3, 6, 7);
         memcpy(sum + 4 * half, &total, sizeof total);
     }
 }
@@ -558,7 +560,8 @@ static inline double clamp_f64(double v, double low, double high) {
         const T origin = (T)t;                                                                   \
         const double t0 = (double)origin;                                                        \
         /* G_i = e^{t₀ − w_i}; +inf for masked entries, which then weigh nothing (p = 0). */     \
-        const T low = (T)(LOG_MIN) + opaque_zero_##SUFFIX, high = (T)(LOG_MAX) + opaque_zero_##SUFFIX; \
+        const T low = (T)(LOG_MIN) + opaque_zero_##SUFFIX;                                       \
+        const T high = (T)(LOG_MAX) + opaque_zero_##SUFFIX;                                      \
         _Pragma("omp simd")                                                                      \
         for (int64_t i = 0; i < n; ++i) {                                                        \
             T g = exp_within_##SUFFIX(origin - x[i] * sc, low, high);                            \
@@ -668,7 +671,8 @@ static inline double clamp_f64(double v, double low, double high) {
         const T sc = (T)scale, w_top = (T)(flipped ? -x_min * inv_tau : x_max * inv_tau);        \
         /* E_i = e^{w_i − w_max} into out (≥ e^−40: normal; 0 for masked entries), and Σ E_i. */ \
         double exp_sum = 0.0;                                                                    \
-        const T low = (T)(LOG_MIN) + opaque_zero_##SUFFIX, high = (T)(LOG_MAX) + opaque_zero_##SUFFIX; \
+        const T low = (T)(LOG_MIN) + opaque_zero_##SUFFIX;                                       \
+        const T high = (T)(LOG_MAX) + opaque_zero_##SUFFIX;                                      \
         for (int64_t start = 0; start < n; start += BLOCK) {                                     \
             int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
             T block = 0;                                                                         \
@@ -707,7 +711,8 @@ static inline double clamp_f64(double v, double low, double high) {
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
-    static inline tile_vec_##SUFFIX tile_select_##SUFFIX(tile_mask_##SUFFIX m, tile_vec_##SUFFIX a, \
+    static inline tile_vec_##SUFFIX tile_select_##SUFFIX(tile_mask_##SUFFIX m,                   \
+                                                         tile_vec_##SUFFIX a,                    \
                                                          tile_vec_##SUFFIX b) {                  \
         return TILE_SELECT(tile_vec_##SUFFIX, tile_mask_##SUFFIX, m, a, b);                      \
     }                                                                                            \
@@ -867,7 +872,8 @@ static inline double clamp_f64(double v, double low, double high) {
             widest /= COUNT_THRESHOLDS + 1;                                                      \
             for (int j = 0; j < COUNT_THRESHOLDS; ++j)                                           \
                 for (int l = 0; l < LANES; ++l)                                                  \
-                    cut[j * LANES + l] = a[l] + (b[l] - a[l]) * (T)(j + 1) / (COUNT_THRESHOLDS + 1); \
+                    cut[j * LANES + l] =                                                         \
+                        a[l] + (b[l] - a[l]) * (T)(j + 1) / (COUNT_THRESHOLDS + 1);              \
             tile_count_above_##SUFFIX(z, n, cut, count);                                         \
             _Pragma("omp simd")                                                                  \
             for (int l = 0; l < LANES; ++l) { /* the highest cut with more than m above */       \
@@ -877,7 +883,8 @@ static inline double clamp_f64(double v, double low, double high) {
                     low = more ? cut[j * LANES + l] : low;                                       \
                     low_count = more ? count[j * LANES + l] : low_count;                         \
                     high = more ? (last ? b[l] : cut[(j + 1) * LANES + l]) : high;               \
-                    high_count = more ? (last ? b_count[l] : count[(j + 1) * LANES + l]) : high_count; \
+                    T next_count = last ? b_count[l] : count[(j + 1) * LANES + l];               \
+                    high_count = more ? next_count : high_count;                                 \
                 }                                                                                \
                 a[l] = low;                                                                      \
                 a_count[l] = low_count;                                                          \
@@ -979,7 +986,8 @@ static inline double clamp_f64(double v, double low, double high) {
         for (int l = 0; l < LANES; ++l) wide += ok[l] != 0 && width[l] > (T)TILE_SOFT ? 1 : 0;   \
         if (wide > 0) {                                                                          \
             T counted[LANES], span[LANES];                                                       \
-            for (int l = 0; l < LANES; ++l) span[l] = ok[l] != 0 && width[l] > (T)TILE_SOFT ? width[l] : 0; \
+            for (int l = 0; l < LANES; ++l)                                                      \
+                span[l] = ok[l] != 0 && width[l] > (T)TILE_SOFT ? width[l] : 0;                  \
             tile_count_start_##SUFFIX(e, n, budget, span, live, counted);                        \
             for (int l = 0; l < LANES; ++l) {                                                    \
                 int lost = counted[l] != counted[l]; /* (no start: solve_row takes the row) */   \
@@ -1027,7 +1035,8 @@ static inline double clamp_f64(double v, double low, double high) {
                     tile_vec_##SUFFIX y;                                                         \
                     memcpy(&y, e + i * LANES + h * (LANES / PARTS), sizeof y);                   \
                     y *= scale[h];                                                               \
-                    y = (tile_vec_##SUFFIX)((tile_mask_##SUFFIX)y & (y > tiny)); /* (no subnormals) */ \
+                    /* (no subnormals) */                                                        \
+                    y = (tile_vec_##SUFFIX)((tile_mask_##SUFFIX)y & (y > tiny));                 \
                     tile_vec_##SUFFIX r = (T)1 / ((T)1 + y), p = y * r, v = p * r;               \
                     acc_p[h] += p;                                                               \
                     acc_v[h] += v;                                                               \
