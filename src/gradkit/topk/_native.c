@@ -1439,14 +1439,15 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 status[l] = sparse_row_##SUFFIX(x + l * n, out + l * n, n, k[l], tau[l], cand);  \
                 continue;                                                                        \
             }                                                                                    \
-            const T *row = x + l * n; /* p row by row from x: no transposition back */           \
+            const T *row = x + l * n; /* p row by row from x, in T as sparse_row: no         \
+                                         transposition back */                                   \
             T *dest = out + l * n;                                                               \
-            const double top_l = top[l], inv_l = inv[l], t_l = t[l];                             \
+            const T top_l = (T)top[l], inv_l = (T)inv[l], t_l = (T)t[l];                         \
             _Pragma("omp simd")                                                                  \
-            for (int64_t i = 0; i < n; ++i) { /* (w_i − t as in the solve; ∓inf at ∓inf) */     \
-                double z = ((double)row[i] - top_l) * inv_l - t_l;                               \
-                z = z < 1.0 ? z : 1.0;                                                           \
-                dest[i] = (T)(z > 0.0 ? z : 0.0);                                                \
+            for (int64_t i = 0; i < n; ++i) {                                                    \
+                T z = (row[i] - top_l) * inv_l - t_l; /* ∓inf at ∓inf */                         \
+                z = z < (T)1 ? z : (T)1;                                                         \
+                dest[i] = z > (T)0 ? z : (T)0;                                                   \
             }                                                                                    \
             status[l] = 0;                                                                       \
         }                                                                                        \
