@@ -1,6 +1,6 @@
 """sparse_topk's short-row tiles in the fused kernel (rows of n ≤ 64, 8 at a time, one per
 vector lane): rows with +inf entries solved inside a tile, p written row by row from x, and
-the tiled vjp.
+the tiled vjp (rows of n ≤ 16; longer ones row by row).
 
 Only calls with at least 8 rows reach a tile, so these tests use 19 rows (two tiles and 3
 rows on the per-row path).  References: the float64 sort-based exact projection

@@ -1455,6 +1455,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
 
 #define SPARSE_TILE_N 64 /* rows this short are solved SPARSE_LANES at a time, one per lane */
 #define SPARSE_LANES 8
+#define SPARSE_VJP_TILE_N 16 /* (the vjp of longer rows is no faster in a tile) */
 
 /* Active-set Newton for SPARSE_LANES short rows at once, one row per vector lane (the per-row
    costs of short rows, reductions and the step's branches, are shared): the steps of
@@ -1539,7 +1540,7 @@ static void sparse_run_job(const SparseJob *job) {
         return;
     }
     int64_t row = job->row_begin;
-    if (job->op >= 2 && job->n <= SPARSE_TILE_N) { /* short rows: SPARSE_LANES at a time */
+    if (job->op >= 2 && job->n <= SPARSE_VJP_TILE_N) { /* short rows: LANES at a time */
         for (; row + SPARSE_LANES <= job->row_end; row += SPARSE_LANES) {
             double inv[SPARSE_LANES];
             for (int l = 0; l < SPARSE_LANES; ++l)
