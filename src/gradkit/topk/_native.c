@@ -1290,7 +1290,7 @@ int gradkit_abi_version(void) { return 3; }
  * SPARSE_NARROW τ with a budget under SPARSE_TOP_LIST start from the order-statistics
  * bracket [w_(⌊k⌋+1) − 1, w_(⌈k⌉)] (width ≤ 1, from one scan) and keep only the entries in
  * its window.  Rows of at most SPARSE_TILE_N entries are solved SPARSE_LANES at a time, one
- * per vector lane, by the same steps (sparse_tile_solve).
+ * per vector lane, by the same steps (sparse_tile_solve), +inf entries included.
  * +inf entries take k/m each (at most 1) of the budget, a NaN makes its row NaN (as _sparse.py).
  * status: 0 solved; 1 w overflows; 3 no convergence or no memory (the caller solves the row).
  */
@@ -1580,17 +1580,51 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         return mean;                                                                             \
     }                                                                                            \
                                                                                                  \
-    /* SPARSE_LANES rows of n ≤ SPARSE_TILE_N at once by sparse_tile_solve; the rows it does    \
-       not take (NaN, +inf, trivial budgets, overflow) or solve go to sparse_row. */            \
+    /* sparse_vjp_row for SPARSE_LANES short rows at once (rows l = 0..LANES−1 of g, p and out, \
+       each n ≤ BLOCK long; 1/τ per row): the sums of every row in one pass over the tile, lane  \
+       by lane, so that no row pays a reduction's latency on its own.  Writes mean_F g per row  \
+       to means[0..LANES). */                                                                  \
+    static void sparse_vjp_tile_##SUFFIX(const T *g, const T *p, T *out, T *means, int64_t n,  \
+                                         const double *inv_tau) {                                \
+        T count[SPARSE_LANES], total[SPARSE_LANES];                                              \
+        for (int l = 0; l < SPARSE_LANES; ++l) count[l] = total[l] = 0;                          \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
+                T q = p[l * n + i];                                                              \
+                T free = (T)(q > (T)0) * (T)(q < (T)1);                                          \
+                count[l] += free;                                                                \
+                total[l] += free * g[l * n + i];                                                 \
+            }                                                                                    \
+        }                                                                                        \
+        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
+            double mean = count[l] > 0 ? (double)total[l] / (double)count[l] : 0.0;              \
+            means[l] = (T)mean;                                                                  \
+            const T *gl = g + l * n, *pl = p + l * n;                                            \
+            T *ol = out + l * n;                                                                 \
+            const T mean_t = (T)mean, scale = (T)inv_tau[l];                                     \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t i = 0; i < n; ++i) {                                                    \
+                T free = (T)(pl[i] > (T)0) * (T)(pl[i] < (T)1);                                  \
+                T value = free * (gl[i] - mean_t) * scale;                                       \
+                ol[i] = pl[i] != pl[i] ? pl[i] : value;                                          \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* SPARSE_LANES rows of n ≤ SPARSE_TILE_N at once by sparse_tile_solve (+inf entries      \
+       included); the rows it does not take (NaN, budgets with nothing to solve, overflow) or  \
+       solve go to sparse_row. */                                                              \
     static void sparse_tile_##SUFFIX(const T *x, T *out, int64_t n, const double *k,            \
                                      const double *tau, int32_t *status, double *cand) {        \
         T xt[SPARSE_TILE_N * SPARSE_LANES];                                                      \
         double w[SPARSE_TILE_N * SPARSE_LANES];                                                  \
         for (int64_t i = 0; i < n; ++i)                                                          \
             for (int l = 0; l < SPARSE_LANES; ++l) xt[i * SPARSE_LANES + l] = x[l * n + i];      \
-        T high[SPARSE_LANES], low[SPARSE_LANES], count[SPARSE_LANES], odd[SPARSE_LANES];         \
+        T high[SPARSE_LANES], low[SPARSE_LANES], count[SPARSE_LANES], nan[SPARSE_LANES];         \
+        T plus_t[SPARSE_LANES];                                                                  \
         for (int l = 0; l < SPARSE_LANES; ++l)                                                   \
-            high[l] = (T)-INFINITY, low[l] = (T)INFINITY, count[l] = 0, odd[l] = 0;              \
+            high[l] = (T)-INFINITY, low[l] = (T)INFINITY, count[l] = nan[l] = plus_t[l] = 0;     \
         for (int64_t i = 0; i < n; ++i) {                                                        \
             _Pragma("omp simd")                                                                  \
             for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
@@ -1600,20 +1634,23 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 high[l] = up_v > high[l] ? up_v : high[l];                                       \
                 low[l] = down_v < low[l] ? down_v : low[l];                                      \
                 count[l] += (T)finite;                                                           \
-                odd[l] += (T)((v != v) | (v == (T)INFINITY));                                    \
+                nan[l] += (T)(v != v);                                                           \
+                plus_t[l] += (T)(v == (T)INFINITY);                                              \
             }                                                                                    \
         }                                                                                        \
         double top[SPARSE_LANES], inv[SPARSE_LANES], lo[SPARSE_LANES], live[SPARSE_LANES];       \
-        double sum[SPARSE_LANES], t[SPARSE_LANES];                                               \
+        double sum[SPARSE_LANES], t[SPARSE_LANES], plus[SPARSE_LANES];                           \
         int go[SPARSE_LANES], taken[SPARSE_LANES];                                               \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             top[l] = (double)high[l];                                                            \
             inv[l] = 1.0 / tau[l];                                                               \
             live[l] = (double)count[l];                                                          \
+            plus[l] = (double)plus_t[l]; /* (+inf entries: always in U, k − plus to share) */    \
             lo[l] = ((double)low[l] - top[l]) * inv[l] - 1.0;                                    \
-            go[l] = odd[l] == 0 && k[l] > 0.0 && k[l] < live[l] && lo[l] > -INFINITY;            \
+            go[l] = nan[l] == 0 && k[l] - plus[l] > 0.0 && k[l] - plus[l] < live[l] &&           \
+                    lo[l] > -INFINITY;                                                           \
             taken[l] = go[l];                                                                    \
-            if (!go[l]) top[l] = 0.0, inv[l] = 0.0, lo[l] = -1.0, live[l] = 1.0;                 \
+            if (!go[l]) top[l] = 0.0, inv[l] = 0.0, lo[l] = -1.0, live[l] = 1.0, plus[l] = 0.0;  \
             sum[l] = 0.0;                                                                        \
         }                                                                                        \
         for (int64_t i = 0; i < n; ++i) {                                                        \
@@ -1622,47 +1659,52 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 T v = xt[i * SPARSE_LANES + l];                                                  \
                 int finite = v - v == 0;                                                         \
                 double value = ((double)(finite ? v : (T)0) - top[l]) * inv[l];                  \
-                w[i * SPARSE_LANES + l] = finite ? value : -DBL_MAX;                             \
+                /* ∓DBL_MAX where masked or +inf: finite, so that 0·w = 0 in the sums */         \
+                w[i * SPARSE_LANES + l] = finite ? value : (v > (T)0 ? DBL_MAX : -DBL_MAX);      \
                 sum[l] += finite ? value : 0.0;                                                  \
             }                                                                                    \
         }                                                                                        \
-        sparse_tile_solve(w, n, k, lo, live, sum, t, go);                                        \
-        for (int64_t i = 0; i < n; ++i) {                                                        \
-            _Pragma("omp simd")                                                                  \
-            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
-                double z = w[i * SPARSE_LANES + l] - t[l];                                       \
-                xt[i * SPARSE_LANES + l] = (T)(z < 1.0 ? (z > 0.0 ? z : 0.0) : 1.0);             \
-            }                                                                                    \
-        }                                                                                        \
+        sparse_tile_solve(w, n, k, lo, live, plus, sum, t, go);                                  \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
-            if (taken[l] && !go[l]) {                                                            \
-                for (int64_t i = 0; i < n; ++i) out[l * n + i] = xt[i * SPARSE_LANES + l];      \
-                status[l] = 0;                                                                   \
-            } else {                                                                             \
+            if (!taken[l] || go[l]) {                                                            \
                 status[l] = sparse_row_##SUFFIX(x + l * n, out + l * n, n, k[l], tau[l], cand);  \
+                continue;                                                                        \
             }                                                                                    \
+            const T *row = x + l * n; /* p row by row from x, in T as sparse_row: no         \
+                                         transposition back */                                   \
+            T *dest = out + l * n;                                                               \
+            const T top_l = (T)top[l], inv_l = (T)inv[l], t_l = (T)t[l];                         \
+            _Pragma("omp simd")                                                                  \
+            for (int64_t i = 0; i < n; ++i) {                                                    \
+                T z = (row[i] - top_l) * inv_l - t_l; /* ∓inf at ∓inf */                         \
+                z = z < (T)1 ? z : (T)1;                                                         \
+                dest[i] = z > (T)0 ? z : (T)0;                                                   \
+            }                                                                                    \
+            status[l] = 0;                                                                       \
         }                                                                                        \
     }
 
 #define SPARSE_TILE_N 64 /* rows this short are solved SPARSE_LANES at a time, one per lane */
 #define SPARSE_LANES 8
+#define SPARSE_VJP_TILE_N 16 /* (the vjp of longer rows is no faster in a tile) */
 
 /* Active-set Newton for SPARSE_LANES short rows at once, one row per vector lane (the per-row
    costs of short rows, reductions and the step's branches, are shared): the steps of
    sparse_step, branch-free across lanes, from the all-free root.  w[i·LANES + l] holds w_i of
-   lane l (−DBL_MAX where masked: finite, so that a zero mask times it is zero); k, lo, live
-   and sum (Σ finite w) per lane.  Lanes with go[l] = 0 are left alone.  On return t[l] holds
+   lane l (−DBL_MAX where masked, DBL_MAX at +inf: finite, so that a zero mask times it is
+   zero); k, lo, live, plus (the +inf entries, always in U) and sum (Σ finite w) per lane.  Lanes with go[l] = 0 are left alone.  On return t[l] holds
    the root where go[l] was cleared; a lane still at go[l] = 1 did not converge. */
 static void sparse_tile_solve(const double *w, int64_t n, const double *k, const double *lo_in,
-                              const double *live, const double *sum, double *t, int *go) {
+                              const double *live, const double *plus, const double *sum,
+                              double *t, int *go) {
     double lo[SPARSE_LANES], hi[SPARSE_LANES], mass_lo[SPARSE_LANES], mass_hi[SPARSE_LANES];
     double at[SPARSE_LANES], active[SPARSE_LANES];
     for (int l = 0; l < SPARSE_LANES; ++l) {
         lo[l] = lo_in[l];
         hi[l] = 0.0;
-        mass_lo[l] = live[l];
-        mass_hi[l] = 0.0;
-        double start = (sum[l] - k[l]) / live[l]; /* the all-free root */
+        mass_lo[l] = live[l] + plus[l];
+        mass_hi[l] = plus[l];
+        double start = (sum[l] - (k[l] - plus[l])) / live[l]; /* the all-free root */
         at[l] = start > lo[l] ? (start < 0.0 ? start : 0.0) : lo[l];
         active[l] = go[l] ? 1.0 : 0.0;
     }
@@ -1729,6 +1771,23 @@ static void sparse_run_job(const SparseJob *job) {
         return;
     }
     int64_t row = job->row_begin;
+    if (job->op >= 2 && job->n <= SPARSE_VJP_TILE_N) { /* short rows: LANES at a time */
+        for (; row + SPARSE_LANES <= job->row_end; row += SPARSE_LANES) {
+            double inv[SPARSE_LANES];
+            for (int l = 0; l < SPARSE_LANES; ++l)
+                inv[l] = 1.0 / (job->taus ? job->taus[row + l] : job->tau);
+            int64_t offset = row * job->n;
+            if (job->op == 2)
+                sparse_vjp_tile_f32((const float *)job->a + offset,
+                                    (const float *)job->b + offset, (float *)job->out + offset,
+                                    (float *)job->aux + row, job->n, inv);
+            else
+                sparse_vjp_tile_f64((const double *)job->a + offset,
+                                    (const double *)job->b + offset,
+                                    (double *)job->out + offset, (double *)job->aux + row,
+                                    job->n, inv);
+        }
+    }
     if (job->op < 2 && job->n <= SPARSE_TILE_N) { /* short rows: SPARSE_LANES at a time */
         for (; row + SPARSE_LANES <= job->row_end; row += SPARSE_LANES) {
             double ks[SPARSE_LANES], taus[SPARSE_LANES];

@@ -1,0 +1,175 @@
+"""sparse_topk's short-row tiles in the fused kernel (rows of n ≤ 64, 8 at a time, one per
+vector lane): rows with +inf entries solved inside a tile, p written row by row from x, and
+the tiled vjp (rows of n ≤ 16; longer ones row by row).
+
+Only calls with at least 8 rows reach a tile, so these tests use 19 rows (two tiles and 3
+rows on the per-row path).  References: the float64 sort-based exact projection
+(:func:`gradkit.topk.reference.sparse_topk_reference`) for the solve, the differentiable
+formula (:func:`gradkit.topk._sparse.sparse_topk_vjp`) in float64 for the vjp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from support import seeded_randn
+
+from gradkit import sparse_topk
+from gradkit.topk import _native, _sparse
+from gradkit.topk.reference import sparse_topk_reference
+
+needs_kernel = pytest.mark.skipif(
+    not _native.available(), reason=f"fused CPU kernel {_native.status()}"
+)
+
+ROWS = 19  # two tiles of 8 rows and 3 rows on the per-row path
+TILE_NS = [1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 33, 48, 63, 64]
+# row spreads in units of τ: narrow, mid, wide (hard-mask-like) rows side by side in a tile
+SPREADS = [0.1, 1.0, 3.0, 10.0, 100.0, 0.3, 30.0, 1000.0]
+
+
+def _rows(n: int, seed: int) -> torch.Tensor:
+    scales = torch.tensor([SPREADS[r % len(SPREADS)] for r in range(ROWS)], dtype=torch.float64)
+    return seeded_randn(ROWS, n, seed=seed) * scales[:, None]
+
+
+def _with_infinities(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One to three +inf entries in most rows (a few also masked by −inf), and per-row budgets
+    that leave the finite entries something to share (k − plus in (0, live)), except rows 5
+    and 13 (k ≤ plus: the +inf entries share k; not a tile's row) and row 9 (k = live + plus:
+    every unmasked entry 1)."""
+    x = x.clone()
+    rows, n = x.shape
+    k = torch.empty(rows, dtype=torch.float64)
+    for r in range(rows):
+        plus = min(1 + r % 3, n)
+        x[r, torch.arange(plus) * 7 % n] = math.inf
+        if n >= 6 and r % 4 == 1:
+            masked = torch.arange(n)[x[r] != math.inf][: n // 3]
+            x[r, masked] = -math.inf
+        plus = int((x[r] == math.inf).sum())
+        live = int((x[r] > -math.inf).sum()) - plus
+        share = [0.5, 0.25, 0.75, 1 / 3][r % 4]
+        k[r] = plus + share * live if live > 0 else plus
+        if r in (5, 13):
+            k[r] = plus * 0.5
+        if r == 9:
+            k[r] = plus + live
+    return x, k
+
+
+def _assert_close_to_reference(p, x, k, tau):
+    expected = sparse_topk_reference(x, k, tau)
+    assert torch.equal(p.isnan(), expected.isnan())
+    eps = torch.finfo(x.dtype).eps
+    finite = torch.where(torch.isfinite(x), x, 0.0).double()
+    scale = finite.abs().amax(-1, keepdim=True) / torch.as_tensor(tau).double().reshape(-1, 1)
+    tolerance = 64 * eps * scale.clamp(min=1.0)
+    difference = (p.double() - expected).abs().nan_to_num(0.0)
+    assert bool((difference <= tolerance).all()), (difference - tolerance).max().item()
+    # p in [0, 1], exact zeros at −inf; (exact zeros and ones elsewhere are the kernel's own θ's:
+    # at a kink the reference may round the other way, within the tolerance above)
+    assert bool((((p >= 0) & (p <= 1)) | p.isnan()).all())
+    assert bool((p[x == -math.inf] == 0).all())
+    return expected
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", TILE_NS)
+def test_plus_inf_rows_are_solved_in_the_tile(n, dtype):
+    x, k = _with_infinities(_rows(n, seed=31 * n))
+    x = x.to(dtype)
+    tau = torch.tensor([0.5, 1.0, 2.0, 0.25] * 5, dtype=torch.float64)[:ROWS]
+    p, status = _native.sparse_solve(x, k, tau)
+    assert status.tolist() == [0] * ROWS
+    expected = _assert_close_to_reference(p, x, k, tau)
+    plus = (x == math.inf).sum(-1).double()
+    finite_share = (k - plus).clamp(min=0) > 0
+    # +inf entries hold 1 when the finite entries get a share, k/m each otherwise
+    for r in range(ROWS):
+        at_inf = p[r][x[r] == math.inf].double()
+        value = 1.0 if finite_share[r] else float(k[r] / plus[r])
+        assert bool((at_inf == value).all() or (at_inf - value).abs().max() < 1e-6), r
+    mass_error = (p.double().sum(-1) - expected.sum(-1)).abs()
+    assert bool((mass_error <= 1e3 * n * torch.finfo(dtype).eps).all()), mass_error.max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", TILE_NS)
+def test_tile_rows_of_every_budget_and_spread_match_the_reference(n, dtype):
+    # Per-row budgets (fractional, near both ends), per-row τ, −inf masks in some rows, a large
+    # common offset in others: p is written row by row from x with the tile's θ.
+    x = _rows(n, seed=17 * n + 1)
+    x[::3] += 1000.0
+    if n >= 4:
+        x[1::4, : n // 4] = -math.inf
+    x = x.to(dtype)
+    live = (x > -math.inf).sum(-1).double()
+    shares = torch.tensor([0.01, 0.1, 0.5, 0.9, 0.99, 1 / 3, 0.25, 0.75], dtype=torch.float64)
+    k = (shares.repeat(3)[:ROWS] * live).clamp(min=0.25 if n > 1 else 0.5)
+    k = torch.minimum(k, live - 0.25).clamp(min=0.0) if n > 1 else k.clamp(max=1.0)
+    tau = torch.tensor([1.0, 0.5, 2.0] * 7, dtype=torch.float64)[:ROWS]
+    p, status = _native.sparse_solve(x, k, tau)
+    assert status.tolist() == [0] * ROWS
+    expected = _assert_close_to_reference(p, x, k, tau)
+    mass_error = (p.double().sum(-1) - expected.sum(-1)).abs()
+    assert bool((mass_error <= 1e3 * n * torch.finfo(dtype).eps).all()), mass_error.max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", TILE_NS)
+def test_integer_budgets_on_wide_rows_match_the_reference(n, dtype):
+    # One number k for every row, spreads up to 1000 τ (roots on flat pieces of F, p a hard
+    # mask), as the benchmark grid's cells.
+    x = _rows(n, seed=5 * n + 3).to(dtype)
+    for k in sorted({1, 2, max(1, n // 10), max(1, n // 2), max(1, n - 1)}):
+        if k >= n:
+            continue
+        p, status = _native.sparse_solve(x, float(k), 1.0)
+        assert status.tolist() == [0] * ROWS
+        _assert_close_to_reference(p, x, torch.full((ROWS,), float(k)), 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", TILE_NS)
+def test_tiled_vjp_matches_the_differentiable_formula(n, dtype):
+    x, k = _with_infinities(_rows(n, seed=3 * n + 2))
+    x[4, 0] = math.nan  # a NaN row inside the first tile: its gradient is NaN
+    x = x.to(dtype)
+    tau = torch.tensor([0.5, 1.0, 2.0, 0.25] * 5, dtype=torch.float64)[:ROWS].to(dtype)
+    p = _sparse.solve_sparse_topk(x, k.to(dtype), tau)
+    grad = seeded_randn(ROWS, n, seed=n + 100).to(dtype)
+    got = _native.sparse_vjp(grad, p, tau)
+    assert got is not None
+    want = _sparse.sparse_topk_vjp(grad.double(), p.double(), tau.double())
+    eps = torch.finfo(dtype).eps
+    atol = 64 * eps * float(grad.abs().max()) / float(tau.min())
+    torch.testing.assert_close(got[0].double(), want[0], rtol=0.0, atol=atol, equal_nan=True)
+    torch.testing.assert_close(got[1].double(), want[1], rtol=0.0, atol=atol, equal_nan=True)
+    assert bool(got[0][4].isnan().all())
+    free = (p > 0) & (p < 1)
+    assert bool((got[0][~free & ~p.isnan()] == 0).all())  # exactly zero off the free set
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [16, 64])
+def test_operator_gradients_through_the_tiles(n):
+    # sparse_topk end to end (tile solve and tiled vjp) against the same in float64 through
+    # the PyTorch path.
+    x, k = _with_infinities(_rows(n, seed=n + 7))
+    x32 = x.float().requires_grad_(True)
+    grad = seeded_randn(ROWS, n, seed=n + 8)
+    sparse_topk(x32, k.float()).backward(grad.float())
+    with _native.disabled():
+        x64 = x.clone().requires_grad_(True)
+        sparse_topk(x64, k).backward(grad)
+    finite = torch.isfinite(x)
+    torch.testing.assert_close(
+        x32.grad[finite].double(), x64.grad[finite], rtol=0.0, atol=1e-4, equal_nan=True
+    )
