@@ -877,14 +877,15 @@ static inline double clamp_f64(double v, double low, double high) {
             tile_count_above_##SUFFIX(z, n, cut, count);                                         \
             _Pragma("omp simd")                                                                  \
             for (int l = 0; l < LANES; ++l) { /* the highest cut with more than m above */       \
+                /* (selects in single expressions: GCC if-converts the loop only so) */          \
                 T low = a[l], low_count = a_count[l], high = cut[l], high_count = count[l];      \
                 for (int j = 0; j < COUNT_THRESHOLDS; ++j) {                                     \
                     int more = count[j * LANES + l] > m[l], last = j + 1 == COUNT_THRESHOLDS;    \
                     low = more ? cut[j * LANES + l] : low;                                       \
                     low_count = more ? count[j * LANES + l] : low_count;                         \
                     high = more ? (last ? b[l] : cut[(j + 1) * LANES + l]) : high;               \
-                    T next_count = last ? b_count[l] : count[(j + 1) * LANES + l];               \
-                    high_count = more ? next_count : high_count;                                 \
+                    high_count =                                                                 \
+                        more ? (last ? b_count[l] : count[(j + 1) * LANES + l]) : high_count;    \
                 }                                                                                \
                 a[l] = low;                                                                      \
                 a_count[l] = low_count;                                                          \
