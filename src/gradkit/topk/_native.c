@@ -877,7 +877,8 @@ static inline double clamp_f64(double v, double low, double high) {
             tile_count_above_##SUFFIX(z, n, cut, count);                                         \
             _Pragma("omp simd")                                                                  \
             for (int l = 0; l < LANES; ++l) { /* the highest cut with more than m above */       \
-                /* (selects in single expressions: GCC if-converts the loop only so) */          \
+                /* (one expression per select: split into statements, GCC compiled this          \
+                   loop into code that made whole tiles of 16 entries 1.3× slower) */            \
                 T low = a[l], low_count = a_count[l], high = cut[l], high_count = count[l];      \
                 for (int j = 0; j < COUNT_THRESHOLDS; ++j) {                                     \
                     int more = count[j * LANES + l] > m[l], last = j + 1 == COUNT_THRESHOLDS;    \
