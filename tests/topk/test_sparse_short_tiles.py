@@ -1,6 +1,6 @@
 """sparse_topk's short-row tiles in the fused kernel (rows of n ≤ 64, 8 at a time, one per
 vector lane): rows with +inf entries solved inside a tile, p written row by row from x, and
-the tiled vjp (rows of n ≤ 16; longer ones row by row).
+the tiled vjp (rows of n ≤ 128; longer ones row by row).
 
 Only calls with at least 8 rows reach a tile, so these tests use 19 rows (two tiles and 3
 rows on the per-row path).  References: the float64 sort-based exact projection
@@ -137,7 +137,7 @@ def test_integer_budgets_on_wide_rows_match_the_reference(n, dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", TILE_NS)
+@pytest.mark.parametrize("n", [*TILE_NS, 100, 127, 128, 129])  # (129: row by row)
 def test_tiled_vjp_matches_the_differentiable_formula(n, dtype):
     x, k = _with_infinities(_rows(n, seed=3 * n + 2))
     x[4, 0] = math.nan  # a NaN row inside the first tile: its gradient is NaN

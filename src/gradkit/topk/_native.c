@@ -1582,22 +1582,41 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         return mean;                                                                             \
     }                                                                                            \
                                                                                                  \
-    /* sparse_vjp_row for SPARSE_LANES short rows at once (rows l = 0..LANES−1 of g, p and out, \
-       each n ≤ BLOCK long; 1/τ per row): the sums of every row in one pass over the tile, lane  \
-       by lane, so that no row pays a reduction's latency on its own.  Writes mean_F g per row  \
-       to means[0..LANES). */                                                                  \
+    /* sparse_vjp_row for SPARSE_LANES short rows at once (rows l = 0..LANES−1 of g, p and out,  \
+       each n ≤ BLOCK long; 1/τ per row): each row's sums a vector's worth of entries at a time  \
+       (the rest one by one), the rows' vectors then summed together by one tree of shuffles,    \
+       so that no row pays a reduction on its own.  Writes mean_F g per row to                   \
+       means[0..LANES). */                                                                       \
     static void sparse_vjp_tile_##SUFFIX(const T *g, const T *p, T *out, T *means, int64_t n,  \
                                          const double *inv_tau) {                                \
-        T count[SPARSE_LANES], total[SPARSE_LANES];                                              \
-        for (int l = 0; l < SPARSE_LANES; ++l) count[l] = total[l] = 0;                          \
-        for (int64_t i = 0; i < n; ++i) {                                                        \
-            _Pragma("omp simd")                                                                  \
-            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
-                T q = p[l * n + i];                                                              \
-                T free = (T)(q > (T)0) * (T)(q < (T)1);                                          \
-                count[l] += free;                                                                \
-                total[l] += free * g[l * n + i];                                                 \
+        enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T) };                                  \
+        const tile_vec_##SUFFIX one = (tile_vec_##SUFFIX){0} + (T)1;                             \
+        tile_vec_##SUFFIX chunk_count[SPARSE_LANES], chunk_total[SPARSE_LANES];                  \
+        T count[SPARSE_LANES], total[SPARSE_LANES], rest_count[SPARSE_LANES], rest_total[SPARSE_LANES]; \
+        for (int l = 0; l < SPARSE_LANES; ++l) { /* (each row's sums in vector registers) */     \
+            const T *gl = g + l * n, *pl = p + l * n;                                            \
+            chunk_count[l] = chunk_total[l] = (tile_vec_##SUFFIX){0};                            \
+            rest_count[l] = rest_total[l] = 0;                                                   \
+            int64_t i = 0;                                                                       \
+            for (; i + WIDTH <= n; i += WIDTH) {                                                 \
+                tile_vec_##SUFFIX q, grad;                                                       \
+                memcpy(&q, pl + i, sizeof q);                                                    \
+                memcpy(&grad, gl + i, sizeof grad);                                              \
+                tile_vec_##SUFFIX free = (tile_vec_##SUFFIX)((tile_mask_##SUFFIX)one & (q > 0) & (q < 1)); \
+                chunk_count[l] += free;                                                          \
+                chunk_total[l] += free * grad;                                                   \
             }                                                                                    \
+            for (; i < n; ++i) {                                                                 \
+                T free = (T)(pl[i] > (T)0) * (T)(pl[i] < (T)1);                                  \
+                rest_count[l] += free;                                                           \
+                rest_total[l] += free * gl[i];                                                   \
+            }                                                                                    \
+        }                                                                                        \
+        row_sums_##SUFFIX(chunk_count, count); /* (the 8 rows' vectors, summed together) */      \
+        row_sums_##SUFFIX(chunk_total, total);                                                   \
+        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
+            count[l] += rest_count[l];                                                           \
+            total[l] += rest_total[l];                                                           \
         }                                                                                        \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             double mean = count[l] > 0 ? (double)total[l] / (double)count[l] : 0.0;              \
@@ -1688,7 +1707,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
 
 #define SPARSE_TILE_N 64 /* rows this short are solved SPARSE_LANES at a time, one per lane */
 #define SPARSE_LANES 8
-#define SPARSE_VJP_TILE_N 16 /* (the vjp of longer rows is no faster in a tile) */
+#define SPARSE_VJP_TILE_N 128 /* rows this short are differentiated SPARSE_LANES at a time */
 
 /* Active-set Newton for SPARSE_LANES short rows at once, one row per vector lane (the per-row
    costs of short rows, reductions and the step's branches, are shared): the steps of
