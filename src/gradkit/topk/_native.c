@@ -17,7 +17,8 @@
  * which solves it with the PyTorch path.  Math and symbols follow _solve.py:
  * z_i = w_i − t, p_i = σ(z_i), v_i = p_i(1 − p_i), F = Σp, F' = −Σv.
  *
- * Plain C99, compiled on first use by _native.py: with -fopenmp but linked against no OpenMP
+ * C99 (plus GCC/Clang vector types in the short-row tiles), compiled on first use by
+ * _native.py: with -fopenmp but linked against no OpenMP
  * library, so that it runs on the OpenMP runtime PyTorch has already loaded; or, where that
  * cannot load, with pthreads.
  * exp is a local Cody–Waite + polynomial version (≤ 2 ulp) that the compiler vectorises.
@@ -51,12 +52,12 @@
 #define NEAR_ROW 512 /* wide rows this long iterate on the entries near the root only … */
 #define NEAR_MARGIN 4.0 /* … while the threshold stays within this many τ below its start, */
 #define NEAR_SHARE 0.25 /* … if at most this share of the entries is near */
-#define SHORT_ROW 128 /* rows this short are solved LANES at a time, one per vector lane */
+#define SHORT_ROW 128 /* rows this short are solved LANES at a time, one per vector lane, */
+#define TILE_SOFT 6.0  /* … and start from their order statistics when wider than this many τ */
 #define LANES 8
+#define SHORT_VJP_ROW 128 /* rows this short are differentiated LANES at a time too */
 #define TILE_SQRT_f32 sqrtf /* (the tiles' bookkeeping is in the row's own type) */
 #define TILE_SQRT_f64 sqrt
-#define SHORT_VJP_ROW 128 /* rows this short are differentiated LANES at a time too */
-#define TILE_SOFT 6.0 /* … and start from their order statistics when wider than this many τ */
 
 /* ------------------------------------------------------------------ vectorisable exp */
 
