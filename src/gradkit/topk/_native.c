@@ -169,8 +169,6 @@ typedef int32_t tile_mask_f32 __attribute__((vector_size(32)));
 typedef double tile_vec_f64 __attribute__((vector_size(32)));
 typedef int64_t tile_mask_f64 __attribute__((vector_size(32)));
 
-#define TILE_SELECT(VEC, MASK, m, a, b) ((VEC)(((MASK)(a) & (m)) | ((MASK)(b) & ~(m))))
-
 /* Two-vector shuffles with constant indices (GCC and Clang spell them differently). */
 #if defined(__clang__)
 #define SHUFFLE_F32(a, b, ...) __builtin_shufflevector((a), (b), __VA_ARGS__)
@@ -715,7 +713,7 @@ static inline double clamp_f64(double v, double low, double high) {
     static inline tile_vec_##SUFFIX tile_select_##SUFFIX(tile_mask_##SUFFIX m,                   \
                                                          tile_vec_##SUFFIX a,                    \
                                                          tile_vec_##SUFFIX b) {                  \
-        return TILE_SELECT(tile_vec_##SUFFIX, tile_mask_##SUFFIX, m, a, b);                      \
+        return (tile_vec_##SUFFIX)(((tile_mask_##SUFFIX)a & m) | ((tile_mask_##SUFFIX)b & ~m));  \
     }                                                                                            \
                                                                                                  \
     /* Per lane of a transposed tile z (n entries a lane): z ← e^{min(z − ref, cap)} in place    \
@@ -1069,40 +1067,55 @@ static inline double clamp_f64(double v, double low, double high) {
             status[l] = ok[l] != 0 ? 0 : solve_row_##SUFFIX(x + l * n, out + l * n, n, k[l], inv_tau); \
     }                                                                                            \
                                                                                                  \
-    /* vjp_row for LANES short rows at once (rows r = 0..LANES−1 of p, g and out, each n long):  \
-       each row's sums in vector registers, a vector's worth of entries at a time (the rest      \
-       one by one), then the LANES rows' vectors summed together in one tree of shuffles         \
-       (row_sums), so that no row pays a reduction on its own.  Writes c per row to              \
-       cs[0..LANES). */                                                                          \
-    static void vjp_tile_##SUFFIX(const T *g, const T *p, T *out, T *cs, int64_t n,              \
-                                  double inv_tau) {                                              \
+    /* Per row l < LANES of p and g (each n long): Σ w_i and Σ w_i·g_i in sum_w[l] and           \
+       sum_gw[l], with w = p(1 − p) (soft_topk's v; free = 0) or w = [0 < p < 1] (sparse_topk's  \
+       free set; free = 1): each row's sums in vector registers, a vector's worth of entries at  \
+       a time (the rest one by one), then the LANES rows' vectors summed together in one tree    \
+       of shuffles (row_sums), so that no row pays a reduction on its own. */                    \
+    static inline void tile_weighted_sums_##SUFFIX(const T *g, const T *p, int64_t n, int free,  \
+                                                   T *sum_w, T *sum_gw) {                        \
         enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T) };                                  \
-        tile_vec_##SUFFIX chunk_v[LANES], chunk_gv[LANES];                                       \
-        T rest_v[LANES], rest_gv[LANES], sum_v[LANES], sum_gv[LANES], c[LANES];                  \
+        const tile_vec_##SUFFIX one = (tile_vec_##SUFFIX){0} + (T)1;                             \
+        tile_vec_##SUFFIX chunk_w[LANES], chunk_gw[LANES];                                       \
+        T rest_w[LANES], rest_gw[LANES];                                                         \
         for (int l = 0; l < LANES; ++l) {                                                        \
             const T *gl = g + l * n, *pl = p + l * n;                                            \
-            chunk_v[l] = chunk_gv[l] = (tile_vec_##SUFFIX){0};                                   \
-            rest_v[l] = rest_gv[l] = 0;                                                          \
+            chunk_w[l] = chunk_gw[l] = (tile_vec_##SUFFIX){0};                                   \
+            rest_w[l] = rest_gw[l] = 0;                                                          \
             int64_t i = 0;                                                                       \
             for (; i + WIDTH <= n; i += WIDTH) {                                                 \
-                tile_vec_##SUFFIX q, grad;                                                       \
+                tile_vec_##SUFFIX q, grad, w;                                                    \
                 memcpy(&q, pl + i, sizeof q);                                                    \
                 memcpy(&grad, gl + i, sizeof grad);                                              \
-                tile_vec_##SUFFIX v = q * ((T)1 - q);                                            \
-                chunk_v[l] += v;                                                                 \
-                chunk_gv[l] += grad * v;                                                         \
+                if (free)                                                                        \
+                    w = (tile_vec_##SUFFIX)((tile_mask_##SUFFIX)one & (q > 0) & (q < 1));        \
+                else                                                                             \
+                    w = q * ((T)1 - q);                                                          \
+                chunk_w[l] += w;                                                                 \
+                chunk_gw[l] += grad * w;                                                         \
             }                                                                                    \
             for (; i < n; ++i) {                                                                 \
-                T v = pl[i] * ((T)1 - pl[i]);                                                    \
-                rest_v[l] += v;                                                                  \
-                rest_gv[l] += gl[i] * v;                                                         \
+                T w = free ? (T)(pl[i] > (T)0) * (T)(pl[i] < (T)1) : pl[i] * ((T)1 - pl[i]);     \
+                rest_w[l] += w;                                                                  \
+                rest_gw[l] += gl[i] * w;                                                         \
             }                                                                                    \
         }                                                                                        \
-        row_sums_##SUFFIX(chunk_v, sum_v);                                                       \
-        row_sums_##SUFFIX(chunk_gv, sum_gv);                                                     \
+        row_sums_##SUFFIX(chunk_w, sum_w);                                                       \
+        row_sums_##SUFFIX(chunk_gw, sum_gw);                                                     \
         for (int l = 0; l < LANES; ++l) {                                                        \
-            T total_v = sum_v[l] + rest_v[l], total_gv = sum_gv[l] + rest_gv[l];                 \
-            c[l] = total_v > 0 ? total_gv / total_v : (T)0;                                      \
+            sum_w[l] += rest_w[l];                                                               \
+            sum_gw[l] += rest_gw[l];                                                             \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* vjp_row for LANES short rows at once (rows r = 0..LANES−1 of p, g and out, each n long),  \
+       their sums by tile_weighted_sums.  Writes c per row to cs[0..LANES). */                   \
+    static void vjp_tile_##SUFFIX(const T *g, const T *p, T *out, T *cs, int64_t n,              \
+                                  double inv_tau) {                                              \
+        T sum_v[LANES], sum_gv[LANES], c[LANES];                                                 \
+        tile_weighted_sums_##SUFFIX(g, p, n, 0, sum_v, sum_gv);                                  \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            c[l] = sum_v[l] > 0 ? sum_gv[l] / sum_v[l] : (T)0;                                   \
             cs[l] = c[l];                                                                        \
         }                                                                                        \
         const T scale = (T)inv_tau;                                                              \
@@ -1583,42 +1596,13 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         return mean;                                                                             \
     }                                                                                            \
                                                                                                  \
-    /* sparse_vjp_row for SPARSE_LANES short rows at once (rows l = 0..LANES−1 of g, p and out,  \
-       each n ≤ BLOCK long; 1/τ per row): each row's sums a vector's worth of entries at a time  \
-       (the rest one by one), the rows' vectors then summed together by one tree of shuffles,    \
-       so that no row pays a reduction on its own.  Writes mean_F g per row to                   \
-       means[0..LANES). */                                                                       \
-    static void sparse_vjp_tile_##SUFFIX(const T *g, const T *p, T *out, T *means, int64_t n,  \
+    /* sparse_vjp_row for SPARSE_LANES (= LANES) short rows at once (rows l = 0..LANES−1 of g,   \
+       p and out, each n long; 1/τ per row), their sums by tile_weighted_sums.  Writes           \
+       mean_F g per row to means[0..LANES). */                                                   \
+    static void sparse_vjp_tile_##SUFFIX(const T *g, const T *p, T *out, T *means, int64_t n,    \
                                          const double *inv_tau) {                                \
-        enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T) };                                  \
-        const tile_vec_##SUFFIX one = (tile_vec_##SUFFIX){0} + (T)1;                             \
-        tile_vec_##SUFFIX chunk_count[SPARSE_LANES], chunk_total[SPARSE_LANES];                  \
-        T count[SPARSE_LANES], total[SPARSE_LANES], rest_count[SPARSE_LANES], rest_total[SPARSE_LANES]; \
-        for (int l = 0; l < SPARSE_LANES; ++l) { /* (each row's sums in vector registers) */     \
-            const T *gl = g + l * n, *pl = p + l * n;                                            \
-            chunk_count[l] = chunk_total[l] = (tile_vec_##SUFFIX){0};                            \
-            rest_count[l] = rest_total[l] = 0;                                                   \
-            int64_t i = 0;                                                                       \
-            for (; i + WIDTH <= n; i += WIDTH) {                                                 \
-                tile_vec_##SUFFIX q, grad;                                                       \
-                memcpy(&q, pl + i, sizeof q);                                                    \
-                memcpy(&grad, gl + i, sizeof grad);                                              \
-                tile_vec_##SUFFIX free = (tile_vec_##SUFFIX)((tile_mask_##SUFFIX)one & (q > 0) & (q < 1)); \
-                chunk_count[l] += free;                                                          \
-                chunk_total[l] += free * grad;                                                   \
-            }                                                                                    \
-            for (; i < n; ++i) {                                                                 \
-                T free = (T)(pl[i] > (T)0) * (T)(pl[i] < (T)1);                                  \
-                rest_count[l] += free;                                                           \
-                rest_total[l] += free * gl[i];                                                   \
-            }                                                                                    \
-        }                                                                                        \
-        row_sums_##SUFFIX(chunk_count, count); /* (the 8 rows' vectors, summed together) */      \
-        row_sums_##SUFFIX(chunk_total, total);                                                   \
-        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
-            count[l] += rest_count[l];                                                           \
-            total[l] += rest_total[l];                                                           \
-        }                                                                                        \
+        T count[SPARSE_LANES], total[SPARSE_LANES];                                              \
+        tile_weighted_sums_##SUFFIX(g, p, n, 1, count, total);                                   \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             double mean = count[l] > 0 ? (double)total[l] / (double)count[l] : 0.0;              \
             means[l] = (T)mean;                                                                  \
