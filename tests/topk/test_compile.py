@@ -10,7 +10,7 @@ import pytest
 import torch
 from support import reference_soft_topk, seeded_randn
 
-from gradkit import SoftTopK, soft_topk
+from gradkit import SoftTopK, soft_topk, sparse_topk
 from gradkit.topk import _native, _ops
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -111,6 +111,24 @@ def test_compiled_per_slice_k_and_learnable_temperature(hard):
     k = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     _compare_compiled(fn, x, k, torch.tensor(0.7, dtype=torch.float64))
     _compare_compiled(fn, x, k, torch.linspace(0.3, 1.2, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("op", [soft_topk, sparse_topk])
+@pytest.mark.parametrize("hard", [False, True])
+def test_compiled_with_changing_number_k_and_temperature(op, hard):
+    # From its second value on, torch.compile passes a number argument as a symbolic float:
+    # the argument checks must trace (no math.isfinite on it) and stay in force.
+    compiled = torch.compile(
+        lambda x, k, t: op(x, k, temperature=t, hard=hard), fullgraph=True, backend="aot_eager"
+    )
+    x = seeded_randn(4, 10, seed=24)
+    for k, tau in ((2, 1.0), (3, 0.5), (4, 2.0), (1, 0.3)):
+        torch.testing.assert_close(compiled(x, k, tau), op(x, k, temperature=tau, hard=hard))
+    # (fullgraph: Dynamo reports the ValueError the eager call raises as its cause)
+    for k, tau, message in ((2, -1.0, "temperature must be finite and > 0"), (11, 1.0, "k must")):
+        with pytest.raises(Exception) as error:
+            compiled(x, k, tau)
+        assert message in str(error.value) + repr(error.value.__cause__)
 
 
 def test_compiled_with_inductor_float32():

@@ -131,7 +131,7 @@ def check_k(
     if isinstance(k, bool) or not isinstance(k, numbers.Real):
         raise TypeError(f"{op}: k must be a number or a tensor, got {k!r}")
     k_arg = float(k)
-    if not math.isfinite(k_arg) or not 0 <= k_arg <= n:
+    if not 0 <= k_arg <= n:  # (NaN fails it; no math.isfinite, as for the temperature)
         raise ValueError(f"{op}: k must lie in [0, n] = [0, {n}], got k={k!r}")
     if hard and k_arg != round(k_arg):
         raise ValueError(f"{op}: hard=True needs an integer k, got k={k!r}")
@@ -178,7 +178,9 @@ def check_temperature_type(temperature, op: str) -> float | Tensor:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"{op}: temperature must be a positive number, got {temperature!r}")
     value = float(temperature)
-    if not (math.isfinite(value) and value > 0):
+    # (comparisons only, no math.isfinite: torch.compile can guard on them once it has made a
+    # float argument dynamic)
+    if not 0 < value < math.inf:
         raise ValueError(f"{op}: temperature must be finite and > 0, got temperature={value!r}")
     return value
 
