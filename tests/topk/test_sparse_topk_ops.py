@@ -193,3 +193,43 @@ def test_compiled_vmap_of_grad_fullgraph_matches_eager():
     expected = transform(x)
     assert expected.abs().sum() > 0
     torch.testing.assert_close(compiled(x), expected)
+
+
+# ------------------------------------------------------- compile: layouts and half precision
+
+
+@pytest.mark.parametrize("op", [gradkit.soft_topk, gradkit.sparse_topk])
+@pytest.mark.parametrize(("shape", "dim"), [((10, 4), 0), ((3, 10, 2), 1)])
+def test_compile_with_dim_not_last_matches_eager(op, shape, dim):
+    # Inductor checks the op's real output strides against its fake implementation: a
+    # permuted view of x goes in, a contiguous p comes out.
+    torch._dynamo.reset()
+    x = seeded_randn(*shape, seed=30, dtype=torch.float32)
+    weights = seeded_randn(*shape, seed=31, dtype=torch.float32)
+
+    def loss(a):
+        return (op(a, 2, dim=dim, temperature=0.5) * weights).sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    (got,), (expected,) = _grads(compiled, x), _grads(loss, x)
+    assert torch.count_nonzero(expected) > 0
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("op", [gradkit.soft_topk, gradkit.sparse_topk])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compile_half_precision_matches_eager_and_saturates(op, dtype):
+    # Half precision is solved in float32; the gradient (which scales as 1/τ) comes back
+    # saturated at the dtype's largest value, not inf, compiled as eagerly.
+    torch._dynamo.reset()
+    x = seeded_randn(4, 10, seed=32, dtype=torch.float32).to(dtype)
+    weights = seeded_randn(4, 10, seed=33, dtype=torch.float32)
+
+    def loss(a):
+        return (op(a, 2, temperature=1e-6).float() * weights).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), loss(x))
+    (got,), (expected,) = _grads(compiled, x), _grads(loss, x)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected)

@@ -67,13 +67,15 @@ def _solve_impl(x, k_tensor, k, tau_tensor, tau):
     tau = tau_tensor if tau_tensor is not None else tau
     if not x.is_cuda:  # (reading the values back would synchronise the GPU)
         check_values(k, tau, x.shape[-1], "sparse_topk")
-    return solve_sparse_topk(x, k, tau)
+    # (contiguous, as the fake implementation says: x may be a permuted view, dim != -1)
+    return solve_sparse_topk(x, k, tau).contiguous()
 
 
 def _vjp_impl(grad, p, tau_tensor, tau):
     tau = tau_tensor if tau_tensor is not None else tau
     fused = fused_vjp(grad, p, tau)
-    return fused if fused is not None else sparse_topk_vjp(grad, p, tau)
+    grad_x, grad_k = fused if fused is not None else sparse_topk_vjp(grad, p, tau)
+    return grad_x.contiguous(), grad_k.contiguous()
 
 
 class _OpFunction(torch.autograd.Function):
@@ -160,11 +162,11 @@ def _register() -> torch.library.Library:
 
     @torch.library.register_fake("gradkit::sparse_topk", lib=lib)
     def _(x, k_tensor, k, tau_tensor, tau):
-        return torch.empty_like(x)
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("gradkit::sparse_topk_vjp", lib=lib)
     def _(grad, p, tau_tensor, tau):
-        return torch.empty_like(p), p.new_empty(p.shape[:-1])
+        return torch.empty_like(p, memory_format=torch.contiguous_format), p.new_empty(p.shape[:-1])
 
     return lib
 

@@ -105,8 +105,9 @@ def _apply(x: Tensor, k, tau) -> Tensor:
     return super(torch.autograd.Function, _SparseTopKFunction).apply(unwrap_if_dead(x), k, tau)
 
 
-class _Upcast(torch.autograd.Function):
-    """``x.float()`` whose gradient goes back to half precision saturating (no inf)."""
+class _UpcastNoJvp(torch.autograd.Function):
+    """``x.float()`` whose gradient goes back to half precision saturating (no inf); without
+    a custom ``jvp``, so that ``torch.compile`` can trace it."""
 
     generate_vmap_rule = True
 
@@ -122,9 +123,22 @@ class _Upcast(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         return _to_dtype_saturating(grad, ctx.dtype)
 
+
+class _Upcast(_UpcastNoJvp):
+    """:class:`_UpcastNoJvp` with forward-mode AD (eager)."""
+
     @staticmethod
     def jvp(ctx, tangent: Tensor) -> Tensor:
         return tangent.float()
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """``x`` in float32 for the solve, its gradient saturating back to ``x``'s dtype."""
+    if not torch.compiler.is_compiling():
+        return _Upcast.apply(x)
+    # Traced: a Function with a custom jvp cannot be; under torch.func transforms (forward
+    # mode) a plain cast.
+    return x.float() if _ops.functorch_active() else _UpcastNoJvp.apply(x)
 
 
 def sparse_topk(
@@ -202,7 +216,7 @@ def sparse_topk(
     batch_shape = x_last.shape[:-1]
     tau = check_temperature(temperature, batch_shape, _OP)
     k_arg = check_k(k, x_last.shape[-1], batch_shape, x.dtype, hard, _OP)
-    compute = x_last if x.dtype in (torch.float32, torch.float64) else _Upcast.apply(x_last)
+    compute = x_last if x.dtype in (torch.float32, torch.float64) else _upcast(x_last)
     if isinstance(tau, Tensor):
         tau = tau.to(compute.dtype)
     if isinstance(k_arg, Tensor):
