@@ -131,6 +131,27 @@ def test_compiled_with_changing_number_k_and_temperature(op, hard):
         assert message in str(error.value) + repr(error.value.__cause__)
 
 
+@pytest.mark.parametrize("op", [soft_topk, sparse_topk])
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compiled_with_changing_shapes_matches_eager(op, dynamic):
+    # New batch sizes and row lengths: recompiled with symbolic sizes (dynamic=None, from the
+    # second shape on) or symbolic from the start (dynamic=True).
+    def fn(x):
+        return op(x, 2, temperature=0.5)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for seed, shape in enumerate([(4, 10), (6, 10), (8, 12), (3, 7)]):
+        x = seeded_randn(*shape, seed=40 + seed).requires_grad_()
+        x_eager = x.detach().clone().requires_grad_()
+        weights = seeded_randn(*shape, seed=50 + seed)
+        got, expected = compiled(x), fn(x_eager)
+        torch.testing.assert_close(got, expected)
+        (got * weights).sum().backward()
+        (expected * weights).sum().backward()
+        assert torch.count_nonzero(x_eager.grad) > 0
+        torch.testing.assert_close(x.grad, x_eager.grad)
+
+
 def test_compiled_with_inductor_float32():
     layer = SoftTopK(k=3, temperature=0.3)
     _compare_compiled(layer, seeded_randn(8, 16, seed=22, dtype=torch.float32), backend="inductor")
