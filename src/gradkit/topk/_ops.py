@@ -152,7 +152,10 @@ def vjp(grad: Tensor, p: Tensor, tau: Tensor | float) -> tuple[Tensor, Tensor]:
 
 
 def _solve_op_impl(x, k_tensor, k, tau_tensor, tau):
-    return solve(x, k if k_tensor is None else k_tensor, tau if tau_tensor is None else tau_tensor)
+    p = solve(x, k if k_tensor is None else k_tensor, tau if tau_tensor is None else tau_tensor)
+    # Contiguous, as the fake implementation says: x may be a permuted view (dim != -1), whose
+    # layout the PyTorch-ops path keeps.
+    return p.contiguous()
 
 
 def _vjp_op_impl(grad, p, tau_tensor, tau):
