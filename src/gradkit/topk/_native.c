@@ -1456,6 +1456,28 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         *b = top[down - 1];                                                                      \
     }                                                                                            \
                                                                                                  \
+    /* p = clip((x − top)/τ − t, 0, 1) for one row (inv = 1/τ; 0 at −inf, 1 at +inf). */         \
+    static inline void sparse_write_p_##SUFFIX(const T *x, T *out, int64_t n, T top, T inv,      \
+                                               T t) {                                            \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            T z = (x[i] - top) * inv - t; /* −inf for masked entries */                          \
+            z = z < (T)1 ? z : (T)1;                                                             \
+            out[i] = z > (T)0 ? z : (T)0;                                                        \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* grad_x = 1_F (g − mean)·inv_tau for one row, NaN where p is NaN. */                       \
+    static inline void sparse_write_grad_##SUFFIX(const T *g, const T *p, T *out, int64_t n,     \
+                                                  T mean, T inv_tau) {                           \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            T free = (T)(p[i] > (T)0) * (T)(p[i] < (T)1);                                        \
+            T value = free * (g[i] - mean) * inv_tau;                                            \
+            out[i] = p[i] != p[i] ? p[i] : value;                                                \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
     /* A row without NaN, 0 < k − plus < live: active-set Newton passes over x                   \
        itself, w_i = (x_i − top)/τ computed on the fly (−inf entries: never free nor upper).  \
        Starts from the all-free root when the row spans under 2 τ, else from its moments        \
@@ -1559,13 +1581,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                                    hi + 1.0 - low, 0.5 * (low + hi), &t);                        \
         }                                                                                        \
         if (status) return status;                                                               \
-        const T top_t2 = (T)top, inv_t = (T)inv, t_t = (T)t;                                     \
-        _Pragma("omp simd")                                                                      \
-        for (int64_t i = 0; i < n; ++i) {                                                        \
-            T z = (x[i] - top_t2) * inv_t - t_t; /* −inf for masked entries */                   \
-            z = z < (T)1 ? z : (T)1;                                                             \
-            out[i] = z > (T)0 ? z : (T)0;                                                        \
-        }                                                                                        \
+        sparse_write_p_##SUFFIX(x, out, n, (T)top, (T)inv, (T)t);                                \
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
@@ -1586,13 +1602,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             total += block_total;                                                                \
         }                                                                                        \
         double mean = count > 0.0 ? total / count : 0.0;                                         \
-        const T mean_t = (T)mean, scale = (T)inv_tau;                                            \
-        _Pragma("omp simd")                                                                      \
-        for (int64_t i = 0; i < n; ++i) {                                                        \
-            T free = (T)(p[i] > (T)0) * (T)(p[i] < (T)1);                                        \
-            T value = free * (g[i] - mean_t) * scale;                                            \
-            out[i] = p[i] != p[i] ? p[i] : value;                                                \
-        }                                                                                        \
+        sparse_write_grad_##SUFFIX(g, p, out, n, (T)mean, (T)inv_tau);                           \
         return mean;                                                                             \
     }                                                                                            \
                                                                                                  \
@@ -1606,15 +1616,8 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             double mean = count[l] > 0 ? (double)total[l] / (double)count[l] : 0.0;              \
             means[l] = (T)mean;                                                                  \
-            const T *gl = g + l * n, *pl = p + l * n;                                            \
-            T *ol = out + l * n;                                                                 \
-            const T mean_t = (T)mean, scale = (T)inv_tau[l];                                     \
-            _Pragma("omp simd")                                                                  \
-            for (int64_t i = 0; i < n; ++i) {                                                    \
-                T free = (T)(pl[i] > (T)0) * (T)(pl[i] < (T)1);                                  \
-                T value = free * (gl[i] - mean_t) * scale;                                       \
-                ol[i] = pl[i] != pl[i] ? pl[i] : value;                                          \
-            }                                                                                    \
+            sparse_write_grad_##SUFFIX(g + l * n, p + l * n, out + l * n, n, (T)mean,            \
+                                       (T)inv_tau[l]);                                           \
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
@@ -1676,16 +1679,8 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 status[l] = sparse_row_##SUFFIX(x + l * n, out + l * n, n, k[l], tau[l], cand);  \
                 continue;                                                                        \
             }                                                                                    \
-            const T *row = x + l * n; /* p row by row from x, in T as sparse_row: no         \
-                                         transposition back */                                   \
-            T *dest = out + l * n;                                                               \
-            const T top_l = (T)top[l], inv_l = (T)inv[l], t_l = (T)t[l];                         \
-            _Pragma("omp simd")                                                                  \
-            for (int64_t i = 0; i < n; ++i) {                                                    \
-                T z = (row[i] - top_l) * inv_l - t_l; /* ∓inf at ∓inf */                         \
-                z = z < (T)1 ? z : (T)1;                                                         \
-                dest[i] = z > (T)0 ? z : (T)0;                                                   \
-            }                                                                                    \
+            /* p row by row from x, in T as sparse_row: no transposition back */                 \
+            sparse_write_p_##SUFFIX(x + l * n, out + l * n, n, (T)top[l], (T)inv[l], (T)t[l]);   \
             status[l] = 0;                                                                       \
         }                                                                                        \
     }
