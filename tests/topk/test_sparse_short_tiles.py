@@ -173,3 +173,28 @@ def test_operator_gradients_through_the_tiles(n):
     torch.testing.assert_close(
         x32.grad[finite].double(), x64.grad[finite], rtol=0.0, atol=1e-4, equal_nan=True
     )
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 9, 12, 16])
+def test_wide_float32_rows_from_the_sorted_start_match_the_reference(n):
+    # float32 tiles of n ≤ 16 with a row spanning more than 16 τ start from the order
+    # statistics of a sorting network: every row wide, ties (rounded entries), −inf masks,
+    # +inf entries, integer and fractional per-row budgets, roots on flat pieces and inside.
+    rows = 64
+    spreads = torch.logspace(1.3, 4.0, rows, dtype=torch.float64)
+    x = seeded_randn(rows, n, seed=400 + n) * spreads[:, None]
+    x[::5] = x[::5].round()  # ties
+    x[1::7, 0] = -math.inf
+    x[2::9, -1] = math.inf
+    x[3::6, : n // 2] = x[3::6, :1]  # a block of equal entries
+    x = x.float()
+    plus = (x == math.inf).sum(-1).double()
+    live = (x > -math.inf).sum(-1).double() - plus
+    shares = torch.tensor([0.5, 0.25, 0.75, 1 / 3, 0.9, 0.1], dtype=torch.float64)
+    fractional = plus + shares.repeat(11)[:rows] * live
+    whole = plus + (shares.repeat(11)[:rows] * live).round().clamp(min=1.0)
+    for k in (fractional, torch.minimum(whole, plus + live - 1).clamp(min=plus + 0.5)):
+        p, status = _native.sparse_solve(x, k, 1.0)
+        assert status.tolist() == [0] * rows
+        _assert_close_to_reference(p, x, k, 1.0)  # (to within rounding at |x|: up to 1e4 τ)

@@ -1319,6 +1319,21 @@ int gradkit_abi_version(void) { return 3; }
 
 #define SPARSE_TOP_LIST 16 /* budgets below this take their order statistics from one scan */
 
+/* float32 tiles of rows this short (SPARSE_SORT_N) with a row spanning more than
+   SPARSE_SORT_WIDE τ start from the order-statistics bracket too, from a sorting network
+   across the lanes (float64 tiles: twice the vectors per exchange; narrower rows: few passes
+   to save): the compare-exchanges (i, j) of Batcher's odd–even merge sort on 8 and 16 slots. */
+#define SPARSE_SORT_N 16
+#define SPARSE_SORT_WIDE 16.0
+static const unsigned char sparse_network_8[38] = {
+    0,1, 2,3, 4,5, 6,7, 0,2, 1,3, 4,6, 5,7, 1,2, 5,6, 0,4, 1,5, 2,6, 3,7, 2,4, 3,5, 1,2, 3,4,
+    5,6};
+static const unsigned char sparse_network_16[126] = {
+    0,1, 2,3, 4,5, 6,7, 8,9, 10,11, 12,13, 14,15, 0,2, 1,3, 4,6, 5,7, 8,10, 9,11, 12,14, 13,15,
+    1,2, 5,6, 9,10, 13,14, 0,4, 1,5, 2,6, 3,7, 8,12, 9,13, 10,14, 11,15, 2,4, 3,5, 10,12, 11,13,
+    1,2, 3,4, 5,6, 9,10, 11,12, 13,14, 0,8, 1,9, 2,10, 3,11, 4,12, 5,13, 6,14, 7,15, 4,8, 5,9,
+    6,10, 7,11, 2,4, 3,5, 6,8, 7,9, 10,12, 11,13, 1,2, 3,4, 5,6, 7,8, 9,10, 11,12, 13,14};
+
 /* |U|, |F| and Σ_F w at t over finite w (vectorised). */
 static void sparse_stats(const double *w, int64_t n, double t, double *upper, double *count,
                          double *total) {
@@ -1621,6 +1636,41 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
+    /* Per lane l of a transposed tile xt (n ≤ SPARSE_SORT_N entries a lane): the ⌈k⌉-th and     \
+       (⌊k⌋+1)-th largest entries, in a[l] and b[l] (lanes with go[l] = 0: anything), by a       \
+       sorting network on a copy padded with −inf. */                                            \
+    static void sparse_tile_order_##SUFFIX(const T *xt, int64_t n, const double *k,              \
+                                           const int *go, T *a, T *b) {                          \
+        enum { PARTS = SPARSE_LANES * sizeof(T) / sizeof(tile_vec_##SUFFIX) };                   \
+        enum { WIDTH = SPARSE_LANES / PARTS };                                                   \
+        T s[SPARSE_SORT_N * SPARSE_LANES];                                                       \
+        const int64_t slots = n <= 8 ? 8 : 16;                                                   \
+        const unsigned char *net = slots == 8 ? sparse_network_8 : sparse_network_16;            \
+        const int64_t pairs = slots == 8 ? sizeof sparse_network_8 / 2                           \
+                                         : sizeof sparse_network_16 / 2;                         \
+        memcpy(s, xt, (size_t)n * SPARSE_LANES * sizeof(T));                                     \
+        for (int64_t i = n * SPARSE_LANES; i < slots * SPARSE_LANES; ++i) s[i] = (T)-INFINITY;   \
+        for (int64_t c = 0; c < pairs; ++c) /* compare-exchange: the larger entry first */       \
+            for (int h = 0; h < PARTS; ++h) {                                                    \
+                T *u = s + net[2 * c] * SPARSE_LANES + h * WIDTH;                                \
+                T *v = s + net[2 * c + 1] * SPARSE_LANES + h * WIDTH;                            \
+                tile_vec_##SUFFIX x, y;                                                          \
+                memcpy(&x, u, sizeof x);                                                         \
+                memcpy(&y, v, sizeof y);                                                         \
+                tile_mask_##SUFFIX first = x > y;                                                \
+                tile_vec_##SUFFIX high = tile_select_##SUFFIX(first, x, y);                      \
+                tile_vec_##SUFFIX low = tile_select_##SUFFIX(first, y, x);                       \
+                memcpy(u, &high, sizeof high);                                                   \
+                memcpy(v, &low, sizeof low);                                                     \
+            }                                                                                    \
+        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
+            int64_t down = go[l] ? (int64_t)ceil(k[l]) - 1 : 0;                                  \
+            int64_t up = go[l] ? (int64_t)floor(k[l]) : 0;                                     \
+            a[l] = s[down * SPARSE_LANES + l];                                                   \
+            b[l] = s[up * SPARSE_LANES + l];                                                     \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
     /* SPARSE_LANES rows of n ≤ SPARSE_TILE_N at once by sparse_tile_solve (+inf entries      \
        included); the rows it does not take (NaN, budgets with nothing to solve, overflow) or  \
        solve go to sparse_row. */                                                              \
@@ -1673,7 +1723,20 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 sum[l] += finite ? value : 0.0;                                                  \
             }                                                                                    \
         }                                                                                        \
-        sparse_tile_solve(w, n, k, lo, live, plus, sum, t, go);                                  \
+        double order_lo[SPARSE_LANES], order_hi[SPARSE_LANES];                                   \
+        int wide = 0; /* (a lane spanning more than SPARSE_SORT_WIDE τ) */                       \
+        for (int l = 0; l < SPARSE_LANES; ++l) wide |= go[l] && lo[l] + 1.0 < -SPARSE_SORT_WIDE; \
+        const int sorted = wide && n <= SPARSE_SORT_N && sizeof(T) == sizeof(float);             \
+        if (sorted) { /* w_(⌈k⌉) and w_(⌊k⌋+1) − 1, as w is computed */                          \
+            T a[SPARSE_LANES], b[SPARSE_LANES];                                                  \
+            sparse_tile_order_##SUFFIX(xt, n, k, go, a, b);                                      \
+            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
+                order_hi[l] = go[l] ? ((double)a[l] - top[l]) * inv[l] : 0.0;                    \
+                order_lo[l] = go[l] ? ((double)b[l] - top[l]) * inv[l] - 1.0 : -1.0;             \
+            }                                                                                    \
+        }                                                                                        \
+        sparse_tile_solve(w, n, k, lo, live, plus, sum, sorted ? order_lo : NULL, order_hi, t,   \
+                          go);                                                                   \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             if (!taken[l] || go[l]) {                                                            \
                 status[l] = sparse_row_##SUFFIX(x + l * n, out + l * n, n, k[l], tau[l], cand);  \
@@ -1691,13 +1754,16 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
 
 /* Active-set Newton for SPARSE_LANES short rows at once, one row per vector lane (the per-row
    costs of short rows, reductions and the step's branches, are shared): the steps of
-   sparse_step, branch-free across lanes, from the all-free root.  w[i·LANES + l] holds w_i of
-   lane l (−DBL_MAX where masked, DBL_MAX at +inf: finite, so that a zero mask times it is
-   zero); k, lo, live, plus (the +inf entries, always in U) and sum (Σ finite w) per lane.  Lanes with go[l] = 0 are left alone.  On return t[l] holds
-   the root where go[l] was cleared; a lane still at go[l] = 1 did not converge. */
+   sparse_step, branch-free across lanes, from the all-free root or, given order_lo and
+   order_hi, from the order-statistics bracket (order_lo[l], order_hi[l]].  w[i·LANES + l]
+   holds w_i of lane l (−DBL_MAX where masked, DBL_MAX at +inf: finite, so that a zero mask
+   times it is zero); k, lo, live, plus (the +inf entries, always in U) and sum (Σ finite w)
+   per lane.  Lanes with go[l] = 0 are left alone.  On return t[l] holds the root where
+   go[l] was cleared; a lane still at go[l] = 1 did not converge. */
 static void sparse_tile_solve(const double *w, int64_t n, const double *k, const double *lo_in,
                               const double *live, const double *plus, const double *sum,
-                              double *t, int *go) {
+                              const double *order_lo, const double *order_hi, double *t,
+                              int *go) {
     double lo[SPARSE_LANES], hi[SPARSE_LANES], mass_lo[SPARSE_LANES], mass_hi[SPARSE_LANES];
     double at[SPARSE_LANES], active[SPARSE_LANES];
     for (int l = 0; l < SPARSE_LANES; ++l) {
@@ -1708,6 +1774,17 @@ static void sparse_tile_solve(const double *w, int64_t n, const double *k, const
         double start = (sum[l] - (k[l] - plus[l])) / live[l]; /* the all-free root */
         at[l] = start > lo[l] ? (start < 0.0 ? start : 0.0) : lo[l];
         active[l] = go[l] ? 1.0 : 0.0;
+    }
+    for (int l = 0; order_lo && l < SPARSE_LANES; ++l) {
+        if (!go[l]) continue;
+        /* the order-statistics bracket (b − 1, a], and a start at the all-free root if it lies
+           inside, else at the root where a and b alone are free (a − (k − ⌊k⌋) when a = b) */
+        double up = floor(k[l]), share = k[l] - up, low = order_lo[l], high = order_hi[l];
+        double start = share > 0.0 ? high - share : 0.5 * (low + high);
+        if (low > lo[l]) lo[l] = low, mass_lo[l] = up + 1.0;
+        if (high < hi[l]) hi[l] = high, mass_hi[l] = ceil(k[l]) - 1.0;
+        start = at[l] > lo[l] && at[l] < hi[l] ? at[l] : start;
+        at[l] = start > lo[l] ? (start < hi[l] ? start : hi[l]) : lo[l];
     }
     for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {
         double u[SPARSE_LANES], c[SPARSE_LANES], s[SPARSE_LANES];
