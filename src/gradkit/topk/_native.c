@@ -1752,6 +1752,35 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
 #define SPARSE_LANES 8
 #define SPARSE_VJP_TILE_N 128 /* rows this short are differentiated SPARSE_LANES at a time */
 
+/* sparse_stats for the lanes of a tile: |U|, |F| and Σ_F w at at[l] per lane l, the counts as
+   integer mask sums and Σ_F w as a sum of masked entries (no conversions per entry). */
+static void sparse_tile_stats(const double *w, int64_t n, const double *at, double *upper,
+                              double *count, double *total) {
+    enum { WIDTH = sizeof(tile_vec_f64) / sizeof(double), PARTS = SPARSE_LANES / WIDTH };
+    tile_vec_f64 t[PARTS], sum[PARTS];
+    tile_mask_f64 up_count[PARTS], free_count[PARTS];
+    memcpy(t, at, sizeof t);
+    for (int h = 0; h < PARTS; ++h) {
+        sum[h] = t[h] * 0.0;
+        up_count[h] = free_count[h] = (tile_mask_f64){0};
+    }
+    for (int64_t i = 0; i < n; ++i)
+        for (int h = 0; h < PARTS; ++h) {
+            tile_vec_f64 v;
+            memcpy(&v, w + i * SPARSE_LANES + h * WIDTH, sizeof v);
+            tile_mask_f64 up = v - t[h] >= 1.0, free = (v > t[h]) & ~up; /* (−1: true) */
+            up_count[h] -= up;
+            free_count[h] -= free;
+            sum[h] += (tile_vec_f64)((tile_mask_f64)v & free);
+        }
+    for (int h = 0; h < PARTS; ++h)
+        for (int l = 0; l < WIDTH; ++l) {
+            upper[h * WIDTH + l] = (double)up_count[h][l];
+            count[h * WIDTH + l] = (double)free_count[h][l];
+            total[h * WIDTH + l] = sum[h][l];
+        }
+}
+
 /* Active-set Newton for SPARSE_LANES short rows at once, one row per vector lane (the per-row
    costs of short rows, reductions and the step's branches, are shared): the steps of
    sparse_step, branch-free across lanes, from the all-free root or, given order_lo and
@@ -1788,17 +1817,7 @@ static void sparse_tile_solve(const double *w, int64_t n, const double *k, const
     }
     for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {
         double u[SPARSE_LANES], c[SPARSE_LANES], s[SPARSE_LANES];
-        for (int l = 0; l < SPARSE_LANES; ++l) u[l] = c[l] = s[l] = 0.0;
-        for (int64_t i = 0; i < n; ++i) {
-#pragma omp simd
-            for (int l = 0; l < SPARSE_LANES; ++l) { /* (arithmetic masks vectorise) */
-                double v = w[i * SPARSE_LANES + l], z = v - at[l];
-                double up = (double)(z >= 1.0), free = (double)(z > 0.0) - up;
-                u[l] += up;
-                c[l] += free;
-                s[l] += free * v;
-            }
-        }
+        sparse_tile_stats(w, n, at, u, c, s);
         double pending = 0.0;
 #pragma omp simd reduction(+ : pending)
         for (int l = 0; l < SPARSE_LANES; ++l) {
