@@ -198,3 +198,18 @@ def test_wide_float32_rows_from_the_sorted_start_match_the_reference(n):
         p, status = _native.sparse_solve(x, k, 1.0)
         assert status.tolist() == [0] * rows
         _assert_close_to_reference(p, x, k, 1.0)  # (to within rounding at |x|: up to 1e4 τ)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tau", [1e-3, 1e-25, 1e-38, 1e-300])
+@pytest.mark.parametrize("n", [16, 64])
+def test_float32_tiles_whose_w_leaves_float_range_match_the_reference(n, tau):
+    # float32 tiles take their passes on w = (x − max)/τ rounded to float while every row's w
+    # fits in float (here up to 1e25·|x|), else in float64 (1e38 and 1e300: beyond float's
+    # range).  Whole budgets: roots on flat pieces of F, exact at any τ.
+    x = (seeded_randn(ROWS, n, seed=900 + n) * 3).float()
+    x[::2, 1] = x[::2, 0] * (1 + 2**-20)  # near-ties at the top
+    whole = torch.tensor([1.0, 2.0, 3.0, 0.5 * n, n - 1.0] * 4, dtype=torch.float64)[:ROWS]
+    p, status = _native.sparse_solve(x, whole, tau)
+    assert status.tolist() == [0] * ROWS
+    _assert_close_to_reference(p, x, whole, tau)

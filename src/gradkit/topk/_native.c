@@ -1325,6 +1325,8 @@ int gradkit_abi_version(void) { return 3; }
    to save): the compare-exchanges (i, j) of Batcher's odd–even merge sort on 8 and 16 slots. */
 #define SPARSE_SORT_N 16
 #define SPARSE_SORT_WIDE 16.0
+/* float32 tiles whose rows span less than this many τ take their passes in float. */
+#define SPARSE_SINGLE_RANGE 1e30
 static const unsigned char sparse_network_8[38] = {
     0,1, 2,3, 4,5, 6,7, 0,2, 1,3, 4,6, 5,7, 1,2, 5,6, 0,4, 1,5, 2,6, 3,7, 2,4, 3,5, 1,2, 3,4,
     5,6};
@@ -1735,8 +1737,10 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 order_lo[l] = go[l] ? ((double)b[l] - top[l]) * inv[l] - 1.0 : -1.0;             \
             }                                                                                    \
         }                                                                                        \
-        sparse_tile_solve(w, n, k, lo, live, plus, sum, sorted ? order_lo : NULL, order_hi, t,   \
-                          go);                                                                   \
+        int single = sizeof(T) == sizeof(float); /* (w of every lane finite in float) */         \
+        for (int l = 0; l < SPARSE_LANES; ++l) single &= !go[l] || lo[l] > -SPARSE_SINGLE_RANGE; \
+        sparse_tile_solve(w, n, k, lo, live, plus, sum, sorted ? order_lo : NULL, order_hi,      \
+                          single, t, go);                                                        \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             if (!taken[l] || go[l]) {                                                            \
                 status[l] = sparse_row_##SUFFIX(x + l * n, out + l * n, n, k[l], tau[l], cand);  \
@@ -1752,34 +1756,38 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
 #define SPARSE_LANES 8
 #define SPARSE_VJP_TILE_N 128 /* rows this short are differentiated SPARSE_LANES at a time */
 
-/* sparse_stats for the lanes of a tile: |U|, |F| and Σ_F w at at[l] per lane l, the counts as
-   integer mask sums and Σ_F w as a sum of masked entries (no conversions per entry). */
-static void sparse_tile_stats(const double *w, int64_t n, const double *at, double *upper,
-                              double *count, double *total) {
-    enum { WIDTH = sizeof(tile_vec_f64) / sizeof(double), PARTS = SPARSE_LANES / WIDTH };
-    tile_vec_f64 t[PARTS], sum[PARTS];
-    tile_mask_f64 up_count[PARTS], free_count[PARTS];
-    memcpy(t, at, sizeof t);
-    for (int h = 0; h < PARTS; ++h) {
-        sum[h] = t[h] * 0.0;
-        up_count[h] = free_count[h] = (tile_mask_f64){0};
+/* sparse_stats for the lanes of a tile, in T: |U|, |F| and Σ_F w at at[l] per lane l, the
+   counts as integer mask sums and Σ_F w as a sum of masked entries (no conversions per
+   entry). */
+#define DEFINE_SPARSE_TILE_STATS(T, SUFFIX)                                                      \
+    static void sparse_tile_stats_##SUFFIX(const T *w, int64_t n, const double *at,              \
+                                           double *upper, double *count, double *total) {        \
+        enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T), PARTS = SPARSE_LANES / WIDTH };    \
+        tile_vec_##SUFFIX t[PARTS], sum[PARTS];                                                  \
+        tile_mask_##SUFFIX up_count[PARTS], free_count[PARTS];                                   \
+        for (int h = 0; h < PARTS; ++h) {                                                        \
+            for (int l = 0; l < WIDTH; ++l) t[h][l] = (T)at[h * WIDTH + l];                      \
+            sum[h] = t[h] * 0;                                                                   \
+            up_count[h] = free_count[h] = (tile_mask_##SUFFIX){0};                               \
+        }                                                                                        \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            for (int h = 0; h < PARTS; ++h) {                                                    \
+                tile_vec_##SUFFIX v;                                                             \
+                memcpy(&v, w + i * SPARSE_LANES + h * WIDTH, sizeof v);                          \
+                tile_mask_##SUFFIX up = v - t[h] >= 1, free = (v > t[h]) & ~up; /* (−1: true) */ \
+                up_count[h] -= up;                                                               \
+                free_count[h] -= free;                                                           \
+                sum[h] += (tile_vec_##SUFFIX)((tile_mask_##SUFFIX)v & free);                     \
+            }                                                                                    \
+        for (int h = 0; h < PARTS; ++h)                                                          \
+            for (int l = 0; l < WIDTH; ++l) {                                                    \
+                upper[h * WIDTH + l] = (double)up_count[h][l];                                   \
+                count[h * WIDTH + l] = (double)free_count[h][l];                                 \
+                total[h * WIDTH + l] = (double)sum[h][l];                                        \
+            }                                                                                    \
     }
-    for (int64_t i = 0; i < n; ++i)
-        for (int h = 0; h < PARTS; ++h) {
-            tile_vec_f64 v;
-            memcpy(&v, w + i * SPARSE_LANES + h * WIDTH, sizeof v);
-            tile_mask_f64 up = v - t[h] >= 1.0, free = (v > t[h]) & ~up; /* (−1: true) */
-            up_count[h] -= up;
-            free_count[h] -= free;
-            sum[h] += (tile_vec_f64)((tile_mask_f64)v & free);
-        }
-    for (int h = 0; h < PARTS; ++h)
-        for (int l = 0; l < WIDTH; ++l) {
-            upper[h * WIDTH + l] = (double)up_count[h][l];
-            count[h * WIDTH + l] = (double)free_count[h][l];
-            total[h * WIDTH + l] = sum[h][l];
-        }
-}
+DEFINE_SPARSE_TILE_STATS(float, f32)
+DEFINE_SPARSE_TILE_STATS(double, f64)
 
 /* Active-set Newton for SPARSE_LANES short rows at once, one row per vector lane (the per-row
    costs of short rows, reductions and the step's branches, are shared): the steps of
@@ -1787,14 +1795,19 @@ static void sparse_tile_stats(const double *w, int64_t n, const double *at, doub
    order_hi, from the order-statistics bracket (order_lo[l], order_hi[l]].  w[i·LANES + l]
    holds w_i of lane l (−DBL_MAX where masked, DBL_MAX at +inf: finite, so that a zero mask
    times it is zero); k, lo, live, plus (the +inf entries, always in U) and sum (Σ finite w)
-   per lane.  Lanes with go[l] = 0 are left alone.  On return t[l] holds the root where
-   go[l] was cleared; a lane still at go[l] = 1 did not converge. */
+   per lane.  single: the passes take w rounded to float (float32 rows whose w fits in it;
+   p is written in float32 anyway), and a step within float precision of t is its root.
+   Lanes with go[l] = 0 are left alone.  On return t[l] holds the root where go[l] was
+   cleared; a lane still at go[l] = 1 did not converge. */
 static void sparse_tile_solve(const double *w, int64_t n, const double *k, const double *lo_in,
                               const double *live, const double *plus, const double *sum,
-                              const double *order_lo, const double *order_hi, double *t,
-                              int *go) {
+                              const double *order_lo, const double *order_hi, int single,
+                              double *t, int *go) {
     double lo[SPARSE_LANES], hi[SPARSE_LANES], mass_lo[SPARSE_LANES], mass_hi[SPARSE_LANES];
     double at[SPARSE_LANES], active[SPARSE_LANES];
+    float narrow[SPARSE_TILE_N * SPARSE_LANES]; /* w in float (single): ±DBL_MAX → ±inf */
+    for (int64_t i = 0; single && i < n * SPARSE_LANES; ++i) narrow[i] = (float)w[i];
+    const double eps = single ? FLT_EPSILON : DBL_EPSILON; /* (a step this close: stable) */
     for (int l = 0; l < SPARSE_LANES; ++l) {
         lo[l] = lo_in[l];
         hi[l] = 0.0;
@@ -1817,7 +1830,10 @@ static void sparse_tile_solve(const double *w, int64_t n, const double *k, const
     }
     for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {
         double u[SPARSE_LANES], c[SPARSE_LANES], s[SPARSE_LANES];
-        sparse_tile_stats(w, n, at, u, c, s);
+        if (single)
+            sparse_tile_stats_f32(narrow, n, at, u, c, s);
+        else
+            sparse_tile_stats_f64(w, n, at, u, c, s);
         double pending = 0.0;
 #pragma omp simd reduction(+ : pending)
         for (int l = 0; l < SPARSE_LANES; ++l) {
@@ -1830,7 +1846,7 @@ static void sparse_tile_solve(const double *w, int64_t n, const double *k, const
             double gap = step - at[l];
             gap = gap < 0.0 ? -gap : gap;
             double scale = (at[l] < 0.0 ? -at[l] : at[l]) + 1.0;
-            int stable = some & (gap <= 2.0 * 2.220446049250313e-16 * scale);
+            int stable = some & (gap <= 2.0 * eps * scale);
             int inside = some & (step > low) & (step < high);
             double width = m_low - m_high > 1e-30 ? m_low - m_high : 1e-30;
             double share = (m_low - k[l]) / width;
