@@ -56,6 +56,35 @@ def test_matches_reference(solver_path, shape, kind, tau):
     assert (p[expected == 0] == 0).all() and (p[expected == 1] == 1).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tau", [1e-5, 1e-8, 1e-17, 1e-30, 1e-300])
+@pytest.mark.parametrize("n", [5, 16, 64, 150])
+def test_small_temperatures_keep_the_budget(solver_path, n, tau, dtype):
+    # |x/τ| up to ~1e301: beyond the digits (and the range) in which w about the row's top
+    # locates the root, so rows this wide are solved about a pivot near it.  Fractional,
+    # whole and per-slice budgets, ±inf entries; Σp = k to rounding, no NaN, the reference's p.
+    rows = 16
+    x = (seeded_randn(rows, n, seed=n + 31) * 3).to(dtype)
+    x[::4, 1] = x[::4, 0]  # ties at the top
+    x[1::5, 2] = -math.inf
+    x[2::7, 3] = math.inf
+    plus = (x == math.inf).sum(-1).double()
+    live = (x > -math.inf).sum(-1).double() - plus
+    shares = torch.tensor([0.1, 0.5, 1 / 3, 0.9], dtype=torch.float64).repeat(rows // 4)
+    for k in (plus + shares * live, plus + (shares * live).floor().clamp(min=1)):
+        p = sparse_topk(x, k.to(dtype), temperature=tau)
+        assert not bool(p.isnan().any())
+        expected = sparse_topk_reference(x, k.to(dtype).double(), tau)
+        # p to rounding in its dtype, plus the float64 solve's conditioning up to the span (2²⁰
+        # τ) beyond which rows are solved about a pivot
+        scale = min(float(x[torch.isfinite(x)].abs().max()) / tau, 2.0**20)
+        eps = torch.finfo(dtype).eps + torch.finfo(torch.float64).eps * scale
+        torch.testing.assert_close(p.double(), expected, atol=64 * eps, rtol=0)
+        torch.testing.assert_close(
+            p.double().sum(-1), k.to(dtype).double(), atol=64 * n * eps, rtol=0
+        )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_dtypes(solver_path, dtype):
     x = seeded_randn(16, 50, seed=3).to(dtype)

@@ -1318,6 +1318,12 @@ int gradkit_abi_version(void) { return 3; }
 #define SPARSE_NARROW 16.0
 
 #define SPARSE_TOP_LIST 16 /* budgets below this take their order statistics from one scan */
+/* Rows spanning more than this many τ are solved about a pivot near the root (in double, w
+   about the top keeps about 2⁻³² of the root's digits at this span). */
+#define SPARSE_PIVOT_SPAN 1048576.0
+/* float32 rows spanning more than this many τ write p in double (in float32, x/τ's rounding
+   would cost p more than a few thousandths). */
+#define SPARSE_WRITE_SPAN 65536.0
 
 /* float32 tiles of rows this short (SPARSE_SORT_N) with a row spanning more than
    SPARSE_SORT_WIDE τ start from the order-statistics bracket too, from a sorting network
@@ -1325,8 +1331,6 @@ int gradkit_abi_version(void) { return 3; }
    to save): the compare-exchanges (i, j) of Batcher's odd–even merge sort on 8 and 16 slots. */
 #define SPARSE_SORT_N 16
 #define SPARSE_SORT_WIDE 16.0
-/* float32 tiles whose rows span less than this many τ take their passes in float. */
-#define SPARSE_SINGLE_RANGE 1e30
 static const unsigned char sparse_network_8[38] = {
     0,1, 2,3, 4,5, 6,7, 0,2, 1,3, 4,6, 5,7, 1,2, 5,6, 0,4, 1,5, 2,6, 3,7, 2,4, 3,5, 1,2, 3,4,
     5,6};
@@ -1473,12 +1477,22 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         *b = top[down - 1];                                                                      \
     }                                                                                            \
                                                                                                  \
-    /* p = clip((x − top)/τ − t, 0, 1) for one row (inv = 1/τ; 0 at −inf, 1 at +inf). */         \
-    static inline void sparse_write_p_##SUFFIX(const T *x, T *out, int64_t n, T top, T inv,      \
-                                               T t) {                                            \
+    /* p = clip((x − ref)·inv − t, 0, 1) for one row (0 at −inf, 1 at +inf): in T, or for rows   \
+       spanning more than SPARSE_WRITE_SPAN τ (wide) in double, as the solve classified the      \
+       entries, so that p keeps its digits however large x/τ is. */                              \
+    static inline void sparse_write_p_##SUFFIX(const T *x, T *out, int64_t n, double ref,        \
+                                               double inv, double t, int wide) {                 \
+        if (wide && sizeof(T) < sizeof(double)) {                                                \
+            for (int64_t i = 0; i < n; ++i) {                                                    \
+                double z = ((double)x[i] - ref) * inv - t;                                       \
+                out[i] = (T)(z > 0.0 ? (z < 1.0 ? z : 1.0) : 0.0);                               \
+            }                                                                                    \
+            return;                                                                              \
+        }                                                                                        \
+        const T top = (T)ref, scale = (T)inv, shift = (T)t;                                      \
         _Pragma("omp simd")                                                                      \
         for (int64_t i = 0; i < n; ++i) {                                                        \
-            T z = (x[i] - top) * inv - t; /* −inf for masked entries */                          \
+            T z = (x[i] - top) * scale - shift; /* −inf for masked entries */                    \
             z = z < (T)1 ? z : (T)1;                                                             \
             out[i] = z > (T)0 ? z : (T)0;                                                        \
         }                                                                                        \
@@ -1532,6 +1546,37 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         return 3;                                                                                \
     }                                                                                            \
                                                                                                  \
+    /* Rows spanning more than SPARSE_PIVOT_SPAN τ, whose w about the top would lose the root's  \
+       digits: w about the pivot a, the ⌈budget⌉-th largest finite entry.  The root lies in      \
+       (b − τ, a], b the (⌊budget⌋+1)-th largest (a itself for a fractional budget), so only     \
+       the entries of the window (b − τ, a + τ) are kept.  *pivot = a, *t_out about it. */       \
+    static int sparse_pivot_row_##SUFFIX(const T *x, int64_t n, double k, double plus,           \
+                                         double budget, double inv, double *cand,                \
+                                         double *pivot, double *t_out) {                         \
+        int64_t live = 0;                                                                        \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            if (x[i] - x[i] == 0) cand[live++] = (double)x[i]; /* (the finite entries) */        \
+        const int64_t down = (int64_t)ceil(budget) - 1;                                          \
+        if (!select_f64(cand, live, down)) return 3;                                             \
+        double a = cand[down], b = a;                                                            \
+        for (int64_t i = down + 1; budget == floor(budget) && i < live; ++i)                     \
+            b = i == down + 1 || cand[i] > b ? cand[i] : b; /* (after a: ≤ a) */                 \
+        double low = (b - a) * inv - 1.0, fixed = plus; /* (+inf entries: in U) */               \
+        int64_t m = 0;                                                                           \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            double w = ((double)x[i] - a) * inv;                                                 \
+            if (!(x[i] - x[i] == 0)) continue;                                                   \
+            if (w >= 1.0)                                                                        \
+                fixed += 1.0;                                                                    \
+            else if (w > low)                                                                    \
+                cand[m++] = w;                                                                   \
+        }                                                                                        \
+        double start = 0.5 * low > -1.0 ? 0.5 * low : -1.0; /* (−1: on a flat piece) */          \
+        *pivot = a;                                                                              \
+        return sparse_newton(cand, m, k, fixed, low, 0.0, plus + floor(budget) + 1.0,            \
+                             plus + ceil(budget) - 1.0, 1.0 - low, start, t_out);                \
+    }                                                                                            \
+                                                                                                 \
     static int sparse_row_##SUFFIX(const T *x, T *out, int64_t n, double k, double tau,         \
                                    double *cand) {                                               \
         double top, bottom, live, plus;                                                          \
@@ -1567,8 +1612,14 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 out[i] = x[i] == (T)INFINITY ? share : (x[i] > (T)-INFINITY ? rest : (T)0);      \
             return 0;                                                                            \
         }                                                                                        \
-        const double inv = 1.0 / tau;                                                            \
-        if (!((bottom - top) * inv - 1.0 > -INFINITY)) return 1; /* w overflows */             \
+        const double inv = fmin(1.0 / tau, DBL_MAX); /* (τ subnormal: no inf) */                 \
+        if (!((top - bottom) * inv <= SPARSE_PIVOT_SPAN)) { /* (also: w overflows) */            \
+            double pivot, t;                                                                     \
+            int status = sparse_pivot_row_##SUFFIX(x, n, k, plus, budget, inv, cand, &pivot,     \
+                                                   &t);                                          \
+            if (!status) sparse_write_p_##SUFFIX(x, out, n, pivot, inv, t, 1);                      \
+            return status;                                                                       \
+        }                                                                                        \
         double t, lo = (bottom - top) * inv - 1.0;                                               \
         int status;                                                                              \
         const double up_rank = floor(k) + 1.0;                                                   \
@@ -1598,7 +1649,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                                    hi + 1.0 - low, 0.5 * (low + hi), &t);                        \
         }                                                                                        \
         if (status) return status;                                                               \
-        sparse_write_p_##SUFFIX(x, out, n, (T)top, (T)inv, (T)t);                                \
+        sparse_write_p_##SUFFIX(x, out, n, top, inv, t, lo < -SPARSE_WRITE_SPAN);                \
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
@@ -1709,7 +1760,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             plus[l] = (double)plus_t[l]; /* (+inf entries: always in U, k − plus to share) */    \
             lo[l] = ((double)low[l] - top[l]) * inv[l] - 1.0;                                    \
             go[l] = nan[l] == 0 && k[l] - plus[l] > 0.0 && k[l] - plus[l] < live[l] &&           \
-                    lo[l] > -INFINITY;                                                           \
+                    lo[l] >= -1.0 - SPARSE_PIVOT_SPAN; /* (wider: sparse_row's pivot) */         \
             taken[l] = go[l];                                                                    \
             if (!go[l]) top[l] = 0.0, inv[l] = 0.0, lo[l] = -1.0, live[l] = 1.0, plus[l] = 0.0;  \
             sum[l] = 0.0;                                                                        \
@@ -1737,17 +1788,16 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 order_lo[l] = go[l] ? ((double)b[l] - top[l]) * inv[l] - 1.0 : -1.0;             \
             }                                                                                    \
         }                                                                                        \
-        int single = sizeof(T) == sizeof(float); /* (w of every lane finite in float) */         \
-        for (int l = 0; l < SPARSE_LANES; ++l) single &= !go[l] || lo[l] > -SPARSE_SINGLE_RANGE; \
-        sparse_tile_solve(w, n, k, lo, live, plus, sum, sorted ? order_lo : NULL, order_hi,      \
-                          single, t, go);                                                        \
+        sparse_tile_solve(w, n, k, lo, live, plus, sum, sorted ? order_lo : NULL, order_hi, t,   \
+                          go);                                                                   \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             if (!taken[l] || go[l]) {                                                            \
                 status[l] = sparse_row_##SUFFIX(x + l * n, out + l * n, n, k[l], tau[l], cand);  \
                 continue;                                                                        \
             }                                                                                    \
             /* p row by row from x, in T as sparse_row: no transposition back */                 \
-            sparse_write_p_##SUFFIX(x + l * n, out + l * n, n, (T)top[l], (T)inv[l], (T)t[l]);   \
+            sparse_write_p_##SUFFIX(x + l * n, out + l * n, n, top[l], inv[l], t[l],             \
+                                    lo[l] < -SPARSE_WRITE_SPAN);                                 \
             status[l] = 0;                                                                       \
         }                                                                                        \
     }
@@ -1756,38 +1806,34 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
 #define SPARSE_LANES 8
 #define SPARSE_VJP_TILE_N 128 /* rows this short are differentiated SPARSE_LANES at a time */
 
-/* sparse_stats for the lanes of a tile, in T: |U|, |F| and Σ_F w at at[l] per lane l, the
-   counts as integer mask sums and Σ_F w as a sum of masked entries (no conversions per
-   entry). */
-#define DEFINE_SPARSE_TILE_STATS(T, SUFFIX)                                                      \
-    static void sparse_tile_stats_##SUFFIX(const T *w, int64_t n, const double *at,              \
-                                           double *upper, double *count, double *total) {        \
-        enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T), PARTS = SPARSE_LANES / WIDTH };    \
-        tile_vec_##SUFFIX t[PARTS], sum[PARTS];                                                  \
-        tile_mask_##SUFFIX up_count[PARTS], free_count[PARTS];                                   \
-        for (int h = 0; h < PARTS; ++h) {                                                        \
-            for (int l = 0; l < WIDTH; ++l) t[h][l] = (T)at[h * WIDTH + l];                      \
-            sum[h] = t[h] * 0;                                                                   \
-            up_count[h] = free_count[h] = (tile_mask_##SUFFIX){0};                               \
-        }                                                                                        \
-        for (int64_t i = 0; i < n; ++i)                                                          \
-            for (int h = 0; h < PARTS; ++h) {                                                    \
-                tile_vec_##SUFFIX v;                                                             \
-                memcpy(&v, w + i * SPARSE_LANES + h * WIDTH, sizeof v);                          \
-                tile_mask_##SUFFIX up = v - t[h] >= 1, free = (v > t[h]) & ~up; /* (−1: true) */ \
-                up_count[h] -= up;                                                               \
-                free_count[h] -= free;                                                           \
-                sum[h] += (tile_vec_##SUFFIX)((tile_mask_##SUFFIX)v & free);                     \
-            }                                                                                    \
-        for (int h = 0; h < PARTS; ++h)                                                          \
-            for (int l = 0; l < WIDTH; ++l) {                                                    \
-                upper[h * WIDTH + l] = (double)up_count[h][l];                                   \
-                count[h * WIDTH + l] = (double)free_count[h][l];                                 \
-                total[h * WIDTH + l] = (double)sum[h][l];                                        \
-            }                                                                                    \
+/* sparse_stats for the lanes of a tile: |U|, |F| and Σ_F w at at[l] per lane l, the counts as
+   integer mask sums and Σ_F w as a sum of masked entries (no conversions per entry). */
+static void sparse_tile_stats(const double *w, int64_t n, const double *at, double *upper,
+                              double *count, double *total) {
+    enum { WIDTH = sizeof(tile_vec_f64) / sizeof(double), PARTS = SPARSE_LANES / WIDTH };
+    tile_vec_f64 t[PARTS], sum[PARTS];
+    tile_mask_f64 up_count[PARTS], free_count[PARTS];
+    memcpy(t, at, sizeof t);
+    for (int h = 0; h < PARTS; ++h) {
+        sum[h] = t[h] * 0.0;
+        up_count[h] = free_count[h] = (tile_mask_f64){0};
     }
-DEFINE_SPARSE_TILE_STATS(float, f32)
-DEFINE_SPARSE_TILE_STATS(double, f64)
+    for (int64_t i = 0; i < n; ++i)
+        for (int h = 0; h < PARTS; ++h) {
+            tile_vec_f64 v;
+            memcpy(&v, w + i * SPARSE_LANES + h * WIDTH, sizeof v);
+            tile_mask_f64 up = v - t[h] >= 1.0, free = (v > t[h]) & ~up; /* (−1: true) */
+            up_count[h] -= up;
+            free_count[h] -= free;
+            sum[h] += (tile_vec_f64)((tile_mask_f64)v & free);
+        }
+    for (int h = 0; h < PARTS; ++h)
+        for (int l = 0; l < WIDTH; ++l) {
+            upper[h * WIDTH + l] = (double)up_count[h][l];
+            count[h * WIDTH + l] = (double)free_count[h][l];
+            total[h * WIDTH + l] = sum[h][l];
+        }
+}
 
 /* Active-set Newton for SPARSE_LANES short rows at once, one row per vector lane (the per-row
    costs of short rows, reductions and the step's branches, are shared): the steps of
@@ -1795,19 +1841,14 @@ DEFINE_SPARSE_TILE_STATS(double, f64)
    order_hi, from the order-statistics bracket (order_lo[l], order_hi[l]].  w[i·LANES + l]
    holds w_i of lane l (−DBL_MAX where masked, DBL_MAX at +inf: finite, so that a zero mask
    times it is zero); k, lo, live, plus (the +inf entries, always in U) and sum (Σ finite w)
-   per lane.  single: the passes take w rounded to float (float32 rows whose w fits in it;
-   p is written in float32 anyway), and a step within float precision of t is its root.
    Lanes with go[l] = 0 are left alone.  On return t[l] holds the root where go[l] was
    cleared; a lane still at go[l] = 1 did not converge. */
 static void sparse_tile_solve(const double *w, int64_t n, const double *k, const double *lo_in,
                               const double *live, const double *plus, const double *sum,
-                              const double *order_lo, const double *order_hi, int single,
-                              double *t, int *go) {
+                              const double *order_lo, const double *order_hi, double *t,
+                              int *go) {
     double lo[SPARSE_LANES], hi[SPARSE_LANES], mass_lo[SPARSE_LANES], mass_hi[SPARSE_LANES];
     double at[SPARSE_LANES], active[SPARSE_LANES];
-    float narrow[SPARSE_TILE_N * SPARSE_LANES]; /* w in float (single): ±DBL_MAX → ±inf */
-    for (int64_t i = 0; single && i < n * SPARSE_LANES; ++i) narrow[i] = (float)w[i];
-    const double eps = single ? FLT_EPSILON : DBL_EPSILON; /* (a step this close: stable) */
     for (int l = 0; l < SPARSE_LANES; ++l) {
         lo[l] = lo_in[l];
         hi[l] = 0.0;
@@ -1830,10 +1871,7 @@ static void sparse_tile_solve(const double *w, int64_t n, const double *k, const
     }
     for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {
         double u[SPARSE_LANES], c[SPARSE_LANES], s[SPARSE_LANES];
-        if (single)
-            sparse_tile_stats_f32(narrow, n, at, u, c, s);
-        else
-            sparse_tile_stats_f64(w, n, at, u, c, s);
+        sparse_tile_stats(w, n, at, u, c, s);
         double pending = 0.0;
 #pragma omp simd reduction(+ : pending)
         for (int l = 0; l < SPARSE_LANES; ++l) {
@@ -1846,7 +1884,7 @@ static void sparse_tile_solve(const double *w, int64_t n, const double *k, const
             double gap = step - at[l];
             gap = gap < 0.0 ? -gap : gap;
             double scale = (at[l] < 0.0 ? -at[l] : at[l]) + 1.0;
-            int stable = some & (gap <= 2.0 * eps * scale);
+            int stable = some & (gap <= 2.0 * DBL_EPSILON * scale);
             int inside = some & (step > low) & (step < high);
             double width = m_low - m_high > 1e-30 ? m_low - m_high : 1e-30;
             double share = (m_low - k[l]) / width;

@@ -49,13 +49,17 @@ __all__ = [
 _NEWTON_STEPS = 48
 #: Rows spanning more than this (in units of τ) start from order statistics.
 _SPREAD_LIMIT = 2.0
+#: Rows spanning more than this many τ are solved about a pivot near the root (in float64, w
+#: about the top keeps about 2⁻³² of the root's digits at this span).
+_PIVOT_SPAN = 2.0**20
 
 
 def _per_row(value: Tensor | float, rows: int, like: Tensor) -> Tensor:
-    """A number or a tensor of per-slice values as a ``(rows, 1)`` tensor like ``like``."""
+    """A number or a tensor of per-slice values as a float64 ``(rows, 1)`` tensor on ``like``'s
+    device (float64: a τ below float32's range stays positive)."""
     if isinstance(value, Tensor):
-        return value.detach().to(like.dtype).reshape(rows, 1)
-    return torch.full((rows, 1), float(value), dtype=like.dtype, device=like.device)
+        return value.detach().to(device=like.device, dtype=torch.float64).reshape(rows, 1)
+    return torch.full((rows, 1), float(value), dtype=torch.float64, device=like.device)
 
 
 def _active_set(w: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -141,11 +145,33 @@ def _sorted_solve(w: Tensor, k: Tensor, lo: Tensor) -> Tensor:
     return torch.where(count > 0, t, left)
 
 
+def _reference(
+    x: Tensor, finite: Tensor, top: Tensor, budget: Tensor, general: Tensor, tau: Tensor, sync: bool
+) -> Tensor:
+    """The point each row's ``w = (x − ref)/τ`` is taken about: its largest finite entry, or
+    for rows spanning more than ``_PIVOT_SPAN`` τ (where ``w`` about the top would lose the
+    root's digits) the ``⌈budget⌉``-th largest finite entry, which lies within ``τ`` (plus a
+    gap the root does not depend on) of the threshold.  ``sync=False``: no host read."""
+    bottom = torch.where(finite, x, math.inf).amin(-1, keepdim=True)
+    wide = general & ((top - bottom) / tau > _PIVOT_SPAN)
+    if sync and not bool(wide.any()):
+        return top
+    rows = wide.squeeze(-1).nonzero().squeeze(-1) if sync else slice(None)
+    ranked = torch.where(finite[rows], x[rows], -math.inf).sort(-1, descending=True).values
+    index = (budget[rows].ceil().long() - 1).clamp(0, x.shape[-1] - 1)
+    ref = top.clone()
+    ref[rows] = torch.where(wide[rows], ranked.gather(-1, index), top[rows])
+    return ref
+
+
 def _solve_rows(x: Tensor, k: Tensor, tau: Tensor, sync: bool = True) -> Tensor:
     """``p`` for rows ``x`` (shape ``(rows, n)``), per-row ``k`` and ``τ`` (``(rows, 1)``).
 
     ``sync=False``: no host read (for CUDA tensors without the Triton kernel): every row takes
-    the sort-based exact solve, no data-dependent branch."""
+    the sort-based exact solve, no data-dependent branch.  Solved in float64, as the fused
+    kernel solves (and writes wide rows of) float32."""
+    dtype, x = x.dtype, x.double()
+    k, tau = k.double(), tau.double()
     n = x.shape[-1]
     finite = torch.isfinite(x)
     live = finite.sum(-1, keepdim=True).to(x.dtype)
@@ -153,12 +179,14 @@ def _solve_rows(x: Tensor, k: Tensor, tau: Tensor, sync: bool = True) -> Tensor:
     plus = positive.sum(-1, keepdim=True).to(x.dtype)
     top = torch.where(finite, x, -math.inf).amax(-1, keepdim=True)
     top = torch.where(live > 0, top, 0.0)
-    w = torch.where(finite, (x - top) / tau, -math.inf)
     budget = k - plus  # what the finite entries share
     general = (budget > 0) & (budget < live)
+    ref = _reference(x, finite, top, budget, general, tau, sync)
+    limit = 2 * _PIVOT_SPAN  # (|w| beyond it: saturated either way)
+    w = torch.where(finite, ((x - ref) / tau).clamp(-limit, limit), -math.inf)
     lo = torch.where(finite, w, math.inf).amin(-1, keepdim=True) - 1
     lo = torch.where(general, lo, -1.0)
-    hi = torch.zeros_like(lo)
+    hi = torch.where(general, w.amax(-1, keepdim=True), 0.0)
     safe_budget = torch.where(general, budget, 0.5 * torch.ones_like(budget))
     if not sync:
         t = _sorted_solve(torch.where(general, w, 0.0), safe_budget, lo) if n > 0 else hi
@@ -174,7 +202,7 @@ def _solve_rows(x: Tensor, k: Tensor, tau: Tensor, sync: bool = True) -> Tensor:
     p = torch.where(budget <= 0, 0.0, p)
     share = torch.where(plus > k, k / plus.clamp_min(1), 1.0)
     p = torch.where(positive, share, p)
-    return torch.where(torch.isnan(x).any(-1, keepdim=True), math.nan, p)
+    return torch.where(torch.isnan(x).any(-1, keepdim=True), math.nan, p).to(dtype)
 
 
 def solve_sparse_topk(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tensor:

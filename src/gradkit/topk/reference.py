@@ -113,6 +113,8 @@ def _project_sorted(s: list[float], k: float) -> float:
                 if a == k and (a == 0 or a == size or s[a - 1] - 1 >= s[a]):
                     return s[a] if a < size else s[a - 1] - 1
                 continue
+            if not 0 < k - a < b - a:  # the free entries' p (each in (0, 1)) sum to k − a
+                continue
             theta = (math.fsum(s[a:b]) + a - k) / (b - a)
             slack = 1e-12 * (1 + abs(theta))
             if a > 0 and s[a - 1] - theta < 1 - slack:
@@ -129,15 +131,21 @@ def _reference_slice(x: list[float], k: float, tau: float) -> list[float]:
     if any(math.isnan(v) for v in x):
         return [math.nan] * len(x)
     plus = sum(v == math.inf for v in x)
-    finite = [v / tau for v in x if math.isfinite(v)]
+    finite = [v for v in x if math.isfinite(v)]
     budget = k - plus
     share = k / plus if plus > k else 1.0
     if budget <= 0 or budget >= len(finite):
         fill = 0.0 if budget <= 0 else 1.0
         return [share if v == math.inf else (fill if math.isfinite(v) else 0.0) for v in x]
-    theta = _project_sorted(sorted(finite, reverse=True), budget)
+    # About the ⌈budget⌉-th largest finite entry (the root lies within τ·(1 + gap) of it), so
+    # that (v − pivot)/τ keeps the root's digits however large x/τ is.
+    pivot = sorted((v for v in x if math.isfinite(v)), reverse=True)[math.ceil(budget) - 1]
+    shifted = [(v - pivot) / tau for v in x if math.isfinite(v)]
+    theta = _project_sorted(sorted(shifted, reverse=True), budget)
     return [
-        1.0 if v == math.inf else (min(max(v / tau - theta, 0.0), 1.0) if v > -math.inf else 0.0)
+        1.0
+        if v == math.inf
+        else (min(max((v - pivot) / tau - theta, 0.0), 1.0) if v > -math.inf else 0.0)
         for v in x
     ]
 
