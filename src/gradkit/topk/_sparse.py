@@ -52,6 +52,9 @@ _SPREAD_LIMIT = 2.0
 #: Rows spanning more than this many τ are solved about a pivot near the root (in float64, w
 #: about the top keeps about 2⁻³² of the root's digits at this span).
 _PIVOT_SPAN = 2.0**20
+#: float32 rows spanning more than this many τ are solved in float64 (2⁻¹² of the root's
+#: digits kept in float32).
+_FLOAT32_SPAN = 2.0**12
 
 
 def _per_row(value: Tensor | float, rows: int, like: Tensor) -> Tensor:
@@ -145,6 +148,18 @@ def _sorted_solve(w: Tensor, k: Tensor, lo: Tensor) -> Tensor:
     return torch.where(count > 0, t, left)
 
 
+def _needs_float64(x: Tensor, tau: Tensor) -> bool:
+    """Whether float32 rows ``x`` (per-row float64 ``tau``) need float64: a row spanning more
+    than ``_FLOAT32_SPAN`` τ (w about its top would lose the root's digits in float32), or a
+    τ below float32's smallest normal number (host reads: the synchronising path only)."""
+    finite = torch.isfinite(x)
+    top = torch.where(finite, x, -math.inf).amax(-1, keepdim=True).double()
+    bottom = torch.where(finite, x, math.inf).amin(-1, keepdim=True).double()
+    span = torch.where(top > bottom, (top - bottom) / tau, 0.0)
+    tiny = torch.finfo(torch.float32).tiny
+    return bool((span > _FLOAT32_SPAN).any()) or bool((tau < tiny).any())
+
+
 def _reference(
     x: Tensor, finite: Tensor, top: Tensor, budget: Tensor, general: Tensor, tau: Tensor, sync: bool
 ) -> Tensor:
@@ -168,10 +183,12 @@ def _solve_rows(x: Tensor, k: Tensor, tau: Tensor, sync: bool = True) -> Tensor:
     """``p`` for rows ``x`` (shape ``(rows, n)``), per-row ``k`` and ``τ`` (``(rows, 1)``).
 
     ``sync=False``: no host read (for CUDA tensors without the Triton kernel): every row takes
-    the sort-based exact solve, no data-dependent branch.  Solved in float64, as the fused
-    kernel solves (and writes wide rows of) float32."""
-    dtype, x = x.dtype, x.double()
-    k, tau = k.double(), tau.double()
+    the sort-based exact solve, no data-dependent branch.  float32 rows are solved in float64
+    (as the fused kernel solves them) when any spans more than ``_FLOAT32_SPAN`` τ or has a τ
+    below float32's range, and always with ``sync=False``."""
+    if x.dtype != torch.float64 and (not sync or _needs_float64(x, tau)):
+        return _solve_rows(x.double(), k, tau, sync).to(x.dtype)
+    k, tau = k.to(x.dtype), tau.to(x.dtype)
     n = x.shape[-1]
     finite = torch.isfinite(x)
     live = finite.sum(-1, keepdim=True).to(x.dtype)
@@ -202,7 +219,7 @@ def _solve_rows(x: Tensor, k: Tensor, tau: Tensor, sync: bool = True) -> Tensor:
     p = torch.where(budget <= 0, 0.0, p)
     share = torch.where(plus > k, k / plus.clamp_min(1), 1.0)
     p = torch.where(positive, share, p)
-    return torch.where(torch.isnan(x).any(-1, keepdim=True), math.nan, p).to(dtype)
+    return torch.where(torch.isnan(x).any(-1, keepdim=True), math.nan, p)
 
 
 def solve_sparse_topk(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tensor:
