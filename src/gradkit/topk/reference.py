@@ -139,8 +139,8 @@ def _reference_slice(x: list[float], k: float, tau: float) -> list[float]:
         return [share if v == math.inf else (fill if math.isfinite(v) else 0.0) for v in x]
     # About the ⌈budget⌉-th largest finite entry (the root lies within τ·(1 + gap) of it), so
     # that (v − pivot)/τ keeps the root's digits however large x/τ is.
-    pivot = sorted((v for v in x if math.isfinite(v)), reverse=True)[math.ceil(budget) - 1]
-    shifted = [(v - pivot) / tau for v in x if math.isfinite(v)]
+    pivot = sorted(finite, reverse=True)[math.ceil(budget) - 1]
+    shifted = [(v - pivot) / tau for v in finite]
     theta = _project_sorted(sorted(shifted, reverse=True), budget)
     return [
         1.0
