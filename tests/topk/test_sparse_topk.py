@@ -62,7 +62,8 @@ def test_matches_reference(solver_path, shape, kind, tau):
 def test_small_temperatures_keep_the_budget(solver_path, n, tau, dtype):
     # |x/τ| up to ~1e301: beyond the digits (and the range) in which w about the row's top
     # locates the root, so rows this wide are solved about a pivot near it.  Fractional,
-    # whole and per-slice budgets, ±inf entries; Σp = k to rounding, no NaN, the reference's p.
+    # whole and per-slice budgets, ±inf entries; Σp = k to rounding, no NaN, the reference's p,
+    # and a backward without inf or NaN.
     rows = 16
     x = (seeded_randn(rows, n, seed=n + 31) * 3).to(dtype)
     x[::4, 1] = x[::4, 0]  # ties at the top
@@ -72,7 +73,13 @@ def test_small_temperatures_keep_the_budget(solver_path, n, tau, dtype):
     live = (x > -math.inf).sum(-1).double() - plus
     shares = torch.tensor([0.1, 0.5, 1 / 3, 0.9], dtype=torch.float64).repeat(rows // 4)
     for k in (plus + shares * live, plus + (shares * live).floor().clamp(min=1)):
-        p = sparse_topk(x, k.to(dtype), temperature=tau)
+        leaf = x.clone().requires_grad_(True)
+        p = sparse_topk(leaf, k.to(dtype), temperature=tau)
+        p.backward(seeded_randn(rows, n, seed=n + 32).to(dtype))
+        # 1/τ capped at the dtype's max/16: large finite gradients on F, exactly 0 off it
+        free = (p > 0) & (p < 1)
+        assert bool(torch.isfinite(leaf.grad).all()) and bool((leaf.grad[~free] == 0).all())
+        p = p.detach()
         assert not bool(p.isnan().any())
         expected = sparse_topk_reference(x, k.to(dtype).double(), tau)
         # p to rounding in its dtype, plus the float64 solve's conditioning up to the span (2²⁰

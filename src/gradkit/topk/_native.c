@@ -1498,13 +1498,16 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
-    /* grad_x = 1_F (g − mean)·inv_tau for one row, NaN where p is NaN. */                       \
+    /* grad_x = 1_F (g − mean)·inv_tau for one row, NaN where p is NaN, exactly 0 off F; 1/τ     \
+       capped at T's max/16 (as soft_topk caps it), so a τ below T's range gives large finite    \
+       gradients on F, not inf or NaN. */                                                        \
     static inline void sparse_write_grad_##SUFFIX(const T *g, const T *p, T *out, int64_t n,     \
-                                                  T mean, T inv_tau) {                           \
+                                                  T mean, double inv_tau) {                      \
+        const double cap = (sizeof(T) == sizeof(float) ? FLT_MAX : DBL_MAX) / 16;                \
+        const T scale = (T)(inv_tau < cap ? inv_tau : cap);                                      \
         _Pragma("omp simd")                                                                      \
         for (int64_t i = 0; i < n; ++i) {                                                        \
-            T free = (T)(p[i] > (T)0) * (T)(p[i] < (T)1);                                        \
-            T value = free * (g[i] - mean) * inv_tau;                                            \
+            T value = (p[i] > (T)0) & (p[i] < (T)1) ? (g[i] - mean) * scale : (T)0;              \
             out[i] = p[i] != p[i] ? p[i] : value;                                                \
         }                                                                                        \
     }                                                                                            \
@@ -1670,7 +1673,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             total += block_total;                                                                \
         }                                                                                        \
         double mean = count > 0.0 ? total / count : 0.0;                                         \
-        sparse_write_grad_##SUFFIX(g, p, out, n, (T)mean, (T)inv_tau);                           \
+        sparse_write_grad_##SUFFIX(g, p, out, n, (T)mean, inv_tau);                              \
         return mean;                                                                             \
     }                                                                                            \
                                                                                                  \
@@ -1685,7 +1688,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             double mean = count[l] > 0 ? (double)total[l] / (double)count[l] : 0.0;              \
             means[l] = (T)mean;                                                                  \
             sparse_write_grad_##SUFFIX(g + l * n, p + l * n, out + l * n, n, (T)mean,            \
-                                       (T)inv_tau[l]);                                           \
+                                       inv_tau[l]);                                              \
         }                                                                                        \
     }                                                                                            \
                                                                                                  \

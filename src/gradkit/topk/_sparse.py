@@ -296,6 +296,15 @@ def _free(p: Tensor) -> Tensor:
     return (p > 0) & (p < 1)
 
 
+def _inverse(tau: Tensor | float, dtype: torch.dtype) -> Tensor | float:
+    """``1/τ`` per slice (a column), capped at ``dtype``'s max/16 as the kernels cap it: a τ
+    below the dtype's range gives large finite gradients on F, not inf or NaN."""
+    cap = torch.finfo(dtype).max / 16
+    if isinstance(tau, Tensor):
+        return torch.reciprocal(tau.unsqueeze(-1)).clamp(max=cap).to(dtype)
+    return min(1.0 / tau, cap)
+
+
 def sparse_topk_vjp(grad: Tensor, p: Tensor, tau: Tensor | float) -> tuple[Tensor, Tensor]:
     """``(∂L/∂x, ∂L/∂k)`` from ``g = ∂L/∂p``: ``1_F (g − mean_F g)/τ`` and ``mean_F g``.
 
@@ -305,8 +314,7 @@ def sparse_topk_vjp(grad: Tensor, p: Tensor, tau: Tensor | float) -> tuple[Tenso
     free = _free(p)
     count = free.sum(-1, keepdim=True).clamp_min(1).to(p.dtype)
     mean = torch.where(free, grad, 0.0).sum(-1, keepdim=True) / count
-    scale = tau.unsqueeze(-1) if isinstance(tau, Tensor) else tau
-    grad_x = torch.where(free, grad - mean, 0.0) / scale
+    grad_x = torch.where(free, (grad - mean) * _inverse(tau, p.dtype), 0.0)
     grad_x = torch.where(torch.isnan(p), p, grad_x)
     return grad_x, mean.squeeze(-1)
 
