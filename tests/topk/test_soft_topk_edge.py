@@ -167,6 +167,23 @@ def test_extreme_temperatures(temperature):
         torch.testing.assert_close(p, torch.full_like(p, 4.5 / 20))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1e-6, 1e-12, 1e-20, 1e-300])
+def test_small_temperatures_keep_a_fractional_budget(temperature, dtype):
+    # Budgets whose fraction lands on one entry (p = 0.3, not σ(0) = 0.5): about 0, w = x/τ
+    # cannot hold that entry's p once τ ≪ ulp(x), so slices this wide are solved about a
+    # centre near the root; ±inf entries in some slices.
+    x = _randn(16, 12).mul(3).to(dtype)
+    x[1::4, 2] = -INF
+    x[2::5, 3] = INF
+    k = torch.tensor([2.3, 1.7, 5.5, 8.9] * 4, dtype=dtype)
+    p = soft_topk(x, k, temperature=temperature)
+    assert not bool(p.isnan().any())
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(p.double().sum(-1), k.double(), atol=64 * 12 * eps, rtol=0)
+    assert torch.isfinite(_grad(x, lambda a: soft_topk(a, k, temperature=temperature))).all()
+
+
 def test_mixed_scales_within_a_slice_resolve_the_small_entries():
     # The budget left after 1e30 is decided among O(1) entries: their resolution must not be
     # lost to the huge one.

@@ -83,6 +83,10 @@ _ONE_TAIL_STEPS = 2
 # Slices spread over more than this many units of τ start from order statistics (a partial
 # sort) instead of the log-sum-exp bound, which small temperatures make far from the root.
 _SPREAD_FOR_ORDER_START = 16.0
+#: Slices spanning more than this many τ are solved about a centre near the root (their ⌈k⌉-th
+#: largest finite entry): about 0, w = x/τ would keep too few of the root's digits (its last
+#: 2⁻¹³ in float32, 2⁻³² in float64 at this span).
+_CENTRE_SPAN = {torch.float32: 2.0**10, torch.float64: 2.0**20}
 # A bracket wider than this (in units of τ) is bisected in its floating-point ordering.
 _WIDE_BRACKET = 64.0
 
@@ -370,6 +374,7 @@ def _solve_torch(x: Tensor, k: Tensor | float, inv_tau: float) -> Tensor:
     ``inv_tau`` = 1/τ capped at ``max/16``), in ``x``'s dtype."""
     n_total = x.shape[-1]
     limit = torch.finfo(x.dtype).max / 16
+    x = _centred(x, k, inv_tau)
     # (amin + amax is several times faster than aminmax on CPU)
     x_min = x.amin(dim=-1, keepdim=True)
     x_max = x.amax(dim=-1, keepdim=True)
@@ -391,6 +396,27 @@ def _solve_torch(x: Tensor, k: Tensor | float, inv_tau: float) -> Tensor:
                     x, k, inv_tau, x_min, x_max, maybe_tied, spread_max * inv_tau
                 )
     return _solve_general(x, k, inv_tau, x_min, x_max)
+
+
+def _centred(x: Tensor, k: Tensor | float, inv_tau: float) -> Tensor:
+    """``x − c`` per slice (``p`` depends on ``x`` only through such differences): ``c`` is the
+    ``⌈k′⌉``-th largest finite entry (``k′`` the budget left to the finite entries) for slices
+    spanning more than ``_CENTRE_SPAN`` τ, 0 for the others.  The root lies within a few τ
+    (or a gap it does not depend on) of ``c``, so ``x − c`` is exact for the entries near it
+    and ``w − t`` keeps their digits however small τ is."""
+    finite = torch.isfinite(x)
+    top = torch.where(finite, x, -math.inf).amax(dim=-1, keepdim=True)
+    bottom = torch.where(finite, x, math.inf).amin(dim=-1, keepdim=True)
+    wide = (top - bottom) * inv_tau > _CENTRE_SPAN[x.dtype]  # (no finite entry: NaN, False)
+    if not bool(wide.any()):
+        return x
+    budget = k.expand(x.shape[:-1]).unsqueeze(-1) if isinstance(k, Tensor) else k
+    live = finite.sum(dim=-1, keepdim=True)
+    rank = (budget - (x == math.inf).sum(dim=-1, keepdim=True)).ceil().long()
+    rank = torch.minimum(rank.clamp(min=1), live.clamp(min=1))
+    ranked = torch.where(finite, x, -math.inf).sort(dim=-1, descending=True).values
+    centre = torch.where(wide, ranked.gather(-1, rank - 1), 0.0)
+    return x - centre
 
 
 def _order_statistics_start(w: Tensor, k: Tensor | float) -> Tensor:
@@ -557,17 +583,24 @@ def soft_topk_vjp(grad: Tensor, p: Tensor, temperature: float | Tensor) -> tuple
     (:func:`_vjp_in_place`).
     """
     per_slice = isinstance(temperature, Tensor)
+    # 1/τ capped at max/16 as the forward caps it (a τ below the dtype's range: large finite
+    # gradients, not 0·inf = NaN on the saturated entries)
+    cap = torch.finfo(p.dtype).max / 16
+    if not per_slice:
+        temperature = max(temperature, 1.0 / cap)
     if not torch.is_grad_enabled() and grad.shape == p.shape and _native.plain_tensors(grad, p):
         scalar = 1.0 if per_slice else temperature
         fused = _native.vjp(grad, p, scalar)
         grad_x, grad_k = fused if fused is not None else _vjp_in_place(grad, p, scalar)
         if per_slice:
-            grad_x.mul_(torch.reciprocal(temperature).unsqueeze(-1).to(grad_x.dtype))
+            inverse = torch.reciprocal(temperature).clamp(max=cap).unsqueeze(-1)
+            grad_x.mul_(inverse.to(grad_x.dtype))
         return grad_x, grad_k
     # v/τ in one fused, twice-differentiable pass (the scale cancels in grad_k);
     # v = (1 − p)·p is accurate to rounding even where p ≈ 1 (unlike Σp − Σp²).
     if per_slice:
-        scale = torch.reciprocal(temperature).to(p.dtype).unsqueeze(-1).expand_as(p)
+        scale = torch.reciprocal(temperature).clamp(max=cap).to(p.dtype).unsqueeze(-1)
+        scale = scale.expand_as(p)
     else:
         scale = p.new_full((), 1.0 / temperature)
     v = torch.ops.aten.sigmoid_backward(scale, p)
