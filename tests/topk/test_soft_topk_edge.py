@@ -167,20 +167,25 @@ def test_extreme_temperatures(temperature):
         torch.testing.assert_close(p, torch.full_like(p, 4.5 / 20))
 
 
+@pytest.mark.parametrize("n", [12, 200])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("temperature", [1e-6, 1e-12, 1e-20, 1e-300])
-def test_small_temperatures_keep_a_fractional_budget(temperature, dtype):
+def test_small_temperatures_keep_a_fractional_budget(temperature, dtype, n):
     # Budgets whose fraction lands on one entry (p = 0.3, not σ(0) = 0.5): about 0, w = x/τ
     # cannot hold that entry's p once τ ≪ ulp(x), so slices this wide are solved about a
-    # centre near the root; ±inf entries in some slices.
-    x = _randn(16, 12).mul(3).to(dtype)
+    # centre near the root (the kernel hands rows spanning more than 2²⁰ τ in float32, 2⁴⁶ τ
+    # in float64 back to the PyTorch path, which centres them); ±inf entries in some slices,
+    # ties in others; 13 rows: a tile of 8 and 5 on the kernel's per-row path (n = 12), all
+    # per-row (n = 200).
+    x = _randn(13, n).mul(3).to(dtype)
     x[1::4, 2] = -INF
     x[2::5, 3] = INF
-    k = torch.tensor([2.3, 1.7, 5.5, 8.9] * 4, dtype=dtype)
+    x[3::4, 1] = x[3::4, 0]
+    k = torch.tensor([2.3, 1.7, 5.5, 8.9] * 4, dtype=dtype)[:13]
     p = soft_topk(x, k, temperature=temperature)
     assert not bool(p.isnan().any())
     eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(p.double().sum(-1), k.double(), atol=64 * 12 * eps, rtol=0)
+    torch.testing.assert_close(p.double().sum(-1), k.double(), atol=64 * n * eps, rtol=0)
     assert torch.isfinite(_grad(x, lambda a: soft_topk(a, k, temperature=temperature))).all()
 
 

@@ -58,6 +58,8 @@
 #define SHORT_VJP_ROW 128 /* rows this short are differentiated LANES at a time too */
 #define TILE_SQRT_f32 sqrtf /* (the tiles' bookkeeping is in the row's own type) */
 #define TILE_SQRT_f64 sqrt
+#define ROW_SPAN_LIMIT_f32 1048576.0       /* 2²⁰: rows spanning more τ are left to the caller … */
+#define ROW_SPAN_LIMIT_f64 70368744177664.0 /* … 2⁴⁶ (solved about a centre there; see solve_row) */
 
 /* ------------------------------------------------------------------ vectorisable exp */
 
@@ -650,6 +652,10 @@ static inline double clamp_f64(double v, double low, double high) {
            overflows) is left to the caller (status 1). */                                       \
         if (!(fabs(x_max * inv_tau) <= (LIMIT)) || !(fabs(x_min * inv_tau) <= (LIMIT)))          \
             return 1;                                                                            \
+        /* Nor can x/τ in T resolve the root of a row spanning more than ROW_SPAN_LIMIT τ (a     \
+           budget's fraction carried by one entry came out up to 2e−2 off): the caller solves    \
+           it about a centre near the root (status 1). */                                        \
+        if ((x_max - x_min) * inv_tau > ROW_SPAN_LIMIT_##SUFFIX) return 1;                       \
         if (x_max == x_min) { /* exact ties: p = k/n over the live entries */                    \
             for (int64_t i = 0; i < n; ++i)                                                      \
                 out[i] = (T)(x[i] == minus_inf ? 0.0 : k / (double)live);                        \
@@ -961,7 +967,8 @@ static inline double clamp_f64(double v, double low, double high) {
             double spread = (x_max - x_min) * inv_tau;                                           \
             int flip = kk > 0.5 * count;                                                         \
             int good = (bad[l] == 0) & (kk > 0.0) & (kk < count) & (x_max != x_min) &            \
-                       (fabs(x_max * inv_tau) <= (LIMIT)) & (fabs(x_min * inv_tau) <= (LIMIT));  \
+                       (fabs(x_max * inv_tau) <= (LIMIT)) & (fabs(x_min * inv_tau) <= (LIMIT)) & \
+                       (spread <= ROW_SPAN_LIMIT_##SUFFIX); /* (else solve_row decides) */       \
             double b = good ? (flip ? count - kk : kk) : 1.0;                                    \
             count = good ? count : 2.0;                                                          \
             ok[l] = good ? 1.0 : 0.0;                                                            \
