@@ -374,10 +374,13 @@ def _solve_torch(x: Tensor, k: Tensor | float, inv_tau: float) -> Tensor:
     ``inv_tau`` = 1/τ capped at ``max/16``), in ``x``'s dtype."""
     n_total = x.shape[-1]
     limit = torch.finfo(x.dtype).max / 16
-    x = _centred(x, k, inv_tau)
     # (amin + amax is several times faster than aminmax on CPU)
     x_min = x.amin(dim=-1, keepdim=True)
     x_max = x.amax(dim=-1, keepdim=True)
+    if _maybe_wide(x_min, x_max, inv_tau):
+        x = _centred(x, k, inv_tau)
+        x_min = x.amin(dim=-1, keepdim=True)
+        x_max = x.amax(dim=-1, keepdim=True)
     if not isinstance(k, Tensor):
         # One host sync for every check of the common path.  The spread x_max − x_min is
         # finite exactly when the slice is (NaN and ±inf propagate into it; max reductions
@@ -396,6 +399,13 @@ def _solve_torch(x: Tensor, k: Tensor | float, inv_tau: float) -> Tensor:
                     x, k, inv_tau, x_min, x_max, maybe_tied, spread_max * inv_tau
                 )
     return _solve_general(x, k, inv_tau, x_min, x_max)
+
+
+def _maybe_wide(x_min: Tensor, x_max: Tensor, inv_tau: float) -> bool:
+    """Whether some slice may span more than ``_CENTRE_SPAN`` τ (a non-finite span, from ±inf
+    or NaN entries, may: :func:`_centred` then looks at the finite entries)."""
+    span = (x_max - x_min) * inv_tau
+    return bool((span > _CENTRE_SPAN[x_min.dtype]).any() | (span != span).any())
 
 
 def _centred(x: Tensor, k: Tensor | float, inv_tau: float) -> Tensor:
