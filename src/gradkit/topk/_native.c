@@ -1851,7 +1851,7 @@ static void sparse_tile_stats(const double *w, int64_t n, const double *at, doub
    order_hi, from the order-statistics bracket (order_lo[l], order_hi[l]].  w[i·LANES + l]
    holds w_i of lane l (−DBL_MAX where masked, DBL_MAX at +inf: finite, so that a zero mask
    times it is zero); k, lo, live, plus (the +inf entries, always in U) and sum (Σ finite w)
-   Lanes with go[l] = 0 are left alone.  On return t[l] holds the root where go[l] was
+   per lane.  Lanes with go[l] = 0 are left alone.  On return t[l] holds the root where go[l] was
    cleared; a lane still at go[l] = 1 did not converge. */
 static void sparse_tile_solve(const double *w, int64_t n, const double *k, const double *lo_in,
                               const double *live, const double *plus, const double *sum,

@@ -148,26 +148,40 @@ def _sorted_solve(w: Tensor, k: Tensor, lo: Tensor) -> Tensor:
     return torch.where(count > 0, t, left)
 
 
-def _needs_float64(x: Tensor, tau: Tensor) -> bool:
-    """Whether float32 rows ``x`` (per-row float64 ``tau``) need float64: a row spanning more
-    than ``_FLOAT32_SPAN`` τ (w about its top would lose the root's digits in float32), or a
-    τ below float32's smallest normal number (host reads: the synchronising path only)."""
+def _finite_range(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The finiteness mask of ``x`` and each row's largest and smallest finite entries
+    (``−inf`` and ``inf`` for a row with none)."""
     finite = torch.isfinite(x)
-    top = torch.where(finite, x, -math.inf).amax(-1, keepdim=True).double()
-    bottom = torch.where(finite, x, math.inf).amin(-1, keepdim=True).double()
+    top = torch.where(finite, x, -math.inf).amax(-1, keepdim=True)
+    bottom = torch.where(finite, x, math.inf).amin(-1, keepdim=True)
+    return finite, top, bottom
+
+
+def _needs_float64(top: Tensor, bottom: Tensor, tau: Tensor) -> bool:
+    """Whether float32 rows (finite extremes ``top`` and ``bottom``, per-row float64 ``tau``)
+    need float64: a row spanning more than ``_FLOAT32_SPAN`` τ (w about its top would lose the
+    root's digits in float32), or a τ below float32's smallest normal number (host reads: the
+    synchronising path only)."""
+    top, bottom = top.double(), bottom.double()
     span = torch.where(top > bottom, (top - bottom) / tau, 0.0)
     tiny = torch.finfo(torch.float32).tiny
     return bool((span > _FLOAT32_SPAN).any()) or bool((tau < tiny).any())
 
 
 def _reference(
-    x: Tensor, finite: Tensor, top: Tensor, budget: Tensor, general: Tensor, tau: Tensor, sync: bool
+    x: Tensor,
+    finite: Tensor,
+    top: Tensor,
+    bottom: Tensor,
+    budget: Tensor,
+    general: Tensor,
+    tau: Tensor,
+    sync: bool,
 ) -> Tensor:
     """The point each row's ``w = (x − ref)/τ`` is taken about: its largest finite entry, or
     for rows spanning more than ``_PIVOT_SPAN`` τ (where ``w`` about the top would lose the
     root's digits) the ``⌈budget⌉``-th largest finite entry, which lies within ``τ`` (plus a
     gap the root does not depend on) of the threshold.  ``sync=False``: no host read."""
-    bottom = torch.where(finite, x, math.inf).amin(-1, keepdim=True)
     wide = general & ((top - bottom) / tau > _PIVOT_SPAN)
     if sync and not bool(wide.any()):
         return top
@@ -186,19 +200,20 @@ def _solve_rows(x: Tensor, k: Tensor, tau: Tensor, sync: bool = True) -> Tensor:
     the sort-based exact solve, no data-dependent branch.  float32 rows are solved in float64
     (as the fused kernel solves them) when any spans more than ``_FLOAT32_SPAN`` τ or has a τ
     below float32's range, and always with ``sync=False``."""
-    if x.dtype != torch.float64 and (not sync or _needs_float64(x, tau)):
+    if x.dtype != torch.float64 and not sync:
+        return _solve_rows(x.double(), k, tau, sync).to(x.dtype)
+    finite, top, bottom = _finite_range(x)
+    if x.dtype != torch.float64 and _needs_float64(top, bottom, tau):
         return _solve_rows(x.double(), k, tau, sync).to(x.dtype)
     k, tau = k.to(x.dtype), tau.to(x.dtype)
     n = x.shape[-1]
-    finite = torch.isfinite(x)
     live = finite.sum(-1, keepdim=True).to(x.dtype)
     positive = x == math.inf
     plus = positive.sum(-1, keepdim=True).to(x.dtype)
-    top = torch.where(finite, x, -math.inf).amax(-1, keepdim=True)
     top = torch.where(live > 0, top, 0.0)
     budget = k - plus  # what the finite entries share
     general = (budget > 0) & (budget < live)
-    ref = _reference(x, finite, top, budget, general, tau, sync)
+    ref = _reference(x, finite, top, bottom, budget, general, tau, sync)
     limit = 2 * _PIVOT_SPAN  # (|w| beyond it: saturated either way)
     w = torch.where(finite, ((x - ref) / tau).clamp(-limit, limit), -math.inf)
     lo = torch.where(finite, w, math.inf).amin(-1, keepdim=True) - 1
