@@ -28,6 +28,28 @@ def reference_soft_topk(x: torch.Tensor, k, temperature: float = 1.0) -> torch.T
     return torch.sigmoid((x - (lo / 2 + hi / 2)) / temperature)
 
 
+def reference_soft_topk_centred(x: torch.Tensor, k, temperature: float) -> torch.Tensor:
+    """Independent float64 reference for temperatures below the resolution of ``x``: plain
+    bisection on ``t`` in ``σ((x − c)/τ − t)``, ``c`` each slice's ⌈k⌉-th largest entry (the
+    root lies within a few units of it when ``k`` is fractional: ``k`` must be).
+
+    ``k`` is a number or a tensor of shape ``x.shape[:-1]``.  Finite inputs only.
+    """
+    x = x.double()
+    k = torch.as_tensor(k, dtype=torch.float64).expand(x.shape[:-1]).unsqueeze(-1)
+    rank = torch.ceil(k).long().clamp(1, x.shape[-1]) - 1
+    center = x.sort(dim=-1, descending=True).values.gather(-1, rank)
+    u = (x - center) / temperature
+    lo = u.amin(dim=-1, keepdim=True) - 50
+    hi = u.amax(dim=-1, keepdim=True) + 50
+    for _ in range(2200):  # from ±1e308 to the float64 resolution of the root
+        mid = lo / 2 + hi / 2
+        mass = torch.sigmoid(u - mid).sum(dim=-1, keepdim=True)
+        lo = torch.where(mass > k, mid, lo)
+        hi = torch.where(mass > k, hi, mid)
+    return torch.sigmoid(u - (lo / 2 + hi / 2))
+
+
 def seeded_randn(*shape, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``torch.randn`` from its own generator, so tests do not depend on each other's order."""
     return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))

@@ -17,6 +17,7 @@ from support import (
     compile_for_sm90,
     need_triton_kernels,
     reference_soft_topk,
+    reference_soft_topk_centred,
     seeded_randn,
     triton_pointer,
 )
@@ -260,6 +261,23 @@ def test_ties_at_the_resolution_limit_share_the_remainder(solver, dtype):
     p = solve(x, 1.5, 1.0 / temperature)
     expected = torch.tensor([[0.25, 1.0, 0.25, 0.0, 0.0]], dtype=dtype)
     torch.testing.assert_close(p.cpu(), expected, atol=4 * ulp, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_temperatures_keep_full_precision(solver, dtype):
+    # Rows spanning 10⁵–10¹⁹ units of τ: w about 0 resolves only eps·|x|/τ units (p off by up
+    # to 0.08 in float32 at τ = 1e−6, 6e−8 in float64 at 1e−9 before the solve moved its
+    # centre to the located root); below the resolution of x the collapsed bracket's ends are
+    # blended.  Budgets exact in both dtypes, their fractions on single entries.
+    solve, device = solver
+    eps = torch.finfo(dtype).eps
+    k = torch.tensor([1.25, 2.5, 7.75, 20.25, 3.75, 10.5, 40.75, 25.5], dtype=torch.float64)
+    for temperature in (1e-5, 1e-6, 1e-7, 1e-9, 1e-12, 1e-18):
+        x = (seeded_randn(8, 50, seed=19) * 3).to(dtype)
+        p = solve(x.to(device), k.to(device), 1.0 / temperature).double().cpu()
+        expected = reference_soft_topk_centred(x, k, temperature)
+        atol = 16 * eps * float(k.max())
+        torch.testing.assert_close(p, expected, atol=atol, rtol=0, msg=f"τ = {temperature}")
 
 
 def test_small_temperatures_take_few_iterations():

@@ -193,6 +193,25 @@ def test_kinks_that_coincide(solver, temperature):
     _check(solve, x.float().to(device), k.to(device), temperature)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_temperatures_keep_the_budget_and_its_fraction(solver, dtype):
+    # w about the row's top resolves only eps·|x|/τ units: p was off by 4e−4 in float32 at
+    # τ = 1e−3 and the fraction of k was lost below 1e−6 (float64: 1e−12) before the solve
+    # moved its centre to the located root and blended the ends of a bracket collapsed below
+    # the resolution of x.  Ties, ±inf; budgets exact in both dtypes.
+    solve, device = solver
+    eps = torch.finfo(dtype).eps
+    k = torch.tensor([1.25, 2.5, 7.75, 20.25, 3.75, 10.5, 40.75, 25.5], dtype=torch.float64)
+    x = (seeded_randn(8, 50, seed=20) * 3).to(dtype)
+    x[1, 7], x[5, 3], x[6, 0] = -INF, INF, x[6, 1]
+    tiny = 1e-300 if dtype == torch.float64 else 1e-38
+    for temperature in (1e-3, 1e-5, 1e-7, 1e-9, 1e-12, 1e-18, tiny):
+        p = solve(x.to(device), k.to(device), temperature).double().cpu()
+        expected = sparse_topk_reference(x.double(), k, temperature)
+        atol = 16 * eps * float(k.max())
+        torch.testing.assert_close(p, expected, atol=atol, rtol=0, msg=f"τ = {temperature}")
+
+
 def test_empty_inputs(solver):
     solve, device = solver
     assert solve(torch.empty(3, 0, device=device), 0.0, 1.0).shape == (3, 0)

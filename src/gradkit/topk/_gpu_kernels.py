@@ -22,12 +22,14 @@ multisection passes, each evaluating ``F`` at ``PROBES`` points of the bracket a
 shrinking it ``PROBES + 1`` times; one per Newton iteration (``Σp``, ``Σv`` and ``Σp·v``
 fused); one to write ``p`` (and one more only where a bracket collapsed onto a jump of ``F``).
 The centre ``c`` is the row's maximum for narrow rows and, for wide ones, the start once
-multisection has made the bracket narrow: ``w − t`` then keeps the resolution of the entries
-near the root whatever the offset of the scores.  The iteration is the safeguarded
-model-based Newton of ``_solve.py``: two-tail steps while they stay inside the bracket,
-bisection otherwise (in the float ordering while the bracket is wider than 64 units),
-bisection only after ``NEWTON_STEPS``, at most ``MAX_ITERS`` iterations; a bracket has
-collapsed when no float lies inside it.  Each row stops on its own test, and the program
+multisection has made the bracket narrow, and again any located root more than ``WIDE``
+units from it (while ``w`` there resolves ``WIDE/8`` units): ``w − t`` then keeps the
+resolution of the entries near the root whatever the offset of the scores.  The iteration
+is the safeguarded model-based Newton of ``_solve.py``: two-tail steps while they stay
+inside the bracket, bisection otherwise (in the float ordering while the bracket is wider
+than 64 units), bisection only after ``NEWTON_STEPS`` (counted from the last move of the
+centre), at most ``MAX_ITERS`` iterations; a bracket has collapsed when no float lies
+inside it.  Each row stops on its own test, and the program
 stops when all its rows have.  Nothing leaves the device.
 """
 
@@ -343,12 +345,17 @@ def _iterate(x_ptr, row_base, row_ok, n, center, factor, budget, t, lo, hi, solv
              ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr, IS_F64: tl.constexpr,
              EPS: tl.constexpr, NEWTON_STEPS: tl.constexpr, MAX_ITERS: tl.constexpr,
              WIDE: tl.constexpr):  # fmt: skip
-    """The safeguarded Newton iteration; returns ``t``, the bracket, ``F − k`` at the last
-    evaluation and the number of iterations of each row."""
+    """The safeguarded Newton iteration; returns ``t``, the bracket, the centre, ``F − k`` at
+    the last evaluation and the number of iterations of each row.
+
+    A row whose next ``t`` lies more than ``WIDE`` units from its centre (a wide row, centred
+    at 0) moves its centre there and takes another pass: ``w − t`` about a far centre has only
+    ``eps·|t|`` resolution.  Its Newton steps count afresh from the move."""
     tol_mass = 8.0 * EPS * tl.maximum(budget, 1.0)
     active = solving
     excess = tl.full([ROWS], 0, CDT)
     iters = tl.full([ROWS], 0, tl.int32)
+    newton_from = tl.full([ROWS], 0, tl.int32)
     it = 0
     while (it < MAX_ITERS) & (_max(active.to(tl.int32), axis=0) > 0):
         mass, slope, upper = _evaluate(
@@ -359,13 +366,20 @@ def _iterate(x_ptr, row_base, row_ok, n, center, factor, budget, t, lo, hi, solv
         lo = tl.where(active & (excess > 0), t, lo)
         hi = tl.where(active & (excess < 0), t, hi)
         t_next, finished = _newton_or_bisect(
-            t, lo, hi, excess, slope, upper, it < NEWTON_STEPS, EPS, WIDE, IS_F64
+            t, lo, hi, excess, slope, upper, it - newton_from < NEWTON_STEPS, EPS, WIDE, IS_F64
         )
-        t = tl.where(active & ~met, t_next, t)
+        t_next = tl.where(met, t, t_next)
+        located = (hi - lo <= WIDE) | met | finished
+        far = active & located & (tl.abs(t_next) > WIDE) & (8.0 * EPS * tl.abs(t_next) <= WIDE)
+        t_next, lo, hi, moved_to = _recentre(t_next, lo, hi, center, factor, far, EPS)
+        moved = moved_to != center
+        center = moved_to
+        newton_from = tl.where(moved, it + 1, newton_from)
+        t = tl.where(active, t_next, t)
         iters += active.to(tl.int32)
-        active = active & ~met & ~finished
+        active = active & ((~met & ~finished) | moved)
         it += 1
-    return t, lo, hi, excess, iters
+    return t, lo, hi, center, excess, iters
 
 
 @triton.jit
@@ -412,9 +426,10 @@ def _solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, iters_pt
     t, lo, hi, center = _start(x_ptr, row_base, row_ok, n, centred, center, factor, budget, lo,
                                hi, w_max, solving, ROWS, BLOCK, CDT, EPS, WIDE_START, PROBES,
                                SECTIONS)  # fmt: skip
-    t, lo, hi, excess, iters = _iterate(x_ptr, row_base, row_ok, n, center, factor, budget, t,
-                                        lo, hi, solving, ROWS, BLOCK, CDT, IS_F64, EPS,
-                                        NEWTON_STEPS, MAX_ITERS, WIDE)  # fmt: skip
+    t, lo, hi, center, excess, iters = _iterate(x_ptr, row_base, row_ok, n, center, factor,
+                                                budget, t, lo, hi, solving, ROWS, BLOCK, CDT,
+                                                IS_F64, EPS, NEWTON_STEPS, MAX_ITERS,
+                                                WIDE)  # fmt: skip
     if COUNT:
         tl.store(iters_ptr + row, iters, mask=row_ok)
     t_a, t_b, weight, any_collapsed = _blend(x_ptr, row_base, row_ok, n, center, factor,
@@ -465,39 +480,42 @@ def _vjp_kernel(g_ptr, p_ptr, gx_ptr, gk_ptr, tau_ptr, tau_stride, rows, n,
 
 
 # ------------------------------------------------------------------------------ sparse_topk
-# Math and symbols follow :mod:`gradkit.topk._sparse`: per row, ``w_i = (x_i − x_max)/τ`` on
-# the finite entries (floored at ``−LIMIT``), ``F(t) = Σ clip(w − t, 0, 1)``, ``U = {w − t ≥
-# 1}``, the free set ``F = {0 < w − t < 1}``; the root of ``F(t) = k'`` (``k'`` the budget
-# left to the finite entries) lies in ``[w_min − 1, 0]``.  Active-set Newton (the root of the
+# Math and symbols follow :mod:`gradkit.topk._sparse`: per row, ``w_i = (x_i − c)/τ`` on the
+# finite entries (within ``±LIMIT``; ``c = x_max`` until the root is located, then near it),
+# ``F(t) = Σ clip(w − t, 0, 1)``, ``U = {w − t ≥ 1}``, the free set ``F = {0 < w − t < 1}``;
+# the root of ``F(t) = k'`` (``k'`` the budget left to the finite entries) lies in
+# ``[w_min − 1, w_max]`` (``[w_min − 1, 0]`` about ``x_max``).  Active-set Newton (the root of the
 # linear piece at ``t``, ``(Σ_F w + |U| − k')/|F|``), safeguarded by the bracket (regula falsi
 # kept off its ends, after ``NEWTON_STEPS`` bisection in the float ordering), at most
 # ``MAX_ITERS`` passes; a row stops when the step is ``t`` itself to rounding (``t`` then
 # solves its own active set: the exact threshold), when ``F(t) = k'`` exactly, or when its
-# bracket has collapsed (then ``t`` is the exact solve of the last active set, clamped to it).
+# bracket has collapsed (then ``t`` is the exact solve of the last active set, clamped to it;
+# for a bracket collapsed wider than a unit, p blends its ends).
 
 
 @triton.jit
-def _sparse_w(x, top, tau, LIMIT: tl.constexpr):
-    """``w = (x − x_max)/τ`` on the finite entries (0 elsewhere) and the finiteness mask."""
+def _sparse_w(x, center, tau, LIMIT: tl.constexpr):
+    """``w = (x − c)/τ`` on the finite entries (0 elsewhere, within ``±LIMIT``) and the
+    finiteness mask."""
     live = (x > float("-inf")) & (x < float("inf"))
-    w = (tl.where(live, x, top[:, None]) - top[:, None]) / tau[:, None]
-    return tl.maximum(w, -LIMIT), live
+    w = (tl.where(live, x, center[:, None]) - center[:, None]) / tau[:, None]
+    return tl.minimum(tl.maximum(w, -LIMIT), LIMIT), live
 
 
 @triton.jit
-def _sparse_sum_w(x_ptr, row_base, row_ok, n, top, tau, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+def _sparse_sum_w(x_ptr, row_base, row_ok, n, center, tau, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                   CDT: tl.constexpr, LIMIT: tl.constexpr):  # fmt: skip
     """``Σ w`` over the finite entries (for the all-free start)."""
     total = tl.full([ROWS], 0, CDT)
     for start in range(0, n, BLOCK):
         x, _ = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
-        w, live = _sparse_w(x, top, tau, LIMIT)
+        w, live = _sparse_w(x, center, tau, LIMIT)
         total += _sum(tl.where(live, w, 0.0), axis=1)
     return total
 
 
 @triton.jit
-def _sparse_active(x_ptr, row_base, row_ok, n, top, tau, t, ROWS: tl.constexpr,
+def _sparse_active(x_ptr, row_base, row_ok, n, center, tau, t, ROWS: tl.constexpr,
                    BLOCK: tl.constexpr, CDT: tl.constexpr, LIMIT: tl.constexpr):  # fmt: skip
     """One pass: ``|U|``, ``|F|`` and ``Σ_F w`` at ``t``."""
     upper = tl.full([ROWS], 0, CDT)
@@ -505,7 +523,7 @@ def _sparse_active(x_ptr, row_base, row_ok, n, top, tau, t, ROWS: tl.constexpr,
     total = tl.full([ROWS], 0, CDT)
     for start in range(0, n, BLOCK):
         x, _ = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
-        w, live = _sparse_w(x, top, tau, LIMIT)
+        w, live = _sparse_w(x, center, tau, LIMIT)
         z = w - t[:, None]
         free = live & (z > 0) & (z < 1)
         upper += _sum((live & (z >= 1)).to(CDT), axis=1)
@@ -515,7 +533,7 @@ def _sparse_active(x_ptr, row_base, row_ok, n, top, tau, t, ROWS: tl.constexpr,
 
 
 @triton.jit
-def _sparse_section(x_ptr, row_base, row_ok, n, top, tau, budget, lo, hi, mass_lo, mass_hi, wide,
+def _sparse_section(x_ptr, row_base, row_ok, n, center, tau, budget, lo, hi, mass_lo, mass_hi, wide,
                     ROWS: tl.constexpr, PROBES: tl.constexpr, SUB: tl.constexpr,
                     CDT: tl.constexpr, LIMIT: tl.constexpr):  # fmt: skip
     """One multisection pass on the ``wide`` rows: ``F`` at ``PROBES`` points evenly spaced in
@@ -526,7 +544,7 @@ def _sparse_section(x_ptr, row_base, row_ok, n, top, tau, budget, lo, hi, mass_l
     masses = tl.full([ROWS, PROBES], 0, CDT)
     for start in range(0, n, SUB):
         x, _ = _load(x_ptr, row_base, row_ok, start, n, SUB, CDT)
-        w, live = _sparse_w(x, top, tau, LIMIT)
+        w, live = _sparse_w(x, center, tau, LIMIT)
         p = tl.minimum(tl.maximum(w[:, None, :] - probes[:, :, None], 0.0), 1.0)
         masses += _sum(tl.where(live[:, None, :], p, 0.0), 2)
     above = masses >= budget[:, None]
@@ -547,7 +565,7 @@ def _sparse_section(x_ptr, row_base, row_ok, n, top, tau, budget, lo, hi, mass_l
 
 
 @triton.jit
-def _sparse_start(x_ptr, row_base, row_ok, n, top, tau, budget, lo, hi, n_live, solving,
+def _sparse_start(x_ptr, row_base, row_ok, n, center, tau, budget, lo, hi, n_live, solving,
                   ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
                   LIMIT: tl.constexpr, WIDE_START: tl.constexpr, PROBES: tl.constexpr,
                   SECTIONS: tl.constexpr):  # fmt: skip
@@ -555,7 +573,7 @@ def _sparse_start(x_ptr, row_base, row_ok, n, top, tau, budget, lo, hi, n_live, 
     nothing saturates); for rows spanning more than ``WIDE_START`` units (small τ), where that
     root lies far from the answer, the regula-falsi point of a bracket narrowed by up to
     ``SECTIONS`` multisection passes."""
-    total = _sparse_sum_w(x_ptr, row_base, row_ok, n, top, tau, ROWS, BLOCK, CDT, LIMIT)
+    total = _sparse_sum_w(x_ptr, row_base, row_ok, n, center, tau, ROWS, BLOCK, CDT, LIMIT)
     t = tl.minimum(tl.maximum((total - budget) / tl.maximum(n_live, 1.0), lo), hi)
     mass_lo = n_live
     mass_hi = tl.full([ROWS], 0, CDT)
@@ -563,7 +581,7 @@ def _sparse_start(x_ptr, row_base, row_ok, n, top, tau, budget, lo, hi, n_live, 
     sectioned = wide
     section = 0
     while (section < SECTIONS) & (_max(wide.to(tl.int32), 0) > 0):
-        lo, hi, mass_lo, mass_hi = _sparse_section(x_ptr, row_base, row_ok, n, top, tau, budget,
+        lo, hi, mass_lo, mass_hi = _sparse_section(x_ptr, row_base, row_ok, n, center, tau, budget,
                                                    lo, hi, mass_lo, mass_hi, wide, ROWS, PROBES,
                                                    BLOCK // PROBES, CDT, LIMIT)  # fmt: skip
         wide = wide & (hi - lo > WIDE_START)
@@ -598,18 +616,22 @@ def _sparse_step(t, lo, hi, mass_lo, mass_hi, budget, upper, count, total, it,
 
 
 @triton.jit
-def _sparse_iterate(x_ptr, row_base, row_ok, n, top, tau, budget, t, lo, hi, mass_lo, mass_hi,
+def _sparse_iterate(x_ptr, row_base, row_ok, n, center, tau, budget, t, lo, hi, mass_lo, mass_hi,
                     solving,
                     ROWS: tl.constexpr, BLOCK: tl.constexpr, CDT: tl.constexpr,
                     LIMIT: tl.constexpr, EPS: tl.constexpr, NEWTON_STEPS: tl.constexpr,
                     MAX_ITERS: tl.constexpr, WIDE: tl.constexpr,
                     IS_F64: tl.constexpr):  # fmt: skip
-    """The safeguarded active-set Newton; returns ``t`` and each row's number of passes."""
+    """The safeguarded active-set Newton; returns ``t``, the centre, the bracket with ``F`` at
+    its ends and each row's number of passes.  A row whose root is located more than ``WIDE``
+    units from its centre moves the centre there (as the soft solve's ``_iterate``) while
+    ``w`` there still resolves ``WIDE/8`` units; past that (tiny τ) the bracket collapses."""
     active = solving
     iters = tl.full([ROWS], 0, tl.int32)
+    newton_from = tl.full([ROWS], 0, tl.int32)
     it = 0
     while (it < MAX_ITERS) & (_max(active.to(tl.int32), axis=0) > 0):
-        upper, count, total = _sparse_active(x_ptr, row_base, row_ok, n, top, tau, t, ROWS,
+        upper, count, total = _sparse_active(x_ptr, row_base, row_ok, n, center, tau, t, ROWS,
                                              BLOCK, CDT, LIMIT)  # fmt: skip
         mass = upper + total - count * t
         above = active & (mass >= budget)
@@ -619,12 +641,21 @@ def _sparse_iterate(x_ptr, row_base, row_ok, n, top, tau, budget, t, lo, hi, mas
         hi = tl.where(below, t, hi)
         mass_hi = tl.where(below, mass, mass_hi)
         t_next, finished = _sparse_step(t, lo, hi, mass_lo, mass_hi, budget, upper, count, total,
-                                        it, EPS, NEWTON_STEPS, WIDE, IS_F64)  # fmt: skip
+                                        it - newton_from, EPS, NEWTON_STEPS, WIDE,
+                                        IS_F64)  # fmt: skip
+        located = finished | (hi - lo <= WIDE)
+        far = active & located & (tl.abs(t_next) > WIDE) & (8.0 * EPS * tl.abs(t_next) <= WIDE)
+        moved_to = tl.where(far, center + t_next * tau, center)
+        moved = moved_to != center
+        shift = tl.where(moved, (moved_to - center) / tau, 0.0)
+        slack = 8.0 * EPS * tl.abs(shift)
+        t_next, lo, hi, center = t_next - shift, lo - shift - slack, hi - shift + slack, moved_to
+        newton_from = tl.where(moved, it + 1, newton_from)
         t = tl.where(active, t_next, t)
         iters += active.to(tl.int32)
-        active = active & ~finished
+        active = active & (~finished | moved)
         it += 1
-    return t, iters
+    return t, center, lo, hi, mass_lo, mass_hi, iters
 
 
 @triton.jit
@@ -644,18 +675,29 @@ def _sparse_solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, i
     n_pos = pos_count.to(CDT)
     budget = k - n_pos
     solving = row_ok & (nan_count == 0) & (budget > 0) & (budget < n_live)
-    top = tl.where(live_count > 0, x_max, 0.0)
+    center = tl.where(live_count > 0, x_max, 0.0)
+    # τ at least span/LIMIT: every |w| stays finite and ordered (a smaller τ only separates
+    # gaps that already saturate).
+    tau = tl.where(solving, tl.maximum(tau, (x_max - x_min) / LIMIT), tau)
     budget = tl.where(solving, budget, 0.5)
-    lo = tl.where(solving, tl.maximum((x_min - top) / tau, -LIMIT) - 1.0, -1.0)
+    lo = tl.where(solving, tl.maximum((x_min - center) / tau, -LIMIT) - 1.0, -1.0)
     hi = tl.full([ROWS], 0, CDT)
-    t, lo, hi, mass_lo, mass_hi = _sparse_start(x_ptr, row_base, row_ok, n, top, tau, budget,
+    t, lo, hi, mass_lo, mass_hi = _sparse_start(x_ptr, row_base, row_ok, n, center, tau, budget,
                                                 lo, hi, n_live, solving, ROWS, BLOCK, CDT, LIMIT,
                                                 WIDE_START, PROBES, SECTIONS)  # fmt: skip
-    t, iters = _sparse_iterate(x_ptr, row_base, row_ok, n, top, tau, budget, t, lo, hi, mass_lo,
-                               mass_hi, solving, ROWS, BLOCK, CDT, LIMIT, EPS, NEWTON_STEPS,
-                               MAX_ITERS, WIDE, IS_F64)  # fmt: skip
+    t, center, lo, hi, mass_lo, mass_hi, iters = _sparse_iterate(
+        x_ptr, row_base, row_ok, n, center, tau, budget, t, lo, hi, mass_lo, mass_hi, solving,
+        ROWS, BLOCK, CDT, LIMIT, EPS, NEWTON_STEPS, MAX_ITERS, WIDE, IS_F64
+    )  # fmt: skip
     if COUNT:
         tl.store(iters_ptr + row, iters, mask=row_ok)
+    # A bracket that collapsed more than a unit wide (τ below the resolution of w): p is the
+    # blend of its ends that meets k' (a lone fractional entry gets the fraction exactly).
+    blend = solving & _adjacent(lo, hi) & (hi - lo > 1.0)
+    gap = mass_lo - mass_hi
+    weight = tl.minimum(tl.maximum((budget - mass_hi) / tl.where(gap > 0, gap, 1.0), 0.0), 1.0)
+    weight = tl.where(blend, weight, 1.0)
+    any_blend = _max(blend.to(tl.int32), axis=0) > 0
     # Rows without a solve: every finite entry 0 (k' ≤ 0) or 1 (k' ≥ live); +inf entries
     # min(k/m, 1); a slice with a NaN is NaN.
     fixed = tl.where(k - n_pos > 0.0, 1.0, 0.0)
@@ -663,8 +705,13 @@ def _sparse_solve_kernel(x_ptr, out_ptr, k_ptr, k_stride, tau_ptr, tau_stride, i
     has_nan = nan_count > 0
     for start in range(0, n, BLOCK):
         x, inside = _load(x_ptr, row_base, row_ok, start, n, BLOCK, CDT)
-        w, live = _sparse_w(x, top, tau, LIMIT)
+        w, live = _sparse_w(x, center, tau, LIMIT)
         value = tl.minimum(tl.maximum(w - t[:, None], 0.0), 1.0)
+        if any_blend:
+            at_lo = tl.minimum(tl.maximum(w - lo[:, None], 0.0), 1.0)
+            at_hi = tl.minimum(tl.maximum(w - hi[:, None], 0.0), 1.0)
+            blended = weight[:, None] * at_lo + (1.0 - weight[:, None]) * at_hi
+            value = tl.where(blend[:, None], blended, value)
         _store_values(out_ptr, row_base, start, inside, value, x, live, solving, fixed, share,
                       has_nan, BLOCK)  # fmt: skip
 

@@ -164,24 +164,28 @@ def _start(w: Tensor, s: _Slices) -> tuple[Tensor, Tensor, Tensor]:
     return torch.where(sectioned, 0.5 * lo + 0.5 * hi, hi), lo, hi
 
 
-def _recentre(x: Tensor, s: _Slices, t: Tensor, lo: Tensor, hi: Tensor):
-    """Move the centre of the slices not yet centred whose bracket is narrow to ``t``; returns
-    the new ``w`` and the shifted ``t`` and bracket (widened by the rounding of the shift)."""
-    move = s.solving & ~s.centred & (hi - lo <= _WIDE_START)
+def _recentre(x: Tensor, s: _Slices, t: Tensor, lo: Tensor, hi: Tensor, move: Tensor):
+    """Move the centre of the ``move`` slices to ``t``; returns the new ``w``, the shifted
+    ``t`` and bracket (widened by the rounding of the shift) and which centres moved."""
     center = torch.where(move, s.center + t / torch.where(move, s.factor, 1.0), s.center)
+    moved = center != s.center
     shift = (center - s.center) * s.factor
     slack = 8 * torch.finfo(x.dtype).eps * shift.abs()
     s.center = center
     w = (torch.where(s.live, x, center) - center) * s.factor
-    return w, t - shift, lo - shift - slack, hi - shift + slack
+    return w, t - shift, lo - shift - slack, hi - shift + slack, moved
 
 
-def _iterate(w: Tensor, s: _Slices, t: Tensor, lo: Tensor, hi: Tensor):
-    """The fixed-count safeguarded Newton iteration; returns ``t``, the bracket and ``F − k``."""
+def _iterate(x: Tensor, w: Tensor, s: _Slices, t: Tensor, lo: Tensor, hi: Tensor):
+    """The fixed-count safeguarded Newton iteration; returns ``w``, ``t``, the bracket and
+    ``F − k``.  A slice whose next ``t`` lies more than ``_WIDE_BRACKET`` units from its
+    centre moves the centre there (as the kernel's ``_iterate``), its Newton steps counted
+    afresh."""
     eps = torch.finfo(w.dtype).eps
     tol_mass = 8 * eps * s.budget.clamp(min=1.0)
     active = s.solving
     excess = torch.zeros_like(t)
+    newton_from = torch.zeros_like(t)
     for iteration in range(_iterations(w.dtype)):
         mass, slope, upper = _evaluate(w, s.live, t)
         excess = torch.where(active, mass - s.budget, excess)
@@ -190,16 +194,22 @@ def _iterate(w: Tensor, s: _Slices, t: Tensor, lo: Tensor, hi: Tensor):
         hi = torch.where(active & (excess < 0), t, hi)
         step = _two_tail_step(excess, slope, upper)
         t_newton = t + step
-        newton_ok = (t_newton > lo) & (t_newton < hi) & (iteration < NEWTON_STEPS)
+        newton_ok = (t_newton > lo) & (t_newton < hi) & (iteration - newton_from < NEWTON_STEPS)
         resolution = eps * t.abs().clamp(min=1.0)
         small = newton_ok & ((step.abs() * step * step <= 4 * resolution) | (t_newton == t))
         arithmetic = 0.5 * lo + 0.5 * hi
         collapsed = ~newton_ok & _adjacent(lo, hi)
         midpoint = torch.where(hi - lo > _WIDE_BRACKET, _ordered_midpoint(lo, hi), arithmetic)
         t_next = torch.where(newton_ok, t_newton, torch.where(collapsed, t, midpoint))
-        t = torch.where(active & ~met, t_next, t)
-        active = active & ~met & ~small & ~collapsed
-    return t, lo, hi, excess
+        t_next = torch.where(met, t, t_next)
+        located = (hi - lo <= _WIDE_BRACKET) | met | small | collapsed
+        far = t_next.abs() > _WIDE_BRACKET
+        far = active & located & far & (8 * eps * t_next.abs() <= _WIDE_BRACKET)
+        w, t_next, lo, hi, moved = _recentre(x, s, t_next, lo, hi, far)
+        newton_from = torch.where(moved, iteration + 1.0, newton_from)
+        t = torch.where(active, t_next, t)
+        active = active & ((~met & ~small & ~collapsed) | moved)
+    return w, t, lo, hi, excess
 
 
 def _membership(w: Tensor, t: Tensor, flip: Tensor) -> Tensor:
@@ -239,8 +249,10 @@ def solve_nosync(x: Tensor, k: float | Tensor, inv_tau: float | Tensor) -> Tenso
         return torch.zeros_like(x, dtype=out_dtype)
     s = _Slices(x, _per_slice(k, x), _per_slice(inv_tau, x))
     w = (torch.where(s.live, x, s.center) - s.center) * s.factor
-    w, t, lo, hi = _recentre(x, s, *_start(w, s))
-    t, lo, hi, excess = _iterate(w, s, t, lo, hi)
+    t, lo, hi = _start(w, s)
+    narrow = s.solving & ~s.centred & (hi - lo <= _WIDE_START)
+    w, t, lo, hi, _ = _recentre(x, s, t, lo, hi, narrow)
+    w, t, lo, hi, excess = _iterate(x, w, s, t, lo, hi)
     eps = torch.finfo(dtype).eps
     tol_mass = 8 * eps * s.budget.clamp(min=1.0)
     # A bracket collapsed onto a jump of F the dtype cannot resolve: blend its two ends.
