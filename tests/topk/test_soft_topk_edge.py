@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from support import reference_soft_topk
+from support import reference_soft_topk, reference_soft_topk_centred
 from support import seeded_randn as _randn
 
 from gradkit import soft_topk
@@ -187,6 +187,43 @@ def test_small_temperatures_keep_a_fractional_budget(temperature, dtype, n):
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(p.double().sum(-1), k.double(), atol=64 * n * eps, rtol=0)
     assert torch.isfinite(_grad(x, lambda a: soft_topk(a, k, temperature=temperature))).all()
+
+
+def _cluster_at_the_root(rows: int, n: int, temperature: float, dtype, seed: int):
+    """``randn·3`` rows with a tenth of their entries (at least 3) within a few τ of the third
+    largest: many free entries, far (in τ) from 0 and from the slice's ends."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, dtype=torch.float64, generator=generator) * 3
+    third = x.sort(-1, descending=True).values[:, 2:3]
+    m = max(3, n // 10)
+    x[:, -m:] = third + 2 * temperature * torch.randn(rows, m, dtype=torch.float64,
+                                                       generator=generator)  # fmt: skip
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [12, 60, 300])
+def test_a_cluster_at_the_root_keeps_full_precision(n, dtype):
+    # w = x/τ (or x/τ − t₀ about a start far from the cluster) kept only eps·|x|/τ units: Σp
+    # missed k by up to 8e−4 in float64 at τ = 1e−12 (the kernel's wide rows), 4e−3 in float32
+    # at 1e−4; p was off by up to 0.2 in float32 with a common offset of 1e4 (PyTorch path).
+    eps = torch.finfo(dtype).eps
+    for temperature in (1e-2, 1e-4, 1e-6, 1e-9, 1e-12):
+        x = _cluster_at_the_root(16, n, temperature, dtype, seed=n)
+        for offset in (0.0, 1e4):
+            shifted = x + offset if offset == 0.0 or dtype == torch.float64 else x
+            p = soft_topk(shifted, 4.3, temperature=temperature)
+            expected = reference_soft_topk_centred(shifted, 4.3, temperature)
+            message = f"τ = {temperature}, offset {offset}"
+            torch.testing.assert_close(p.double(), expected, atol=64 * eps, rtol=0, msg=message)
+
+
+def test_a_common_offset_keeps_full_precision():
+    # x/τ ≈ 1e7 in float32: about 0, w kept a unit of τ at most.
+    x = (_randn(16, 50, seed=21) * 0.003 + 1e4).to(torch.float32)
+    p = soft_topk(x, 4.3, temperature=1e-3)
+    expected = reference_soft_topk_centred(x, 4.3, 1e-3)
+    torch.testing.assert_close(p.double(), expected, atol=64 * 2.0**-23, rtol=0)
 
 
 def test_mixed_scales_within_a_slice_resolve_the_small_entries():

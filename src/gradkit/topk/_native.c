@@ -535,10 +535,13 @@ static inline double clamp_f64(double v, double low, double high) {
        count_start, or a quickselect for the rows it cannot resolve), store G_i = e^{t₀ − w_i}   \
        (clamped to the exp range: entries beyond it stay saturated) and solve for c = e^{t − t₀} \
        (newton_near) in the bracket [w_min − logit(k/n), w_max − logit(k/n)] of t, clamped to    \
-       that range. */                                                                            \
+       that range.  t₀ − w_i is (x₀ − x_i)·s/τ about the start's point x₀ in x: exact near it,   \
+       so that entries near the root keep their resolution however far they lie from 0 or from   \
+       the row's ends (x_i·s/τ − t₀ lost eps·|x|/τ units: Σp missed k by up to 8e−4 in           \
+       float64 on a cluster of entries at the root). */                                          \
     static int solve_wide_row_##SUFFIX(const T *x, T *out, int64_t n, int64_t live,              \
                                        double scale, double budget, int flipped,                 \
-                                       double w_min, double w_max) {                             \
+                                       double w_min, double w_max, T x_min, T x_max) {           \
         const T sc = (T)scale, minus_inf = -(T)INFINITY;                                         \
         const int masked = live < n;                                                             \
         double t;                                                                                \
@@ -558,25 +561,28 @@ static inline double clamp_f64(double v, double low, double high) {
             t = fraction == 0.0 ? 0.5 * ((double)before + (double)kth)                           \
                                 : (double)kth - log(fraction / (1.0 - fraction));                \
         }                                                                                        \
-        const T origin = (T)t;                                                                   \
-        const double t0 = (double)origin;                                                        \
+        T origin = (T)(t / scale); /* x₀, within [x_min, x_max] */                               \
+        origin = origin < x_min ? x_min : (origin > x_max ? x_max : origin);                     \
+        const double t0 = (double)origin * scale;                                                \
         /* G_i = e^{t₀ − w_i}; +inf for masked entries, which then weigh nothing (p = 0). */     \
         const T low = (T)(LOG_MIN) + opaque_zero_##SUFFIX;                                       \
         const T high = (T)(LOG_MAX) + opaque_zero_##SUFFIX;                                      \
         _Pragma("omp simd")                                                                      \
         for (int64_t i = 0; i < n; ++i) {                                                        \
-            T g = exp_within_##SUFFIX(origin - x[i] * sc, low, high);                            \
+            T g = exp_within_##SUFFIX((origin - x[i]) * sc, low, high);                          \
             out[i] = x[i] == minus_inf ? (T)INFINITY : g;                                        \
         }                                                                                        \
         /* c at the bracket's ends: e^{w − t₀}·(n − k)/k, within exp's range. */                 \
         const double inv_odds = ((double)live - budget) / budget;                                \
         const double c_min = exp_f64(LOG_MIN), c_max = exp_f64(LOG_MAX);                         \
-        double lo = exp_f64(clamp_f64(w_min - t0, LOG_MIN, LOG_MAX)) * inv_odds;                 \
-        double hi = exp_f64(clamp_f64(w_max - t0, LOG_MIN, LOG_MAX)) * inv_odds;                 \
+        const double end_a = ((double)x_min - (double)origin) * scale;                           \
+        const double end_b = ((double)x_max - (double)origin) * scale;                           \
+        double lo = exp_f64(clamp_f64(flipped ? end_b : end_a, LOG_MIN, LOG_MAX)) * inv_odds;    \
+        double hi = exp_f64(clamp_f64(flipped ? end_a : end_b, LOG_MIN, LOG_MAX)) * inv_odds;    \
         lo = clamp_f64(lo, c_min, c_max);                                                        \
         hi = clamp_f64(hi, c_min, c_max);                                                        \
         double c = 1.0;                                                                          \
-        double tol_step = 4.0 * EPS * (fabs(t0) > 1.0 ? fabs(t0) : 1.0);                         \
+        double tol_step = 4.0 * EPS; /* (t − t₀ resolves EPS: G is exact about x₀) */            \
         if (newton_near_##SUFFIX(out, n, budget, &c, lo, hi, tol_step)) return 3;                \
         write_##SUFFIX(out, x, masked, n, c, 1, flipped);                                        \
         return 0;                                                                                \
@@ -671,9 +677,11 @@ static inline double clamp_f64(double v, double low, double high) {
             double w_max = flipped ? -x_min * inv_tau : x_max * inv_tau;                         \
             double w_min = flipped ? -x_max * inv_tau : x_min * inv_tau;                         \
             return solve_wide_row_##SUFFIX(x, out, n, live, scale, budget, flipped, w_min,       \
-                                           w_max);                                               \
+                                           w_max, bottom, top);                                  \
         }                                                                                        \
-        const T sc = (T)scale, w_top = (T)(flipped ? -x_min * inv_tau : x_max * inv_tau);        \
+        /* w_i − w_max = (x_i − anchor)·s/τ: the difference first, exact near the anchor, so     \
+           that an offset common to the row costs no resolution. */                              \
+        const T sc = (T)scale, anchor = flipped ? bottom : top;                                  \
         /* E_i = e^{w_i − w_max} into out (≥ e^−40: normal; 0 for masked entries), and Σ E_i. */ \
         double exp_sum = 0.0;                                                                    \
         const T low = (T)(LOG_MIN) + opaque_zero_##SUFFIX;                                       \
@@ -684,7 +692,7 @@ static inline double clamp_f64(double v, double low, double high) {
             if (masked) {                                                                        \
                 _Pragma("omp simd reduction(+ : block)")                                         \
                 for (int64_t i = start; i < stop; ++i) {                                         \
-                    T e = exp_within_##SUFFIX(x[i] * sc - w_top, low, high);                     \
+                    T e = exp_within_##SUFFIX((x[i] - anchor) * sc, low, high);                  \
                     e = x[i] == minus_inf ? (T)0 : e;                                            \
                     out[i] = e;                                                                  \
                     block += e;                                                                  \
@@ -692,7 +700,7 @@ static inline double clamp_f64(double v, double low, double high) {
             } else {                                                                             \
                 _Pragma("omp simd reduction(+ : block)")                                         \
                 for (int64_t i = start; i < stop; ++i) {                                         \
-                    T e = exp_within_##SUFFIX(x[i] * sc - w_top, low, high);                     \
+                    T e = exp_within_##SUFFIX((x[i] - anchor) * sc, low, high);                  \
                     out[i] = e;                                                                  \
                     block += e;                                                                  \
                 }                                                                                \
@@ -929,6 +937,22 @@ static inline double clamp_f64(double v, double low, double high) {
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
+    /* Per lane of a transposed tile xt (n entries a lane): z = (x − centre)·sc, the difference  \
+       first (exact near the centre, so that no offset of the row costs resolution); −inf for    \
+       masked entries and on the lanes not ok. */                                                \
+    static void tile_differences_##SUFFIX(const T *xt, int64_t n, const T *centre, const T *sc,  \
+                                          const T *ok, T *z) {                                   \
+        const T minus_inf = -(T)INFINITY;                                                        \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                T v = xt[i * LANES + l];                                                         \
+                T d = v - v == 0 ? (v - centre[l]) * sc[l] : minus_inf; /* (finite v) */         \
+                z[i * LANES + l] = ok[l] != 0 ? d : minus_inf;                                   \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
     /* Short rows (n ≤ SHORT_ROW), LANES at a time, one row per vector lane: the same solve as   \
        solve_row's direct (log-sum-exp) form, on a transposed tile, so that the lanes' Newton    \
        arithmetic (a sqrt and divides per pass) overlaps instead of forming one latency chain    \
@@ -957,7 +981,7 @@ static inline double clamp_f64(double v, double low, double high) {
         tile_scan_##SUFFIX(xt, n, top, bottom, minus, plus, bad);                                \
         T ok[LANES], flipped[LANES], done[LANES], budget[LANES], live[LANES], c[LANES];          \
         T lo[LANES], hi[LANES], tol_mass[LANES], width[LANES], ref[LANES];                       \
-        T sc[LANES], w_top[LANES], exp_sum[LANES];                                               \
+        T sc[LANES], anchor[LANES], exp_sum[LANES], offset[LANES];                               \
         _Pragma("omp simd")                                                                      \
         for (int l = 0; l < LANES; ++l) {                                                        \
             /* (+inf entries take 1 each: the finite ones share k − their count) */              \
@@ -977,19 +1001,12 @@ static inline double clamp_f64(double v, double low, double high) {
             budget[l] = b;                                                                       \
             live[l] = count;                                                                     \
             sc[l] = good ? (T)(flip ? -inv_tau : inv_tau) : (T)0;                                \
-            w_top[l] = good ? (T)(flip ? -x_min * inv_tau : x_max * inv_tau) : (T)0;             \
+            anchor[l] = good ? (flip ? bottom[l] : top[l]) : (T)0; /* (w_top = s·anchor/τ) */    \
             tol_mass[l] = (T)(8.0 * EPS * (b > 1.0 ? b : 1.0));                                  \
             width[l] = good ? (T)spread : 0;                                                     \
-            ref[l] = 0;                                                                          \
+            ref[l] = offset[l] = 0;                                                              \
         }                                                                                        \
-        for (int64_t i = 0; i < n; ++i) { /* e holds z = w − w_top (−inf: masked) for now */     \
-            _Pragma("omp simd")                                                                  \
-            for (int l = 0; l < LANES; ++l) {                                                    \
-                T v = xt[i * LANES + l];                                                         \
-                T z = v - v == 0 ? v * sc[l] - w_top[l] : minus_inf; /* (finite v) */            \
-                e[i * LANES + l] = ok[l] != 0.0 ? z : minus_inf;                                 \
-            }                                                                                    \
-        }                                                                                        \
+        tile_differences_##SUFFIX(xt, n, anchor, sc, ok, e); /* z = w − w_top, for now */        \
         T wide = 0;                                                                              \
         for (int l = 0; l < LANES; ++l) wide += ok[l] != 0 && width[l] > (T)TILE_SOFT ? 1 : 0;   \
         if (wide > 0) {                                                                          \
@@ -1003,10 +1020,21 @@ static inline double clamp_f64(double v, double low, double high) {
                 done[l] = lost ? 1 : done[l];                                                    \
                 ref[l] = span[l] > 0 && !lost ? counted[l] : 0;                                  \
             }                                                                                    \
+            /* z again, about x₀ = anchor + r·τ/s (the start, in x): exact near the root, as     \
+               solve_wide_row's G; e = exp(z − offset), offset the rounding of x₀ in units. */   \
+            T centre[LANES];                                                                     \
+            for (int l = 0; l < LANES; ++l) {                                                    \
+                double shift = ref[l] != 0 ? (double)ref[l] / (double)sc[l] : 0.0;               \
+                T x0 = (T)((double)anchor[l] + shift);                                           \
+                x0 = x0 < bottom[l] ? bottom[l] : (x0 > top[l] ? top[l] : x0);                   \
+                centre[l] = ref[l] != 0 ? x0 : anchor[l];                                        \
+                offset[l] = ref[l] - (T)(((double)centre[l] - (double)anchor[l]) * (double)sc[l]); \
+            }                                                                                    \
+            tile_differences_##SUFFIX(xt, n, centre, sc, ok, e);                                 \
         }                                                                                        \
-        const double reach = (EXP_CUT) / 3.0; /* (ce ≤ e^{cap + reach}: finite) */             \
+        const double reach = (EXP_CUT) / 3.0; /* (ce ≤ e^{cap + reach}: finite) */               \
         const T cap = (T)((LOG_MAX) - reach - 8.0);                                              \
-        tile_exp_sum_##SUFFIX(e, n, ref, cap, exp_sum);                                          \
+        tile_exp_sum_##SUFFIX(e, n, offset, cap, exp_sum);                                       \
         T pending = 0;                                                                           \
         const T reach_lo = EXP((T)-reach), reach_hi = EXP((T)reach);                             \
         _Pragma("omp simd reduction(+ : pending)")                                               \
@@ -1331,6 +1359,9 @@ int gradkit_abi_version(void) { return 3; }
 /* float32 rows spanning more than this many τ write p in double (in float32, x/τ's rounding
    would cost p more than a few thousandths). */
 #define SPARSE_WRITE_SPAN 65536.0
+/* float64 rows whose root lies more than this many τ from the top take one more pass about
+   the root (sparse_polish): w about the top holds the root to eps·|t|, 2⁻⁴⁰ here. */
+#define SPARSE_POLISH_SPAN 4096.0
 
 /* float32 tiles of rows this short (SPARSE_SORT_N) with a row spanning more than
    SPARSE_SORT_WIDE τ start from the order-statistics bracket too, from a sorting network
@@ -1484,9 +1515,11 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         *b = top[down - 1];                                                                      \
     }                                                                                            \
                                                                                                  \
-    /* p = clip((x − ref)·inv − t, 0, 1) for one row (0 at −inf, 1 at +inf): in T, or for rows   \
-       spanning more than SPARSE_WRITE_SPAN τ (wide) in double, as the solve classified the      \
-       entries, so that p keeps its digits however large x/τ is. */                              \
+    /* p = clip((x − ref)·inv − t, 0, 1) for one row (0 at −inf, 1 at +inf): in double as the    \
+       solve classified the entries (float64 rows, and float32 rows spanning more than           \
+       SPARSE_WRITE_SPAN τ, wide), so that p keeps its digits however large x/τ is; other        \
+       float32 rows in float about x₀ = ref + t·τ (θ, rounded; x − x₀ is exact near the root,    \
+       where (x − ref)·inv in float lost eps·|t| of p). */                                       \
     static inline void sparse_write_p_##SUFFIX(const T *x, T *out, int64_t n, double ref,        \
                                                double inv, double t, int wide) {                 \
         if (wide && sizeof(T) < sizeof(double)) {                                                \
@@ -1496,13 +1529,35 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             }                                                                                    \
             return;                                                                              \
         }                                                                                        \
-        const T top = (T)ref, scale = (T)inv, shift = (T)t;                                      \
+        const int about_root = sizeof(T) < sizeof(double);                                       \
+        const T centre = about_root ? (T)(ref + t / inv) : (T)ref, scale = (T)inv;               \
+        const T shift = about_root ? (T)(t - ((double)centre - ref) * inv) : (T)t;               \
         _Pragma("omp simd")                                                                      \
         for (int64_t i = 0; i < n; ++i) {                                                        \
-            T z = (x[i] - top) * scale - shift; /* −inf for masked entries */                    \
+            T z = (x[i] - centre) * scale - shift; /* −inf for masked entries */                 \
             z = z < (T)1 ? z : (T)1;                                                             \
             out[i] = z > (T)0 ? z : (T)0;                                                        \
         }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* float64 rows solved about their top (ref) with a root t more than SPARSE_POLISH_SPAN τ    \
+       below it: the exact solve of the active set at t, about x₀ = ref + t·τ (x − x₀ exact      \
+       near the root, where w about the top lost eps·|t|); returns t about *ref = x₀.  Other     \
+       rows: t unchanged.  `budget`: k less the +inf entries. */                                 \
+    static inline double sparse_polish_##SUFFIX(const T *x, int64_t n, double budget,            \
+                                                double *ref, double inv, double t) {             \
+        if (sizeof(T) != sizeof(double) || !(fabs(t) > SPARSE_POLISH_SPAN)) return t;            \
+        const double centre = *ref + t / inv, shift = t - (centre - *ref) * inv;                 \
+        double upper = 0.0, count = 0.0, total = 0.0;                                            \
+        for (int64_t i = 0; i < n; ++i) { /* (±inf: neither free nor counted) */                 \
+            double w = ((double)x[i] - centre) * inv, z = w - shift;                             \
+            int finite = w - w == 0;                                                             \
+            upper += finite && z >= 1.0;                                                         \
+            count += finite && z > 0.0 && z < 1.0;                                               \
+            total += finite && z > 0.0 && z < 1.0 ? w : 0.0;                                     \
+        }                                                                                        \
+        *ref = centre;                                                                           \
+        return count > 0.0 ? (total + upper - budget) / count : shift;                           \
     }                                                                                            \
                                                                                                  \
     /* grad_x = 1_F (g − mean)·inv_tau for one row, NaN where p is NaN, exactly 0 off F; 1/τ     \
@@ -1659,7 +1714,9 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                                    hi + 1.0 - low, 0.5 * (low + hi), &t);                        \
         }                                                                                        \
         if (status) return status;                                                               \
-        sparse_write_p_##SUFFIX(x, out, n, top, inv, t, lo < -SPARSE_WRITE_SPAN);                \
+        double ref = top;                                                                        \
+        t = sparse_polish_##SUFFIX(x, n, budget, &ref, inv, t);                                  \
+        sparse_write_p_##SUFFIX(x, out, n, ref, inv, t, lo < -SPARSE_WRITE_SPAN);                \
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
@@ -1806,7 +1863,9 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 continue;                                                                        \
             }                                                                                    \
             /* p row by row from x, in T as sparse_row: no transposition back */                 \
-            sparse_write_p_##SUFFIX(x + l * n, out + l * n, n, top[l], inv[l], t[l],             \
+            double ref = top[l];                                                                 \
+            double at = sparse_polish_##SUFFIX(x + l * n, n, k[l] - plus[l], &ref, inv[l], t[l]);\
+            sparse_write_p_##SUFFIX(x + l * n, out + l * n, n, ref, inv[l], at,                  \
                                     lo[l] < -SPARSE_WRITE_SPAN);                                 \
             status[l] = 0;                                                                       \
         }                                                                                        \

@@ -84,9 +84,9 @@ _ONE_TAIL_STEPS = 2
 # sort) instead of the log-sum-exp bound, which small temperatures make far from the root.
 _SPREAD_FOR_ORDER_START = 16.0
 #: Slices spanning more than this many τ are solved about a centre near the root (their ⌈k⌉-th
-#: largest finite entry): about 0, w = x/τ would keep too few of the root's digits (its last
-#: 2⁻¹³ in float32, 2⁻³² in float64 at this span).
-_CENTRE_SPAN = {torch.float32: 2.0**10, torch.float64: 2.0**20}
+#: largest finite entry), slices reaching further from 0 about their largest entry: about 0,
+#: w = x/τ keeps only eps·|x|/τ of the root's digits (2⁻¹⁷ in float32, 2⁻⁴⁶ in float64 here).
+_CENTRE_SPAN = {torch.float32: 2.0**6, torch.float64: 2.0**6}
 # A bracket wider than this (in units of τ) is bisected in its floating-point ordering.
 _WIDE_BRACKET = 64.0
 
@@ -377,7 +377,7 @@ def _solve_torch(x: Tensor, k: Tensor | float, inv_tau: float) -> Tensor:
     # (amin + amax is several times faster than aminmax on CPU)
     x_min = x.amin(dim=-1, keepdim=True)
     x_max = x.amax(dim=-1, keepdim=True)
-    if _maybe_wide(x_min, x_max, inv_tau):
+    if _needs_centre(x_min, x_max, inv_tau):
         x = _centred(x, k, inv_tau)
         x_min = x.amin(dim=-1, keepdim=True)
         x_max = x.amax(dim=-1, keepdim=True)
@@ -401,31 +401,32 @@ def _solve_torch(x: Tensor, k: Tensor | float, inv_tau: float) -> Tensor:
     return _solve_general(x, k, inv_tau, x_min, x_max)
 
 
-def _maybe_wide(x_min: Tensor, x_max: Tensor, inv_tau: float) -> bool:
-    """Whether some slice may span more than ``_CENTRE_SPAN`` τ (a non-finite span, from ±inf
-    or NaN entries, may: :func:`_centred` then looks at the finite entries)."""
-    span = (x_max - x_min) * inv_tau
-    return bool((span > _CENTRE_SPAN[x_min.dtype]).any() | (span != span).any())
+def _needs_centre(x_min: Tensor, x_max: Tensor, inv_tau: float) -> bool:
+    """Whether some slice may reach beyond ``_CENTRE_SPAN`` τ from 0 (a non-finite bound, from
+    ±inf or NaN entries, may: :func:`_centred` then looks at the finite entries)."""
+    reach = torch.maximum(x_max.abs(), x_min.abs()) * inv_tau
+    return bool((reach > _CENTRE_SPAN[x_min.dtype]).any() | (reach != reach).any())
 
 
 def _centred(x: Tensor, k: Tensor | float, inv_tau: float) -> Tensor:
     """``x − c`` per slice (``p`` depends on ``x`` only through such differences): ``c`` is the
     ``⌈k′⌉``-th largest finite entry (``k′`` the budget left to the finite entries) for slices
-    spanning more than ``_CENTRE_SPAN`` τ, 0 for the others.  The root lies within a few τ
-    (or a gap it does not depend on) of ``c``, so ``x − c`` is exact for the entries near it
-    and ``w − t`` keeps their digits however small τ is."""
+    spanning more than ``_CENTRE_SPAN`` τ, the largest for the others.  The root lies within a
+    few τ (or a gap it does not depend on) of ``c``, or within ``_CENTRE_SPAN`` τ of the
+    largest, so ``x − c`` is exact for the entries near it and ``w − t`` keeps their digits
+    however small τ is and whatever the scores' common offset."""
     finite = torch.isfinite(x)
     top = torch.where(finite, x, -math.inf).amax(dim=-1, keepdim=True)
     bottom = torch.where(finite, x, math.inf).amin(dim=-1, keepdim=True)
     wide = (top - bottom) * inv_tau > _CENTRE_SPAN[x.dtype]  # (no finite entry: NaN, False)
-    if not bool(wide.any()):
-        return x
-    budget = k.expand(x.shape[:-1]).unsqueeze(-1) if isinstance(k, Tensor) else k
-    live = finite.sum(dim=-1, keepdim=True)
-    rank = (budget - (x == math.inf).sum(dim=-1, keepdim=True)).ceil().long()
-    rank = torch.minimum(rank.clamp(min=1), live.clamp(min=1))
-    ranked = torch.where(finite, x, -math.inf).sort(dim=-1, descending=True).values
-    centre = torch.where(wide, ranked.gather(-1, rank - 1), 0.0)
+    centre = torch.where(top > -math.inf, top, 0.0)
+    if bool(wide.any()):
+        budget = k.expand(x.shape[:-1]).unsqueeze(-1) if isinstance(k, Tensor) else k
+        live = finite.sum(dim=-1, keepdim=True)
+        rank = (budget - (x == math.inf).sum(dim=-1, keepdim=True)).ceil().long()
+        rank = torch.minimum(rank.clamp(min=1), live.clamp(min=1))
+        ranked = torch.where(finite, x, -math.inf).sort(dim=-1, descending=True).values
+        centre = torch.where(wide, ranked.gather(-1, rank - 1), centre)
     return x - centre
 
 

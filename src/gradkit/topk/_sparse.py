@@ -193,6 +193,25 @@ def _reference(
     return ref
 
 
+def _polish(
+    x: Tensor, finite: Tensor, ref: Tensor, tau: Tensor, t: Tensor, budget: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``w`` and ``t`` again about ``x₀ = ref + t·τ`` (θ, rounded), ``t`` the exact solve of
+    the active set there: ``x − x₀`` is exact near the root, where ``w`` about ``ref`` held it
+    to only ``eps·|t|`` (the fused kernel's ``sparse_polish``)."""
+    centre = ref + t * tau
+    shift = t - (centre - ref) / tau
+    limit = 2 * _PIVOT_SPAN  # (|w| beyond it: saturated either way)
+    w = torch.where(finite, ((x - centre) / tau).clamp(-limit, limit), -math.inf)
+    z = w - shift
+    free = (z > 0) & (z < 1)
+    upper = (z >= 1).sum(-1, keepdim=True).to(x.dtype)
+    count = free.sum(-1, keepdim=True).to(x.dtype)
+    total = torch.where(free, w, 0.0).sum(-1, keepdim=True)
+    solved = (total + upper - budget) / count.clamp(min=1)
+    return w, torch.where(count > 0, solved, shift)
+
+
 def _solve_rows(x: Tensor, k: Tensor, tau: Tensor, sync: bool = True) -> Tensor:
     """``p`` for rows ``x`` (shape ``(rows, n)``), per-row ``k`` and ``τ`` (``(rows, 1)``).
 
@@ -229,6 +248,7 @@ def _solve_rows(x: Tensor, k: Tensor, tau: Tensor, sync: bool = True) -> Tensor:
             t[todo] = _sorted_solve(w[todo], safe_budget[todo], lo[todo])
     else:
         t = hi
+    w, t = _polish(x, finite, ref, tau, t, safe_budget)
     p = (w - t).clamp(0, 1)
     p = torch.where(budget >= live, finite.to(x.dtype), p)
     p = torch.where(budget <= 0, 0.0, p)
