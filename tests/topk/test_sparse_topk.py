@@ -128,7 +128,8 @@ def test_a_cluster_at_the_root_keeps_full_precision(solver_path, n, dtype):
         p = sparse_topk(x, 4.3, temperature=temperature)
         expected = sparse_topk_reference(x.double(), 4.3, temperature)
         atol = 4096 * eps if dtype == torch.float64 else 16 * eps
-        torch.testing.assert_close(p.double(), expected, atol=atol, rtol=0, msg=f"τ = {temperature}")
+        message = f"τ = {temperature}"
+        torch.testing.assert_close(p.double(), expected, atol=atol, rtol=0, msg=message)
 
 
 def test_edge_cases_match_reference(solver_path):
