@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from support import reference_soft_topk, seeded_randn
+from support import reference_soft_topk, reference_soft_topk_centred, seeded_randn
 
 from gradkit import soft_topk
 from gradkit.topk import _kernel_cache, _native, _solve
@@ -159,6 +159,28 @@ def test_kernel_at_small_temperatures_matches_the_torch_path(n, k, temperature, 
     torch.testing.assert_close(p, expected, rtol=0, atol=4 * theta_ulp + 1e-12)
     if dtype == torch.float64:
         torch.testing.assert_close(p, reference_soft_topk(x, k, temperature), atol=1e-9, rtol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [12, 300])
+def test_kernel_solves_every_temperature_itself(n, dtype):
+    # float32 rows spanning more than 2²⁰ τ are solved in float64, float64 rows spanning more
+    # than 2⁴⁶ τ about their ⌈k⌉-th largest entry; both were handed to the PyTorch path
+    # (status 1, about 10× slower).  −inf entries in some rows, +inf in others.
+    x = (seeded_randn(16, n, seed=22) * 3).to(dtype)
+    x[1::4, 2] = -math.inf
+    x[2::5, 3] = math.inf
+    k = torch.tensor([2.3, 1.7, 5.5, 8.9] * 4, dtype=torch.float64)
+    for temperature in (1e-6, 1e-12, 1e-15, 1e-40, 1e-300):
+        p, status = _native.solve(x, k, 1.0 / temperature)
+        assert status.tolist() == [0] * 16, temperature
+        finite = x.isfinite().all(-1)
+        expected = reference_soft_topk_centred(x[finite], k[finite], temperature)
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(p[finite].double(), expected, atol=64 * eps, rtol=0)
+        with _native.disabled():
+            torch.testing.assert_close(p, soft_topk(x, k.to(dtype), temperature=temperature))
 
 
 @needs_kernel

@@ -173,8 +173,9 @@ def test_extreme_temperatures(temperature):
 def test_small_temperatures_keep_a_fractional_budget(temperature, dtype, n):
     # Budgets whose fraction lands on one entry (p = 0.3, not σ(0) = 0.5): about 0, w = x/τ
     # cannot hold that entry's p once τ ≪ ulp(x), so slices this wide are solved about a
-    # centre near the root (the kernel hands rows spanning more than 2²⁰ τ in float32, 2⁴⁶ τ
-    # in float64 back to the PyTorch path, which centres them); ±inf entries in some slices,
+    # centre near the root (the kernel solves float32 rows spanning more than 2²⁰ τ in
+    # float64, and float64 rows spanning more than 2⁴⁶ τ about a pivot; the PyTorch path
+    # centres them too); ±inf entries in some slices,
     # ties in others; 13 rows: a tile of 8 and 5 on the kernel's per-row path (n = 12), all
     # per-row (n = 200).
     x = _randn(13, n).mul(3).to(dtype)

@@ -12,9 +12,12 @@
  *
  * Scope: any row, with one budget for all rows or one per row: −inf entries are masked
  * (never selected), +inf entries take k/m each (at most 1) of the budget, a row with a NaN is
- * NaN — as the PyTorch path.  A row beyond |x/τ| ≤ max/16 (status 1), or whose bracket
- * collapses onto a jump of F the dtype cannot resolve (status 3), is left to the caller,
- * which solves it with the PyTorch path.  Math and symbols follow _solve.py:
+ * NaN — as the PyTorch path.  float32 rows too wide for float32 (small τ) are solved in
+ * float64, float64 rows too wide for float64 about a pivot near the root (solve_row_far).  A
+ * row with 1/τ beyond float64 (status 1), or whose bracket collapses onto a jump of F the
+ * dtype cannot resolve (status 3), is left to the caller, which solves it with the PyTorch
+ * path.  Every exponential is of a difference of scores first (x − a reference point in x,
+ * exact near it), then scaled by 1/τ.  Math and symbols follow _solve.py:
  * z_i = w_i − t, p_i = σ(z_i), v_i = p_i(1 − p_i), F = Σp, F' = −Σv.
  *
  * C99 (plus GCC/Clang vector types in the short-row tiles), compiled on first use by
@@ -58,8 +61,15 @@
 #define SHORT_VJP_ROW 128 /* rows this short are differentiated LANES at a time too */
 #define TILE_SQRT_f32 sqrtf /* (the tiles' bookkeeping is in the row's own type) */
 #define TILE_SQRT_f64 sqrt
-#define ROW_SPAN_LIMIT_f32 1048576.0       /* 2²⁰: rows spanning more τ are left to the caller … */
-#define ROW_SPAN_LIMIT_f64 70368744177664.0 /* … 2⁴⁶ (solved about a centre there; see solve_row) */
+#define ROW_SPAN_LIMIT_f32 1048576.0       /* 2²⁰: float32 rows spanning more τ are solved in … */
+#define ROW_SPAN_LIMIT_f64 70368744177664.0 /* … float64; beyond 2⁴⁶ about a pivot (solve_row_far) */
+#define FAR_REACH 1099511627776.0 /* 2⁴⁰: solve_row_far clamps x − pivot to ±this many τ */
+/* A float32 row solved in float64 (a copy each way); a float64 row about a pivot near its
+   root.  Both defined after the kernels they call. */
+static int solve_row_widened(const float *x, float *out, int64_t n, double k, double inv_tau);
+static int solve_row_far(const double *x, double *out, int64_t n, double k, double inv_tau);
+#define WIDEN_f32(x, out, n, k, inv_tau) solve_row_widened((x), (out), (n), (k), (inv_tau))
+#define WIDEN_f64(x, out, n, k, inv_tau) solve_row_far((x), (out), (n), (k), (inv_tau))
 
 /* ------------------------------------------------------------------ vectorisable exp */
 
@@ -655,13 +665,14 @@ static inline double clamp_f64(double v, double low, double high) {
         }                                                                                        \
         double x_max = (double)top, x_min = (double)bottom;                                      \
         /* |x/τ| beyond max/16 (where the torch path caps 1/τ so that no difference              \
-           overflows) is left to the caller (status 1). */                                       \
+           overflows): a float32 row is solved in float64, a float64 row about a pivot. */       \
         if (!(fabs(x_max * inv_tau) <= (LIMIT)) || !(fabs(x_min * inv_tau) <= (LIMIT)))          \
-            return 1;                                                                            \
-        /* Nor can x/τ in T resolve the root of a row spanning more than ROW_SPAN_LIMIT τ (a     \
-           budget's fraction carried by one entry came out up to 2e−2 off): the caller solves    \
-           it about a centre near the root (status 1). */                                        \
-        if ((x_max - x_min) * inv_tau > ROW_SPAN_LIMIT_##SUFFIX) return 1;                       \
+            return WIDEN_##SUFFIX(x, out, n, k, inv_tau);                                        \
+        /* Nor can the start, from x·s/τ in T, find the root of a row spanning more than         \
+           ROW_SPAN_LIMIT τ (a budget's fraction carried by one entry came out up to 2e−2 off):  \
+           a float32 row is solved in float64, a float64 row about a pivot near the root. */     \
+        if ((x_max - x_min) * inv_tau > ROW_SPAN_LIMIT_##SUFFIX)                                 \
+            return WIDEN_##SUFFIX(x, out, n, k, inv_tau);                                        \
         if (x_max == x_min) { /* exact ties: p = k/n over the live entries */                    \
             for (int64_t i = 0; i < n; ++i)                                                      \
                 out[i] = (T)(x[i] == minus_inf ? 0.0 : k / (double)live);                        \
@@ -1190,6 +1201,48 @@ DEFINE_ROW_KERNELS(float, int32_t, f32, exp_f32, 1.1920928955078125e-07, 3.40282
                    -87.0, 88.0, 1.6516362549940018e38, 60)
 DEFINE_ROW_KERNELS(double, int64_t, f64, exp_f64, 2.220446049250313e-16, 1.7976931348623157e308 / 16,
                    -708.0, 709.0, 8.218407461554972e307, 500)
+
+static int solve_row_widened(const float *x, float *out, int64_t n, double k, double inv_tau) {
+    double *wide = (double *)malloc(2 * (size_t)n * sizeof(double));
+    if (wide == NULL) return 1;
+    for (int64_t i = 0; i < n; ++i) wide[i] = (double)x[i];
+    int status = solve_row_f64(wide, wide + n, n, k, inv_tau);
+    for (int64_t i = 0; i < n; ++i) out[i] = (float)wide[n + i];
+    free(wide);
+    return status;
+}
+
+/* A float64 row (finite and −inf entries, 0 < k < live) spanning more than ROW_SPAN_LIMIT τ,
+   or with |x/τ| beyond max/16: solved as x − c, c its ⌈k⌉-th largest live entry, which the
+   root lies within a few τ of (or within a gap it does not depend on), clamped to ±FAR_REACH τ
+   (p there is 0 or 1 to double precision either way).  Status 1 (the caller) if 1/τ is not
+   finite, or no copy can be made. */
+static int solve_row_far(const double *x, double *out, int64_t n, double k, double inv_tau) {
+    if (!(inv_tau < DBL_MAX)) return 1;
+    double *shifted = (double *)malloc(2 * (size_t)n * sizeof(double)), *live = shifted + n;
+    if (shifted == NULL) return 1;
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        live[count] = x[i];
+        count += x[i] > -INFINITY;
+    }
+    int64_t rank = (int64_t)ceil(k) - 1;
+    rank = rank < 0 ? 0 : (rank >= count ? count - 1 : rank);
+    if (!select_f64(live, count, rank)) {
+        free(shifted);
+        return 1;
+    }
+    const double pivot = live[rank], reach = FAR_REACH / inv_tau;
+    for (int64_t i = 0; i < n; ++i) {
+        double v = x[i] - pivot;
+        v = v > reach ? reach : (v < -reach ? -reach : v);
+        shifted[i] = x[i] > -INFINITY ? v : -INFINITY;
+    }
+    int status = solve_row_f64(shifted, live, n, k, inv_tau);
+    for (int64_t i = 0; i < n; ++i) out[i] = live[i];
+    free(shifted);
+    return status;
+}
 
 /* ------------------------------------------------------------------ threading */
 

@@ -22,11 +22,13 @@ Everything here is an optimisation with a fallback, never a requirement:
   runs instead;
 * the ``soft_topk`` kernel solves every row itself, ``−inf`` (masked), ``+inf`` and NaN
   entries included (as the PyTorch path: ``0``, ``k/m`` each at most 1, a NaN slice); a row
-  comes back with a nonzero status, and is solved by the PyTorch path, only when
-  ``|x/τ|`` exceeds ``max/16`` or memory runs out (status 1) or its bracket collapsed onto a
-  jump of ``F`` the dtype cannot resolve (status 3).  The ``sparse_topk`` kernel solves
-  ``−inf``, ``+inf`` and NaN entries too (as the PyTorch path) and leaves rows whose ``x/τ``
-  overflows (status 1) and unconverged rows (status 3) to the caller.
+  comes back with a nonzero status, and is solved by the PyTorch path, only when ``1/τ``
+  overflows float64 or memory runs out (status 1) or its bracket collapsed onto a jump of
+  ``F`` the dtype cannot resolve (status 3): float32 rows spanning more than 2²⁰ τ or with
+  ``|x/τ|`` beyond float32's ``max/16`` are solved in float64, float64 rows spanning more
+  than 2⁴⁶ τ or beyond ``max/16`` about their ⌈k⌉-th largest entry.  The ``sparse_topk``
+  kernel solves ``−inf``, ``+inf`` and NaN entries too (as the PyTorch path) and leaves rows
+  whose ``x/τ`` overflows (status 1) and unconverged rows (status 3) to the caller.
 
 :func:`status` says whether the kernel is in use and, if not, why.
 """
