@@ -1671,14 +1671,19 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
     static int sparse_pivot_row_##SUFFIX(const T *x, int64_t n, double k, double plus,           \
                                          double budget, double inv, double *cand,                \
                                          double *pivot, double *t_out) {                         \
-        int64_t live = 0;                                                                        \
-        for (int64_t i = 0; i < n; ++i)                                                          \
-            if (x[i] - x[i] == 0) cand[live++] = (double)x[i]; /* (the finite entries) */        \
         const int64_t down = (int64_t)ceil(budget) - 1;                                          \
-        if (!select_f64(cand, live, down)) return 3;                                             \
-        double a = cand[down], b = a;                                                            \
-        for (int64_t i = down + 1; budget == floor(budget) && i < live; ++i)                     \
-            b = i == down + 1 || cand[i] > b ? cand[i] : b; /* (after a: ≤ a) */                 \
+        double a, b;                                                                             \
+        if (plus == 0.0 && floor(budget) + 1.0 <= SPARSE_TOP_LIST) { /* (one scan) */            \
+            sparse_top_list_##SUFFIX(x, n, (int64_t)floor(budget) + 1, down + 1, &b, &a);        \
+        } else {                                                                                 \
+            int64_t live = 0;                                                                    \
+            for (int64_t i = 0; i < n; ++i)                                                      \
+                if (x[i] - x[i] == 0) cand[live++] = (double)x[i]; /* (the finite entries) */    \
+            if (!select_f64(cand, live, down)) return 3;                                         \
+            a = b = cand[down];                                                                  \
+            for (int64_t i = down + 1; budget == floor(budget) && i < live; ++i)                 \
+                b = i == down + 1 || cand[i] > b ? cand[i] : b; /* (after a: ≤ a) */             \
+        }                                                                                        \
         double low = (b - a) * inv - 1.0, fixed = plus; /* (+inf entries: in U) */               \
         int64_t m = 0;                                                                           \
         for (int64_t i = 0; i < n; ++i) {                                                        \
