@@ -592,7 +592,8 @@ static inline double clamp_f64(double v, double low, double high) {
         lo = clamp_f64(lo, c_min, c_max);                                                        \
         hi = clamp_f64(hi, c_min, c_max);                                                        \
         double c = 1.0;                                                                          \
-        double tol_step = 4.0 * EPS; /* (t − t₀ resolves EPS: G is exact about x₀) */            \
+        double tol_step = 64.0 * EPS; /* (t − t₀ resolves EPS, G being exact about x₀; a step    \
+                                         error ≲ |δ|³/4 ≤ 16 EPS moves p by ≤ 4 EPS) */          \
         if (newton_near_##SUFFIX(out, n, budget, &c, lo, hi, tol_step)) return 3;                \
         write_##SUFFIX(out, x, masked, n, c, 1, flipped);                                        \
         return 0;                                                                                \
