@@ -550,10 +550,12 @@ static inline double clamp_f64(double v, double low, double high) {
        the row's ends (x_i·s/τ − t₀ lost eps·|x|/τ units: Σp missed k by up to 8e−4 in           \
        float64 on a cluster of entries at the root). */                                          \
     static int solve_wide_row_##SUFFIX(const T *x, T *out, int64_t n, int64_t live,              \
-                                       double scale, double budget, int flipped,                 \
-                                       double w_min, double w_max, T x_min, T x_max) {           \
+                                       double scale, double budget, int flipped, T x_min,        \
+                                       T x_max) {                                                \
         const T sc = (T)scale, minus_inf = -(T)INFINITY;                                         \
         const int masked = live < n;                                                             \
+        const double w_min = (double)(flipped ? x_max : x_min) * scale;                          \
+        const double w_max = (double)(flipped ? x_min : x_max) * scale;                          \
         double t;                                                                                \
         if (budget < TOP_LIST - 1 && (floor(budget) + 1.0) * TOP_SHARE <= (double)n) {          \
             t = top_start_##SUFFIX(x, n, sc, budget);                                            \
@@ -686,10 +688,8 @@ static inline double clamp_f64(double v, double low, double high) {
         double spread = (x_max - x_min) * inv_tau;                                               \
         int small_budget = budget <= SMALL_BUDGET_SHARE * (double)live;                          \
         if (spread > (small_budget ? SMALL_BUDGET_SPREAD_LIMIT : SPREAD_LIMIT)) {                \
-            double w_max = flipped ? -x_min * inv_tau : x_max * inv_tau;                         \
-            double w_min = flipped ? -x_max * inv_tau : x_min * inv_tau;                         \
-            return solve_wide_row_##SUFFIX(x, out, n, live, scale, budget, flipped, w_min,       \
-                                           w_max, bottom, top);                                  \
+            return solve_wide_row_##SUFFIX(x, out, n, live, scale, budget, flipped, bottom,      \
+                                           top);                                                 \
         }                                                                                        \
         /* w_i − w_max = (x_i − anchor)·s/τ: the difference first, exact near the anchor, so     \
            that an offset common to the row costs no resolution. */                              \
@@ -1614,6 +1614,14 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         return count > 0.0 ? (total + upper - budget) / count : shift;                           \
     }                                                                                            \
                                                                                                  \
+    /* A row solved about its top: polished (float64) and written; `wide` as sparse_write_p. */  \
+    static inline void sparse_finish_##SUFFIX(const T *x, T *out, int64_t n, double budget,      \
+                                              double top, double inv, double t, int wide) {      \
+        double ref = top;                                                                        \
+        t = sparse_polish_##SUFFIX(x, n, budget, &ref, inv, t);                                  \
+        sparse_write_p_##SUFFIX(x, out, n, ref, inv, t, wide);                                   \
+    }                                                                                            \
+                                                                                                 \
     /* grad_x = 1_F (g − mean)·inv_tau for one row, NaN where p is NaN, exactly 0 off F; 1/τ     \
        capped at T's max/16 (as soft_topk caps it), so a τ below T's range gives large finite    \
        gradients on F, not inf or NaN. */                                                        \
@@ -1773,9 +1781,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                                    hi + 1.0 - low, 0.5 * (low + hi), &t);                        \
         }                                                                                        \
         if (status) return status;                                                               \
-        double ref = top;                                                                        \
-        t = sparse_polish_##SUFFIX(x, n, budget, &ref, inv, t);                                  \
-        sparse_write_p_##SUFFIX(x, out, n, ref, inv, t, lo < -SPARSE_WRITE_SPAN);                \
+        sparse_finish_##SUFFIX(x, out, n, budget, top, inv, t, lo < -SPARSE_WRITE_SPAN);         \
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
@@ -1922,10 +1928,8 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 continue;                                                                        \
             }                                                                                    \
             /* p row by row from x, in T as sparse_row: no transposition back */                 \
-            double ref = top[l];                                                                 \
-            double at = sparse_polish_##SUFFIX(x + l * n, n, k[l] - plus[l], &ref, inv[l], t[l]);\
-            sparse_write_p_##SUFFIX(x + l * n, out + l * n, n, ref, inv[l], at,                  \
-                                    lo[l] < -SPARSE_WRITE_SPAN);                                 \
+            sparse_finish_##SUFFIX(x + l * n, out + l * n, n, k[l] - plus[l], top[l], inv[l],    \
+                                   t[l], lo[l] < -SPARSE_WRITE_SPAN);                            \
             status[l] = 0;                                                                       \
         }                                                                                        \
     }

@@ -193,6 +193,13 @@ def _reference(
     return ref
 
 
+def _scaled(x: Tensor, finite: Tensor, ref: Tensor, tau: Tensor) -> Tensor:
+    """``w = (x − ref)/τ`` on the finite entries, within ``±2·_PIVOT_SPAN`` (beyond it:
+    saturated either way); ``−inf`` elsewhere."""
+    limit = 2 * _PIVOT_SPAN
+    return torch.where(finite, ((x - ref) / tau).clamp(-limit, limit), -math.inf)
+
+
 def _polish(
     x: Tensor, finite: Tensor, ref: Tensor, tau: Tensor, t: Tensor, budget: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -201,13 +208,8 @@ def _polish(
     to only ``eps·|t|`` (the fused kernel's ``sparse_polish``)."""
     centre = ref + t * tau
     shift = t - (centre - ref) / tau
-    limit = 2 * _PIVOT_SPAN  # (|w| beyond it: saturated either way)
-    w = torch.where(finite, ((x - centre) / tau).clamp(-limit, limit), -math.inf)
-    z = w - shift
-    free = (z > 0) & (z < 1)
-    upper = (z >= 1).sum(-1, keepdim=True).to(x.dtype)
-    count = free.sum(-1, keepdim=True).to(x.dtype)
-    total = torch.where(free, w, 0.0).sum(-1, keepdim=True)
+    w = _scaled(x, finite, centre, tau)
+    upper, count, total = _active_set(w, shift)
     solved = (total + upper - budget) / count.clamp(min=1)
     return w, torch.where(count > 0, solved, shift)
 
@@ -233,8 +235,7 @@ def _solve_rows(x: Tensor, k: Tensor, tau: Tensor, sync: bool = True) -> Tensor:
     budget = k - plus  # what the finite entries share
     general = (budget > 0) & (budget < live)
     ref = _reference(x, finite, top, bottom, budget, general, tau, sync)
-    limit = 2 * _PIVOT_SPAN  # (|w| beyond it: saturated either way)
-    w = torch.where(finite, ((x - ref) / tau).clamp(-limit, limit), -math.inf)
+    w = _scaled(x, finite, ref, tau)
     lo = torch.where(finite, w, math.inf).amin(-1, keepdim=True) - 1
     lo = torch.where(general, lo, -1.0)
     hi = torch.where(general, w.amax(-1, keepdim=True), 0.0)
