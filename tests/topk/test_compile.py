@@ -6,6 +6,8 @@ and AOT autograd, the parts that trace the operator), one uses the default (indu
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from support import reference_soft_topk, seeded_randn
@@ -179,6 +181,31 @@ def test_compiled_model_runs_the_fused_kernel(monkeypatch):
     calls.update(solve=0, vjp=0)
     layer(x).pow(2).sum().backward()
     assert calls == {"solve": 1, "vjp": 1}
+
+
+@pytest.mark.parametrize("name", ["soft_topk", "sparse_topk"])
+def test_operator_records_nothing_for_inputs_without_gradient(name, monkeypatch):
+    # An exported program run for inference calls the operator with grad mode on: inputs that
+    # need no derivative go straight to the kernel, with no autograd.Function built around it.
+    soft = importlib.import_module("gradkit.topk.soft_topk")._SoftTopKFunction
+    sparse = importlib.import_module("gradkit.topk._sparse_ops")._OpFunction
+    function = {"soft_topk": soft, "sparse_topk": sparse}
+    built = []
+    original = function[name].apply
+
+    def counting(*args):
+        built.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(function[name], "apply", counting)
+    op = getattr(torch.ops.gradkit, name)
+    x = seeded_randn(4, 6, seed=31)
+    tau = torch.full((4,), 0.5)
+    plain = op(x, None, 2.0, tau, 1.0)
+    assert built == [] and plain.grad_fn is None
+    recorded = op(x.requires_grad_(), None, 2.0, tau, 1.0)
+    assert built == [1] and recorded.grad_fn is not None
+    torch.testing.assert_close(recorded.detach(), plain)
 
 
 # ----------------------------------------------------------------------------------- export

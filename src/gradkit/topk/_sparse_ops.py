@@ -141,7 +141,7 @@ def _autograd_kernel(x, k_tensor, k, tau_tensor, tau):
         if needs_derivative(x, k_tensor, tau_tensor):
             k_arg = k if k_tensor is None else k_tensor
             return composite(x, k_arg, tau if tau_tensor is None else tau_tensor)
-    elif not nothing_to_record():
+    elif not nothing_to_record(x, k_tensor, tau_tensor):
         return _OpFunction.apply(x, k_tensor, k, tau_tensor, tau)
     with _below_autograd():
         return torch.ops.gradkit.sparse_topk(x, k_tensor, k, tau_tensor, tau)

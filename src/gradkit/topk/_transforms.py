@@ -35,10 +35,16 @@ def needs_derivative(*tensors) -> bool:
     return False
 
 
-def nothing_to_record() -> bool:
-    """Grad mode off and no forward-AD level open: an autograd kernel may call the kernel
-    below autograd directly instead of building a ``Function``."""
-    return not torch.is_grad_enabled() and forward_ad._current_level < 0
+def nothing_to_record(*tensors) -> bool:
+    """No forward-AD level open, and grad mode off or no tensor (``None`` and numbers are
+    skipped) requiring grad: an autograd kernel may call the kernel below autograd directly
+    instead of building a ``Function`` (a compiled graph's forward, an exported program run
+    for inference)."""
+    if forward_ad._current_level >= 0:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 def runge_kutta_step(p0: Tensor, slope: Callable[[Tensor, float], Tensor]) -> Tensor:

@@ -215,7 +215,7 @@ def _autograd_kernel(x, k_tensor, k, tau_tensor, tau):
     if torch._C._are_functorch_transforms_active():
         if not _DEPTH.solving_detached and needs_derivative(x, k_tensor, tau_tensor):
             return _composite(x, k_arg, tau_arg)
-    elif not nothing_to_record():
+    elif not nothing_to_record(x, k_tensor, tau_tensor):
         return _SoftTopKFunction.apply(x, k_arg, tau_arg, True)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.gradkit.soft_topk(x, k_tensor, k, tau_tensor, tau)
