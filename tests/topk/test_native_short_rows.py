@@ -147,11 +147,26 @@ def test_special_rows_inside_a_tile_are_solved_like_the_torch_path(n, dtype):
 @pytest.mark.parametrize("n", [3, 16, 41, 64])
 def test_short_rows_match_the_reference_for_every_budget(n, dtype):
     # Every integer budget (and one off-integer) with one budget for all rows, on rows whose
-    # spreads cover both starts of a tile (log-sum-exp below TILE_SOFT·τ, counts above it)
-    # and rows too wide for a tile (the per-row path).
+    # spreads cover both starts of a tile (log-sum-exp below TILE_SOFT·τ, counts above it in
+    # tiles with a row wider than SPREAD_LIMIT·τ) and rows too wide for a tile (the per-row
+    # path).
     scales = torch.tensor([0.1, 1.0, 2.0, 4.0, 10.0, 20.0, 40.0, 3.0] * 3, dtype=torch.float64)
     x = (seeded_randn(ROWS, n, seed=7 * n) * scales[:ROWS, None]).to(dtype)
     for k in [*range(1, n), n - 0.5]:
+        _check_against_reference(x, torch.full((ROWS,), float(k), dtype=torch.float64), 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [2, 16, 64, 128])
+def test_tiles_of_rows_between_the_two_starts_match_the_reference(n, dtype):
+    # Every row spans 7–15 τ: wider than TILE_SOFT, but no row of the tile spans more than
+    # SPREAD_LIMIT, so the whole tile takes the log-sum-exp start (no counts); every budget.
+    x = seeded_randn(ROWS, n, seed=9 * n + 2)
+    span = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)).clamp(min=1e-3)
+    widths = 7.0 + 8.0 * torch.arange(ROWS, dtype=torch.float64).unsqueeze(-1) / ROWS
+    x = ((x - x.amin(-1, keepdim=True)) * widths / span).to(dtype)
+    for k in [*range(1, n), n / 2 + 0.25, 0.5]:
         _check_against_reference(x, torch.full((ROWS,), float(k), dtype=torch.float64), 1.0)
 
 

@@ -56,7 +56,8 @@
 #define NEAR_MARGIN 4.0 /* … while the threshold stays within this many τ below its start, */
 #define NEAR_SHARE 0.25 /* … if at most this share of the entries is near */
 #define SHORT_ROW 128 /* rows this short are solved LANES at a time, one per vector lane, */
-#define TILE_SOFT 6.0  /* … and start from their order statistics when wider than this many τ */
+#define TILE_SOFT 6.0  /* … and start from their order statistics when wider than this many τ, */
+                       /* in a tile where some row spans more than SPREAD_LIMIT τ */
 #define LANES 8
 #define SHORT_VJP_ROW 128 /* rows this short are differentiated LANES at a time too */
 #define TILE_SQRT_f32 sqrtf /* (the tiles' bookkeeping is in the row's own type) */
@@ -971,11 +972,13 @@ static inline double clamp_f64(double v, double low, double high) {
        per row; the per-lane bookkeeping is branch-free too (0/1 masks held as doubles), so      \
        that it vectorises and no lane's branch is mispredicted.  Each lane stores                \
        e = exp(w − w_top − r) once, about a reference r, and solves for the scale                \
-       c = e^{r − t} (p = ce/(1 + ce)).  Rows spanning up to TILE_SOFT·τ take r = 0 and start    \
-       from the log-sum-exp bound scaled by live/(live − k): p = cE/(1 + cE) is concave in E,    \
-       so by Jensen F(c₀) is at most live times the p of the mean E, which is k: c₀ stays left   \
-       of the root, and is exact for equal entries.  Wider rows take r from their order          \
-       statistics (tile_count_start) and c₀ = 1; c stays within e^{±reach} and their exponents    \
+       c = e^{r − t} (p = ce/(1 + ce)).  Lanes take r = 0 and start from the log-sum-exp bound   \
+       scaled by live/(live − k): p = cE/(1 + cE) is concave in E, so by Jensen F(c₀) is at      \
+       most live times the p of the mean E, which is k: c₀ stays left of the root, and is        \
+       exact for equal entries.  In a tile where some row spans more than SPREAD_LIMIT·τ (as     \
+       solve_row's log-sum-exp start), the lanes wider than TILE_SOFT·τ take r from their        \
+       order statistics instead (tile_count_start, whose cost the whole tile pays: about two     \
+       passes) and c₀ = 1; c stays within e^{±reach} and their exponents                         \
        below cap, which keeps ce finite; entries further than that from the start            \
        are saturated.  m > 0 entries at +inf take 1 each and the finite ones share k − m (as     \
        solve_positive_row).  Rows the direct form does not cover (NaN entries, k ≤ m,            \
@@ -993,7 +996,7 @@ static inline double clamp_f64(double v, double low, double high) {
         tile_scan_##SUFFIX(xt, n, top, bottom, minus, plus, bad);                                \
         T ok[LANES], flipped[LANES], done[LANES], budget[LANES], live[LANES], c[LANES];          \
         T lo[LANES], hi[LANES], tol_mass[LANES], width[LANES], ref[LANES];                       \
-        T sc[LANES], anchor[LANES], exp_sum[LANES], offset[LANES];                               \
+        T sc[LANES], anchor[LANES], exp_sum[LANES], offset[LANES], from_count[LANES];            \
         _Pragma("omp simd")                                                                      \
         for (int l = 0; l < LANES; ++l) {                                                        \
             /* (+inf entries take 1 each: the finite ones share k − their count) */              \
@@ -1016,11 +1019,11 @@ static inline double clamp_f64(double v, double low, double high) {
             anchor[l] = good ? (flip ? bottom[l] : top[l]) : (T)0; /* (w_top = s·anchor/τ) */    \
             tol_mass[l] = (T)(8.0 * EPS * (b > 1.0 ? b : 1.0));                                  \
             width[l] = good ? (T)spread : 0;                                                     \
-            ref[l] = offset[l] = 0;                                                              \
+            ref[l] = offset[l] = from_count[l] = 0;                                              \
         }                                                                                        \
         tile_differences_##SUFFIX(xt, n, anchor, sc, ok, e); /* z = w − w_top, for now */        \
         T wide = 0;                                                                              \
-        for (int l = 0; l < LANES; ++l) wide += ok[l] != 0 && width[l] > (T)TILE_SOFT ? 1 : 0;   \
+        for (int l = 0; l < LANES; ++l) wide += ok[l] != 0 && width[l] > (T)SPREAD_LIMIT ? 1 : 0;\
         if (wide > 0) {                                                                          \
             T counted[LANES], span[LANES];                                                       \
             for (int l = 0; l < LANES; ++l)                                                      \
@@ -1031,6 +1034,7 @@ static inline double clamp_f64(double v, double low, double high) {
                 ok[l] = lost ? 0 : ok[l];                                                        \
                 done[l] = lost ? 1 : done[l];                                                    \
                 ref[l] = span[l] > 0 && !lost ? counted[l] : 0;                                  \
+                from_count[l] = span[l] > 0 && !lost ? 1 : 0;                                    \
             }                                                                                    \
             /* z again, about x₀ = anchor + r·τ/s (the start, in x): exact near the root, as     \
                solve_wide_row's G; e = exp(z − offset), offset the rounding of x₀ in units. */   \
@@ -1058,7 +1062,7 @@ static inline double clamp_f64(double v, double low, double high) {
             high = high < reach_hi ? high : reach_hi;                                            \
             T bound = budget[l] / exp_sum[l]; /* F(bound) < k (σ(z) < eᶻ) */                     \
             T start = bound * (live[l] / (live[l] - budget[l])); /* F(start) ≤ k (Jensen) */     \
-            int jensen = width[l] <= (T)TILE_SOFT;                                               \
+            int jensen = from_count[l] == 0;                                                     \
             low = jensen & (bound > low) ? bound : low;                                          \
             start = jensen ? start : 1;                                                          \
             start = start < high ? (start > low ? start : low) : high;                           \
