@@ -404,7 +404,8 @@ def test_long_wide_rows_of_small_budgets_match_the_reference(n, spread, dtype):
         torch.testing.assert_close(p.double(), expected, rtol=0, atol=tolerance)
     live = torch.arange(n) % 3 != 0
     masked = torch.where(live, x, -math.inf)
-    for k in [2.0, 14.5]:
+    # (live − 2: the flipped scan, where a masked entry's −inf·(−1/τ) must not enter the list)
+    for k in [2.0, 14.5, int(live.sum()) - 2.0]:
         p, status = _native.solve(masked.to(dtype), k, 1.0)
         assert bool((status == 0).all()), (k, status.tolist())
         expected = reference_soft_topk(x[:, live].to(dtype).double(), k)

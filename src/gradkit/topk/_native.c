@@ -506,35 +506,46 @@ static inline double clamp_f64(double v, double low, double high) {
         return newton_##SUFFIX(e, n, 1, budget, scale, lo, hi, tol_step, 0.0, 0.0, &passes);     \
     }                                                                                            \
                                                                                                  \
+    /* Whether any comparison of a tile mask is true (its words or-ed together). */              \
+    static inline int tile_any_##SUFFIX(tile_mask_##SUFFIX m) {                                  \
+        uint64_t words[sizeof m / sizeof(uint64_t)], any = 0;                                    \
+        memcpy(words, &m, sizeof m);                                                             \
+        for (size_t h = 0; h < sizeof m / sizeof(uint64_t); ++h) any |= words[h];                \
+        return any != 0;                                                                         \
+    }                                                                                            \
+                                                                                                 \
+    /* w into the descending list top[0..*size) of at most `capacity` entries. */                \
+    static inline void top_insert_##SUFFIX(T *top, int64_t *size, int64_t capacity, T w) {       \
+        if (*size == capacity && !(w > top[capacity - 1])) return;                               \
+        int64_t j = *size < capacity ? (*size)++ : capacity - 1;                                 \
+        for (; j > 0 && top[j - 1] < w; --j) top[j] = top[j - 1];                                \
+        top[j] = w;                                                                              \
+    }                                                                                            \
+                                                                                                 \
     /* For budgets with m = ⌊budget⌋ < TOP_LIST: w_(m+1) and w_(m) (the start of                 \
        solve_wide_row, as count_start) from a sorted list of the m + 1 largest live w, built in  \
-       one scan.  A block whose largest w cannot enter the full list is skipped after a          \
-       vectorised max, so that on most rows few entries reach the (branchy) insertion. */        \
+       one scan.  Once the list is full, a vector of entries none of which can enter it (one     \
+       comparison with the list's last entry) is skipped, so that on most rows few entries       \
+       reach the (branchy) insertion. */                                                         \
     static double top_start_##SUFFIX(const T *x, int64_t n, T sc, double budget) {               \
+        enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T) };                                  \
         const T minus_inf = -(T)INFINITY;                                                        \
         const int64_t m = (int64_t)floor(budget), capacity = m + 1;                              \
         T top[TOP_LIST];                                                                         \
-        int64_t size = 0;                                                                        \
-        for (int64_t start = 0; start < n; start += BLOCK) {                                     \
-            int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
-            if (size == capacity) {                                                              \
-                T high = minus_inf;                                                              \
-                _Pragma("omp simd reduction(max : high)")                                        \
-                for (int64_t i = start; i < stop; ++i) {                                         \
-                    T w = x[i] == minus_inf ? minus_inf : x[i] * sc; /* (−inf·s: +inf if s < 0) */ \
-                    high = w > high ? w : high;                                                  \
-                }                                                                                \
-                if (!(high > top[size - 1])) continue;                                           \
-            }                                                                                    \
-            for (int64_t i = start; i < stop; ++i) {                                             \
-                if (x[i] == minus_inf) continue;                                                 \
-                T w = x[i] * sc;                                                                 \
-                if (size == capacity && !(w > top[size - 1])) continue;                          \
-                int64_t j = size < capacity ? size++ : capacity - 1;                             \
-                for (; j > 0 && top[j - 1] < w; --j) top[j] = top[j - 1];                        \
-                top[j] = w;                                                                      \
-            }                                                                                    \
+        int64_t size = 0, i = 0;                                                                 \
+        for (; i < n && size < capacity; ++i) /* (live entries: at least m + 1) */               \
+            if (x[i] != minus_inf) top_insert_##SUFFIX(top, &size, capacity, x[i] * sc);         \
+        for (; i + WIDTH <= n; i += WIDTH) {                                                     \
+            tile_vec_##SUFFIX v;                                                                 \
+            memcpy(&v, x + i, sizeof v);                                                         \
+            /* (−inf·s is +inf for s < 0: masked entries are excluded first) */                  \
+            tile_mask_##SUFFIX hit = (v != minus_inf) & (v * sc > top[capacity - 1]);            \
+            if (!tile_any_##SUFFIX(hit)) continue;                                               \
+            for (int64_t h = i; h < i + WIDTH; ++h)                                              \
+                if (x[h] != minus_inf) top_insert_##SUFFIX(top, &size, capacity, x[h] * sc);     \
         }                                                                                        \
+        for (; i < n; ++i)                                                                       \
+            if (x[i] != minus_inf) top_insert_##SUFFIX(top, &size, capacity, x[i] * sc);         \
         double fraction = budget - (double)m, below = (double)top[m];                            \
         return fraction == 0.0 ? 0.5 * ((double)top[m - 1] + below)                              \
                                : below - log(fraction / (1.0 - fraction));                       \
