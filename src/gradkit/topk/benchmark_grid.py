@@ -169,18 +169,34 @@ def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator > 0 else None
 
 
+def _against_sigmoid(
+    forward: Callable, x: torch.Tensor, repeats: int, generator
+) -> tuple[dict[str, dict[str, float]], dict[str, float | None]]:
+    """``forward`` and one sigmoid pass, forward+backward on the same tensor, timed in
+    alternation: both steps' medians (keys ``"op"`` and ``"sigmoid"``) and the op's multiple
+    of the sigmoid pass in wall and CPU time (``x_sigmoid``, ``x_sigmoid_cpu``)."""
+    steps = {  # (the op's cotangent is drawn first)
+        "op": _forward_backward(forward, x, generator),
+        "sigmoid": _forward_backward(torch.sigmoid, x, generator),
+    }
+    measured = _round_robin(steps, repeats, x.device)
+    op, sigmoid = measured["op"], measured["sigmoid"]
+    return measured, {
+        "x_sigmoid": _ratio(op["median_ms"], sigmoid["median_ms"]),
+        "x_sigmoid_cpu": _ratio(op["median_cpu_ms"], sigmoid["median_cpu_ms"]),
+    }
+
+
 def _measure_cell(
     x: torch.Tensor, budget, repeats: int, threads: int, generator, op: str = "soft"
 ) -> dict[str, Any]:
     """One cell: the operator ``op`` and one sigmoid pass, forward+backward, on the same
     tensor (the operator's times under the ``gradkit_*`` keys)."""
     operator = OPS[op]
-    steps = {
-        "gradkit": _forward_backward(lambda t: operator(t, budget, dim=-1), x, generator),
-        "sigmoid": _forward_backward(torch.sigmoid, x, generator),
-    }
-    measured = _round_robin(steps, repeats, x.device)
-    gradkit, sigmoid = measured["gradkit"], measured["sigmoid"]
+    measured, ratios = _against_sigmoid(
+        lambda t: operator(t, budget, dim=-1), x, repeats, generator
+    )
+    gradkit, sigmoid = measured["op"], measured["sigmoid"]
     descheduled = (
         x.device.type == "cpu"
         and threads == 1
@@ -191,8 +207,7 @@ def _measure_cell(
         "sigmoid_ms": sigmoid["median_ms"],
         "gradkit_cpu_ms": gradkit["median_cpu_ms"],
         "sigmoid_cpu_ms": sigmoid["median_cpu_ms"],
-        "x_sigmoid": _ratio(gradkit["median_ms"], sigmoid["median_ms"]),
-        "x_sigmoid_cpu": _ratio(gradkit["median_cpu_ms"], sigmoid["median_cpu_ms"]),
+        **ratios,
         "flagged": "descheduled (wall time > 1.3 × CPU time)" if descheduled else None,
     }
 
@@ -203,17 +218,11 @@ def _seed_ms(x: torch.Tensor, repeats: int, generator) -> dict[str, float]:
     (``x_sigmoid``, ``x_sigmoid_cpu``) is what carries over to the cells of this row length,
     whose own times are multiples of their own sigmoid pass, so that a machine slowing down
     between the seed's measurement and a cell's biases no speedup."""
-    steps = {
-        "seed": _forward_backward(lambda t: seed_topk(t, max(1, x.shape[-1] // 10)), x, generator),
-        "sigmoid": _forward_backward(torch.sigmoid, x, generator),
-    }
-    measured = _round_robin(steps, max(1, min(repeats, 3)), x.device)
-    seed, sigmoid = measured["seed"], measured["sigmoid"]
-    return {
-        **seed,
-        "x_sigmoid": _ratio(seed["median_ms"], sigmoid["median_ms"]),
-        "x_sigmoid_cpu": _ratio(seed["median_cpu_ms"], sigmoid["median_cpu_ms"]),
-    }
+    budget = max(1, x.shape[-1] // 10)
+    measured, ratios = _against_sigmoid(
+        lambda t: seed_topk(t, budget), x, max(1, min(repeats, 3)), generator
+    )
+    return {**measured["op"], **ratios}
 
 
 def _seed_brackets_root(n: int, case: str, k: int) -> bool:
