@@ -50,6 +50,18 @@ def reference_soft_topk_centred(x: torch.Tensor, k, temperature: float) -> torch
     return torch.sigmoid(u - (lo / 2 + hi / 2))
 
 
+def cluster_at_the_root(rows: int, n: int, temperature: float, dtype, seed: int):
+    """``randn·3`` rows with a tenth of their entries (at least 3) within a few τ of the third
+    largest: many free entries, far (in τ) from 0 and from the slice's ends."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, dtype=torch.float64, generator=generator) * 3
+    third = x.sort(-1, descending=True).values[:, 2:3]
+    m = max(3, n // 10)
+    x[:, -m:] = third + 2 * temperature * torch.randn(rows, m, dtype=torch.float64,
+                                                       generator=generator)  # fmt: skip
+    return x.to(dtype)
+
+
 def seeded_randn(*shape, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``torch.randn`` from its own generator, so tests do not depend on each other's order."""
     return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))

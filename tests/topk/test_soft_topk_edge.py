@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from support import reference_soft_topk, reference_soft_topk_centred
+from support import cluster_at_the_root, reference_soft_topk, reference_soft_topk_centred
 from support import seeded_randn as _randn
 
 from gradkit import soft_topk
@@ -190,18 +190,6 @@ def test_small_temperatures_keep_a_fractional_budget(temperature, dtype, n):
     assert torch.isfinite(_grad(x, lambda a: soft_topk(a, k, temperature=temperature))).all()
 
 
-def _cluster_at_the_root(rows: int, n: int, temperature: float, dtype, seed: int):
-    """``randn·3`` rows with a tenth of their entries (at least 3) within a few τ of the third
-    largest: many free entries, far (in τ) from 0 and from the slice's ends."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, n, dtype=torch.float64, generator=generator) * 3
-    third = x.sort(-1, descending=True).values[:, 2:3]
-    m = max(3, n // 10)
-    x[:, -m:] = third + 2 * temperature * torch.randn(rows, m, dtype=torch.float64,
-                                                       generator=generator)  # fmt: skip
-    return x.to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [12, 60, 300])
 def test_a_cluster_at_the_root_keeps_full_precision(n, dtype):
@@ -210,7 +198,7 @@ def test_a_cluster_at_the_root_keeps_full_precision(n, dtype):
     # at 1e−4; p was off by up to 0.2 in float32 with a common offset of 1e4 (PyTorch path).
     eps = torch.finfo(dtype).eps
     for temperature in (1e-2, 1e-4, 1e-6, 1e-9, 1e-12):
-        x = _cluster_at_the_root(16, n, temperature, dtype, seed=n)
+        x = cluster_at_the_root(16, n, temperature, dtype, seed=n)
         for offset in (0.0, 1e4):
             shifted = x + offset if offset == 0.0 or dtype == torch.float64 else x
             p = soft_topk(shifted, 4.3, temperature=temperature)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import seeded_randn
+from support import cluster_at_the_root, seeded_randn
 
 from gradkit import SparseTopK, sparse_topk
 from gradkit.topk.reference import sparse_topk_reference
@@ -116,15 +116,9 @@ def test_large_offset_keeps_precision(solver_path):
 def test_a_cluster_at_the_root_keeps_full_precision(solver_path, n, dtype):
     # p = clip(w − t) with w about the slice's top held the root to eps·|t| only: p was off by
     # up to 8e−4 in float32 at τ = 1e−4 (float writes), 5e−11 in float64 (the solve).
-    generator = torch.Generator().manual_seed(n)
     eps = torch.finfo(dtype).eps
-    for temperature in (1e-2, 1e-3, 1e-4, 1e-5):
-        x = torch.randn(16, n, dtype=torch.float64, generator=generator) * 3
-        third = x.sort(-1, descending=True).values[:, 2:3]
-        m = max(3, n // 10)
-        noise = torch.randn(16, m, dtype=torch.float64, generator=generator)
-        x[:, -m:] = third + 2 * temperature * noise
-        x = x.to(dtype)
+    for index, temperature in enumerate((1e-2, 1e-3, 1e-4, 1e-5)):
+        x = cluster_at_the_root(16, n, temperature, dtype, seed=4 * n + index)
         p = sparse_topk(x, 4.3, temperature=temperature)
         expected = sparse_topk_reference(x.double(), 4.3, temperature)
         atol = 4096 * eps if dtype == torch.float64 else 16 * eps
