@@ -213,3 +213,62 @@ def test_float32_tiles_whose_w_leaves_float_range_match_the_reference(n, tau):
     p, status = _native.sparse_solve(x, whole, tau)
     assert status.tolist() == [0] * ROWS
     _assert_close_to_reference(p, x, whole, tau)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [9, 16, 17, 32, 64])
+def test_float32_tiles_of_the_float_passes_match_the_reference(n):
+    # float32 tiles whose rows all span 2–4096 τ take their passes in float, then one exact
+    # pass in double (rows of n ≤ 16 only below 16 τ: wider ones start from a sorting network
+    # in double).  Fractional, whole and per-row budgets, −inf masks and +inf entries.
+    rows = 64
+    top = 3.5 if n <= 16 else 800.0
+    spreads = torch.logspace(math.log10(0.6), math.log10(top / 3.5), rows, dtype=torch.float64)
+    x = seeded_randn(rows, n, seed=700 + n) * spreads[:, None]
+    x[1::7, 0] = -math.inf
+    x[2::9, -1] = math.inf
+    x = x.float()
+    plus = (x == math.inf).sum(-1).double()
+    live = (x > -math.inf).sum(-1).double() - plus
+    shares = torch.tensor([0.05, 0.3, 0.5, 0.77, 0.95, 1 / 3, 0.1, 0.9], dtype=torch.float64)
+    fractional = plus + shares.repeat(8) * live
+    whole = plus + (shares.repeat(8) * live).round().clamp(1.0, n - 2.0)
+    for k in (fractional, torch.minimum(whole, plus + live - 1)):
+        p, status = _native.sparse_solve(x, k, 1.0)
+        assert status.tolist() == [0] * rows
+        expected = _assert_close_to_reference(p, x, k, 1.0)
+        mass_error = (p.double().sum(-1) - expected.sum(-1)).abs()
+        assert bool((mass_error <= 64 * n * torch.finfo(torch.float32).eps).all())
+
+
+def _kink_rows(rows: int, n: int) -> torch.Tensor:
+    """Rows whose root lies among clusters of entries a few 1e-7 apart at its kinks (p = 1 at
+    w − 1 = θ, p = 0 at w = θ), with the row's top at 256 τ, where float rounds every w of a
+    cluster to one value: for k = 12.5 (τ = 1) the float passes end on the wrong piece of F."""
+    x = torch.full((rows, n), -10.0, dtype=torch.float64)
+    offsets = (torch.arange(10, dtype=torch.float64) - 4.5) * 1e-7
+    shift = (torch.rand(rows, 1, generator=torch.Generator().manual_seed(5)) - 0.5) * 1e-6
+    x[:, 0] = 256.0
+    x[:, 1:11] = 1.0 + offsets + shift  # p = 1 − a few 1e-7, or exactly 1
+    x[:, 11:21] = offsets + shift  # p = 0, or a few 1e-7
+    x[:, 21:24] = 0.5 + shift  # free
+    return x.float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("kink", [False, True])
+def test_float32_tiles_find_the_double_passes_root_to_the_bit(kink):
+    # The same seven rows in a tile of the float passes (its rows span 2–4096 τ) and in a tile
+    # that an eighth row spanning more than 4096 τ keeps on the double passes: the exact pass
+    # after the float passes gives the double passes' root, bit for bit, also where the float
+    # passes end on the wrong piece of F (kink rows: the exact pass hands those to the double
+    # passes).  Fractional budgets: no root on a flat piece, where any θ of the piece is a root.
+    n = 32
+    rows = _kink_rows(7, n) if kink else (seeded_randn(7, n, seed=61) * 20).float()
+    wide = (seeded_randn(1, n, seed=62) * 3000).float()
+    x = torch.cat([rows, rows[:1], rows, wide])  # two tiles of 8 rows
+    k = torch.tensor([12.5 if kink else 7.3] * 16, dtype=torch.float64)
+    p, status = _native.sparse_solve(x, k, 1.0)
+    assert status.tolist() == [0] * 16
+    assert torch.equal(p[:7], p[8:15])
+    _assert_close_to_reference(p, x, k, 1.0)

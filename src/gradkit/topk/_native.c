@@ -1410,7 +1410,8 @@ int gradkit_abi_version(void) { return 3; }
  * SPARSE_NARROW τ with a budget under SPARSE_TOP_LIST start from the order-statistics
  * bracket [w_(⌊k⌋+1) − 1, w_(⌈k⌉)] (width ≤ 1, from one scan) and keep only the entries in
  * its window.  Rows of at most SPARSE_TILE_N entries are solved SPARSE_LANES at a time, one
- * per vector lane, by the same steps (sparse_tile_solve), +inf entries included.
+ * per vector lane, by the same steps (sparse_tile_solve), +inf entries included; float32 tiles
+ * take those steps in float, then one exact pass in double (sparse_tile_exact).
  * +inf entries take k/m each (at most 1) of the budget, a NaN makes its row NaN (as _sparse.py).
  * status: 0 solved; 1 w overflows; 3 no convergence or no memory (the caller solves the row).
  */
@@ -1431,6 +1432,10 @@ int gradkit_abi_version(void) { return 3; }
 /* float64 rows whose root lies more than this many τ from the top take one more pass about
    the root (sparse_polish): w about the top holds the root to eps·|t|, 2⁻⁴⁰ here. */
 #define SPARSE_POLISH_SPAN 4096.0
+/* float32 tiles whose rows all span at most this many τ take their passes in float (w to
+   2⁻¹² of τ: an active set at most an entry near a breakpoint off) before an exact pass in
+   double (sparse_tile_exact). */
+#define SPARSE_FLOAT_SPAN 4096.0
 
 /* float32 tiles of rows this short (SPARSE_SORT_N) with a row spanning more than
    SPARSE_SORT_WIDE τ start from the order-statistics bracket too, from a sorting network
@@ -1871,13 +1876,37 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
+    /* w = (x − top)·inv per lane of a transposed tile xt, in double (∓DBL_MAX where masked or   \
+       +inf: finite, so that 0·w = 0 in the sums) and, given wf, rounded to float there too      \
+       (∓FLT_MAX); Σ finite w per lane added to sum. */                                          \
+    static inline void sparse_tile_w_##SUFFIX(const T *xt, int64_t n, const double *top,         \
+                                              const double *inv, double *w, float *wf,           \
+                                              double *sum) {                                     \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
+                T v = xt[i * SPARSE_LANES + l];                                                  \
+                int finite = v - v == 0;                                                         \
+                double value = ((double)(finite ? v : (T)0) - top[l]) * inv[l];                  \
+                w[i * SPARSE_LANES + l] = finite ? value : (v > (T)0 ? DBL_MAX : -DBL_MAX);      \
+                if (wf) /* (constant in each call: the loop is unswitched) */                    \
+                    wf[i * SPARSE_LANES + l] =                                                   \
+                        finite ? (float)value : (v > (T)0 ? FLT_MAX : -FLT_MAX);                 \
+                sum[l] += finite ? value : 0.0;                                                  \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
     /* SPARSE_LANES rows of n ≤ SPARSE_TILE_N at once by sparse_tile_solve (+inf entries      \
-       included); the rows it does not take (NaN, budgets with nothing to solve, overflow) or  \
-       solve go to sparse_row. */                                                              \
+       included): float32 tiles whose rows all span 2–SPARSE_FLOAT_SPAN τ (where the all-free  \
+       start lies a few passes from the root) take the passes in float, then                   \
+       sparse_tile_exact.  The rows it does not take (NaN, budgets with nothing to solve,      \
+       overflow) or solve go to sparse_row. */                                                 \
     static void sparse_tile_##SUFFIX(const T *x, T *out, int64_t n, const double *k,            \
                                      const double *tau, int32_t *status, double *cand) {        \
         T xt[SPARSE_TILE_N * SPARSE_LANES];                                                      \
         double w[SPARSE_TILE_N * SPARSE_LANES];                                                  \
+        float wf[SPARSE_TILE_N * SPARSE_LANES]; /* (w in float: float32 tiles, in_float) */      \
         for (int64_t i = 0; i < n; ++i)                                                          \
             for (int l = 0; l < SPARSE_LANES; ++l) xt[i * SPARSE_LANES + l] = x[l * n + i];      \
         T high[SPARSE_LANES], low[SPARSE_LANES], count[SPARSE_LANES], nan[SPARSE_LANES];         \
@@ -1912,21 +1941,20 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             if (!go[l]) top[l] = 0.0, inv[l] = 0.0, lo[l] = -1.0, live[l] = 1.0, plus[l] = 0.0;  \
             sum[l] = 0.0;                                                                        \
         }                                                                                        \
-        for (int64_t i = 0; i < n; ++i) {                                                        \
-            _Pragma("omp simd")                                                                  \
-            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
-                T v = xt[i * SPARSE_LANES + l];                                                  \
-                int finite = v - v == 0;                                                         \
-                double value = ((double)(finite ? v : (T)0) - top[l]) * inv[l];                  \
-                /* ∓DBL_MAX where masked or +inf: finite, so that 0·w = 0 in the sums */         \
-                w[i * SPARSE_LANES + l] = finite ? value : (v > (T)0 ? DBL_MAX : -DBL_MAX);      \
-                sum[l] += finite ? value : 0.0;                                                  \
-            }                                                                                    \
-        }                                                                                        \
         double order_lo[SPARSE_LANES], order_hi[SPARSE_LANES];                                   \
         int wide = 0; /* (a lane spanning more than SPARSE_SORT_WIDE τ) */                       \
         for (int l = 0; l < SPARSE_LANES; ++l) wide |= go[l] && lo[l] + 1.0 < -SPARSE_SORT_WIDE; \
         const int sorted = wide && n <= SPARSE_SORT_N && sizeof(T) == sizeof(float);             \
+        /* float passes, where the all-free start lies some passes from the root */              \
+        int in_float = sizeof(T) == sizeof(float) && !sorted, spans = 0;                         \
+        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
+            in_float &= !go[l] || lo[l] >= -SPARSE_FLOAT_SPAN;                                   \
+            spans |= go[l] && lo[l] < -2.0;                                                      \
+        }                                                                                        \
+        in_float &= spans;                                                                       \
+        /* (two calls: each loop with or without the float copy) */                             \
+        if (in_float) sparse_tile_w_##SUFFIX(xt, n, top, inv, w, wf, sum);                       \
+        else sparse_tile_w_##SUFFIX(xt, n, top, inv, w, NULL, sum);                              \
         if (sorted) { /* w_(⌈k⌉) and w_(⌊k⌋+1) − 1, as w is computed */                          \
             T a[SPARSE_LANES], b[SPARSE_LANES];                                                  \
             sparse_tile_order_##SUFFIX(xt, n, k, go, a, b);                                      \
@@ -1935,8 +1963,23 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 order_lo[l] = go[l] ? ((double)b[l] - top[l]) * inv[l] - 1.0 : -1.0;             \
             }                                                                                    \
         }                                                                                        \
-        sparse_tile_solve(w, n, k, lo, live, plus, sum, sorted ? order_lo : NULL, order_hi, t,   \
-                          go);                                                                   \
+        if (in_float) { /* (float32 tiles: float passes, then one exact pass in double) */       \
+            float kf[SPARSE_LANES], lof[SPARSE_LANES], livef[SPARSE_LANES], plusf[SPARSE_LANES];  \
+            float sumf[SPARSE_LANES], tf[SPARSE_LANES];                                          \
+            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
+                kf[l] = (float)k[l], lof[l] = (float)lo[l], livef[l] = (float)live[l];           \
+                plusf[l] = (float)plus[l], sumf[l] = (float)sum[l];                              \
+            }                                                                                    \
+            sparse_tile_solve_f32(wf, n, kf, lof, livef, plusf, sumf, NULL, NULL, NULL, tf, go); \
+            for (int l = 0; l < SPARSE_LANES; ++l) t[l] = tf[l];                                 \
+            sparse_tile_exact(w, n, k, t, go);                                                   \
+            int again = 0;                                                                       \
+            for (int l = 0; l < SPARSE_LANES; ++l) again |= go[l] = go[l] && taken[l];           \
+            if (again) sparse_tile_solve_f64(w, n, k, lo, live, plus, sum, t, NULL, NULL, t, go); \
+        } else {                                                                                 \
+            sparse_tile_solve_f64(w, n, k, lo, live, plus, sum, NULL, sorted ? order_lo : NULL,  \
+                                  order_hi, t, go);                                              \
+        }                                                                                        \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             if (!taken[l] || go[l]) {                                                            \
                 status[l] = sparse_row_##SUFFIX(x + l * n, out + l * n, n, k[l], tau[l], cand);  \
@@ -1953,100 +1996,161 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
 #define SPARSE_LANES 8
 #define SPARSE_VJP_TILE_N 128 /* rows this short are differentiated SPARSE_LANES at a time */
 
-/* sparse_stats for the lanes of a tile: |U|, |F| and Σ_F w at at[l] per lane l, the counts as
-   integer mask sums and Σ_F w as a sum of masked entries (no conversions per entry). */
-static void sparse_tile_stats(const double *w, int64_t n, const double *at, double *upper,
-                              double *count, double *total) {
+/* The short-row tiles' passes: in double, and in float for float32 tiles (then
+   sparse_tile_exact). */
+#define DEFINE_SPARSE_TILE_SOLVE(T, SUFFIX, EPS)                                                 \
+    /* sparse_stats for the lanes of a tile: |U|, |F| and Σ_F w at at[l] per lane l, the       \
+       counts as integer mask sums and Σ_F w as a sum of masked entries (no conversions per      \
+       entry). */                                                                                \
+    static void sparse_tile_stats_##SUFFIX(const T *w, int64_t n, const T *at, T *upper,         \
+                                           T *count, T *total) {                                 \
+        enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T), PARTS = SPARSE_LANES / WIDTH };    \
+        tile_vec_##SUFFIX t[PARTS], sum[PARTS];                                                  \
+        tile_mask_##SUFFIX up_count[PARTS], free_count[PARTS];                                   \
+        memcpy(t, at, sizeof t);                                                                 \
+        for (int h = 0; h < PARTS; ++h) {                                                        \
+            sum[h] = t[h] * 0;                                                                   \
+            up_count[h] = free_count[h] = (tile_mask_##SUFFIX){0};                               \
+        }                                                                                        \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            for (int h = 0; h < PARTS; ++h) {                                                    \
+                tile_vec_##SUFFIX v;                                                             \
+                memcpy(&v, w + i * SPARSE_LANES + h * WIDTH, sizeof v);                          \
+                tile_mask_##SUFFIX up = v - t[h] >= 1, free = (v > t[h]) & ~up; /* (−1: true) */ \
+                up_count[h] -= up;                                                               \
+                free_count[h] -= free;                                                           \
+                sum[h] += (tile_vec_##SUFFIX)((tile_mask_##SUFFIX)v & free);                     \
+            }                                                                                    \
+        for (int h = 0; h < PARTS; ++h)                                                          \
+            for (int l = 0; l < WIDTH; ++l) {                                                    \
+                upper[h * WIDTH + l] = (T)up_count[h][l];                                        \
+                count[h * WIDTH + l] = (T)free_count[h][l];                                      \
+                total[h * WIDTH + l] = sum[h][l];                                                \
+            }                                                                                    \
+    }                                                                                            \
+                                                                                                 \
+    /* Active-set Newton for SPARSE_LANES short rows at once, one row per vector lane (the       \
+       per-row costs of short rows, reductions and the step's branches, are shared): the steps   \
+       of sparse_step, branch-free across lanes, from start[l] when given, else from the         \
+       all-free root or, given order_lo and order_hi, from the order-statistics bracket          \
+       (order_lo[l], order_hi[l]].  w[i·LANES + l] holds w_i of lane l (T's −max where masked,  \
+       +max at +inf: finite, so that a zero mask times it is zero); k, lo, live, plus (the +inf  \
+       entries, always in U) and sum (Σ finite w) per lane.  Lanes with go[l] = 0 are left       \
+       alone.  On return t[l] holds the root where go[l] was cleared; a lane still at go[l] = 1  \
+       did not converge. */                                                                      \
+    static void sparse_tile_solve_##SUFFIX(const T *w, int64_t n, const T *k, const T *lo_in,    \
+                                           const T *live, const T *plus, const T *sum,           \
+                                           const T *start_at, const T *order_lo,                 \
+                                           const T *order_hi, T *t, int *go) {                   \
+        T lo[SPARSE_LANES], hi[SPARSE_LANES], mass_lo[SPARSE_LANES], mass_hi[SPARSE_LANES];      \
+        T at[SPARSE_LANES], active[SPARSE_LANES];                                                \
+        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
+            lo[l] = lo_in[l];                                                                    \
+            hi[l] = 0;                                                                           \
+            mass_lo[l] = live[l] + plus[l];                                                      \
+            mass_hi[l] = plus[l];                                                                \
+            T start = start_at ? start_at[l] : (sum[l] - (k[l] - plus[l])) / live[l];            \
+            at[l] = start > lo[l] ? (start < 0 ? start : 0) : lo[l]; /* (all-free root) */       \
+            active[l] = go[l] ? 1 : 0;                                                           \
+        }                                                                                        \
+        for (int l = 0; order_lo && l < SPARSE_LANES; ++l) {                                     \
+            if (!go[l]) continue;                                                                \
+            /* the order-statistics bracket (b − 1, a], and a start at the all-free root if it   \
+               lies inside, else at the root where a and b alone are free (a − (k − ⌊k⌋) when    \
+               a = b) */                                                                         \
+            T up = (T)floor((double)k[l]), share = k[l] - up, low = order_lo[l];                 \
+            T high = order_hi[l], start = share > 0 ? high - share : (T)0.5 * (low + high);      \
+            if (low > lo[l]) lo[l] = low, mass_lo[l] = up + 1;                                   \
+            if (high < hi[l]) hi[l] = high, mass_hi[l] = (T)ceil((double)k[l]) - 1;              \
+            start = at[l] > lo[l] && at[l] < hi[l] ? at[l] : start;                              \
+            at[l] = start > lo[l] ? (start < hi[l] ? start : hi[l]) : lo[l];                     \
+        }                                                                                        \
+        for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {                                   \
+            T u[SPARSE_LANES], c[SPARSE_LANES], s[SPARSE_LANES];                                 \
+            sparse_tile_stats_##SUFFIX(w, n, at, u, c, s);                                       \
+            T pending = 0;                                                                       \
+            _Pragma("omp simd reduction(+ : pending)")                                           \
+            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
+                T mass = u[l] + s[l] - c[l] * at[l];                                             \
+                int above = mass >= k[l], below = mass <= k[l], some = c[l] > 0;                 \
+                T low = above ? at[l] : lo[l], high = below ? at[l] : hi[l];                     \
+                T m_low = above ? mass : mass_lo[l], m_high = below ? mass : mass_hi[l];         \
+                lo[l] = low, hi[l] = high, mass_lo[l] = m_low, mass_hi[l] = m_high;              \
+                T step = (s[l] + u[l] - k[l]) / (some ? c[l] : 1);                               \
+                T gap = step - at[l];                                                            \
+                gap = gap < 0 ? -gap : gap;                                                      \
+                T scale = (at[l] < 0 ? -at[l] : at[l]) + 1;                                      \
+                int stable = some & (gap <= 2 * (EPS) * scale);                                  \
+                int inside = some & (step > low) & (step < high);                                \
+                T width = m_low - m_high > (T)1e-30 ? m_low - m_high : (T)1e-30;                 \
+                T share = (m_low - k[l]) / width;                                                \
+                share = share < (T)0.25 ? (T)0.25 : (share > (T)0.75 ? (T)0.75 : share);         \
+                T bisect = low + share * (high - low);                                           \
+                T next = stable ? step : (mass == k[l] ? at[l] : (inside ? step : bisect));      \
+                T solved = (T)(stable | (mass == k[l]));                                         \
+                at[l] = active[l] > 0 ? next : at[l];                                            \
+                active[l] = active[l] * (1 - solved);                                            \
+                pending += active[l];                                                            \
+            }                                                                                    \
+            if (pending == 0) break;                                                             \
+        }                                                                                        \
+        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
+            t[l] = at[l];                                                                        \
+            go[l] = active[l] > 0;                                                               \
+        }                                                                                        \
+    }
+
+DEFINE_SPARSE_TILE_SOLVE(float, f32, FLT_EPSILON)
+DEFINE_SPARSE_TILE_SOLVE(double, f64, DBL_EPSILON)
+
+/* float32 tiles take their passes in float (twice the lanes a vector), then this one pass in
+   double: at each lane's float root t[l] (go[l] = 0), |U|, |F| and Σ_F w, and the
+   breakpoints of F nearest t (the entries' w and w − 1, where the active set changes).  The
+   exact root of the active set at t replaces t where it lies between those breakpoints, on
+   t's own linear piece of F, so that it is the double solve's root; elsewhere (an entry
+   within float's rounding of a breakpoint) t stays and go[l] is set again. */
+static void sparse_tile_exact(const double *w, int64_t n, const double *k, double *t, int *go) {
     enum { WIDTH = sizeof(tile_vec_f64) / sizeof(double), PARTS = SPARSE_LANES / WIDTH };
-    tile_vec_f64 t[PARTS], sum[PARTS];
+    tile_vec_f64 at[PARTS], sum[PARTS], left[PARTS], right[PARTS];
     tile_mask_f64 up_count[PARTS], free_count[PARTS];
-    memcpy(t, at, sizeof t);
+    memcpy(at, t, sizeof at);
     for (int h = 0; h < PARTS; ++h) {
-        sum[h] = t[h] * 0.0;
+        sum[h] = at[h] * 0.0;
+        left[h] = sum[h] - DBL_MAX;
+        right[h] = sum[h] + DBL_MAX;
         up_count[h] = free_count[h] = (tile_mask_f64){0};
     }
     for (int64_t i = 0; i < n; ++i)
         for (int h = 0; h < PARTS; ++h) {
-            tile_vec_f64 v;
+            tile_vec_f64 v, v1;
             memcpy(&v, w + i * SPARSE_LANES + h * WIDTH, sizeof v);
-            tile_mask_f64 up = v - t[h] >= 1.0, free = (v > t[h]) & ~up; /* (−1: true) */
+            v1 = v - 1.0;
+            tile_mask_f64 up = v1 >= at[h], free = (v > at[h]) & ~up; /* (−1: true) */
             up_count[h] -= up;
             free_count[h] -= free;
             sum[h] += (tile_vec_f64)((tile_mask_f64)v & free);
+            /* t's piece of F: up (w − 1 ≥ t), w − 1 bounds it on the right; free, w − 1 on the
+               left and w on the right; down (w ≤ t), w on the left */
+            tile_vec_f64 low = tile_select_f64(up, left[h], tile_select_f64(free, v1, v));
+            tile_vec_f64 high = tile_select_f64(up, v1, tile_select_f64(free, v, right[h]));
+            left[h] = tile_select_f64(low > left[h], low, left[h]);
+            right[h] = tile_select_f64(high < right[h], high, right[h]);
         }
+    double u[SPARSE_LANES], c[SPARSE_LANES], s[SPARSE_LANES], lo[SPARSE_LANES], hi[SPARSE_LANES];
     for (int h = 0; h < PARTS; ++h)
         for (int l = 0; l < WIDTH; ++l) {
-            upper[h * WIDTH + l] = (double)up_count[h][l];
-            count[h * WIDTH + l] = (double)free_count[h][l];
-            total[h * WIDTH + l] = sum[h][l];
+            u[h * WIDTH + l] = (double)up_count[h][l];
+            c[h * WIDTH + l] = (double)free_count[h][l];
+            s[h * WIDTH + l] = sum[h][l];
+            lo[h * WIDTH + l] = left[h][l];
+            hi[h * WIDTH + l] = right[h][l];
         }
-}
-
-/* Active-set Newton for SPARSE_LANES short rows at once, one row per vector lane (the per-row
-   costs of short rows, reductions and the step's branches, are shared): the steps of
-   sparse_step, branch-free across lanes, from the all-free root or, given order_lo and
-   order_hi, from the order-statistics bracket (order_lo[l], order_hi[l]].  w[i·LANES + l]
-   holds w_i of lane l (−DBL_MAX where masked, DBL_MAX at +inf: finite, so that a zero mask
-   times it is zero); k, lo, live, plus (the +inf entries, always in U) and sum (Σ finite w)
-   per lane.  Lanes with go[l] = 0 are left alone.  On return t[l] holds the root where go[l] was
-   cleared; a lane still at go[l] = 1 did not converge. */
-static void sparse_tile_solve(const double *w, int64_t n, const double *k, const double *lo_in,
-                              const double *live, const double *plus, const double *sum,
-                              const double *order_lo, const double *order_hi, double *t,
-                              int *go) {
-    double lo[SPARSE_LANES], hi[SPARSE_LANES], mass_lo[SPARSE_LANES], mass_hi[SPARSE_LANES];
-    double at[SPARSE_LANES], active[SPARSE_LANES];
     for (int l = 0; l < SPARSE_LANES; ++l) {
-        lo[l] = lo_in[l];
-        hi[l] = 0.0;
-        mass_lo[l] = live[l] + plus[l];
-        mass_hi[l] = plus[l];
-        double start = (sum[l] - (k[l] - plus[l])) / live[l]; /* the all-free root */
-        at[l] = start > lo[l] ? (start < 0.0 ? start : 0.0) : lo[l];
-        active[l] = go[l] ? 1.0 : 0.0;
-    }
-    for (int l = 0; order_lo && l < SPARSE_LANES; ++l) {
-        if (!go[l]) continue;
-        /* the order-statistics bracket (b − 1, a], and a start at the all-free root if it lies
-           inside, else at the root where a and b alone are free (a − (k − ⌊k⌋) when a = b) */
-        double up = floor(k[l]), share = k[l] - up, low = order_lo[l], high = order_hi[l];
-        double start = share > 0.0 ? high - share : 0.5 * (low + high);
-        if (low > lo[l]) lo[l] = low, mass_lo[l] = up + 1.0;
-        if (high < hi[l]) hi[l] = high, mass_hi[l] = ceil(k[l]) - 1.0;
-        start = at[l] > lo[l] && at[l] < hi[l] ? at[l] : start;
-        at[l] = start > lo[l] ? (start < hi[l] ? start : hi[l]) : lo[l];
-    }
-    for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {
-        double u[SPARSE_LANES], c[SPARSE_LANES], s[SPARSE_LANES];
-        sparse_tile_stats(w, n, at, u, c, s);
-        double pending = 0.0;
-#pragma omp simd reduction(+ : pending)
-        for (int l = 0; l < SPARSE_LANES; ++l) {
-            double mass = u[l] + s[l] - c[l] * at[l];
-            int above = mass >= k[l], below = mass <= k[l], some = c[l] > 0.0;
-            double low = above ? at[l] : lo[l], high = below ? at[l] : hi[l];
-            double m_low = above ? mass : mass_lo[l], m_high = below ? mass : mass_hi[l];
-            lo[l] = low, hi[l] = high, mass_lo[l] = m_low, mass_hi[l] = m_high;
-            double step = (s[l] + u[l] - k[l]) / (some ? c[l] : 1.0);
-            double gap = step - at[l];
-            gap = gap < 0.0 ? -gap : gap;
-            double scale = (at[l] < 0.0 ? -at[l] : at[l]) + 1.0;
-            int stable = some & (gap <= 2.0 * DBL_EPSILON * scale);
-            int inside = some & (step > low) & (step < high);
-            double width = m_low - m_high > 1e-30 ? m_low - m_high : 1e-30;
-            double share = (m_low - k[l]) / width;
-            share = share < 0.25 ? 0.25 : (share > 0.75 ? 0.75 : share);
-            double next = stable ? step : (mass == k[l] ? at[l] : (inside ? step : low + share * (high - low)));
-            double solved = (double)(stable | (mass == k[l]));
-            at[l] = active[l] > 0.0 ? next : at[l];
-            active[l] = active[l] * (1.0 - solved);
-            pending += active[l];
-        }
-        if (pending == 0.0) break;
-    }
-    for (int l = 0; l < SPARSE_LANES; ++l) {
-        t[l] = at[l];
-        go[l] = active[l] > 0.0;
+        if (go[l]) continue;
+        double root = c[l] > 0.0 ? (s[l] + u[l] - k[l]) / c[l] : t[l];
+        int exact = c[l] > 0.0 ? root >= lo[l] && root <= hi[l] : u[l] == k[l];
+        t[l] = exact ? root : t[l];
+        go[l] = !exact;
     }
 }
 
