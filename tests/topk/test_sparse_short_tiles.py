@@ -10,6 +10,7 @@ formula (:func:`gradkit.topk._sparse.sparse_topk_vjp`) in float64 for the vjp.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import pytest
@@ -272,3 +273,50 @@ def test_float32_tiles_find_the_double_passes_root_to_the_bit(kink):
     assert status.tolist() == [0] * 16
     assert torch.equal(p[:7], p[8:15])
     _assert_close_to_reference(p, x, k, 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 9, 13, 16])
+def test_the_tiles_sorting_network_sorts_each_row(n, dtype):
+    # The short-row tiles' starts read order statistics off a sorting network across the
+    # lanes (registers for float32, a table of exchanges for float64). A wrong network would
+    # only slow the solves, which converge from any start: checked here on its own, through
+    # the kernel's test entry point, against torch.sort. Ties, ±inf, rows of 16 and 19 (two
+    # whole tiles; the last 3 rows are not written).
+    x = seeded_randn(19, n, seed=80 + n).to(dtype)
+    x[::3] = x[::3].round()  # ties
+    x[1::4, 0] = -math.inf
+    x[2::5, -1] = math.inf
+    out = torch.full_like(x, math.nan)
+    library = _native._load()
+    entry = library.gradkit_sort_tiles
+    entry.restype = ctypes.c_int
+    pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+    entry.argtypes = [ctypes.c_int, pointer, pointer, int64, int64]
+    assert entry(int(dtype == torch.float64), x.data_ptr(), out.data_ptr(), 19, n) == 0
+    assert torch.equal(out[:16], x[:16].sort(dim=-1, descending=True).values)
+    assert bool(out[16:].isnan().all())
+    assert entry(0, x.data_ptr(), out.data_ptr(), 19, 17) == 1  # (n > 16: refused)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [5, 9, 16])
+def test_float32_tiles_of_budgets_near_the_ends_from_the_sorted_start_match_the_reference(n):
+    # Tiles of rows spanning 8–16 τ whose budgets all lie within a quarter of the live count
+    # from 0 or from it start from the sorting network's order statistics too (other budgets:
+    # the float passes). Fractional and whole budgets, masks and +inf entries.
+    rows = 64
+    x = seeded_randn(rows, n, seed=600 + n)
+    span = x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)
+    x = (x / span * torch.linspace(8.5, 15.5, rows, dtype=torch.float64)[:, None]).float()
+    x[1::7, 0] = -math.inf
+    x[2::9, -1] = math.inf
+    plus = (x == math.inf).sum(-1).double()
+    live = (x > -math.inf).sum(-1).double() - plus
+    for share in (0.1, 0.25, 0.8, 0.95, 0.5):
+        for k in (plus + share * live, plus + (share * live).round().clamp(1.0, n - 2.0)):
+            k = torch.minimum(k, plus + live - 0.5)
+            p, status = _native.sparse_solve(x, k, 1.0)
+            assert status.tolist() == [0] * rows
+            _assert_close_to_reference(p, x, k, 1.0)

@@ -182,6 +182,54 @@ typedef int32_t tile_mask_f32 __attribute__((vector_size(32)));
 typedef double tile_vec_f64 __attribute__((vector_size(32)));
 typedef int64_t tile_mask_f64 __attribute__((vector_size(32)));
 
+/* The same networks on float32 tiles held in registers (the exchanges' indices constant):
+   v[i] ← max, v[j] ← min for each pair (i, j). */
+#define SORT_CE(v, i, j)                                                                         \
+    do {                                                                                         \
+        tile_mask_f32 first_ = v[i] > v[j];                                                      \
+        tile_vec_f32 high_ = (tile_vec_f32)(((tile_mask_f32)v[i] & first_) |                     \
+                                            ((tile_mask_f32)v[j] & ~first_));                    \
+        v[j] = (tile_vec_f32)(((tile_mask_f32)v[j] & first_) | ((tile_mask_f32)v[i] & ~first_)); \
+        v[i] = high_;                                                                            \
+    } while (0)
+static inline void sort_8_f32(tile_vec_f32 *v) {
+    SORT_CE(v, 0, 1); SORT_CE(v, 2, 3); SORT_CE(v, 4, 5); SORT_CE(v, 6, 7); SORT_CE(v, 0, 2);
+    SORT_CE(v, 1, 3); SORT_CE(v, 4, 6); SORT_CE(v, 5, 7); SORT_CE(v, 1, 2); SORT_CE(v, 5, 6);
+    SORT_CE(v, 0, 4); SORT_CE(v, 1, 5); SORT_CE(v, 2, 6); SORT_CE(v, 3, 7); SORT_CE(v, 2, 4);
+    SORT_CE(v, 3, 5); SORT_CE(v, 1, 2); SORT_CE(v, 3, 4); SORT_CE(v, 5, 6);
+}
+static inline void sort_16_f32(tile_vec_f32 *v) {
+    SORT_CE(v, 0, 1); SORT_CE(v, 2, 3); SORT_CE(v, 4, 5); SORT_CE(v, 6, 7); SORT_CE(v, 8, 9);
+    SORT_CE(v, 10, 11); SORT_CE(v, 12, 13); SORT_CE(v, 14, 15); SORT_CE(v, 0, 2);
+    SORT_CE(v, 1, 3); SORT_CE(v, 4, 6); SORT_CE(v, 5, 7); SORT_CE(v, 8, 10); SORT_CE(v, 9, 11);
+    SORT_CE(v, 12, 14); SORT_CE(v, 13, 15); SORT_CE(v, 1, 2); SORT_CE(v, 5, 6);
+    SORT_CE(v, 9, 10); SORT_CE(v, 13, 14); SORT_CE(v, 0, 4); SORT_CE(v, 1, 5);
+    SORT_CE(v, 2, 6); SORT_CE(v, 3, 7); SORT_CE(v, 8, 12); SORT_CE(v, 9, 13);
+    SORT_CE(v, 10, 14); SORT_CE(v, 11, 15); SORT_CE(v, 2, 4); SORT_CE(v, 3, 5);
+    SORT_CE(v, 10, 12); SORT_CE(v, 11, 13); SORT_CE(v, 1, 2); SORT_CE(v, 3, 4);
+    SORT_CE(v, 5, 6); SORT_CE(v, 9, 10); SORT_CE(v, 11, 12); SORT_CE(v, 13, 14);
+    SORT_CE(v, 0, 8); SORT_CE(v, 1, 9); SORT_CE(v, 2, 10); SORT_CE(v, 3, 11);
+    SORT_CE(v, 4, 12); SORT_CE(v, 5, 13); SORT_CE(v, 6, 14); SORT_CE(v, 7, 15);
+    SORT_CE(v, 4, 8); SORT_CE(v, 5, 9); SORT_CE(v, 6, 10); SORT_CE(v, 7, 11); SORT_CE(v, 2, 4);
+    SORT_CE(v, 3, 5); SORT_CE(v, 6, 8); SORT_CE(v, 7, 9); SORT_CE(v, 10, 12);
+    SORT_CE(v, 11, 13); SORT_CE(v, 1, 2); SORT_CE(v, 3, 4); SORT_CE(v, 5, 6); SORT_CE(v, 7, 8);
+    SORT_CE(v, 9, 10); SORT_CE(v, 11, 12); SORT_CE(v, 13, 14);
+}
+#undef SORT_CE
+
+
+/* The compare-exchanges (i, j) of Batcher's odd–even merge sort on 8 and 16 slots, for the
+   short-row tiles' sorts across the lanes (tile_sort). */
+#define SORT_N 16
+static const unsigned char sort_network_8[38] = {
+    0,1, 2,3, 4,5, 6,7, 0,2, 1,3, 4,6, 5,7, 1,2, 5,6, 0,4, 1,5, 2,6, 3,7, 2,4, 3,5, 1,2, 3,4,
+    5,6};
+static const unsigned char sort_network_16[126] = {
+    0,1, 2,3, 4,5, 6,7, 8,9, 10,11, 12,13, 14,15, 0,2, 1,3, 4,6, 5,7, 8,10, 9,11, 12,14, 13,15,
+    1,2, 5,6, 9,10, 13,14, 0,4, 1,5, 2,6, 3,7, 8,12, 9,13, 10,14, 11,15, 2,4, 3,5, 10,12, 11,13,
+    1,2, 3,4, 5,6, 9,10, 11,12, 13,14, 0,8, 1,9, 2,10, 3,11, 4,12, 5,13, 6,14, 7,15, 4,8, 5,9,
+    6,10, 7,11, 2,4, 3,5, 6,8, 7,9, 10,12, 11,13, 1,2, 3,4, 5,6, 7,8, 9,10, 11,12, 13,14};
+
 /* Two-vector shuffles with constant indices (GCC and Clang spell them differently). */
 #if defined(__clang__)
 #define SHUFFLE_F32(a, b, ...) __builtin_shufflevector((a), (b), __VA_ARGS__)
@@ -754,6 +802,64 @@ static inline double clamp_f64(double v, double low, double high) {
         return (tile_vec_##SUFFIX)(((tile_mask_##SUFFIX)a & m) | ((tile_mask_##SUFFIX)b & ~m));  \
     }                                                                                            \
                                                                                                  \
+    /* Per lane of a transposed tile s (n ≤ SORT_N entries a lane, room for SORT_N): the         \
+       entries in descending order, padded with −inf to 8 or 16 slots (Batcher's network, one    \
+       compare-exchange of whole vectors at a time). */                                          \
+    static void tile_sort_##SUFFIX(T *s, int64_t n) {                                            \
+        enum { PARTS = LANES * sizeof(T) / sizeof(tile_vec_##SUFFIX), WIDTH = LANES / PARTS };   \
+        const int64_t slots = n <= 8 ? 8 : 16;                                                   \
+        const unsigned char *net = slots == 8 ? sort_network_8 : sort_network_16;                \
+        const int64_t pairs = slots == 8 ? sizeof sort_network_8 / 2 : sizeof sort_network_16 / 2; \
+        for (int64_t i = n * LANES; i < slots * LANES; ++i) s[i] = (T)-INFINITY;                 \
+        if (sizeof(T) == sizeof(float)) { /* (a vector a slot: in registers) */                  \
+            tile_vec_f32 v[16];                                                                  \
+            memcpy(v, s, (size_t)slots * sizeof v[0]);                                           \
+            if (slots == 8) sort_8_f32(v);                                                       \
+            else sort_16_f32(v);                                                                 \
+            memcpy(s, v, (size_t)slots * sizeof v[0]);                                           \
+            return;                                                                              \
+        }                                                                                        \
+        for (int64_t c = 0; c < pairs; ++c) /* compare-exchange: the larger entry first */       \
+            for (int h = 0; h < PARTS; ++h) {                                                    \
+                T *u = s + net[2 * c] * LANES + h * WIDTH, *v = s + net[2 * c + 1] * LANES + h * WIDTH; \
+                tile_vec_##SUFFIX x, y;                                                          \
+                memcpy(&x, u, sizeof x);                                                         \
+                memcpy(&y, v, sizeof y);                                                         \
+                tile_mask_##SUFFIX first = x > y;                                                \
+                tile_vec_##SUFFIX high = tile_select_##SUFFIX(first, x, y);                      \
+                tile_vec_##SUFFIX low = tile_select_##SUFFIX(first, y, x);                       \
+                memcpy(u, &high, sizeof high);                                                   \
+                memcpy(v, &low, sizeof low);                                                     \
+            }                                                                                    \
+    }                                                                                            \
+                                                                                                 \
+    /* Rows l < LANES of x (n ≤ SORT_N entries each) sorted by tile_sort into out (the tests'    \
+       view of the network: gradkit_sort_tiles). */                                              \
+    static void tile_sort_rows_##SUFFIX(const T *x, T *out, int64_t n) {                         \
+        T s[SORT_N * LANES];                                                                     \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            for (int l = 0; l < LANES; ++l) s[i * LANES + l] = x[l * n + i];                     \
+        tile_sort_##SUFFIX(s, n);                                                                \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            for (int l = 0; l < LANES; ++l) out[l * n + i] = s[i * LANES + l];                   \
+    }                                                                                            \
+                                                                                                 \
+    /* tile_count_start's start from the order statistics themselves, for tiles of at most       \
+       SORT_N entries a lane: w_(m) and w_(m+1) off a sorted copy of z (m = ⌊k⌋, w_(0) = +inf),  \
+       then the same start as tile_count_start's between them. */                                \
+    static void tile_sorted_start_##SUFFIX(const T *z, int64_t n, const T *budget, T *start) {   \
+        T s[SORT_N * LANES];                                                                     \
+        memcpy(s, z, (size_t)n * LANES * sizeof(T));                                             \
+        tile_sort_##SUFFIX(s, n);                                                                \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            int64_t m = (int64_t)budget[l]; /* (⌊k⌋ < live ≤ n) */                               \
+            T above = m > 0 ? s[(m - 1) * LANES + l] : (T)INFINITY, below = s[m * LANES + l];    \
+            T share = budget[l] - (T)m, shift = 4 * (share - (T)0.5);                            \
+            shift = shift < -3 ? -3 : (shift > 3 ? 3 : shift);                                   \
+            start[l] = share == 0 ? (T)0.5 * (above + below) : below - shift;                    \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
     /* Per lane of a transposed tile z (n entries a lane): z ← e^{min(z − ref, cap)} in place    \
        (0 below e^LOG_MIN), and the sum of the exponentials. */                                  \
     static void tile_exp_sum_##SUFFIX(T *z, int64_t n, const T *ref, T cap, T *sum) {            \
@@ -1039,7 +1145,10 @@ static inline double clamp_f64(double v, double low, double high) {
             T counted[LANES], span[LANES];                                                       \
             for (int l = 0; l < LANES; ++l)                                                      \
                 span[l] = ok[l] != 0 && width[l] > (T)TILE_SOFT ? width[l] : 0;                  \
-            tile_count_start_##SUFFIX(e, n, budget, span, live, counted);                        \
+            if (n <= SORT_N && sizeof(T) == sizeof(float)) /* (cheaper than counting rounds) */ \
+                tile_sorted_start_##SUFFIX(e, n, budget, counted);                               \
+            else                                                                                 \
+                tile_count_start_##SUFFIX(e, n, budget, span, live, counted);                    \
             for (int l = 0; l < LANES; ++l) {                                                    \
                 int lost = counted[l] != counted[l]; /* (no start: solve_row takes the row) */   \
                 ok[l] = lost ? 0 : ok[l];                                                        \
@@ -1398,6 +1507,18 @@ int gradkit_vjp(int is_double, const void *grad, const void *p, void *out, void 
 
 int gradkit_abi_version(void) { return 3; }
 
+/* For the tests: rows of x (n ≤ SORT_N entries each) in descending order, by the tiles'
+   sorting network (tile_sort), LANES rows at a time; rows past the last whole tile are not
+   written.  Returns 1 (nothing written) for n out of range. */
+int gradkit_sort_tiles(int is_double, const void *x, void *out, int64_t rows, int64_t n) {
+    if (n < 1 || n > SORT_N) return 1;
+    for (int64_t row = 0; row + LANES <= rows; row += LANES) {
+        if (is_double) tile_sort_rows_f64((const double *)x + row * n, (double *)out + row * n, n);
+        else tile_sort_rows_f32((const float *)x + row * n, (float *)out + row * n, n);
+    }
+    return 0;
+}
+
 /* ================================================================== sparse_topk
  * Appended section: the exact sparse projection of gradkit.sparse_topk (math: _sparse.py).
  * Per row, in double: w_i = (x_i − x_max)/τ (−inf for masked entries), the threshold t with
@@ -1437,21 +1558,13 @@ int gradkit_abi_version(void) { return 3; }
    double (sparse_tile_exact). */
 #define SPARSE_FLOAT_SPAN 4096.0
 
-/* float32 tiles of rows this short (SPARSE_SORT_N) with a row spanning more than
+/* float32 tiles of rows of at most SORT_N entries with a row spanning more than
    SPARSE_SORT_WIDE τ start from the order-statistics bracket too, from a sorting network
-   across the lanes (float64 tiles: twice the vectors per exchange; narrower rows: few passes
-   to save): the compare-exchanges (i, j) of Batcher's odd–even merge sort on 8 and 16 slots. */
-#define SPARSE_SORT_N 16
+   across the lanes (tile_sort; float64 tiles: twice the vectors per exchange; narrower rows:
+   few passes to save). */
 #define SPARSE_SORT_WIDE 16.0
-static const unsigned char sparse_network_8[38] = {
-    0,1, 2,3, 4,5, 6,7, 0,2, 1,3, 4,6, 5,7, 1,2, 5,6, 0,4, 1,5, 2,6, 3,7, 2,4, 3,5, 1,2, 3,4,
-    5,6};
-static const unsigned char sparse_network_16[126] = {
-    0,1, 2,3, 4,5, 6,7, 8,9, 10,11, 12,13, 14,15, 0,2, 1,3, 4,6, 5,7, 8,10, 9,11, 12,14, 13,15,
-    1,2, 5,6, 9,10, 13,14, 0,4, 1,5, 2,6, 3,7, 8,12, 9,13, 10,14, 11,15, 2,4, 3,5, 10,12, 11,13,
-    1,2, 3,4, 5,6, 9,10, 11,12, 13,14, 0,8, 1,9, 2,10, 3,11, 4,12, 5,13, 6,14, 7,15, 4,8, 5,9,
-    6,10, 7,11, 2,4, 3,5, 6,8, 7,9, 10,12, 11,13, 1,2, 3,4, 5,6, 7,8, 9,10, 11,12, 13,14};
-
+#define SPARSE_SORT_NEAR 8.0   /* … or more than this many, in tiles whose budgets all lie within */
+#define SPARSE_SORT_SHARE 0.25 /* … this share of the live count from 0 or from it */
 /* |U|, |F| and Σ_F w at t over finite w (vectorised). */
 static void sparse_stats(const double *w, int64_t n, double t, double *upper, double *count,
                          double *total) {
@@ -1841,33 +1954,14 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
-    /* Per lane l of a transposed tile xt (n ≤ SPARSE_SORT_N entries a lane): the ⌈k⌉-th and     \
+    /* Per lane l of a transposed tile xt (n ≤ SORT_N entries a lane): the ⌈k⌉-th and     \
        (⌊k⌋+1)-th largest entries, in a[l] and b[l] (lanes with go[l] = 0: anything), by a       \
        sorting network on a copy padded with −inf. */                                            \
     static void sparse_tile_order_##SUFFIX(const T *xt, int64_t n, const double *k,              \
                                            const int *go, T *a, T *b) {                          \
-        enum { PARTS = SPARSE_LANES * sizeof(T) / sizeof(tile_vec_##SUFFIX) };                   \
-        enum { WIDTH = SPARSE_LANES / PARTS };                                                   \
-        T s[SPARSE_SORT_N * SPARSE_LANES];                                                       \
-        const int64_t slots = n <= 8 ? 8 : 16;                                                   \
-        const unsigned char *net = slots == 8 ? sparse_network_8 : sparse_network_16;            \
-        const int64_t pairs = slots == 8 ? sizeof sparse_network_8 / 2                           \
-                                         : sizeof sparse_network_16 / 2;                         \
+        T s[SORT_N * SPARSE_LANES];                                                              \
         memcpy(s, xt, (size_t)n * SPARSE_LANES * sizeof(T));                                     \
-        for (int64_t i = n * SPARSE_LANES; i < slots * SPARSE_LANES; ++i) s[i] = (T)-INFINITY;   \
-        for (int64_t c = 0; c < pairs; ++c) /* compare-exchange: the larger entry first */       \
-            for (int h = 0; h < PARTS; ++h) {                                                    \
-                T *u = s + net[2 * c] * SPARSE_LANES + h * WIDTH;                                \
-                T *v = s + net[2 * c + 1] * SPARSE_LANES + h * WIDTH;                            \
-                tile_vec_##SUFFIX x, y;                                                          \
-                memcpy(&x, u, sizeof x);                                                         \
-                memcpy(&y, v, sizeof y);                                                         \
-                tile_mask_##SUFFIX first = x > y;                                                \
-                tile_vec_##SUFFIX high = tile_select_##SUFFIX(first, x, y);                      \
-                tile_vec_##SUFFIX low = tile_select_##SUFFIX(first, y, x);                       \
-                memcpy(u, &high, sizeof high);                                                   \
-                memcpy(v, &low, sizeof low);                                                     \
-            }                                                                                    \
+        tile_sort_##SUFFIX(s, n);                                                                \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             int64_t down = go[l] ? (int64_t)ceil(k[l]) - 1 : 0;                                  \
             int64_t up = go[l] ? (int64_t)floor(k[l]) : 0;                                     \
@@ -1942,9 +2036,16 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             sum[l] = 0.0;                                                                        \
         }                                                                                        \
         double order_lo[SPARSE_LANES], order_hi[SPARSE_LANES];                                   \
-        int wide = 0; /* (a lane spanning more than SPARSE_SORT_WIDE τ) */                       \
-        for (int l = 0; l < SPARSE_LANES; ++l) wide |= go[l] && lo[l] + 1.0 < -SPARSE_SORT_WIDE; \
-        const int sorted = wide && n <= SPARSE_SORT_N && sizeof(T) == sizeof(float);             \
+        int wide = 0, near = 0; /* (see SPARSE_SORT_WIDE) */                                     \
+        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
+            wide |= go[l] && lo[l] + 1.0 < -SPARSE_SORT_WIDE;                                    \
+            near |= go[l] && lo[l] + 1.0 < -SPARSE_SORT_NEAR;                                    \
+        }                                                                                        \
+        for (int l = 0; near && !wide && l < SPARSE_LANES; ++l) { /* (budgets near 0 or live) */ \
+            double budget = k[l] - plus[l], edge = SPARSE_SORT_SHARE * live[l];                  \
+            near &= !go[l] || budget <= edge || budget >= live[l] - edge;                        \
+        }                                                                                        \
+        const int sorted = (wide || near) && n <= SORT_N && sizeof(T) == sizeof(float);          \
         /* float passes, where the all-free start lies some passes from the root */              \
         int in_float = sizeof(T) == sizeof(float) && !sorted, spans = 0;                         \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
