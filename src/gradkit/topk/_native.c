@@ -40,6 +40,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #define SPREAD_LIMIT 16.0 /* rows spanning more τ than this start from order statistics … */
 #define SMALL_BUDGET_SPREAD_LIMIT 40.0 /* … except small budgets (e^−40 is still normal): */
@@ -183,7 +186,15 @@ typedef double tile_vec_f64 __attribute__((vector_size(32)));
 typedef int64_t tile_mask_f64 __attribute__((vector_size(32)));
 
 /* The same networks on float32 tiles held in registers (the exchanges' indices constant):
-   v[i] ← max, v[j] ← min for each pair (i, j). */
+   v[i] ← max, v[j] ← min for each pair (i, j) (a lane holding a NaN is never read). */
+#if defined(__AVX__)
+#define SORT_CE(v, i, j)                                                                         \
+    do {                                                                                         \
+        tile_vec_f32 high_ = (tile_vec_f32)_mm256_max_ps((__m256)v[i], (__m256)v[j]);            \
+        v[j] = (tile_vec_f32)_mm256_min_ps((__m256)v[i], (__m256)v[j]);                          \
+        v[i] = high_;                                                                            \
+    } while (0)
+#else
 #define SORT_CE(v, i, j)                                                                         \
     do {                                                                                         \
         tile_mask_f32 first_ = v[i] > v[j];                                                      \
@@ -192,6 +203,7 @@ typedef int64_t tile_mask_f64 __attribute__((vector_size(32)));
         v[j] = (tile_vec_f32)(((tile_mask_f32)v[j] & first_) | ((tile_mask_f32)v[i] & ~first_)); \
         v[i] = high_;                                                                            \
     } while (0)
+#endif
 static inline void sort_8_f32(tile_vec_f32 *v) {
     SORT_CE(v, 0, 1); SORT_CE(v, 2, 3); SORT_CE(v, 4, 5); SORT_CE(v, 6, 7); SORT_CE(v, 0, 2);
     SORT_CE(v, 1, 3); SORT_CE(v, 4, 6); SORT_CE(v, 5, 7); SORT_CE(v, 1, 2); SORT_CE(v, 5, 6);
