@@ -277,6 +277,36 @@ static void row_sums_f64(const tile_vec_f64 *v, double *sum) {
     }
 }
 
+/* In-place transposes of a square block of vectors (8 floats, 4 doubles): v[j][l] ↔ v[l][j],
+   in three (two) rounds of two-vector shuffles; they write a tile's lanes back to its rows. */
+static inline void transpose_f32(tile_vec_f32 *v) {
+    tile_vec_f32 t[8], u[8];
+    for (int j = 0; j < 8; j += 2) {
+        t[j] = SHUFFLE_F32(v[j], v[j + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[j + 1] = SHUFFLE_F32(v[j], v[j + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int j = 0; j < 8; j += 4)
+        for (int h = 0; h < 2; ++h) {
+            u[j + 2 * h] = SHUFFLE_F32(t[j + h], t[j + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[j + 2 * h + 1] = SHUFFLE_F32(t[j + h], t[j + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    for (int j = 0; j < 4; ++j) {
+        v[j] = SHUFFLE_F32(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        v[j + 4] = SHUFFLE_F32(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+}
+static inline void transpose_f64(tile_vec_f64 *v) {
+    tile_vec_f64 t[4];
+    for (int j = 0; j < 4; j += 2) {
+        t[j] = SHUFFLE_F64(v[j], v[j + 1], 0, 4, 2, 6);
+        t[j + 1] = SHUFFLE_F64(v[j], v[j + 1], 1, 5, 3, 7);
+    }
+    for (int j = 0; j < 2; ++j) {
+        v[j] = SHUFFLE_F64(t[j], t[j + 2], 0, 1, 4, 5);
+        v[j + 2] = SHUFFLE_F64(t[j], t[j + 2], 2, 3, 6, 7);
+    }
+}
+
 static inline double clamp_f64(double v, double low, double high) {
     return v < low ? low : (v > high ? high : v);
 }
@@ -1235,7 +1265,31 @@ static inline double clamp_f64(double v, double low, double high) {
             for (int l = 0; l < LANES; ++l) pending += 1 - done[l];                              \
         }                                                                                        \
         const T big = (T)EXP_MAX;                                                                \
-        for (int64_t i = 0; i < n; ++i) {                                                        \
+        enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T), PARTS_W = LANES / WIDTH };         \
+        tile_vec_##SUFFIX scale_w[PARTS_W], flip_w[PARTS_W];                                     \
+        memcpy(scale_w, c, sizeof scale_w);                                                      \
+        memcpy(flip_w, flipped, sizeof flip_w);                                                  \
+        const tile_vec_##SUFFIX one = scale_w[0] * 0 + 1, zero = scale_w[0] * 0;                 \
+        int64_t start = 0;                                                                       \
+        for (; start + WIDTH <= n; start += WIDTH) /* WIDTH entries of WIDTH rows at a time: */  \
+            for (int h = 0; h < PARTS_W; ++h) { /* p by lanes, back to rows in registers */      \
+                tile_vec_##SUFFIX v[WIDTH];                                                      \
+                for (int j = 0; j < WIDTH; ++j) {                                                \
+                    tile_vec_##SUFFIX y, score;                                                  \
+                    memcpy(&y, e + (start + j) * LANES + h * WIDTH, sizeof y);                   \
+                    memcpy(&score, xt + (start + j) * LANES + h * WIDTH, sizeof score);          \
+                    y *= scale_w[h];                                                             \
+                    tile_vec_##SUFFIX r = 1 / (1 + y);                                           \
+                    tile_vec_##SUFFIX other = tile_select_##SUFFIX(y < big, y * r, one);         \
+                    tile_vec_##SUFFIX value = tile_select_##SUFFIX(flip_w[h] != 0, r, other);    \
+                    value = tile_select_##SUFFIX(score == plus_inf, one, value);                 \
+                    v[j] = tile_select_##SUFFIX(score == minus_inf, zero, value);                \
+                }                                                                                \
+                transpose_##SUFFIX(v);                                                           \
+                for (int j = 0; j < WIDTH; ++j)                                                  \
+                    memcpy(out + (h * WIDTH + j) * n + start, &v[j], sizeof v[j]);               \
+            }                                                                                    \
+        for (int64_t i = start; i < n; ++i) {                                                    \
             _Pragma("omp simd")                                                                  \
             for (int l = 0; l < LANES; ++l) {                                                    \
                 T y = c[l] * e[i * LANES + l];                                                   \
