@@ -171,6 +171,24 @@ def test_tiles_of_rows_between_the_two_starts_match_the_reference(n, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [17, 33, 64, 100, 128])
+def test_tiles_of_small_budgets_on_rows_of_16_to_40_tau_match_the_reference(n, dtype):
+    # Rows spanning 16–40 τ (tiles of more than 16 entries): budgets within an eighth of the
+    # live count from 0 or from it keep the log-sum-exp start (no counting rounds), the others
+    # count; the first eight rows span 41–50 τ, so that the first tile counts whatever the
+    # budget. Small and large budgets, fractional ones, and a middle one.
+    x = seeded_randn(ROWS, n, seed=11 * n + 5)
+    span = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)).clamp(min=1e-3)
+    widths = 16.5 + 23.0 * torch.arange(ROWS, dtype=torch.float64).unsqueeze(-1) / ROWS
+    widths[:8] += 25.0
+    x = ((x - x.amin(-1, keepdim=True)) * widths / span).to(dtype)
+    small = max(1, n // 8)
+    for k in [1, 2, small, small + 0.5, n - small, n - 1, n - 0.5, 0.5, n / 2]:
+        _check_against_reference(x, torch.full((ROWS,), float(k), dtype=torch.float64), 1.0)
+
+
+@needs_kernel
 @pytest.mark.parametrize(
     ("spread", "dtype"),
     # (float32 at |x/τ| ~ 1e5 resolves θ to ~0.03: the mass check would not hold)

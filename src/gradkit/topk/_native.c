@@ -61,6 +61,7 @@
 #define SHORT_ROW 128 /* rows this short are solved LANES at a time, one per vector lane, */
 #define TILE_SOFT 6.0  /* … and start from their order statistics when wider than this many τ, */
                        /* in a tile where some row spans more than SPREAD_LIMIT τ */
+#define TILE_SMALL_SHARE 0.125 /* … or tiles of budgets this small (see solve_tile) */
 #define LANES 8
 #define SHORT_VJP_ROW 128 /* rows this short are differentiated LANES at a time too */
 #define TILE_SQRT_f32 sqrtf /* (the tiles' bookkeeping is in the row's own type) */
@@ -1182,12 +1183,19 @@ static inline double clamp_f64(double v, double low, double high) {
         }                                                                                        \
         tile_differences_##SUFFIX(xt, n, anchor, sc, ok, e); /* z = w − w_top, for now */        \
         T wide = 0;                                                                              \
-        for (int l = 0; l < LANES; ++l) wide += ok[l] != 0 && width[l] > (T)SPREAD_LIMIT ? 1 : 0;\
+        /* (where the start comes from counting rounds, small budgets keep the log-sum-exp     \
+           start to SMALL_BUDGET_SPREAD_LIMIT·τ, as solve_row's) */                              \
+        const int sorts = n <= SORT_N && sizeof(T) == sizeof(float);                             \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            int small = !sorts && budget[l] <= (T)TILE_SMALL_SHARE * live[l] &&                  \
+                        width[l] <= (T)SMALL_BUDGET_SPREAD_LIMIT;                                \
+            wide += ok[l] != 0 && width[l] > (T)SPREAD_LIMIT && !small ? 1 : 0;                  \
+        }                                                                                        \
         if (wide > 0) {                                                                          \
             T counted[LANES], span[LANES];                                                       \
             for (int l = 0; l < LANES; ++l)                                                      \
                 span[l] = ok[l] != 0 && width[l] > (T)TILE_SOFT ? width[l] : 0;                  \
-            if (n <= SORT_N && sizeof(T) == sizeof(float)) /* (cheaper than counting rounds) */ \
+            if (sorts) /* (cheaper than counting rounds) */                                     \
                 tile_sorted_start_##SUFFIX(e, n, budget, counted);                               \
             else                                                                                 \
                 tile_count_start_##SUFFIX(e, n, budget, span, live, counted);                    \
