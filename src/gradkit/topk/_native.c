@@ -60,8 +60,9 @@
 #define NEAR_SHARE 0.25 /* … if at most this share of the entries is near */
 #define SHORT_ROW 128 /* rows this short are solved LANES at a time, one per vector lane, */
 #define TILE_SOFT 6.0  /* … and start from their order statistics when wider than this many τ, */
-                       /* in a tile where some row spans more than SPREAD_LIMIT τ */
-#define TILE_SMALL_SHARE 0.125 /* … or tiles of budgets this small (see solve_tile) */
+                       /* in a tile where some row spans more than SPREAD_LIMIT τ (tiles of    */
+                       /* more than SORT_N entries: SMALL_BUDGET_SPREAD_LIMIT τ for a budget   */
+#define TILE_SMALL_SHARE 0.125 /* within this share of the live count from 0 or from it) */
 #define LANES 8
 #define SHORT_VJP_ROW 128 /* rows this short are differentiated LANES at a time too */
 #define TILE_SQRT_f32 sqrtf /* (the tiles' bookkeeping is in the row's own type) */
@@ -1136,11 +1137,13 @@ static inline double clamp_f64(double v, double low, double high) {
        scaled by live/(live − k): p = cE/(1 + cE) is concave in E, so by Jensen F(c₀) is at      \
        most live times the p of the mean E, which is k: c₀ stays left of the root, and is        \
        exact for equal entries.  In a tile where some row spans more than SPREAD_LIMIT·τ (as     \
-       solve_row's log-sum-exp start), the lanes wider than TILE_SOFT·τ take r from their        \
-       order statistics instead (tile_count_start, whose cost the whole tile pays: about two     \
-       passes) and c₀ = 1; c stays within e^{±reach} and their exponents                         \
-       below cap, which keeps ce finite; entries further than that from the start            \
-       are saturated.  m > 0 entries at +inf take 1 each and the finite ones share k − m (as     \
+       solve_row's log-sum-exp start; in tiles of more than SORT_N entries, a row whose budget   \
+       lies within TILE_SMALL_SHARE of the live count from 0 or from it only beyond              \
+       SMALL_BUDGET_SPREAD_LIMIT·τ), the lanes wider than TILE_SOFT·τ take r from their order    \
+       statistics instead (float32 tiles of at most SORT_N entries: tile_sorted_start; others:   \
+       tile_count_start, whose cost the whole tile pays: about two passes) and c₀ = 1; c stays   \
+       within e^{±reach} and their exponents below cap, which keeps ce finite; entries further   \
+       than that from the start are saturated.  m > 0 entries at +inf take 1 each and the finite ones share k − m (as     \
        solve_positive_row).  Rows the direct form does not cover (NaN entries, k ≤ m,            \
        k − m ≤ 0 or ≥ the live count, exact ties, |x/τ| too large) or that do not converge       \
        here (a root beyond the reach of c) are solved by solve_row itself, so the results        \
