@@ -1143,11 +1143,11 @@ static inline double clamp_f64(double v, double low, double high) {
        statistics instead (float32 tiles of at most SORT_N entries: tile_sorted_start; others:   \
        tile_count_start, whose cost the whole tile pays: about two passes) and c₀ = 1; c stays   \
        within e^{±reach} and their exponents below cap, which keeps ce finite; entries further   \
-       than that from the start are saturated.  m > 0 entries at +inf take 1 each and the finite ones share k − m (as     \
-       solve_positive_row).  Rows the direct form does not cover (NaN entries, k ≤ m,            \
-       k − m ≤ 0 or ≥ the live count, exact ties, |x/τ| too large) or that do not converge       \
-       here (a root beyond the reach of c) are solved by solve_row itself, so the results        \
-       keep its contract.  Budgets k[0..LANES). */                                               \
+       than that from the start are saturated.  m > 0 entries at +inf take 1 each and the        \
+       finite ones share k − m (as solve_positive_row).  Rows the direct form does not cover     \
+       (NaN entries, k ≤ m, k − m ≤ 0 or ≥ the live count, exact ties, |x/τ| too large) or that  \
+       do not converge here (a root beyond the reach of c) are solved by solve_row itself, so    \
+       the results keep its contract.  Budgets k[0..LANES). */                                   \
     static void solve_tile_##SUFFIX(const T *x, T *out, int32_t *status, int64_t n,              \
                                     const double *k, double inv_tau) {                           \
         T xt[SHORT_ROW * LANES], e[SHORT_ROW * LANES];                                           \
