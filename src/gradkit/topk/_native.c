@@ -865,7 +865,8 @@ static inline double clamp_f64(double v, double low, double high) {
         }                                                                                        \
         for (int64_t c = 0; c < pairs; ++c) /* compare-exchange: the larger entry first */       \
             for (int h = 0; h < PARTS; ++h) {                                                    \
-                T *u = s + net[2 * c] * LANES + h * WIDTH, *v = s + net[2 * c + 1] * LANES + h * WIDTH; \
+                T *u = s + net[2 * c] * LANES + h * WIDTH;                                       \
+                T *v = s + net[2 * c + 1] * LANES + h * WIDTH;                                   \
                 tile_vec_##SUFFIX x, y;                                                          \
                 memcpy(&x, u, sizeof x);                                                         \
                 memcpy(&y, v, sizeof y);                                                         \
