@@ -187,62 +187,57 @@ typedef int32_t tile_mask_f32 __attribute__((vector_size(32)));
 typedef double tile_vec_f64 __attribute__((vector_size(32)));
 typedef int64_t tile_mask_f64 __attribute__((vector_size(32)));
 
-/* The same networks on float32 tiles held in registers (the exchanges' indices constant):
-   v[i] ← max, v[j] ← min for each pair (i, j) (a lane holding a NaN is never read). */
+/* Batcher's odd–even merge sort on 8 and 16 slots, for the short-row tiles' sorts across the
+   lanes (tile_sort), on vectors held in registers (the exchanges' indices constant; a float64
+   tile sorts its two halves of four lanes one after the other): v[i] ← max, v[j] ← min for
+   each compare-exchange (i, j) (a lane holding a NaN is never read). */
+#define SORT_NETWORK_8(CE, v)                                                                    \
+    CE(v, 0, 1); CE(v, 2, 3); CE(v, 4, 5); CE(v, 6, 7); CE(v, 0, 2); CE(v, 1, 3); CE(v, 4, 6);   \
+    CE(v, 5, 7); CE(v, 1, 2); CE(v, 5, 6); CE(v, 0, 4); CE(v, 1, 5); CE(v, 2, 6); CE(v, 3, 7);   \
+    CE(v, 2, 4); CE(v, 3, 5); CE(v, 1, 2); CE(v, 3, 4); CE(v, 5, 6);                             
+#define SORT_NETWORK_16(CE, v)                                                                   \
+    CE(v, 0, 1); CE(v, 2, 3); CE(v, 4, 5); CE(v, 6, 7); CE(v, 8, 9); CE(v, 10, 11);              \
+    CE(v, 12, 13); CE(v, 14, 15); CE(v, 0, 2); CE(v, 1, 3); CE(v, 4, 6); CE(v, 5, 7);            \
+    CE(v, 8, 10); CE(v, 9, 11); CE(v, 12, 14); CE(v, 13, 15); CE(v, 1, 2); CE(v, 5, 6);          \
+    CE(v, 9, 10); CE(v, 13, 14); CE(v, 0, 4); CE(v, 1, 5); CE(v, 2, 6); CE(v, 3, 7);             \
+    CE(v, 8, 12); CE(v, 9, 13); CE(v, 10, 14); CE(v, 11, 15); CE(v, 2, 4); CE(v, 3, 5);          \
+    CE(v, 10, 12); CE(v, 11, 13); CE(v, 1, 2); CE(v, 3, 4); CE(v, 5, 6); CE(v, 9, 10);           \
+    CE(v, 11, 12); CE(v, 13, 14); CE(v, 0, 8); CE(v, 1, 9); CE(v, 2, 10); CE(v, 3, 11);          \
+    CE(v, 4, 12); CE(v, 5, 13); CE(v, 6, 14); CE(v, 7, 15); CE(v, 4, 8); CE(v, 5, 9);            \
+    CE(v, 6, 10); CE(v, 7, 11); CE(v, 2, 4); CE(v, 3, 5); CE(v, 6, 8); CE(v, 7, 9);              \
+    CE(v, 10, 12); CE(v, 11, 13); CE(v, 1, 2); CE(v, 3, 4); CE(v, 5, 6); CE(v, 7, 8);            \
+    CE(v, 9, 10); CE(v, 11, 12); CE(v, 13, 14);                                                  
 #if defined(__AVX__)
-#define SORT_CE(v, i, j)                                                                         \
+#define SORT_CE_f32(v, i, j)                                                                     \
     do {                                                                                         \
         tile_vec_f32 high_ = (tile_vec_f32)_mm256_max_ps((__m256)v[i], (__m256)v[j]);            \
         v[j] = (tile_vec_f32)_mm256_min_ps((__m256)v[i], (__m256)v[j]);                          \
         v[i] = high_;                                                                            \
     } while (0)
-#else
-#define SORT_CE(v, i, j)                                                                         \
+#define SORT_CE_f64(v, i, j)                                                                     \
     do {                                                                                         \
-        tile_mask_f32 first_ = v[i] > v[j];                                                      \
-        tile_vec_f32 high_ = (tile_vec_f32)(((tile_mask_f32)v[i] & first_) |                     \
-                                            ((tile_mask_f32)v[j] & ~first_));                    \
-        v[j] = (tile_vec_f32)(((tile_mask_f32)v[j] & first_) | ((tile_mask_f32)v[i] & ~first_)); \
+        tile_vec_f64 high_ = (tile_vec_f64)_mm256_max_pd((__m256d)v[i], (__m256d)v[j]);          \
+        v[j] = (tile_vec_f64)_mm256_min_pd((__m256d)v[i], (__m256d)v[j]);                        \
         v[i] = high_;                                                                            \
     } while (0)
+#else
+#define SORT_CE_GENERIC(V, M, v, i, j)                                                           \
+    do {                                                                                         \
+        M first_ = v[i] > v[j];                                                                  \
+        V high_ = (V)(((M)v[i] & first_) | ((M)v[j] & ~first_));                                 \
+        v[j] = (V)(((M)v[j] & first_) | ((M)v[i] & ~first_));                                    \
+        v[i] = high_;                                                                            \
+    } while (0)
+#define SORT_CE_f32(v, i, j) SORT_CE_GENERIC(tile_vec_f32, tile_mask_f32, v, i, j)
+#define SORT_CE_f64(v, i, j) SORT_CE_GENERIC(tile_vec_f64, tile_mask_f64, v, i, j)
 #endif
-static inline void sort_8_f32(tile_vec_f32 *v) {
-    SORT_CE(v, 0, 1); SORT_CE(v, 2, 3); SORT_CE(v, 4, 5); SORT_CE(v, 6, 7); SORT_CE(v, 0, 2);
-    SORT_CE(v, 1, 3); SORT_CE(v, 4, 6); SORT_CE(v, 5, 7); SORT_CE(v, 1, 2); SORT_CE(v, 5, 6);
-    SORT_CE(v, 0, 4); SORT_CE(v, 1, 5); SORT_CE(v, 2, 6); SORT_CE(v, 3, 7); SORT_CE(v, 2, 4);
-    SORT_CE(v, 3, 5); SORT_CE(v, 1, 2); SORT_CE(v, 3, 4); SORT_CE(v, 5, 6);
-}
-static inline void sort_16_f32(tile_vec_f32 *v) {
-    SORT_CE(v, 0, 1); SORT_CE(v, 2, 3); SORT_CE(v, 4, 5); SORT_CE(v, 6, 7); SORT_CE(v, 8, 9);
-    SORT_CE(v, 10, 11); SORT_CE(v, 12, 13); SORT_CE(v, 14, 15); SORT_CE(v, 0, 2);
-    SORT_CE(v, 1, 3); SORT_CE(v, 4, 6); SORT_CE(v, 5, 7); SORT_CE(v, 8, 10); SORT_CE(v, 9, 11);
-    SORT_CE(v, 12, 14); SORT_CE(v, 13, 15); SORT_CE(v, 1, 2); SORT_CE(v, 5, 6);
-    SORT_CE(v, 9, 10); SORT_CE(v, 13, 14); SORT_CE(v, 0, 4); SORT_CE(v, 1, 5);
-    SORT_CE(v, 2, 6); SORT_CE(v, 3, 7); SORT_CE(v, 8, 12); SORT_CE(v, 9, 13);
-    SORT_CE(v, 10, 14); SORT_CE(v, 11, 15); SORT_CE(v, 2, 4); SORT_CE(v, 3, 5);
-    SORT_CE(v, 10, 12); SORT_CE(v, 11, 13); SORT_CE(v, 1, 2); SORT_CE(v, 3, 4);
-    SORT_CE(v, 5, 6); SORT_CE(v, 9, 10); SORT_CE(v, 11, 12); SORT_CE(v, 13, 14);
-    SORT_CE(v, 0, 8); SORT_CE(v, 1, 9); SORT_CE(v, 2, 10); SORT_CE(v, 3, 11);
-    SORT_CE(v, 4, 12); SORT_CE(v, 5, 13); SORT_CE(v, 6, 14); SORT_CE(v, 7, 15);
-    SORT_CE(v, 4, 8); SORT_CE(v, 5, 9); SORT_CE(v, 6, 10); SORT_CE(v, 7, 11); SORT_CE(v, 2, 4);
-    SORT_CE(v, 3, 5); SORT_CE(v, 6, 8); SORT_CE(v, 7, 9); SORT_CE(v, 10, 12);
-    SORT_CE(v, 11, 13); SORT_CE(v, 1, 2); SORT_CE(v, 3, 4); SORT_CE(v, 5, 6); SORT_CE(v, 7, 8);
-    SORT_CE(v, 9, 10); SORT_CE(v, 11, 12); SORT_CE(v, 13, 14);
-}
-#undef SORT_CE
+static inline void sort_8_f32(tile_vec_f32 *v) { SORT_NETWORK_8(SORT_CE_f32, v) }
+static inline void sort_16_f32(tile_vec_f32 *v) { SORT_NETWORK_16(SORT_CE_f32, v) }
+static inline void sort_8_f64(tile_vec_f64 *v) { SORT_NETWORK_8(SORT_CE_f64, v) }
+static inline void sort_16_f64(tile_vec_f64 *v) { SORT_NETWORK_16(SORT_CE_f64, v) }
 
 
-/* The compare-exchanges (i, j) of Batcher's odd–even merge sort on 8 and 16 slots, for the
-   short-row tiles' sorts across the lanes (tile_sort). */
-#define SORT_N 16
-static const unsigned char sort_network_8[38] = {
-    0,1, 2,3, 4,5, 6,7, 0,2, 1,3, 4,6, 5,7, 1,2, 5,6, 0,4, 1,5, 2,6, 3,7, 2,4, 3,5, 1,2, 3,4,
-    5,6};
-static const unsigned char sort_network_16[126] = {
-    0,1, 2,3, 4,5, 6,7, 8,9, 10,11, 12,13, 14,15, 0,2, 1,3, 4,6, 5,7, 8,10, 9,11, 12,14, 13,15,
-    1,2, 5,6, 9,10, 13,14, 0,4, 1,5, 2,6, 3,7, 8,12, 9,13, 10,14, 11,15, 2,4, 3,5, 10,12, 11,13,
-    1,2, 3,4, 5,6, 9,10, 11,12, 13,14, 0,8, 1,9, 2,10, 3,11, 4,12, 5,13, 6,14, 7,15, 4,8, 5,9,
-    6,10, 7,11, 2,4, 3,5, 6,8, 7,9, 10,12, 11,13, 1,2, 3,4, 5,6, 7,8, 9,10, 11,12, 13,14};
+#define SORT_N 16 /* tiles of rows this short can sort each lane (tile_sort) */
 
 /* Two-vector shuffles with constant indices (GCC and Clang spell them differently). */
 #if defined(__clang__)
@@ -852,30 +847,20 @@ static inline double clamp_f64(double v, double low, double high) {
     static void tile_sort_##SUFFIX(T *s, int64_t n) {                                            \
         enum { PARTS = LANES * sizeof(T) / sizeof(tile_vec_##SUFFIX), WIDTH = LANES / PARTS };   \
         const int64_t slots = n <= 8 ? 8 : 16;                                                   \
-        const unsigned char *net = slots == 8 ? sort_network_8 : sort_network_16;                \
-        const int64_t pairs = slots == 8 ? sizeof sort_network_8 / 2 : sizeof sort_network_16 / 2; \
         for (int64_t i = n * LANES; i < slots * LANES; ++i) s[i] = (T)-INFINITY;                 \
-        if (sizeof(T) == sizeof(float)) { /* (a vector a slot: in registers) */                  \
-            tile_vec_f32 v[16];                                                                  \
-            memcpy(v, s, (size_t)slots * sizeof v[0]);                                           \
-            if (slots == 8) sort_8_f32(v);                                                       \
-            else sort_16_f32(v);                                                                 \
-            memcpy(s, v, (size_t)slots * sizeof v[0]);                                           \
-            return;                                                                              \
+        for (int h = 0; h < PARTS; ++h) { /* (a vector a slot, in registers) */                  \
+            tile_vec_##SUFFIX v[16];                                                             \
+            if (PARTS == 1) memcpy(v, s, (size_t)slots * sizeof v[0]); /* (one block: faster) */ \
+            else                                                                                 \
+                for (int64_t j = 0; j < slots; ++j)                                              \
+                    memcpy(&v[j], s + j * LANES + h * WIDTH, sizeof v[j]);                       \
+            if (slots == 8) sort_8_##SUFFIX(v);                                                  \
+            else sort_16_##SUFFIX(v);                                                            \
+            if (PARTS == 1) memcpy(s, v, (size_t)slots * sizeof v[0]);                           \
+            else                                                                                 \
+                for (int64_t j = 0; j < slots; ++j)                                              \
+                    memcpy(s + j * LANES + h * WIDTH, &v[j], sizeof v[j]);                       \
         }                                                                                        \
-        for (int64_t c = 0; c < pairs; ++c) /* compare-exchange: the larger entry first */       \
-            for (int h = 0; h < PARTS; ++h) {                                                    \
-                T *u = s + net[2 * c] * LANES + h * WIDTH;                                       \
-                T *v = s + net[2 * c + 1] * LANES + h * WIDTH;                                   \
-                tile_vec_##SUFFIX x, y;                                                          \
-                memcpy(&x, u, sizeof x);                                                         \
-                memcpy(&y, v, sizeof y);                                                         \
-                tile_mask_##SUFFIX first = x > y;                                                \
-                tile_vec_##SUFFIX high = tile_select_##SUFFIX(first, x, y);                      \
-                tile_vec_##SUFFIX low = tile_select_##SUFFIX(first, y, x);                       \
-                memcpy(u, &high, sizeof high);                                                   \
-                memcpy(v, &low, sizeof low);                                                     \
-            }                                                                                    \
     }                                                                                            \
                                                                                                  \
     /* Rows l < LANES of x (n ≤ SORT_N entries each) sorted by tile_sort into out (the tests'    \
@@ -1141,7 +1126,7 @@ static inline double clamp_f64(double v, double low, double high) {
        solve_row's log-sum-exp start; in tiles of more than SORT_N entries, a row whose budget   \
        lies within TILE_SMALL_SHARE of the live count from 0 or from it only beyond              \
        SMALL_BUDGET_SPREAD_LIMIT·τ), the lanes wider than TILE_SOFT·τ take r from their order    \
-       statistics instead (float32 tiles of at most SORT_N entries: tile_sorted_start; others:   \
+       statistics instead (tiles of at most SORT_N entries: tile_sorted_start; others:           \
        tile_count_start, whose cost the whole tile pays: about two passes) and c₀ = 1; c stays   \
        within e^{±reach} and their exponents below cap, which keeps ce finite; entries further   \
        than that from the start are saturated.  m > 0 entries at +inf take 1 each and the        \
@@ -1189,7 +1174,7 @@ static inline double clamp_f64(double v, double low, double high) {
         T wide = 0;                                                                              \
         /* (where the start comes from counting rounds, small budgets keep the log-sum-exp     \
            start to SMALL_BUDGET_SPREAD_LIMIT·τ, as solve_row's) */                              \
-        const int sorts = n <= SORT_N && sizeof(T) == sizeof(float);                             \
+        const int sorts = n <= SORT_N;                                                           \
         for (int l = 0; l < LANES; ++l) {                                                        \
             int small = !sorts && budget[l] <= (T)TILE_SMALL_SHARE * live[l] &&                  \
                         width[l] <= (T)SMALL_BUDGET_SPREAD_LIMIT;                                \
