@@ -194,7 +194,7 @@ typedef int64_t tile_mask_f64 __attribute__((vector_size(32)));
 #define SORT_NETWORK_8(CE, v)                                                                    \
     CE(v, 0, 1); CE(v, 2, 3); CE(v, 4, 5); CE(v, 6, 7); CE(v, 0, 2); CE(v, 1, 3); CE(v, 4, 6);   \
     CE(v, 5, 7); CE(v, 1, 2); CE(v, 5, 6); CE(v, 0, 4); CE(v, 1, 5); CE(v, 2, 6); CE(v, 3, 7);   \
-    CE(v, 2, 4); CE(v, 3, 5); CE(v, 1, 2); CE(v, 3, 4); CE(v, 5, 6);                             
+    CE(v, 2, 4); CE(v, 3, 5); CE(v, 1, 2); CE(v, 3, 4); CE(v, 5, 6);
 #define SORT_NETWORK_16(CE, v)                                                                   \
     CE(v, 0, 1); CE(v, 2, 3); CE(v, 4, 5); CE(v, 6, 7); CE(v, 8, 9); CE(v, 10, 11);              \
     CE(v, 12, 13); CE(v, 14, 15); CE(v, 0, 2); CE(v, 1, 3); CE(v, 4, 6); CE(v, 5, 7);            \
@@ -206,7 +206,7 @@ typedef int64_t tile_mask_f64 __attribute__((vector_size(32)));
     CE(v, 4, 12); CE(v, 5, 13); CE(v, 6, 14); CE(v, 7, 15); CE(v, 4, 8); CE(v, 5, 9);            \
     CE(v, 6, 10); CE(v, 7, 11); CE(v, 2, 4); CE(v, 3, 5); CE(v, 6, 8); CE(v, 7, 9);              \
     CE(v, 10, 12); CE(v, 11, 13); CE(v, 1, 2); CE(v, 3, 4); CE(v, 5, 6); CE(v, 7, 8);            \
-    CE(v, 9, 10); CE(v, 11, 12); CE(v, 13, 14);                                                  
+    CE(v, 9, 10); CE(v, 11, 12); CE(v, 13, 14);
 #if defined(__AVX__)
 #define SORT_CE_f32(v, i, j)                                                                     \
     do {                                                                                         \
@@ -235,7 +235,6 @@ static inline void sort_8_f32(tile_vec_f32 *v) { SORT_NETWORK_8(SORT_CE_f32, v) 
 static inline void sort_16_f32(tile_vec_f32 *v) { SORT_NETWORK_16(SORT_CE_f32, v) }
 static inline void sort_8_f64(tile_vec_f64 *v) { SORT_NETWORK_8(SORT_CE_f64, v) }
 static inline void sort_16_f64(tile_vec_f64 *v) { SORT_NETWORK_16(SORT_CE_f64, v) }
-
 
 #define SORT_N 16 /* tiles of rows this short can sort each lane (tile_sort) */
 
@@ -2017,7 +2016,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
-    /* Per lane l of a transposed tile xt (n ≤ SORT_N entries a lane): the ⌈k⌉-th and     \
+    /* Per lane l of a transposed tile xt (n ≤ SORT_N entries a lane): the ⌈k⌉-th and            \
        (⌊k⌋+1)-th largest entries, in a[l] and b[l] (lanes with go[l] = 0: anything), by a       \
        sorting network on a copy padded with −inf. */                                            \
     static void sparse_tile_order_##SUFFIX(const T *xt, int64_t n, const double *k,              \
@@ -2027,7 +2026,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         tile_sort_##SUFFIX(s, n);                                                                \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             int64_t down = go[l] ? (int64_t)ceil(k[l]) - 1 : 0;                                  \
-            int64_t up = go[l] ? (int64_t)floor(k[l]) : 0;                                     \
+            int64_t up = go[l] ? (int64_t)floor(k[l]) : 0;                                       \
             a[l] = s[down * SPARSE_LANES + l];                                                   \
             b[l] = s[up * SPARSE_LANES + l];                                                     \
         }                                                                                        \
@@ -2195,7 +2194,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                                                                                                  \
     /* Active-set Newton for SPARSE_LANES short rows at once, one row per vector lane (the       \
        per-row costs of short rows, reductions and the step's branches, are shared): the steps   \
-       of sparse_step, branch-free across lanes, from start[l] when given, else from the         \
+       of sparse_step, branch-free across lanes, from start_at[l] when given, else from the      \
        all-free root or, given order_lo and order_hi, from the order-statistics bracket          \
        (order_lo[l], order_hi[l]].  w[i·LANES + l] holds w_i of lane l (T's −max where masked,  \
        +max at +inf: finite, so that a zero mask times it is zero); k, lo, live, plus (the +inf  \
