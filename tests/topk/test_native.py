@@ -427,3 +427,36 @@ def test_long_wide_rows_whose_root_lies_far_below_the_start(k, dtype):
     expected = reference_soft_topk(x, k)
     tolerance = 64 * torch.finfo(dtype).eps * 100
     torch.testing.assert_close(p.double(), expected, rtol=0, atol=tolerance)
+
+
+@needs_kernel
+@pytest.mark.parametrize("far_at, count", [(23.5, 100_000), (23.3, 300_000)])
+def test_far_entries_weigh_in_to_second_order(far_at, count):
+    # Long wide rows iterate on the entries near the start only; each of the others weighs
+    # 1/y − 1/y² (y = e^{θ − w} ≥ e^{19} in float64), summed once.  Here the root lies 3·τ
+    # below the start and 10⁵ entries sit just past that reach: their second-order weight,
+    # ~1e−13 of the mass, is 7–35× the solve's tolerance (8·eps·k), and the row's Σp must
+    # still be k to rounding.  The four distinct values give an exact root in mpmath.
+    mpmath = pytest.importorskip("mpmath")
+    k, groups = 10.5, [(0.1, 10), (0.0, 1), (-far_at, count), (-40.0, 1)]
+    x = torch.cat([torch.full((size,), value, dtype=torch.float64) for value, size in groups])
+    p, status = _native.solve(x[None], k, 1.0)
+    assert int(status[0]) == 0
+    with mpmath.workdps(40):
+
+        def mass(theta):
+            return sum(size * mpmath.sigmoid(value - theta) for value, size in groups)
+
+        lo, hi = mpmath.mpf(-50), mpmath.mpf(50)
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if mass(mid) > k else (lo, mid)
+        theta = (lo + hi) / 2
+        expected = torch.cat(
+            [
+                torch.full((size,), float(mpmath.sigmoid(value - theta)), dtype=torch.float64)
+                for value, size in groups
+            ]
+        )
+    assert abs(float(p.sum()) - k) <= 5e-14
+    torch.testing.assert_close(p[0], expected, rtol=1e-12, atol=1e-16)
