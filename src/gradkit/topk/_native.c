@@ -67,6 +67,13 @@
 #define SHORT_VJP_ROW 128 /* rows this short are differentiated LANES at a time too */
 #define TILE_SQRT_f32 sqrtf /* (the tiles' bookkeeping is in the row's own type) */
 #define TILE_SQRT_f64 sqrt
+#if defined(__AVX__) /* (the same square roots on whole tile vectors) */
+#define TILE_VSQRT_f32(v) ((tile_vec_f32)_mm256_sqrt_ps((__m256)(v)))
+#define TILE_VSQRT_f64(v) ((tile_vec_f64)_mm256_sqrt_pd((__m256d)(v)))
+#else
+#define TILE_VSQRT_f32(v) tile_vsqrt_f32(v)
+#define TILE_VSQRT_f64(v) tile_vsqrt_f64(v)
+#endif
 #define ROW_SPAN_LIMIT_f32 1048576.0       /* 2²⁰: float32 rows spanning more τ are solved in … */
 #define ROW_SPAN_LIMIT_f64 70368744177664.0 /* … float64; beyond 2⁴⁶ about a pivot (solve_row_far) */
 #define FAR_REACH 1099511627776.0 /* 2⁴⁰: solve_row_far clamps x − pivot to ±this many τ */
@@ -186,6 +193,25 @@ typedef float tile_vec_f32 __attribute__((vector_size(32)));
 typedef int32_t tile_mask_f32 __attribute__((vector_size(32)));
 typedef double tile_vec_f64 __attribute__((vector_size(32)));
 typedef int64_t tile_mask_f64 __attribute__((vector_size(32)));
+#if !defined(__AVX__)
+/* (through memory, so that the loops vectorise) */
+static inline tile_vec_f32 tile_vsqrt_f32(tile_vec_f32 v) {
+    float a[8];
+    memcpy(a, &v, sizeof a);
+#pragma omp simd
+    for (int i = 0; i < 8; ++i) a[i] = sqrtf(a[i]);
+    memcpy(&v, a, sizeof a);
+    return v;
+}
+static inline tile_vec_f64 tile_vsqrt_f64(tile_vec_f64 v) {
+    double a[4];
+    memcpy(a, &v, sizeof a);
+#pragma omp simd
+    for (int i = 0; i < 4; ++i) a[i] = sqrt(a[i]);
+    memcpy(&v, a, sizeof a);
+    return v;
+}
+#endif
 
 /* Batcher's odd–even merge sort on 8 and 16 slots, for the short-row tiles' sorts across the
    lanes (tile_sort), on vectors held in registers (the exchanges' indices constant; a float64
@@ -957,55 +983,75 @@ static inline double clamp_f64(double v, double low, double high) {
         memcpy(bad, nan, sizeof nan);                                                            \
     }                                                                                            \
                                                                                                  \
-    /* newton()'s bookkeeping after a pass of solve_tile, for every lane at once, in T, with     \
-       selects for its branches (a lane that is done keeps its state).  Loops simple enough for  \
-       GCC to vectorise (one loop doing it all stays scalar); the bisection's square root is     \
-       taken only in tiles where some lane steps outside its bracket. */                         \
-    static void tile_steps_##SUFFIX(T *restrict c, T *restrict lo, T *restrict hi,               \
-                                    T *restrict ok, T *restrict done, const T *sum_p,            \
-                                    const T *sum_v, const T *sum_pv, const T *budget,            \
-                                    const T *tol_mass) {                                         \
-        T excess[LANES], y[LANES], moves[LANES], failed[LANES], finished[LANES], outside[LANES]; \
-        const T eps4 = (T)(4.0 * EPS);                                                           \
-        _Pragma("omp simd")                                                                      \
-        for (int l = 0; l < LANES; ++l) { /* the two-tail step y = eᵟ */                         \
-            T slope = sum_v[l], upper = sum_pv[l];                                               \
-            T a = upper < 0 ? 0 : (upper > slope ? slope : upper), b = slope - a;                \
-            T g = sum_p[l] - budget[l] + a - b, root = TILE_SQRT_##SUFFIX(g * g + 4 * a * b);    \
-            int right = g >= 0;                                                                  \
-            y[l] = (right ? g + root : 2 * b) / (right ? 2 * a : root - g);                      \
-            excess[l] = sum_p[l] - budget[l];                                                    \
+    /* newton()'s bookkeeping after a pass of solve_tile, for every lane at once, in T, on      \
+       whole vectors held in registers with selects for its branches (a lane that is done       \
+       keeps its state); the bisection's square root is taken only in tiles where some lane     \
+       steps outside its bracket.  Returns the number of lanes not done. */                     \
+    static T tile_steps_##SUFFIX(T *restrict c, T *restrict lo, T *restrict hi, T *restrict ok, \
+                                 T *restrict done, const T *sum_p, const T *sum_v,               \
+                                 const T *sum_pv, const T *budget, const T *tol_mass) {          \
+        enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T), PARTS = LANES / WIDTH };           \
+        tile_vec_##SUFFIX cv[PARTS], lov[PARTS], hiv[PARTS], okv[PARTS], donev[PARTS];          \
+        tile_vec_##SUFFIX pv[PARTS], vv[PARTS], pvv[PARTS], kv[PARTS], tolv[PARTS];             \
+        tile_mask_##SUFFIX out[PARTS], any = {0};                                                \
+        memcpy(cv, c, sizeof cv);                                                                \
+        memcpy(lov, lo, sizeof lov);                                                             \
+        memcpy(hiv, hi, sizeof hiv);                                                             \
+        memcpy(okv, ok, sizeof okv);                                                             \
+        memcpy(donev, done, sizeof donev);                                                       \
+        memcpy(pv, sum_p, sizeof pv);                                                            \
+        memcpy(vv, sum_v, sizeof vv);                                                            \
+        memcpy(pvv, sum_pv, sizeof pvv);                                                         \
+        memcpy(kv, budget, sizeof kv);                                                           \
+        memcpy(tolv, tol_mass, sizeof tolv);                                                     \
+        const tile_vec_##SUFFIX zero = cv[0] * 0, one = zero + 1, eps4 = zero + (T)(4.0 * EPS); \
+        tile_vec_##SUFFIX pending = zero;                                                        \
+        for (int h = 0; h < PARTS; ++h) {                                                        \
+            /* the two-tail step y = eᵟ */                                                       \
+            tile_vec_##SUFFIX slope = vv[h], upper = pvv[h];                                     \
+            tile_vec_##SUFFIX a = tile_select_##SUFFIX(upper < 0, zero,                          \
+                                  tile_select_##SUFFIX(upper > slope, slope, upper));            \
+            tile_vec_##SUFFIX b = slope - a, g = pv[h] - kv[h] + a - b;                          \
+            tile_vec_##SUFFIX root = TILE_VSQRT_##SUFFIX(g * g + 4 * a * b);                     \
+            tile_mask_##SUFFIX right = g >= 0;                                                   \
+            tile_vec_##SUFFIX y = tile_select_##SUFFIX(right, g + root, 2 * b) /                 \
+                                  tile_select_##SUFFIX(right, 2 * a, root - g);                  \
+            /* the bracket, the next c and the lane's verdict */                                 \
+            tile_vec_##SUFFIX excess = pv[h] - kv[h], now = cv[h];                               \
+            tile_vec_##SUFFIX change = tile_select_##SUFFIX(y > 1, y - 1, 1 - y);                \
+            tile_vec_##SUFFIX step = now / y;                                                    \
+            tile_vec_##SUFFIX size = tile_select_##SUFFIX(excess < 0, -excess, excess);         \
+            tile_mask_##SUFFIX active = donev[h] == 0, converged = size <= tolv[h];             \
+            tile_mask_##SUFFIX above = excess > 0;                                               \
+            tile_vec_##SUFFIX high = tile_select_##SUFFIX(active & above, now, hiv[h]);          \
+            tile_vec_##SUFFIX low = tile_select_##SUFFIX(active & ~above, now, lov[h]);          \
+            tile_mask_##SUFFIX inside = (step > low) & (step < high); /* (NaN: bisect) */        \
+            tile_mask_##SUFFIX collapsed = ~inside & (high - low <= eps4 * high);                \
+            tile_mask_##SUFFIX settled =                                                         \
+                inside & ((step == now) | (change * change * change <= eps4));                   \
+            tile_mask_##SUFFIX move = active & ~converged & ~collapsed;                          \
+            tile_mask_##SUFFIX failed = active & ~converged & collapsed; /* (the torch path) */  \
+            tile_mask_##SUFFIX finished = ~active | converged | collapsed | settled;             \
+            out[h] = move & ~inside;                                                             \
+            any |= out[h];                                                                       \
+            cv[h] = tile_select_##SUFFIX(move, step, now);                                       \
+            okv[h] = tile_select_##SUFFIX(failed, zero, okv[h]);                                 \
+            donev[h] = tile_select_##SUFFIX(finished, one, zero);                                \
+            pending += tile_select_##SUFFIX(finished, zero, one);                                \
+            hiv[h] = high;                                                                       \
+            lov[h] = low;                                                                        \
         }                                                                                        \
-        T bisect = 0;                                                                            \
-        _Pragma("omp simd reduction(+ : bisect)")                                                \
-        for (int l = 0; l < LANES; ++l) { /* the bracket, the next c and the lane's verdict */   \
-            T now = c[l], change = y[l] > 1 ? y[l] - 1 : 1 - y[l], step = now / y[l];            \
-            T size = excess[l] < 0 ? -excess[l] : excess[l];                                     \
-            int active = done[l] == 0, converged = size <= tol_mass[l];                          \
-            int above = excess[l] > 0;                                                           \
-            T high = active & above ? now : hi[l], low = active & !above ? now : lo[l];          \
-            int inside = (step > low) & (step < high); /* (outside, or NaN: bisect) */           \
-            int collapsed = !inside & (high - low <= eps4 * high);                               \
-            int settled = inside & ((step == now) | (change * change * change <= eps4));         \
-            int move = active & !converged & !collapsed;                                         \
-            moves[l] = move ? 1 : 0;                                                             \
-            outside[l] = move & !inside ? 1 : 0;                                                 \
-            bisect += outside[l];                                                                \
-            failed[l] = active & !converged & collapsed ? 1 : 0; /* the torch path's rows */     \
-            finished[l] = (!active) | converged | collapsed | settled ? 1 : 0;                   \
-            hi[l] = high;                                                                        \
-            lo[l] = low;                                                                         \
-            y[l] = step;                                                                         \
-        }                                                                                        \
-        for (int l = 0; l < LANES; ++l) {                                                        \
-            c[l] = moves[l] != 0 ? y[l] : c[l];                                                  \
-            ok[l] = failed[l] != 0 ? 0 : ok[l];                                                  \
-            done[l] = finished[l];                                                               \
-        }                                                                                        \
-        if (bisect > 0)                                                                          \
-            _Pragma("omp simd")                                                                  \
-            for (int l = 0; l < LANES; ++l)                                                      \
-                c[l] = outside[l] != 0 ? TILE_SQRT_##SUFFIX(lo[l] * hi[l]) : c[l];               \
+        if (tile_any_##SUFFIX(any))                                                              \
+            for (int h = 0; h < PARTS; ++h)                                                      \
+                cv[h] = tile_select_##SUFFIX(out[h], TILE_VSQRT_##SUFFIX(lov[h] * hiv[h]), cv[h]); \
+        memcpy(c, cv, sizeof cv);                                                                \
+        memcpy(lo, lov, sizeof lov);                                                             \
+        memcpy(hi, hiv, sizeof hiv);                                                             \
+        memcpy(ok, okv, sizeof okv);                                                             \
+        memcpy(done, donev, sizeof donev);                                                       \
+        T count = 0;                                                                             \
+        for (int l = 0; l < WIDTH; ++l) count += pending[l];                                     \
+        return count;                                                                            \
     }                                                                                            \
     /* Per lane of a transposed tile z (n entries a lane), how many entries lie above each of    \
        COUNT_THRESHOLDS cuts (cut[j·LANES + l]), in count[j·LANES + l]. */                       \
@@ -1268,9 +1314,8 @@ static inline double clamp_f64(double v, double low, double high) {
             memcpy(sum_p, acc_p, sizeof acc_p);                                                  \
             memcpy(sum_v, acc_v, sizeof acc_v);                                                  \
             memcpy(sum_pv, acc_pv, sizeof acc_pv);                                               \
-            tile_steps_##SUFFIX(c, lo, hi, ok, done, sum_p, sum_v, sum_pv, budget, tol_mass);    \
-            pending = 0;                                                                         \
-            for (int l = 0; l < LANES; ++l) pending += 1 - done[l];                              \
+            pending = tile_steps_##SUFFIX(c, lo, hi, ok, done, sum_p, sum_v, sum_pv, budget,      \
+                                          tol_mass);                                             \
         }                                                                                        \
         const T big = (T)EXP_MAX;                                                                \
         enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T), PARTS_W = LANES / WIDTH };         \
