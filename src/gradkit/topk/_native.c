@@ -2219,34 +2219,67 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
 /* The short-row tiles' passes: in double, and in float for float32 tiles (then
    sparse_tile_exact). */
 #define DEFINE_SPARSE_TILE_SOLVE(T, SUFFIX, EPS)                                                 \
-    /* sparse_stats for the lanes of a tile: |U|, |F| and Σ_F w at at[l] per lane l, the       \
-       counts as integer mask sums and Σ_F w as a sum of masked entries (no conversions per      \
-       entry). */                                                                                \
-    static void sparse_tile_stats_##SUFFIX(const T *w, int64_t n, const T *at, T *upper,         \
-                                           T *count, T *total) {                                 \
+    /* sparse_stats for the lanes of a tile: |U|, |F| and Σ_F w at at[h] per lane, the counts  \
+       as integer mask sums and Σ_F w as a sum of masked entries (no conversions per entry);    \
+       vectors of SPARSE_TILE_WIDTH lanes, PARTS of them. */                                    \
+    static void sparse_tile_stats_##SUFFIX(const T *w, int64_t n, const tile_vec_##SUFFIX *at,  \
+                                           tile_vec_##SUFFIX *upper, tile_vec_##SUFFIX *count,  \
+                                           tile_vec_##SUFFIX *total) {                          \
         enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T), PARTS = SPARSE_LANES / WIDTH };    \
-        tile_vec_##SUFFIX t[PARTS], sum[PARTS];                                                  \
         tile_mask_##SUFFIX up_count[PARTS], free_count[PARTS];                                   \
-        memcpy(t, at, sizeof t);                                                                 \
         for (int h = 0; h < PARTS; ++h) {                                                        \
-            sum[h] = t[h] * 0;                                                                   \
+            total[h] = at[h] * 0;                                                                \
             up_count[h] = free_count[h] = (tile_mask_##SUFFIX){0};                               \
         }                                                                                        \
         for (int64_t i = 0; i < n; ++i)                                                          \
             for (int h = 0; h < PARTS; ++h) {                                                    \
                 tile_vec_##SUFFIX v;                                                             \
                 memcpy(&v, w + i * SPARSE_LANES + h * WIDTH, sizeof v);                          \
-                tile_mask_##SUFFIX up = v - t[h] >= 1, free = (v > t[h]) & ~up; /* (−1: true) */ \
+                tile_mask_##SUFFIX up = v - at[h] >= 1, free = (v > at[h]) & ~up; /* (−1) */     \
                 up_count[h] -= up;                                                               \
                 free_count[h] -= free;                                                           \
-                sum[h] += (tile_vec_##SUFFIX)((tile_mask_##SUFFIX)v & free);                     \
+                total[h] += (tile_vec_##SUFFIX)((tile_mask_##SUFFIX)v & free);                   \
             }                                                                                    \
-        for (int h = 0; h < PARTS; ++h)                                                          \
-            for (int l = 0; l < WIDTH; ++l) {                                                    \
-                upper[h * WIDTH + l] = (T)up_count[h][l];                                        \
-                count[h * WIDTH + l] = (T)free_count[h][l];                                      \
-                total[h * WIDTH + l] = sum[h][l];                                                \
-            }                                                                                    \
+        for (int h = 0; h < PARTS; ++h) {                                                        \
+            upper[h] = __builtin_convertvector(up_count[h], tile_vec_##SUFFIX);                  \
+            count[h] = __builtin_convertvector(free_count[h], tile_vec_##SUFFIX);                \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* One active-set step of sparse_tile_solve for a vector of lanes (sparse_step's, with      \
+       selects for its branches), from the stats at *at: the bracket [*lo, *hi] and its masses,  \
+       the next *at, and *active cleared where the lane is solved.  Returns *active (1: not      \
+       solved yet). */                                                                           \
+    static inline tile_vec_##SUFFIX sparse_tile_step_##SUFFIX(                                   \
+        tile_vec_##SUFFIX u, tile_vec_##SUFFIX c, tile_vec_##SUFFIX s, tile_vec_##SUFFIX k,      \
+        tile_vec_##SUFFIX *at, tile_vec_##SUFFIX *lo, tile_vec_##SUFFIX *hi,                     \
+        tile_vec_##SUFFIX *mass_lo, tile_vec_##SUFFIX *mass_hi, tile_vec_##SUFFIX *active) {     \
+        const tile_vec_##SUFFIX zero = u * 0, one = zero + 1, t = *at;                           \
+        tile_vec_##SUFFIX mass = u + s - c * t;                                                  \
+        tile_mask_##SUFFIX above = mass >= k, below = mass <= k, some = c > 0;                   \
+        tile_vec_##SUFFIX low = tile_select_##SUFFIX(above, t, *lo);                             \
+        tile_vec_##SUFFIX high = tile_select_##SUFFIX(below, t, *hi);                            \
+        tile_vec_##SUFFIX m_low = tile_select_##SUFFIX(above, mass, *mass_lo);                   \
+        tile_vec_##SUFFIX m_high = tile_select_##SUFFIX(below, mass, *mass_hi);                  \
+        *lo = low, *hi = high, *mass_lo = m_low, *mass_hi = m_high;                              \
+        tile_vec_##SUFFIX step = (s + u - k) / tile_select_##SUFFIX(some, c, one);               \
+        tile_vec_##SUFFIX gap = step - t, scale = tile_select_##SUFFIX(t < 0, -t, t) + 1;        \
+        gap = tile_select_##SUFFIX(gap < 0, -gap, gap);                                          \
+        tile_mask_##SUFFIX stable = some & (gap <= 2 * (EPS) * scale);                           \
+        tile_mask_##SUFFIX inside = some & (step > low) & (step < high);                         \
+        tile_vec_##SUFFIX width = m_low - m_high;                                                \
+        width = tile_select_##SUFFIX(width > (T)1e-30, width, zero + (T)1e-30);                  \
+        tile_vec_##SUFFIX share = (m_low - k) / width;                                           \
+        share = tile_select_##SUFFIX(share < (T)0.25, zero + (T)0.25,                            \
+                                     tile_select_##SUFFIX(share > (T)0.75, zero + (T)0.75,     \
+                                                          share));                               \
+        tile_vec_##SUFFIX bisect = low + share * (high - low);                                   \
+        tile_vec_##SUFFIX next = tile_select_##SUFFIX(inside, step, bisect);                     \
+        next = tile_select_##SUFFIX(stable, step, tile_select_##SUFFIX(mass == k, t, next));      \
+        tile_mask_##SUFFIX solved = stable | (mass == k);                                        \
+        *at = tile_select_##SUFFIX(*active > 0, next, t);                                        \
+        *active = tile_select_##SUFFIX(solved, zero, *active);                                   \
+        return *active;                                                                          \
     }                                                                                            \
                                                                                                  \
     /* Active-set Newton for SPARSE_LANES short rows at once, one row per vector lane (the       \
@@ -2285,35 +2318,26 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             start = at[l] > lo[l] && at[l] < hi[l] ? at[l] : start;                              \
             at[l] = start > lo[l] ? (start < hi[l] ? start : hi[l]) : lo[l];                     \
         }                                                                                        \
+        enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T), PARTS = SPARSE_LANES / WIDTH };    \
+        tile_vec_##SUFFIX atv[PARTS], lov[PARTS], hiv[PARTS], mlo[PARTS], mhi[PARTS];           \
+        tile_vec_##SUFFIX act[PARTS], kv[PARTS];                                                 \
+        memcpy(atv, at, sizeof atv);                                                             \
+        memcpy(lov, lo, sizeof lov);                                                             \
+        memcpy(hiv, hi, sizeof hiv);                                                             \
+        memcpy(mlo, mass_lo, sizeof mlo);                                                        \
+        memcpy(mhi, mass_hi, sizeof mhi);                                                        \
+        memcpy(act, active, sizeof act);                                                         \
+        memcpy(kv, k, sizeof kv);                                                                \
         for (int pass = 0; pass < SPARSE_MAX_PASSES; ++pass) {                                   \
-            T u[SPARSE_LANES], c[SPARSE_LANES], s[SPARSE_LANES];                                 \
-            sparse_tile_stats_##SUFFIX(w, n, at, u, c, s);                                       \
-            T pending = 0;                                                                       \
-            _Pragma("omp simd reduction(+ : pending)")                                           \
-            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
-                T mass = u[l] + s[l] - c[l] * at[l];                                             \
-                int above = mass >= k[l], below = mass <= k[l], some = c[l] > 0;                 \
-                T low = above ? at[l] : lo[l], high = below ? at[l] : hi[l];                     \
-                T m_low = above ? mass : mass_lo[l], m_high = below ? mass : mass_hi[l];         \
-                lo[l] = low, hi[l] = high, mass_lo[l] = m_low, mass_hi[l] = m_high;              \
-                T step = (s[l] + u[l] - k[l]) / (some ? c[l] : 1);                               \
-                T gap = step - at[l];                                                            \
-                gap = gap < 0 ? -gap : gap;                                                      \
-                T scale = (at[l] < 0 ? -at[l] : at[l]) + 1;                                      \
-                int stable = some & (gap <= 2 * (EPS) * scale);                                  \
-                int inside = some & (step > low) & (step < high);                                \
-                T width = m_low - m_high > (T)1e-30 ? m_low - m_high : (T)1e-30;                 \
-                T share = (m_low - k[l]) / width;                                                \
-                share = share < (T)0.25 ? (T)0.25 : (share > (T)0.75 ? (T)0.75 : share);         \
-                T bisect = low + share * (high - low);                                           \
-                T next = stable ? step : (mass == k[l] ? at[l] : (inside ? step : bisect));      \
-                T solved = (T)(stable | (mass == k[l]));                                         \
-                at[l] = active[l] > 0 ? next : at[l];                                            \
-                active[l] = active[l] * (1 - solved);                                            \
-                pending += active[l];                                                            \
-            }                                                                                    \
-            if (pending == 0) break;                                                             \
+            tile_vec_##SUFFIX u[PARTS], c[PARTS], s[PARTS], pending = atv[0] * 0;                \
+            sparse_tile_stats_##SUFFIX(w, n, atv, u, c, s);                                      \
+            for (int h = 0; h < PARTS; ++h)                                                      \
+                pending += sparse_tile_step_##SUFFIX(u[h], c[h], s[h], kv[h], &atv[h], &lov[h],  \
+                                                     &hiv[h], &mlo[h], &mhi[h], &act[h]);        \
+            if (!tile_any_##SUFFIX((tile_mask_##SUFFIX)(pending != 0))) break;                   \
         }                                                                                        \
+        memcpy(at, atv, sizeof atv);                                                             \
+        memcpy(active, act, sizeof act);                                                         \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             t[l] = at[l];                                                                        \
             go[l] = active[l] > 0;                                                               \
