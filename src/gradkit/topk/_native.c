@@ -2220,8 +2220,8 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
    sparse_tile_exact). */
 #define DEFINE_SPARSE_TILE_SOLVE(T, SUFFIX, EPS)                                                 \
     /* sparse_stats for the lanes of a tile: |U|, |F| and Σ_F w at at[h] per lane, the counts  \
-       as integer mask sums and Σ_F w as a sum of masked entries (no conversions per entry);    \
-       vectors of SPARSE_TILE_WIDTH lanes, PARTS of them. */                                    \
+       as integer mask sums and Σ_F w as a sum of masked entries (no conversions per entry),    \
+       each in PARTS vectors of WIDTH lanes (SPARSE_LANES in all). */                           \
     static void sparse_tile_stats_##SUFFIX(const T *w, int64_t n, const tile_vec_##SUFFIX *at,  \
                                            tile_vec_##SUFFIX *upper, tile_vec_##SUFFIX *count,  \
                                            tile_vec_##SUFFIX *total) {                          \
@@ -2334,7 +2334,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             for (int h = 0; h < PARTS; ++h)                                                      \
                 pending += sparse_tile_step_##SUFFIX(u[h], c[h], s[h], kv[h], &atv[h], &lov[h],  \
                                                      &hiv[h], &mlo[h], &mhi[h], &act[h]);        \
-            if (!tile_any_##SUFFIX((tile_mask_##SUFFIX)(pending != 0))) break;                   \
+            if (!tile_any_##SUFFIX(pending != 0)) break;                                         \
         }                                                                                        \
         memcpy(at, atv, sizeof atv);                                                             \
         memcpy(active, act, sizeof act);                                                         \
