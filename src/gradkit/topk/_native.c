@@ -194,23 +194,17 @@ typedef int32_t tile_mask_f32 __attribute__((vector_size(32)));
 typedef double tile_vec_f64 __attribute__((vector_size(32)));
 typedef int64_t tile_mask_f64 __attribute__((vector_size(32)));
 #if !defined(__AVX__)
-/* (through memory, so that the loops vectorise) */
-static inline tile_vec_f32 tile_vsqrt_f32(tile_vec_f32 v) {
-    float a[8];
-    memcpy(a, &v, sizeof a);
-#pragma omp simd
-    for (int i = 0; i < 8; ++i) a[i] = sqrtf(a[i]);
-    memcpy(&v, a, sizeof a);
-    return v;
-}
-static inline tile_vec_f64 tile_vsqrt_f64(tile_vec_f64 v) {
-    double a[4];
-    memcpy(a, &v, sizeof a);
-#pragma omp simd
-    for (int i = 0; i < 4; ++i) a[i] = sqrt(a[i]);
-    memcpy(&v, a, sizeof a);
-    return v;
-}
+/* TILE_VSQRT without AVX: through memory, so that the loop vectorises. */
+#define DEFINE_TILE_VSQRT(T, SUFFIX, SQRT)                                                       \
+    static inline tile_vec_##SUFFIX tile_vsqrt_##SUFFIX(tile_vec_##SUFFIX v) {                   \
+        T a[sizeof v / sizeof(T)];                                                               \
+        memcpy(a, &v, sizeof a);                                                                 \
+        _Pragma("omp simd") for (size_t i = 0; i < sizeof a / sizeof(T); ++i) a[i] = SQRT(a[i]); \
+        memcpy(&v, a, sizeof a);                                                                 \
+        return v;                                                                                \
+    }
+DEFINE_TILE_VSQRT(float, f32, sqrtf)
+DEFINE_TILE_VSQRT(double, f64, sqrt)
 #endif
 
 /* Batcher's odd–even merge sort on 8 and 16 slots, for the short-row tiles' sorts across the
