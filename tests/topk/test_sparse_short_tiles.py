@@ -280,10 +280,10 @@ def test_float32_tiles_find_the_double_passes_root_to_the_bit(kink):
 @pytest.mark.parametrize("n", [1, 2, 5, 8, 9, 13, 16])
 def test_the_tiles_sorting_network_sorts_each_row(n, dtype):
     # The short-row tiles' starts read order statistics off a sorting network across the
-    # lanes (registers for float32, a table of exchanges for float64). A wrong network would
-    # only slow the solves, which converge from any start: checked here on its own, through
-    # the kernel's test entry point, against torch.sort. Ties, ±inf, rows of 16 and 19 (two
-    # whole tiles; the last 3 rows are not written).
+    # lanes (vectors in registers; float64 tiles sort two halves of four lanes). A wrong
+    # network would only slow the solves, which converge from any start: checked here on its
+    # own, through the kernel's test entry point, against torch.sort. Ties, ±inf, rows of 16
+    # and 19 (two whole tiles; the last 3 rows are not written).
     x = seeded_randn(19, n, seed=80 + n).to(dtype)
     x[::3] = x[::3].round()  # ties
     x[1::4, 0] = -math.inf

@@ -65,9 +65,8 @@
 #define TILE_SMALL_SHARE 0.125 /* within this share of the live count from 0 or from it) */
 #define LANES 8
 #define SHORT_VJP_ROW 128 /* rows this short are differentiated LANES at a time too */
-#define TILE_SQRT_f32 sqrtf /* (the tiles' bookkeeping is in the row's own type) */
-#define TILE_SQRT_f64 sqrt
-#if defined(__AVX__) /* (the same square roots on whole tile vectors) */
+#if defined(__AVX__) /* (square roots of whole tile vectors: the tiles' bookkeeping is in the
+                         row's own type) */
 #define TILE_VSQRT_f32(v) ((tile_vec_f32)_mm256_sqrt_ps((__m256)(v)))
 #define TILE_VSQRT_f64(v) ((tile_vec_f64)_mm256_sqrt_pd((__m256d)(v)))
 #else
