@@ -320,3 +320,38 @@ def test_float32_tiles_of_budgets_near_the_ends_from_the_sorted_start_match_the_
             p, status = _native.sparse_solve(x, k, 1.0)
             assert status.tolist() == [0] * rows
             _assert_close_to_reference(p, x, k, 1.0)
+
+
+def _tile_counts(library) -> tuple[int, int]:
+    """``gradkit_sparse_tile_counts``: (rows a tile took but handed to sparse_row unsolved,
+    float32 lanes sent back from the exact pass to the double passes) since the last call."""
+    counts = (ctypes.c_int64 * 2)()
+    library.gradkit_sparse_tile_counts.restype = None
+    library.gradkit_sparse_tile_counts.argtypes = [ctypes.c_void_p]
+    library.gradkit_sparse_tile_counts(counts)
+    return counts[0], counts[1]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [2, 5, 8, 16, 33, 64])
+def test_the_tiles_solve_the_rows_they_take_without_falling_back(n, dtype):
+    # A tile's rows converge there: a lane that does not goes to sparse_row, which solves it
+    # correctly, so a broken tile step (a lane that never moves, say) would only cost time.
+    # The kernel counts those hand-overs (and float32 lanes sent back to the double passes):
+    # none on rows of every spread, masks, per-row fractional and whole budgets.
+    library = _native._load()
+    _tile_counts(library)  # (reset)
+    rows = 2048
+    generator = torch.Generator().manual_seed(900 + n)
+    spreads = torch.tensor(SPREADS, dtype=torch.float64).repeat(rows // len(SPREADS))
+    x = torch.randn(rows, n, generator=generator, dtype=torch.float64) * spreads[:, None]
+    x[1::7, 0] = -math.inf
+    live = (x > -math.inf).sum(-1).double()
+    k = torch.rand(rows, generator=generator, dtype=torch.float64) * (live - 0.5) + 0.25
+    k[::3] = k[::3].round().clamp(min=1.0)
+    k = torch.minimum(k, live - 0.5)
+    p, status = _native.sparse_solve(x.to(dtype), k, 1.0)
+    assert status.eq(0).all()
+    assert _tile_counts(library) == (0, 0)
+    _assert_close_to_reference(p[:64], x.to(dtype)[:64], k[:64], 1.0)

@@ -1651,6 +1651,19 @@ int gradkit_sort_tiles(int is_double, const void *x, void *out, int64_t rows, in
 #include <stdlib.h>
 
 #define SPARSE_MAX_PASSES 64
+/* For the tests (gradkit_sparse_tile_counts): the short rows a sparse tile took but handed to
+   sparse_row unsolved, and the float32 lanes its exact pass sent back to the double passes.
+   A broken tile step costs time, not correctness (sparse_row solves the row): these counts
+   show it.  Atomic adds, from any thread; both events are rare. */
+static int64_t sparse_tile_fallbacks, sparse_tile_retries;
+#define COUNT_EVENTS(counter, count) __atomic_add_fetch(&(counter), (count), __ATOMIC_RELAXED)
+
+/* The two counts since the last call, in counts[0] and counts[1]; both are reset. */
+void gradkit_sparse_tile_counts(int64_t *counts) {
+    counts[0] = __atomic_exchange_n(&sparse_tile_fallbacks, 0, __ATOMIC_RELAXED);
+    counts[1] = __atomic_exchange_n(&sparse_tile_retries, 0, __ATOMIC_RELAXED);
+}
+
 /* Long rows wider than this many τ with a small budget keep only the entries near the root in
    a second scan of x (a predictable branch: few entries are kept). */
 #define SPARSE_NARROW 16.0
@@ -2187,7 +2200,8 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             for (int l = 0; l < SPARSE_LANES; ++l) t[l] = tf[l];                                 \
             sparse_tile_exact(w, n, k, t, go);                                                   \
             int again = 0;                                                                       \
-            for (int l = 0; l < SPARSE_LANES; ++l) again |= go[l] = go[l] && taken[l];           \
+            for (int l = 0; l < SPARSE_LANES; ++l) again += go[l] = go[l] && taken[l];           \
+            if (again) COUNT_EVENTS(sparse_tile_retries, again);                                 \
             if (again) sparse_tile_solve_f64(w, n, k, lo, live, plus, sum, t, NULL, NULL, t, go); \
         } else {                                                                                 \
             sparse_tile_solve_f64(w, n, k, lo, live, plus, sum, NULL, sorted ? order_lo : NULL,  \
@@ -2195,6 +2209,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         }                                                                                        \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             if (!taken[l] || go[l]) {                                                            \
+                if (taken[l]) COUNT_EVENTS(sparse_tile_fallbacks, 1);                            \
                 status[l] = sparse_row_##SUFFIX(x + l * n, out + l * n, n, k[l], tau[l], cand);  \
                 continue;                                                                        \
             }                                                                                    \
