@@ -355,3 +355,30 @@ def test_the_tiles_solve_the_rows_they_take_without_falling_back(n, dtype):
     assert status.eq(0).all()
     assert _tile_counts(library) == (0, 0)
     _assert_close_to_reference(p[:64], x.to(dtype)[:64], k[:64], 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [17, 33, 64])
+def test_tiles_of_small_budgets_start_from_a_list_of_their_top_entries(n, dtype):
+    # Tiles of more than 16 entries spanning more than τ read the order statistics of budgets
+    # below 4 off a per-lane list of the 4 largest entries: the start brackets the root between
+    # them. Budgets on both sides of 4 in one tile, whole and fractional; ties among the top
+    # entries, +inf entries (counted in k), masks, a NaN row; spreads from 1.5 to 1000 τ.
+    library = _native._load()
+    _tile_counts(library)  # (reset)
+    rows = 512
+    generator = torch.Generator().manual_seed(950 + n)
+    spreads = torch.tensor([1.5, 3.0, 10.0, 100.0, 1000.0, 0.7, 30.0, 5.0], dtype=torch.float64)
+    x = torch.randn(rows, n, generator=generator, dtype=torch.float64) * spreads.repeat(64)[:, None]
+    x[::5, 1] = x[::5, 0] = x[::5].amax(-1)  # a tie at the top
+    x[3::7, 2] = math.inf
+    x[4::9, -3:] = -math.inf
+    x[100, 5] = math.nan
+    plus = (x == math.inf).sum(-1).double()
+    budgets = torch.tensor([0.5, 1.0, 1.5, 2.0, 2.7, 3.0, 3.9, 6.0], dtype=torch.float64)
+    k = plus + budgets.repeat(64)
+    p, status = _native.sparse_solve(x.to(dtype), k, 1.0)
+    assert status.eq(0).all()
+    assert _tile_counts(library) == (0, 0)
+    _assert_close_to_reference(p, x.to(dtype), k, 1.0)

@@ -1644,7 +1644,10 @@ int gradkit_sort_tiles(int is_double, const void *x, void *out, int64_t rows, in
  * bracket [w_(⌊k⌋+1) − 1, w_(⌈k⌉)] (width ≤ 1, from one scan) and keep only the entries in
  * its window.  Rows of at most SPARSE_TILE_N entries are solved SPARSE_LANES at a time, one
  * per vector lane, by the same steps (sparse_tile_solve), +inf entries included; float32 tiles
- * take those steps in float, then one exact pass in double (sparse_tile_exact).
+ * take those steps in float, then one exact pass in double (sparse_tile_exact).  Tiles start
+ * from the all-free root, or from the order-statistics bracket: off a sorting network (wide
+ * float32 tiles of at most SORT_N entries) or, for budgets below SPARSE_TOP_SLOTS, off a list
+ * of each lane's largest entries (sparse_tile_top).
  * +inf entries take k/m each (at most 1) of the budget, a NaN makes its row NaN (as _sparse.py).
  * status: 0 solved; 1 w overflows; 3 no convergence or no memory (the caller solves the row).
  */
@@ -1690,6 +1693,9 @@ void gradkit_sparse_tile_counts(int64_t *counts) {
 #define SPARSE_SORT_WIDE 16.0
 #define SPARSE_SORT_NEAR 8.0   /* … or more than this many, in tiles whose budgets all lie within */
 #define SPARSE_SORT_SHARE 0.25 /* … this share of the live count from 0 or from it */
+/* Tiles of more than SORT_N entries (no sorting network) read the order statistics of budgets
+   below this off a per-lane list of the largest entries, kept by max/min insertion. */
+#define SPARSE_TOP_SLOTS 4
 /* |U|, |F| and Σ_F w at t over finite w (vectorised). */
 static void sparse_stats(const double *w, int64_t n, double t, double *upper, double *count,
                          double *total) {
@@ -2095,6 +2101,48 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
+    /* Per lane l of a transposed tile xt (any n) whose budget k[l] lies below SPARSE_TOP_SLOTS  \
+       (go[l] set): the ⌈k⌉-th and (⌊k⌋+1)-th largest entries, in a[l] and b[l], off a list of   \
+       the SPARSE_TOP_SLOTS largest kept by max/min insertion in registers; NaN elsewhere.       \
+       Returns the number of lanes given their order statistics. */                              \
+    static int sparse_tile_top_##SUFFIX(const T *xt, int64_t n, const double *k, const int *go,  \
+                                        T *a, T *b) {                                            \
+        enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T), PARTS = SPARSE_LANES / WIDTH };    \
+        int listed = 0;                                                                          \
+        for (int l = 0; l < SPARSE_LANES; ++l) listed += go[l] && k[l] < SPARSE_TOP_SLOTS;       \
+        if (!listed) return 0;                                                                   \
+        T up[SPARSE_LANES], down[SPARSE_LANES];                                                  \
+        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
+            int fits = go[l] && k[l] < SPARSE_TOP_SLOTS;                                         \
+            up[l] = fits ? (T)(ceil(k[l]) - 1.0) : (T)-1; /* (slot indices; −1: none) */         \
+            down[l] = fits ? (T)floor(k[l]) : (T)-1;                                             \
+        }                                                                                        \
+        for (int h = 0; h < PARTS; ++h) {                                                        \
+            tile_vec_##SUFFIX slot[SPARSE_TOP_SLOTS], none = (tile_vec_##SUFFIX){0};             \
+            for (int j = 0; j < SPARSE_TOP_SLOTS; ++j) slot[j] = none - (T)INFINITY;             \
+            for (int64_t i = 0; i < n; ++i) {                                                    \
+                tile_vec_##SUFFIX v;                                                             \
+                memcpy(&v, xt + i * SPARSE_LANES + h * WIDTH, sizeof v);                         \
+                for (int j = 0; j < SPARSE_TOP_SLOTS; ++j) { /* (NaN lanes: not listed) */       \
+                    tile_mask_##SUFFIX above = v > slot[j];                                      \
+                    tile_vec_##SUFFIX kept = tile_select_##SUFFIX(above, v, slot[j]);            \
+                    v = tile_select_##SUFFIX(above, slot[j], v);                                 \
+                    slot[j] = kept;                                                              \
+                }                                                                                \
+            }                                                                                    \
+            tile_vec_##SUFFIX ua, db, at = none + (T)NAN, bt = none + (T)NAN;                    \
+            memcpy(&ua, up + h * WIDTH, sizeof ua);                                              \
+            memcpy(&db, down + h * WIDTH, sizeof db);                                            \
+            for (int j = 0; j < SPARSE_TOP_SLOTS; ++j) {                                         \
+                at = tile_select_##SUFFIX(ua == (T)j, slot[j], at);                              \
+                bt = tile_select_##SUFFIX(db == (T)j, slot[j], bt);                              \
+            }                                                                                    \
+            memcpy(a + h * WIDTH, &at, sizeof at);                                               \
+            memcpy(b + h * WIDTH, &bt, sizeof bt);                                               \
+        }                                                                                        \
+        return listed;                                                                           \
+    }                                                                                            \
+                                                                                                 \
     /* w = (x − top)·inv per lane of a transposed tile xt, in double (∓DBL_MAX where masked or   \
        +inf: finite, so that 0·w = 0 in the sums) and, given wf, rounded to float there too      \
        (∓FLT_MAX); Σ finite w per lane added to sum. */                                          \
@@ -2119,8 +2167,10 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
     /* SPARSE_LANES rows of n ≤ SPARSE_TILE_N at once by sparse_tile_solve (+inf entries      \
        included): float32 tiles whose rows all span 2–SPARSE_FLOAT_SPAN τ (where the all-free  \
        start lies a few passes from the root) take the passes in float, then                   \
-       sparse_tile_exact.  The rows it does not take (NaN, budgets with nothing to solve,      \
-       overflow) or solve go to sparse_row. */                                                 \
+       sparse_tile_exact.  Lanes of budgets below SPARSE_TOP_SLOTS, in tiles spanning more     \
+       than τ that do not sort, start from the order statistics off sparse_tile_top (from      \
+       the all-free root, 6–10 passes a tile of 64 entries; from the list, 2–3).  The rows it  \
+       does not take (NaN, budgets with nothing to solve, overflow) or solve go to sparse_row. */ \
     static void sparse_tile_##SUFFIX(const T *x, T *out, int64_t n, const double *k,            \
                                      const double *tau, int32_t *status, double *cand) {        \
         T xt[SPARSE_TILE_N * SPARSE_LANES];                                                      \
@@ -2181,22 +2231,27 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         /* (two calls: each loop with or without the float copy) */                             \
         if (in_float) sparse_tile_w_##SUFFIX(xt, n, top, inv, w, wf, sum);                       \
         else sparse_tile_w_##SUFFIX(xt, n, top, inv, w, NULL, sum);                              \
-        if (sorted) { /* w_(⌈k⌉) and w_(⌊k⌋+1) − 1, as w is computed */                          \
-            T a[SPARSE_LANES], b[SPARSE_LANES];                                                  \
-            sparse_tile_order_##SUFFIX(xt, n, k, go, a, b);                                      \
+        /* (tiles that span more than τ and do not sort, of more than SORT_N entries or in      \
+           float64: budgets below SPARSE_TOP_SLOTS from a list of the top entries) */           \
+        T a[SPARSE_LANES], b[SPARSE_LANES];                                                      \
+        const int listed = !sorted && spans && (n > SORT_N || sizeof(T) == sizeof(double)) &&    \
+                           sparse_tile_top_##SUFFIX(xt, n, k, go, a, b);                         \
+        if (sorted) sparse_tile_order_##SUFFIX(xt, n, k, go, a, b);                              \
+        if (sorted || listed) /* w_(⌈k⌉) and w_(⌊k⌋+1) − 1, as w is computed (NaN: none) */     \
             for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
                 order_hi[l] = go[l] ? ((double)a[l] - top[l]) * inv[l] : 0.0;                    \
                 order_lo[l] = go[l] ? ((double)b[l] - top[l]) * inv[l] - 1.0 : -1.0;             \
             }                                                                                    \
-        }                                                                                        \
         if (in_float) { /* (float32 tiles: float passes, then one exact pass in double) */       \
             float kf[SPARSE_LANES], lof[SPARSE_LANES], livef[SPARSE_LANES], plusf[SPARSE_LANES];  \
-            float sumf[SPARSE_LANES], tf[SPARSE_LANES];                                          \
+            float sumf[SPARSE_LANES], tf[SPARSE_LANES], hif[SPARSE_LANES], lowf[SPARSE_LANES];   \
             for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
                 kf[l] = (float)k[l], lof[l] = (float)lo[l], livef[l] = (float)live[l];           \
                 plusf[l] = (float)plus[l], sumf[l] = (float)sum[l];                              \
+                hif[l] = (float)order_hi[l], lowf[l] = (float)order_lo[l];                       \
             }                                                                                    \
-            sparse_tile_solve_f32(wf, n, kf, lof, livef, plusf, sumf, NULL, NULL, NULL, tf, go); \
+            sparse_tile_solve_f32(wf, n, kf, lof, livef, plusf, sumf, NULL, listed ? lowf : NULL, \
+                                  hif, tf, go);                                                  \
             for (int l = 0; l < SPARSE_LANES; ++l) t[l] = tf[l];                                 \
             sparse_tile_exact(w, n, k, t, go);                                                   \
             int again = 0;                                                                       \
@@ -2204,8 +2259,8 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             if (again) COUNT_EVENTS(sparse_tile_retries, again);                                 \
             if (again) sparse_tile_solve_f64(w, n, k, lo, live, plus, sum, t, NULL, NULL, t, go); \
         } else {                                                                                 \
-            sparse_tile_solve_f64(w, n, k, lo, live, plus, sum, NULL, sorted ? order_lo : NULL,  \
-                                  order_hi, t, go);                                              \
+            sparse_tile_solve_f64(w, n, k, lo, live, plus, sum, NULL,                            \
+                                  sorted || listed ? order_lo : NULL, order_hi, t, go);          \
         }                                                                                        \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             if (!taken[l] || go[l]) {                                                            \
@@ -2315,7 +2370,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             active[l] = go[l] ? 1 : 0;                                                           \
         }                                                                                        \
         for (int l = 0; order_lo && l < SPARSE_LANES; ++l) {                                     \
-            if (!go[l]) continue;                                                                \
+            if (!go[l] || order_lo[l] != order_lo[l]) continue; /* (NaN: no order statistics) */ \
             /* the order-statistics bracket (b − 1, a], and a start at the all-free root if it   \
                lies inside, else at the root where a and b alone are free (a − (k − ⌊k⌋) when    \
                a = b) */                                                                         \
