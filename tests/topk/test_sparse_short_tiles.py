@@ -359,26 +359,69 @@ def test_the_tiles_solve_the_rows_they_take_without_falling_back(n, dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [17, 33, 64])
-def test_tiles_of_small_budgets_start_from_a_list_of_their_top_entries(n, dtype):
-    # Tiles of more than 16 entries spanning more than τ read the order statistics of budgets
-    # below 4 off a per-lane list of the 4 largest entries: the start brackets the root between
-    # them. Budgets on both sides of 4 in one tile, whole and fractional; ties among the top
-    # entries, +inf entries (counted in k), masks, a NaN row; spreads from 1.5 to 1000 τ.
+@pytest.mark.parametrize("n", [12, 17, 33, 64])
+def test_tiles_of_budgets_near_the_ends_start_from_a_list_of_their_extreme_entries(n, dtype):
+    # Tiles of more than 16 entries (any in float64) spanning more than τ read the order
+    # statistics of budgets below 4, or within 4 of n, off a per-lane list of the 4 largest
+    # (smallest) entries: the start brackets the root between them. Budgets at both ends and in
+    # the middle in one tile, whole and fractional; ties at the top, +inf entries (counted in
+    # k), −inf masks (at the bottom of the list), a NaN row; spreads from 0.7 to 1000 τ.
     library = _native._load()
     _tile_counts(library)  # (reset)
-    rows = 512
+    rows = 576
     generator = torch.Generator().manual_seed(950 + n)
     spreads = torch.tensor([1.5, 3.0, 10.0, 100.0, 1000.0, 0.7, 30.0, 5.0], dtype=torch.float64)
-    x = torch.randn(rows, n, generator=generator, dtype=torch.float64) * spreads.repeat(64)[:, None]
+    x = torch.randn(rows, n, generator=generator, dtype=torch.float64) * spreads.repeat(72)[:, None]
     x[::5, 1] = x[::5, 0] = x[::5].amax(-1)  # a tie at the top
     x[3::7, 2] = math.inf
     x[4::9, -3:] = -math.inf
     x[100, 5] = math.nan
     plus = (x == math.inf).sum(-1).double()
-    budgets = torch.tensor([0.5, 1.0, 1.5, 2.0, 2.7, 3.0, 3.9, 6.0], dtype=torch.float64)
-    k = plus + budgets.repeat(64)
+    live = (x > -math.inf).sum(-1).double() - plus
+    shares = torch.tensor([0.5, 1.0, 1.5, 2.0, 2.7, 3.0, 3.9, 6.0, -0.5, -1.0, -2.5, -3.5])
+    share = shares.double().repeat(rows // len(shares))
+    k = plus + torch.where(share > 0, share, live + share)
     p, status = _native.sparse_solve(x.to(dtype), k, 1.0)
     assert status.eq(0).all()
     assert _tile_counts(library) == (0, 0)
     _assert_close_to_reference(p, x.to(dtype), k, 1.0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 4, 5, 8, 9, 16, 17, 40, 64])
+def test_the_tiles_lists_give_the_order_statistics_of_budgets_near_the_ends(n, dtype):
+    # The lists of each lane's 4 largest (smallest) entries give the ⌈k⌉-th and (⌊k⌋+1)-th
+    # largest for budgets below 4 (above n − 4), NaN otherwise: checked on their own, through
+    # the kernel's test entry point, against torch.sort. A wrong list or rank would only slow
+    # the solves (they converge from any start). Ties, ±inf entries, whole and fractional k;
+    # 19 rows (two whole tiles; the last 3 rows are not written).
+    x = seeded_randn(19, n, seed=990 + n).to(dtype)
+    x[::3] = x[::3].round()  # ties
+    x[1::4, 0] = -math.inf
+    x[2::5, -1] = math.inf
+    shares = torch.tensor([0.5, 1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 7.0], dtype=torch.float64)
+    k = torch.cat([shares, n - shares, shares[:3]]).clamp(0.25, n - 0.25)
+    a = torch.full((19,), 7.0, dtype=dtype)
+    b = torch.full((19,), 7.0, dtype=dtype)
+    library = _native._load()
+    entry = library.gradkit_order_tiles
+    entry.restype = ctypes.c_int
+    pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+    entry.argtypes = [ctypes.c_int, pointer, pointer, pointer, pointer, int64, int64]
+    double = int(dtype == torch.float64)
+    assert entry(double, x.data_ptr(), k.data_ptr(), a.data_ptr(), b.data_ptr(), 19, n) == 0
+    ordered = x.sort(dim=-1, descending=True).values
+    for r in range(16):
+        listed = float(k[r]) < 4 or float(k[r]) > n - 4
+        up, down = math.ceil(float(k[r])) - 1, math.floor(float(k[r]))
+        expected_a = ordered[r, up] if listed else math.nan
+        expected_b = ordered[r, down] if listed else math.nan
+        assert torch.equal(a[r], torch.as_tensor(expected_a, dtype=dtype)) or (
+            not listed and bool(a[r].isnan())
+        ), (r, float(k[r]))
+        assert torch.equal(b[r], torch.as_tensor(expected_b, dtype=dtype)) or (
+            not listed and bool(b[r].isnan())
+        ), (r, float(k[r]))
+    assert bool((a[16:] == 7).all() and (b[16:] == 7).all())
+    assert entry(0, x.data_ptr(), k.data_ptr(), a.data_ptr(), b.data_ptr(), 19, 65) == 1

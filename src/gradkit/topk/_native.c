@@ -1646,8 +1646,8 @@ int gradkit_sort_tiles(int is_double, const void *x, void *out, int64_t rows, in
  * per vector lane, by the same steps (sparse_tile_solve), +inf entries included; float32 tiles
  * take those steps in float, then one exact pass in double (sparse_tile_exact).  Tiles start
  * from the all-free root, or from the order-statistics bracket: off a sorting network (wide
- * float32 tiles of at most SORT_N entries) or, for budgets below SPARSE_TOP_SLOTS, off a list
- * of each lane's largest entries (sparse_tile_top).
+ * float32 tiles of at most SORT_N entries) or, for budgets below SPARSE_TOP_SLOTS or within it
+ * of n, off a list of each lane's largest or smallest entries (sparse_tile_top).
  * +inf entries take k/m each (at most 1) of the budget, a NaN makes its row NaN (as _sparse.py).
  * status: 0 solved; 1 w overflows; 3 no convergence or no memory (the caller solves the row).
  */
@@ -1693,8 +1693,8 @@ void gradkit_sparse_tile_counts(int64_t *counts) {
 #define SPARSE_SORT_WIDE 16.0
 #define SPARSE_SORT_NEAR 8.0   /* … or more than this many, in tiles whose budgets all lie within */
 #define SPARSE_SORT_SHARE 0.25 /* … this share of the live count from 0 or from it */
-/* Tiles of more than SORT_N entries (no sorting network) read the order statistics of budgets
-   below this off a per-lane list of the largest entries, kept by max/min insertion. */
+/* Tiles without the sorting network read the order statistics of budgets below this, or within
+   it of n, off a per-lane list of the largest (smallest) entries, kept by max/min insertion. */
 #define SPARSE_TOP_SLOTS 4
 /* |U|, |F| and Σ_F w at t over finite w (vectorised). */
 static void sparse_stats(const double *w, int64_t n, double t, double *upper, double *count,
@@ -2101,46 +2101,66 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
-    /* Per lane l of a transposed tile xt (any n) whose budget k[l] lies below SPARSE_TOP_SLOTS  \
-       (go[l] set): the ⌈k⌉-th and (⌊k⌋+1)-th largest entries, in a[l] and b[l], off a list of   \
-       the SPARSE_TOP_SLOTS largest kept by max/min insertion in registers; NaN elsewhere.       \
-       Returns the number of lanes given their order statistics. */                              \
+    /* The SPARSE_TOP_SLOTS largest (largest = 1) or smallest entries of lanes h·WIDTH… of a     \
+       transposed tile xt, in order from the end, by max/min insertion in registers. */          \
+    static inline void sparse_tile_list_##SUFFIX(const T *xt, int64_t n, int h, int largest,     \
+                                                 tile_vec_##SUFFIX *slot) {                      \
+        enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T) };                                  \
+        const tile_vec_##SUFFIX none = (tile_vec_##SUFFIX){0};                                   \
+        for (int j = 0; j < SPARSE_TOP_SLOTS; ++j) slot[j] = none + (largest ? -1 : 1) * (T)INFINITY; \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            tile_vec_##SUFFIX v;                                                                 \
+            memcpy(&v, xt + i * SPARSE_LANES + h * WIDTH, sizeof v);                             \
+            for (int j = 0; j < SPARSE_TOP_SLOTS; ++j) { /* (NaN lanes: not listed) */           \
+                tile_mask_##SUFFIX in = largest ? v > slot[j] : v < slot[j];                     \
+                tile_vec_##SUFFIX kept = tile_select_##SUFFIX(in, v, slot[j]);                   \
+                v = tile_select_##SUFFIX(in, slot[j], v);                                        \
+                slot[j] = kept;                                                                  \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* Per lane l of a transposed tile xt (any n, go[l] set) whose budget k[l] lies below        \
+       SPARSE_TOP_SLOTS, or within it of n: the ⌈k⌉-th and (⌊k⌋+1)-th largest entries, in a[l]   \
+       and b[l], off a list of the lane's largest (or smallest) entries (sparse_tile_list); NaN  \
+       for the other lanes.  Returns the number of lanes given their order statistics. */        \
     static int sparse_tile_top_##SUFFIX(const T *xt, int64_t n, const double *k, const int *go,  \
                                         T *a, T *b) {                                            \
         enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T), PARTS = SPARSE_LANES / WIDTH };    \
-        int listed = 0;                                                                          \
-        for (int l = 0; l < SPARSE_LANES; ++l) listed += go[l] && k[l] < SPARSE_TOP_SLOTS;       \
-        if (!listed) return 0;                                                                   \
-        T up[SPARSE_LANES], down[SPARSE_LANES];                                                  \
+        int tops = 0, bottoms = 0;                                                               \
+        const double near_n = (double)(n - SPARSE_TOP_SLOTS); /* (k above it: from the bottom) */ \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
-            int fits = go[l] && k[l] < SPARSE_TOP_SLOTS;                                         \
-            up[l] = fits ? (T)(ceil(k[l]) - 1.0) : (T)-1; /* (slot indices; −1: none) */         \
-            down[l] = fits ? (T)floor(k[l]) : (T)-1;                                             \
+            tops += go[l] && k[l] < SPARSE_TOP_SLOTS;                                            \
+            bottoms += go[l] && k[l] >= SPARSE_TOP_SLOTS && k[l] > near_n;                       \
+        }                                                                                        \
+        if (!tops && !bottoms) return 0;                                                         \
+        T up[2][SPARSE_LANES], down[2][SPARSE_LANES]; /* (slot indices per list; −1: none) */    \
+        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
+            int top = go[l] && k[l] < SPARSE_TOP_SLOTS;                                          \
+            int bottom = go[l] && !top && k[l] > near_n;                                         \
+            double above = ceil(k[l]) - 1.0, below = floor(k[l]); /* (ranks from the top) */     \
+            up[0][l] = top ? (T)above : (T)-1;                                                   \
+            down[0][l] = top ? (T)below : (T)-1;                                                 \
+            up[1][l] = bottom ? (T)((double)n - 1.0 - above) : (T)-1;                            \
+            down[1][l] = bottom ? (T)((double)n - 1.0 - below) : (T)-1;                          \
         }                                                                                        \
         for (int h = 0; h < PARTS; ++h) {                                                        \
             tile_vec_##SUFFIX slot[SPARSE_TOP_SLOTS], none = (tile_vec_##SUFFIX){0};             \
-            for (int j = 0; j < SPARSE_TOP_SLOTS; ++j) slot[j] = none - (T)INFINITY;             \
-            for (int64_t i = 0; i < n; ++i) {                                                    \
-                tile_vec_##SUFFIX v;                                                             \
-                memcpy(&v, xt + i * SPARSE_LANES + h * WIDTH, sizeof v);                         \
-                for (int j = 0; j < SPARSE_TOP_SLOTS; ++j) { /* (NaN lanes: not listed) */       \
-                    tile_mask_##SUFFIX above = v > slot[j];                                      \
-                    tile_vec_##SUFFIX kept = tile_select_##SUFFIX(above, v, slot[j]);            \
-                    v = tile_select_##SUFFIX(above, slot[j], v);                                 \
-                    slot[j] = kept;                                                              \
+            tile_vec_##SUFFIX at = none + (T)NAN, bt = none + (T)NAN, ua, db;                    \
+            for (int end = 0; end < 2; ++end) {                                                  \
+                if (end == 0 ? !tops : !bottoms) continue;                                       \
+                sparse_tile_list_##SUFFIX(xt, n, h, end == 0, slot);                             \
+                memcpy(&ua, up[end] + h * WIDTH, sizeof ua);                                     \
+                memcpy(&db, down[end] + h * WIDTH, sizeof db);                                   \
+                for (int j = 0; j < SPARSE_TOP_SLOTS; ++j) {                                     \
+                    at = tile_select_##SUFFIX(ua == (T)j, slot[j], at);                          \
+                    bt = tile_select_##SUFFIX(db == (T)j, slot[j], bt);                          \
                 }                                                                                \
-            }                                                                                    \
-            tile_vec_##SUFFIX ua, db, at = none + (T)NAN, bt = none + (T)NAN;                    \
-            memcpy(&ua, up + h * WIDTH, sizeof ua);                                              \
-            memcpy(&db, down + h * WIDTH, sizeof db);                                            \
-            for (int j = 0; j < SPARSE_TOP_SLOTS; ++j) {                                         \
-                at = tile_select_##SUFFIX(ua == (T)j, slot[j], at);                              \
-                bt = tile_select_##SUFFIX(db == (T)j, slot[j], bt);                              \
             }                                                                                    \
             memcpy(a + h * WIDTH, &at, sizeof at);                                               \
             memcpy(b + h * WIDTH, &bt, sizeof bt);                                               \
         }                                                                                        \
-        return listed;                                                                           \
+        return tops + bottoms;                                                                   \
     }                                                                                            \
                                                                                                  \
     /* w = (x − top)·inv per lane of a transposed tile xt, in double (∓DBL_MAX where masked or   \
@@ -2167,10 +2187,11 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
     /* SPARSE_LANES rows of n ≤ SPARSE_TILE_N at once by sparse_tile_solve (+inf entries      \
        included): float32 tiles whose rows all span 2–SPARSE_FLOAT_SPAN τ (where the all-free  \
        start lies a few passes from the root) take the passes in float, then                   \
-       sparse_tile_exact.  Lanes of budgets below SPARSE_TOP_SLOTS, in tiles spanning more     \
-       than τ that do not sort, start from the order statistics off sparse_tile_top (from      \
-       the all-free root, 6–10 passes a tile of 64 entries; from the list, 2–3).  The rows it  \
-       does not take (NaN, budgets with nothing to solve, overflow) or solve go to sparse_row. */ \
+       sparse_tile_exact.  Lanes of budgets below SPARSE_TOP_SLOTS or within it of n, in       \
+       tiles spanning more than τ that do not sort, start from the order statistics off        \
+       sparse_tile_top (from the all-free root, 6–10 passes a tile of 64 entries; from the     \
+       lists, 2–3).  The rows it does not take (NaN, budgets with nothing to solve, overflow)  \
+       or solve go to sparse_row. */                                                           \
     static void sparse_tile_##SUFFIX(const T *x, T *out, int64_t n, const double *k,            \
                                      const double *tau, int32_t *status, double *cand) {        \
         T xt[SPARSE_TILE_N * SPARSE_LANES];                                                      \
@@ -2232,7 +2253,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         if (in_float) sparse_tile_w_##SUFFIX(xt, n, top, inv, w, wf, sum);                       \
         else sparse_tile_w_##SUFFIX(xt, n, top, inv, w, NULL, sum);                              \
         /* (tiles that span more than τ and do not sort, of more than SORT_N entries or in      \
-           float64: budgets below SPARSE_TOP_SLOTS from a list of the top entries) */           \
+           float64: budgets near 0 or n from a list of the extreme entries) */                   \
         T a[SPARSE_LANES], b[SPARSE_LANES];                                                      \
         const int listed = !sorted && spans && (n > SORT_N || sizeof(T) == sizeof(double)) &&    \
                            sparse_tile_top_##SUFFIX(xt, n, k, go, a, b);                         \
@@ -2370,7 +2391,8 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             active[l] = go[l] ? 1 : 0;                                                           \
         }                                                                                        \
         for (int l = 0; order_lo && l < SPARSE_LANES; ++l) {                                     \
-            if (!go[l] || order_lo[l] != order_lo[l]) continue; /* (NaN: no order statistics) */ \
+            if (!go[l] || order_lo[l] != order_lo[l] || order_hi[l] != order_hi[l])              \
+                continue; /* (NaN: no order statistics) */                                       \
             /* the order-statistics bracket (b − 1, a], and a start at the all-free root if it   \
                lies inside, else at the root where a and b alone are free (a − (k − ⌊k⌋) when    \
                a = b) */                                                                         \
@@ -2592,5 +2614,37 @@ int gradkit_sparse_vjp(int is_double, const void *grad, const void *p, void *out
                        int64_t rows, int64_t n, double tau, const double *taus, int threads) {
     SparseJob job = {is_double ? 3 : 2, grad, p, out, mean, NULL, taus, 0, rows, n, 0.0, tau};
     return sparse_run_parallel(job, rows, threads);
+}
+
+/* For the tests: per row of x (n ≤ SPARSE_TILE_N entries, budgets k), the order statistics that
+   sparse_tile_top reads off its lists (the ⌈k⌉-th and (⌊k⌋+1)-th largest entries) in a and b,
+   NaN for budgets it does not list, SPARSE_LANES rows at a time; rows past the last whole tile
+   are not written.  Returns 1 (nothing written) for n out of range. */
+#define DEFINE_ORDER_TILE(T, SUFFIX)                                                             \
+    static void order_tile_##SUFFIX(const T *x, const double *k, T *a, T *b, int64_t n) {        \
+        T xt[SPARSE_TILE_N * SPARSE_LANES];                                                      \
+        int go[SPARSE_LANES];                                                                    \
+        for (int l = 0; l < SPARSE_LANES; ++l) go[l] = 1;                                        \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            for (int l = 0; l < SPARSE_LANES; ++l) xt[i * SPARSE_LANES + l] = x[l * n + i];      \
+        if (!sparse_tile_top_##SUFFIX(xt, n, k, go, a, b))                                       \
+            for (int l = 0; l < SPARSE_LANES; ++l) a[l] = b[l] = (T)NAN;                         \
+    }
+
+DEFINE_ORDER_TILE(float, f32)
+DEFINE_ORDER_TILE(double, f64)
+
+int gradkit_order_tiles(int is_double, const void *x, const double *k, void *a, void *b,
+                        int64_t rows, int64_t n) {
+    if (n < 1 || n > SPARSE_TILE_N) return 1;
+    for (int64_t row = 0; row + SPARSE_LANES <= rows; row += SPARSE_LANES) {
+        if (is_double)
+            order_tile_f64((const double *)x + row * n, k + row, (double *)a + row,
+                           (double *)b + row, n);
+        else
+            order_tile_f32((const float *)x + row * n, k + row, (float *)a + row,
+                           (float *)b + row, n);
+    }
+    return 0;
 }
 /* ================================================================== end of sparse_topk */
