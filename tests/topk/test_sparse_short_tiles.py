@@ -362,10 +362,10 @@ def test_the_tiles_solve_the_rows_they_take_without_falling_back(n, dtype):
 @pytest.mark.parametrize("n", [12, 17, 33, 64])
 def test_tiles_of_budgets_near_the_ends_start_from_a_list_of_their_extreme_entries(n, dtype):
     # Tiles of more than 16 entries (any in float64) spanning more than τ read the order
-    # statistics of budgets below 4, or within 4 of n, off a per-lane list of the 4 largest
-    # (smallest) entries: the start brackets the root between them. Budgets at both ends and in
-    # the middle in one tile, whole and fractional; ties at the top, +inf entries (counted in
-    # k), −inf masks (at the bottom of the list), a NaN row; spreads from 0.7 to 1000 τ.
+    # statistics of budgets below 8 (4 in tiles of 16 or fewer), or as near n, off a per-lane
+    # list of the largest (smallest) entries: the start brackets the root. Budgets at both
+    # ends and in the middle in one tile, whole and fractional; ties at the top, +inf entries
+    # (counted in k), −inf masks (at the bottom of the list), a NaN row; spreads 0.7–1000 τ.
     library = _native._load()
     _tile_counts(library)  # (reset)
     rows = 576
@@ -378,9 +378,9 @@ def test_tiles_of_budgets_near_the_ends_start_from_a_list_of_their_extreme_entri
     x[100, 5] = math.nan
     plus = (x == math.inf).sum(-1).double()
     live = (x > -math.inf).sum(-1).double() - plus
-    shares = torch.tensor([0.5, 1.0, 1.5, 2.0, 2.7, 3.0, 3.9, 6.0, -0.5, -1.0, -2.5, -3.5])
+    shares = torch.tensor([0.5, 1.0, 2.7, 3.9, 5.0, 7.5, 12.0, -0.5, -2.5, -3.5, -6.0, -7.9])
     share = shares.double().repeat(rows // len(shares))
-    k = plus + torch.where(share > 0, share, live + share)
+    k = plus + torch.where(share > 0, share, live + share).clamp(0.25, None).minimum(live - 0.25)
     p, status = _native.sparse_solve(x.to(dtype), k, 1.0)
     assert status.eq(0).all()
     assert _tile_counts(library) == (0, 0)
@@ -391,8 +391,9 @@ def test_tiles_of_budgets_near_the_ends_start_from_a_list_of_their_extreme_entri
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [1, 4, 5, 8, 9, 16, 17, 40, 64])
 def test_the_tiles_lists_give_the_order_statistics_of_budgets_near_the_ends(n, dtype):
-    # The lists of each lane's 4 largest (smallest) entries give the ⌈k⌉-th and (⌊k⌋+1)-th
-    # largest for budgets below 4 (above n − 4), NaN otherwise: checked on their own, through
+    # The lists of each lane's largest (smallest) entries, 8 long in tiles of more than 16
+    # entries and 4 otherwise, give the ⌈k⌉-th and (⌊k⌋+1)-th largest for budgets below that
+    # length (or within it of n), NaN otherwise: checked on their own, through
     # the kernel's test entry point, against torch.sort. A wrong list or rank would only slow
     # the solves (they converge from any start). Ties, ±inf entries, whole and fractional k;
     # 19 rows (two whole tiles; the last 3 rows are not written).
@@ -400,8 +401,9 @@ def test_the_tiles_lists_give_the_order_statistics_of_budgets_near_the_ends(n, d
     x[::3] = x[::3].round()  # ties
     x[1::4, 0] = -math.inf
     x[2::5, -1] = math.inf
-    shares = torch.tensor([0.5, 1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 7.0], dtype=torch.float64)
+    shares = torch.tensor([0.5, 2.0, 3.5, 4.0, 5.5, 7.0, 7.5, 8.0], dtype=torch.float64)
     k = torch.cat([shares, n - shares, shares[:3]]).clamp(0.25, n - 0.25)
+    length = 8 if n > 16 else 4
     a = torch.full((19,), 7.0, dtype=dtype)
     b = torch.full((19,), 7.0, dtype=dtype)
     library = _native._load()
@@ -413,7 +415,7 @@ def test_the_tiles_lists_give_the_order_statistics_of_budgets_near_the_ends(n, d
     assert entry(double, x.data_ptr(), k.data_ptr(), a.data_ptr(), b.data_ptr(), 19, n) == 0
     ordered = x.sort(dim=-1, descending=True).values
     for r in range(16):
-        listed = float(k[r]) < 4 or float(k[r]) > n - 4
+        listed = float(k[r]) < length or float(k[r]) > n - length
         up, down = math.ceil(float(k[r])) - 1, math.floor(float(k[r]))
         expected_a = ordered[r, up] if listed else math.nan
         expected_b = ordered[r, down] if listed else math.nan

@@ -1646,8 +1646,9 @@ int gradkit_sort_tiles(int is_double, const void *x, void *out, int64_t rows, in
  * per vector lane, by the same steps (sparse_tile_solve), +inf entries included; float32 tiles
  * take those steps in float, then one exact pass in double (sparse_tile_exact).  Tiles start
  * from the all-free root, or from the order-statistics bracket: off a sorting network (wide
- * float32 tiles of at most SORT_N entries) or, for budgets below SPARSE_TOP_SLOTS or within it
- * of n, off a list of each lane's largest or smallest entries (sparse_tile_top).
+ * float32 tiles of at most SORT_N entries) or, for budgets below SPARSE_TOP_SLOTS (4 in tiles of
+ * at most SORT_N entries) or as near n, off a list of each lane's largest or smallest entries
+ * (sparse_tile_top).
  * +inf entries take k/m each (at most 1) of the budget, a NaN makes its row NaN (as _sparse.py).
  * status: 0 solved; 1 w overflows; 3 no convergence or no memory (the caller solves the row).
  */
@@ -1693,9 +1694,10 @@ void gradkit_sparse_tile_counts(int64_t *counts) {
 #define SPARSE_SORT_WIDE 16.0
 #define SPARSE_SORT_NEAR 8.0   /* … or more than this many, in tiles whose budgets all lie within */
 #define SPARSE_SORT_SHARE 0.25 /* … this share of the live count from 0 or from it */
-/* Tiles without the sorting network read the order statistics of budgets below this, or within
-   it of n, off a per-lane list of the largest (smallest) entries, kept by max/min insertion. */
-#define SPARSE_TOP_SLOTS 4
+/* Tiles without the sorting network read the order statistics of budgets below this (4 in tiles
+   of at most SORT_N entries), or as near n, off a per-lane list of the largest (smallest)
+   entries, kept by max/min insertion; a list is 4 long where every budget it serves fits. */
+#define SPARSE_TOP_SLOTS 8
 /* |U|, |F| and Σ_F w at t over finite w (vectorised). */
 static void sparse_stats(const double *w, int64_t n, double t, double *upper, double *count,
                          double *total) {
@@ -2101,17 +2103,18 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
-    /* The SPARSE_TOP_SLOTS largest (largest = 1) or smallest entries of lanes h·WIDTH… of a     \
-       transposed tile xt, in order from the end, by max/min insertion in registers. */          \
+    /* The `slots` (≤ SPARSE_TOP_SLOTS) largest (largest = 1) or smallest entries of lanes       \
+       h·WIDTH… of a transposed tile xt, in order from the end, by max/min insertion in          \
+       registers; the other slots ±inf. */                                                       \
     static inline void sparse_tile_list_##SUFFIX(const T *xt, int64_t n, int h, int largest,     \
-                                                 tile_vec_##SUFFIX *slot) {                      \
+                                                 int slots, tile_vec_##SUFFIX *slot) {           \
         enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T) };                                  \
         const tile_vec_##SUFFIX none = (tile_vec_##SUFFIX){0};                                   \
         for (int j = 0; j < SPARSE_TOP_SLOTS; ++j) slot[j] = none + (largest ? -1 : 1) * (T)INFINITY; \
         for (int64_t i = 0; i < n; ++i) {                                                        \
             tile_vec_##SUFFIX v;                                                                 \
             memcpy(&v, xt + i * SPARSE_LANES + h * WIDTH, sizeof v);                             \
-            for (int j = 0; j < SPARSE_TOP_SLOTS; ++j) { /* (NaN lanes: not listed) */           \
+            for (int j = 0; j < slots; ++j) { /* (NaN lanes: not listed) */                      \
                 tile_mask_##SUFFIX in = largest ? v > slot[j] : v < slot[j];                     \
                 tile_vec_##SUFFIX kept = tile_select_##SUFFIX(in, v, slot[j]);                   \
                 v = tile_select_##SUFFIX(in, slot[j], v);                                        \
@@ -2121,22 +2124,29 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
     }                                                                                            \
                                                                                                  \
     /* Per lane l of a transposed tile xt (any n, go[l] set) whose budget k[l] lies below        \
-       SPARSE_TOP_SLOTS, or within it of n: the ⌈k⌉-th and (⌊k⌋+1)-th largest entries, in a[l]   \
-       and b[l], off a list of the lane's largest (or smallest) entries (sparse_tile_list); NaN  \
-       for the other lanes.  Returns the number of lanes given their order statistics. */        \
+       SPARSE_TOP_SLOTS (4 for n ≤ SORT_N), or as near n: the ⌈k⌉-th and (⌊k⌋+1)-th largest     \
+       entries, in a[l] and b[l], off a list of the lane's largest (or smallest) entries         \
+       (sparse_tile_list); NaN for the other lanes.  Returns the number of lanes listed. */      \
     static int sparse_tile_top_##SUFFIX(const T *xt, int64_t n, const double *k, const int *go,  \
                                         T *a, T *b) {                                            \
         enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T), PARTS = SPARSE_LANES / WIDTH };    \
         int tops = 0, bottoms = 0;                                                               \
-        const double near_n = (double)(n - SPARSE_TOP_SLOTS); /* (k above it: from the bottom) */ \
+        const double slots = n > SORT_N ? SPARSE_TOP_SLOTS : 4; /* (short rows: lists of 4) */   \
+        const double near_n = (double)n - slots; /* (k above it: from the bottom) */             \
+        double depth[2] = {0.0, 0.0}; /* (the slots each list needs) */                          \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
-            tops += go[l] && k[l] < SPARSE_TOP_SLOTS;                                            \
-            bottoms += go[l] && k[l] >= SPARSE_TOP_SLOTS && k[l] > near_n;                       \
+            int top = go[l] && k[l] < slots;                                                     \
+            int bottom = go[l] && !top && k[l] > near_n;                                         \
+            double need_top = floor(k[l]) + 1.0, need_bottom = (double)n - ceil(k[l]) + 1.0;     \
+            depth[0] = top && need_top > depth[0] ? need_top : depth[0];                         \
+            depth[1] = bottom && need_bottom > depth[1] ? need_bottom : depth[1];                \
+            tops += top;                                                                         \
+            bottoms += bottom;                                                                   \
         }                                                                                        \
         if (!tops && !bottoms) return 0;                                                         \
         T up[2][SPARSE_LANES], down[2][SPARSE_LANES]; /* (slot indices per list; −1: none) */    \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
-            int top = go[l] && k[l] < SPARSE_TOP_SLOTS;                                          \
+            int top = go[l] && k[l] < slots;                                                     \
             int bottom = go[l] && !top && k[l] > near_n;                                         \
             double above = ceil(k[l]) - 1.0, below = floor(k[l]); /* (ranks from the top) */     \
             up[0][l] = top ? (T)above : (T)-1;                                                   \
@@ -2149,7 +2159,10 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             tile_vec_##SUFFIX at = none + (T)NAN, bt = none + (T)NAN, ua, db;                    \
             for (int end = 0; end < 2; ++end) {                                                  \
                 if (end == 0 ? !tops : !bottoms) continue;                                       \
-                sparse_tile_list_##SUFFIX(xt, n, h, end == 0, slot);                             \
+                if (depth[end] <= 4) /* (two calls: each list's length a constant) */            \
+                    sparse_tile_list_##SUFFIX(xt, n, h, end == 0, 4, slot);                      \
+                else                                                                             \
+                    sparse_tile_list_##SUFFIX(xt, n, h, end == 0, SPARSE_TOP_SLOTS, slot);       \
                 memcpy(&ua, up[end] + h * WIDTH, sizeof ua);                                     \
                 memcpy(&db, down[end] + h * WIDTH, sizeof db);                                   \
                 for (int j = 0; j < SPARSE_TOP_SLOTS; ++j) {                                     \
@@ -2187,7 +2200,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
     /* SPARSE_LANES rows of n ≤ SPARSE_TILE_N at once by sparse_tile_solve (+inf entries      \
        included): float32 tiles whose rows all span 2–SPARSE_FLOAT_SPAN τ (where the all-free  \
        start lies a few passes from the root) take the passes in float, then                   \
-       sparse_tile_exact.  Lanes of budgets below SPARSE_TOP_SLOTS or within it of n, in       \
+       sparse_tile_exact.  Lanes of budgets near 0 or n (sparse_tile_top), in                  \
        tiles spanning more than τ that do not sort, start from the order statistics off        \
        sparse_tile_top (from the all-free root, 6–10 passes a tile of 64 entries; from the     \
        lists, 2–3).  The rows it does not take (NaN, budgets with nothing to solve, overflow)  \
