@@ -2139,35 +2139,30 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
     static int sparse_tile_top_##SUFFIX(const T *xt, int64_t n, const double *k, const int *go,  \
                                         T *a, T *b) {                                            \
         enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T), PARTS = SPARSE_LANES / WIDTH };    \
-        int tops = 0, bottoms = 0;                                                               \
+        int listed = 0;                                                                          \
         const double slots = n > SORT_N ? SPARSE_TOP_SLOTS : 4; /* (short rows: lists of 4) */   \
         const double near_n = (double)n - slots; /* (k above it: from the bottom) */             \
-        double depth[2] = {0.0, 0.0}; /* (the slots each list needs) */                          \
-        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
-            int top = go[l] && k[l] < slots;                                                     \
-            int bottom = go[l] && !top && k[l] > near_n;                                         \
-            double need_top = floor(k[l]) + 1.0, need_bottom = (double)n - ceil(k[l]) + 1.0;     \
-            depth[0] = top && need_top > depth[0] ? need_top : depth[0];                         \
-            depth[1] = bottom && need_bottom > depth[1] ? need_bottom : depth[1];                \
-            tops += top;                                                                         \
-            bottoms += bottom;                                                                   \
-        }                                                                                        \
-        if (!tops && !bottoms) return 0;                                                         \
         T up[2][SPARSE_LANES], down[2][SPARSE_LANES]; /* (slot indices per list; −1: none) */    \
+        double depth[2] = {0.0, 0.0}; /* (the slots each list needs: 0 for a list not used) */   \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             int top = go[l] && k[l] < slots;                                                     \
             int bottom = go[l] && !top && k[l] > near_n;                                         \
             double above = ceil(k[l]) - 1.0, below = floor(k[l]); /* (ranks from the top) */     \
+            double last = (double)n - 1.0; /* (ranks from the bottom: last − rank) */            \
             up[0][l] = top ? (T)above : (T)-1;                                                   \
             down[0][l] = top ? (T)below : (T)-1;                                                 \
-            up[1][l] = bottom ? (T)((double)n - 1.0 - above) : (T)-1;                            \
-            down[1][l] = bottom ? (T)((double)n - 1.0 - below) : (T)-1;                          \
+            up[1][l] = bottom ? (T)(last - above) : (T)-1;                                       \
+            down[1][l] = bottom ? (T)(last - below) : (T)-1;                                     \
+            depth[0] = top && below + 1.0 > depth[0] ? below + 1.0 : depth[0];                   \
+            depth[1] = bottom && last - above + 1.0 > depth[1] ? last - above + 1.0 : depth[1];  \
+            listed += top + bottom;                                                              \
         }                                                                                        \
+        if (!listed) return 0;                                                                   \
         for (int h = 0; h < PARTS; ++h) {                                                        \
             tile_vec_##SUFFIX slot[SPARSE_TOP_SLOTS], none = (tile_vec_##SUFFIX){0};             \
             tile_vec_##SUFFIX at = none + (T)NAN, bt = none + (T)NAN, ua, db;                    \
             for (int end = 0; end < 2; ++end) {                                                  \
-                if (end == 0 ? !tops : !bottoms) continue;                                       \
+                if (depth[end] == 0.0) continue;                                                 \
                 if (depth[end] <= 4) /* (two calls: each list's length a constant) */            \
                     sparse_tile_list_##SUFFIX(xt, n, h, end == 0, 4, slot);                      \
                 else                                                                             \
@@ -2182,7 +2177,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             memcpy(a + h * WIDTH, &at, sizeof at);                                               \
             memcpy(b + h * WIDTH, &bt, sizeof bt);                                               \
         }                                                                                        \
-        return tops + bottoms;                                                                   \
+        return listed;                                                                           \
     }                                                                                            \
                                                                                                  \
     /* w = (x − top)·inv per lane of a transposed tile xt, in double (∓DBL_MAX where masked or   \
@@ -2299,8 +2294,10 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             sparse_tile_exact(w, n, k, t, go);                                                   \
             int again = 0;                                                                       \
             for (int l = 0; l < SPARSE_LANES; ++l) again += go[l] = go[l] && taken[l];           \
-            if (again) COUNT_EVENTS(sparse_tile_retries, again);                                 \
-            if (again) sparse_tile_solve_f64(w, n, k, lo, live, plus, sum, t, NULL, NULL, t, go); \
+            if (again) {                                                                         \
+                COUNT_EVENTS(sparse_tile_retries, again);                                        \
+                sparse_tile_solve_f64(w, n, k, lo, live, plus, sum, t, NULL, NULL, t, go);       \
+            }                                                                                    \
         } else {                                                                                 \
             sparse_tile_solve_f64(w, n, k, lo, live, plus, sum, NULL,                            \
                                   sorted || listed ? order_lo : NULL, order_hi, t, go);          \
