@@ -415,15 +415,12 @@ def test_the_tiles_lists_give_the_order_statistics_of_budgets_near_the_ends(n, d
     assert entry(double, x.data_ptr(), k.data_ptr(), a.data_ptr(), b.data_ptr(), 19, n) == 0
     ordered = x.sort(dim=-1, descending=True).values
     for r in range(16):
-        listed = float(k[r]) < length or float(k[r]) > n - length
-        up, down = math.ceil(float(k[r])) - 1, math.floor(float(k[r]))
-        expected_a = ordered[r, up] if listed else math.nan
-        expected_b = ordered[r, down] if listed else math.nan
-        assert torch.equal(a[r], torch.as_tensor(expected_a, dtype=dtype)) or (
-            not listed and bool(a[r].isnan())
-        ), (r, float(k[r]))
-        assert torch.equal(b[r], torch.as_tensor(expected_b, dtype=dtype)) or (
-            not listed and bool(b[r].isnan())
-        ), (r, float(k[r]))
+        budget = float(k[r])
+        if budget < length or budget > n - length:
+            up, down = math.ceil(budget) - 1, math.floor(budget)
+            assert torch.equal(a[r], ordered[r, up]), (r, budget)
+            assert torch.equal(b[r], ordered[r, down]), (r, budget)
+        else:
+            assert bool(a[r].isnan() and b[r].isnan()), (r, budget)
     assert bool((a[16:] == 7).all() and (b[16:] == 7).all())
     assert entry(0, x.data_ptr(), k.data_ptr(), a.data_ptr(), b.data_ptr(), 19, 65) == 1
