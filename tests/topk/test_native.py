@@ -73,8 +73,9 @@ def test_kernel_matches_the_torch_path(seed, dtype):
     x, k, temperature = _problem(seed, dtype)
     solved = _native.solve(x, k, 1.0 / temperature)
     assert solved is not None
-    p, status = solved
+    p, status, unsolved = solved
     taken = status == 0
+    assert unsolved == 0
     assert taken.all(), "finite rows must all be taken on"
     expected = _torch_path(x, k, temperature)
     eps = torch.finfo(dtype).eps
@@ -88,7 +89,7 @@ def test_kernel_matches_the_torch_path(seed, dtype):
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
 def test_kernel_matches_bisection_reference_float64(k, temperature):
     x = torch.randn(20, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-    p, status = _native.solve(x, k, 1.0 / temperature)
+    p, status, _ = _native.solve(x, k, 1.0 / temperature)
     assert bool((status == 0).all())
     torch.testing.assert_close(p, reference_soft_topk(x, k, temperature), atol=1e-13, rtol=0)
 
@@ -103,7 +104,7 @@ def test_special_rows_are_solved_by_the_kernel_like_the_torch_path(seed):
     x[3, 9] = -math.inf  # masked: p = 0
     x[4] *= 100.0  # spread ≫ 16·τ: the order-statistics start
     x[5] = 0.25  # exact ties: p = k/n
-    _, status = _native.solve(x, 5.0, 1.0)
+    _, status, _ = _native.solve(x, 5.0, 1.0)
     assert status.tolist() == [0] * 6
     p = soft_topk(x, 5)
     with _native.disabled():
@@ -133,7 +134,7 @@ def test_kernel_masks_minus_inf_entries_like_the_torch_path(k, temperature, dtyp
     density = torch.tensor([[1.0], [0.8], [0.5], [0.1], [0.0]])
     keep = torch.rand(5, 40, generator=generator) < density
     x = torch.where(keep, x, -math.inf)
-    _, status = _native.solve(x, k, 1.0 / temperature)
+    _, status, _ = _native.solve(x, k, 1.0 / temperature)
     assert bool((status == 0).all())
     got = soft_topk(x, k, temperature=temperature)
     with _native.disabled():
@@ -151,7 +152,7 @@ def test_kernel_masks_minus_inf_entries_like_the_torch_path(k, temperature, dtyp
 def test_kernel_at_small_temperatures_matches_the_torch_path(n, k, temperature, dtype):
     # Rows spanning many τ: order-statistics start, exponentials stored relative to it.
     x = torch.randn(24, n, generator=torch.Generator().manual_seed(11)).to(dtype)
-    p, status = _native.solve(x, float(k), 1.0 / temperature)
+    p, status, _ = _native.solve(x, float(k), 1.0 / temperature)
     assert bool((status == 0).all())
     expected = _torch_path(x, float(k), temperature)
     # Both resolve θ to an ulp of x/τ; p moves by at most v·Δθ/τ ≤ Δθ/(4τ).
@@ -173,7 +174,7 @@ def test_kernel_solves_every_temperature_itself(n, dtype):
     x[2::5, 3] = math.inf
     k = torch.tensor([2.3, 1.7, 5.5, 8.9] * 4, dtype=torch.float64)
     for temperature in (1e-6, 1e-12, 1e-15, 1e-40, 1e-300):
-        p, status = _native.solve(x, k, 1.0 / temperature)
+        p, status, _ = _native.solve(x, k, 1.0 / temperature)
         assert status.tolist() == [0] * 16, temperature
         finite = x.isfinite().all(-1)
         expected = reference_soft_topk_centred(x[finite], k[finite], temperature)
@@ -184,10 +185,33 @@ def test_kernel_solves_every_temperature_itself(n, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("entry", [_native.solve, _native.sparse_solve])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_solves_count_the_rows_they_hand_back(entry, dtype, threads):
+    # The callers read the per-row statuses only when this count is nonzero, so it must be
+    # exact, summed over the kernel's threads too.  A NaN budget (the public API rejects it)
+    # is a row the kernel does not take on (status 3).
+    x = seeded_randn(4096, 64, dtype=dtype, seed=31)
+    budgets = torch.full((4096,), 3.0, dtype=torch.float64)
+    budgets[5::7] = math.nan
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, status, unsolved = entry(x, budgets, 1.0)
+        _, clean_status, clean_unsolved = entry(x, 3.0, 1.0)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(status != 0, budgets.isnan())
+    assert unsolved == len(range(5, 4096, 7))
+    assert clean_unsolved == 0 and int(clean_status.count_nonzero()) == 0
+
+
+@needs_kernel
 def test_kernel_takes_every_row_of_a_common_batch():
     # The benchmark shapes at τ = 1: no row may silently fall back to the slow path.
     for rows, n, k in [(4096, 64, 2), (256, 1000, 10), (16, 32000, 1000)]:
-        _, status = _native.solve(seeded_randn(rows, n, dtype=torch.float32), float(k), 1.0)
+        _, status, _ = _native.solve(seeded_randn(rows, n, dtype=torch.float32), float(k), 1.0)
         assert int(status.count_nonzero()) == 0, (rows, n, k)
 
 
@@ -231,7 +255,7 @@ def test_kernel_is_not_used_where_it_cannot_apply():
 def test_kernel_takes_strided_inputs_and_expanded_cotangents():
     # dim=0 selections arrive transposed, .sum() sends a stride-0 cotangent: one copy each.
     x = seeded_randn(30, 8)
-    p, status = _native.solve(x.t(), 3.0, 1.0)
+    p, status, _ = _native.solve(x.t(), 3.0, 1.0)
     assert bool((status == 0).all())
     torch.testing.assert_close(p, _torch_path(x.t().contiguous(), 3.0, 1.0))
     g = seeded_randn(30, seed=1).expand(8, 30)
@@ -274,7 +298,7 @@ def test_kernel_keeps_full_precision_for_offset_scores(offset):
     # It solves relative to each row's maximum, so a common offset costs no precision in θ
     # (the PyTorch path's θ is resolved to eps·|θ/τ|: ~1e-4 of mass at offset 1e4).
     x = torch.randn(16, 300, generator=torch.Generator().manual_seed(5)) + offset
-    p, status = _native.solve(x, 10.0, 1.0)
+    p, status, _ = _native.solve(x, 10.0, 1.0)
     assert bool((status == 0).all())
     expected = reference_soft_topk(x.double(), 10.0, 1.0)
     assert (p.double() - expected).abs().max().item() < 2e-6
@@ -288,7 +312,7 @@ def test_kernel_takes_per_row_budgets(dtype):
     x = torch.randn(7, 40, generator=generator).to(dtype)
     budgets = torch.tensor([0.0, 0.5, 3.0, 17.25, 20.0, 39.5, 40.0], dtype=dtype)
     for temperature in (1.0, 0.01):
-        p, status = _native.solve(x, budgets, 1.0 / temperature)
+        p, status, _ = _native.solve(x, budgets, 1.0 / temperature)
         assert bool((status == 0).all())
         expected = _torch_path(x, budgets, temperature)
         eps = torch.finfo(dtype).eps
@@ -299,7 +323,7 @@ def test_kernel_takes_per_row_budgets(dtype):
 
 
 def _check_against_torch_path(x, k, temperature, atol):
-    p, status = _native.solve(x, k, 1.0 / temperature)
+    p, status, _ = _native.solve(x, k, 1.0 / temperature)
     assert bool((status == 0).all())
     torch.testing.assert_close(p, _torch_path(x, k, temperature), rtol=0, atol=atol, equal_nan=True)
     return p
@@ -335,7 +359,7 @@ def test_kernel_makes_a_nan_slice_nan_and_leaves_the_others(dtype):
     x[1, 4] = math.nan
     x[2, 0] = math.nan
     x[2, 1] = math.inf
-    p, status = _native.solve(x, 3.0, 1.0)
+    p, status, _ = _native.solve(x, 3.0, 1.0)
     assert bool((status == 0).all())
     assert bool(p[1].isnan().all()) and bool(p[2].isnan().all())
     assert not bool(p[[0, 3]].isnan().any())
@@ -352,17 +376,17 @@ def test_wide_rows_match_the_reference_across_budgets_float64(spread, n):
     x = seeded_randn(3, n, seed=n, dtype=torch.float64) * spread
     budgets = sorted({1, 2, 10, n // 100, n // 10, n // 2, n - 1, 2.5, n / 3 + 0.25} - {0})
     for k in budgets:
-        p, status = _native.solve(x, float(k), 1.0)
+        p, status, _ = _native.solve(x, float(k), 1.0)
         assert bool((status == 0).all()), (n, spread, k)
         torch.testing.assert_close(p, reference_soft_topk(x, k), rtol=0, atol=1e-9)
     per_row = torch.tensor([1.0, n / 2 + 0.5, n - 1.5], dtype=torch.float64)
-    p, status = _native.solve(x, per_row, 1.0)
+    p, status, _ = _native.solve(x, per_row, 1.0)
     assert bool((status == 0).all())
     torch.testing.assert_close(p, reference_soft_topk(x, per_row), rtol=0, atol=1e-9)
     masked = x.clone()
     masked[:, ::2] = -math.inf
     k = max(1, n // 10)
-    p, status = _native.solve(masked, float(k), 1.0)
+    p, status, _ = _native.solve(masked, float(k), 1.0)
     assert bool((status == 0).all())
     live = reference_soft_topk(x[:, 1::2], k)
     torch.testing.assert_close(p[:, 1::2], live, rtol=0, atol=1e-9)
@@ -376,7 +400,7 @@ def test_kernel_float32_matches_the_float64_reference(spread, n):
     x64 = seeded_randn(4, n, seed=7, dtype=torch.float64) * spread
     x = x64.float()
     for k in sorted({1, 2, 10, n // 10, n // 2, n - 1}):
-        p, status = _native.solve(x, float(k), 1.0)
+        p, status, _ = _native.solve(x, float(k), 1.0)
         assert bool((status == 0).all())
         # θ to float32's resolution at the scale of x: |Δp| ≤ max v·|Δθ| ≤ |Δθ|/4.
         theta_ulp = torch.finfo(torch.float32).eps * max(1.0, float(x.abs().max()))
@@ -398,7 +422,7 @@ def test_long_wide_rows_of_small_budgets_match_the_reference(n, spread, dtype):
     theta_ulp = torch.finfo(dtype).eps * float(x.abs().max())
     tolerance = 16 * theta_ulp + 4 * n * torch.finfo(torch.float64).eps
     for k in [1.0, 1.5, 2.0, 13.75, 14.0, 20.0, n - 2.0]:
-        p, status = _native.solve(x.to(dtype), k, 1.0)
+        p, status, _ = _native.solve(x.to(dtype), k, 1.0)
         assert bool((status == 0).all()), (k, status.tolist())
         expected = reference_soft_topk(x.to(dtype).double(), k)
         torch.testing.assert_close(p.double(), expected, rtol=0, atol=tolerance)
@@ -406,7 +430,7 @@ def test_long_wide_rows_of_small_budgets_match_the_reference(n, spread, dtype):
     masked = torch.where(live, x, -math.inf)
     # (live − 2: the flipped scan, where a masked entry's −inf·(−1/τ) must not enter the list)
     for k in [2.0, 14.5, int(live.sum()) - 2.0]:
-        p, status = _native.solve(masked.to(dtype), k, 1.0)
+        p, status, _ = _native.solve(masked.to(dtype), k, 1.0)
         assert bool((status == 0).all()), (k, status.tolist())
         expected = reference_soft_topk(x[:, live].to(dtype).double(), k)
         torch.testing.assert_close(p[:, live].double(), expected, rtol=0, atol=tolerance)
@@ -422,7 +446,7 @@ def test_long_wide_rows_whose_root_lies_far_below_the_start(k, dtype):
     n = 2000
     x = seeded_randn(2, n, seed=11, dtype=torch.float64) * 10 - 60
     x[:, :15] = 0.0
-    p, status = _native.solve(x.to(dtype), k, 1.0)
+    p, status, _ = _native.solve(x.to(dtype), k, 1.0)
     assert bool((status == 0).all())
     expected = reference_soft_topk(x, k)
     tolerance = 64 * torch.finfo(dtype).eps * 100
@@ -440,7 +464,7 @@ def test_far_entries_weigh_in_to_second_order(far_at, count):
     mpmath = pytest.importorskip("mpmath")
     k, groups = 10.5, [(0.1, 10), (0.0, 1), (-far_at, count), (-40.0, 1)]
     x = torch.cat([torch.full((size,), value, dtype=torch.float64) for value, size in groups])
-    p, status = _native.solve(x[None], k, 1.0)
+    p, status, _ = _native.solve(x[None], k, 1.0)
     assert int(status[0]) == 0
     with mpmath.workdps(40):
 

@@ -62,7 +62,7 @@ def _tolerance(x: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _check_against_reference(x, k, temperature):
-    p, status = _native.solve(x, k, 1.0 / temperature)
+    p, status, _ = _native.solve(x, k, 1.0 / temperature)
     assert status.tolist() == [0] * x.shape[0], status.tolist()
     expected = _masked_reference(x, k, temperature)
     difference = (p.double() - expected).abs()
@@ -109,7 +109,7 @@ def test_short_rows_with_one_budget_for_all_match_the_reference(n, dtype):
     for k in [0.5, 1.0, 2.0, n / 10, n / 2, n - 1.0, n - 0.5]:
         if not 0 < k < n:
             continue
-        p, status = _native.solve(x, k, 1.0)
+        p, status, _ = _native.solve(x, k, 1.0)
         assert bool((status == 0).all())
         expected = _masked_reference(x, torch.full((16,), k, dtype=torch.float64), 1.0)
         difference = (p.double() - expected).abs()
@@ -129,7 +129,7 @@ def test_special_rows_inside_a_tile_are_solved_like_the_torch_path(n, dtype):
     x[6, 2] = -math.inf
     x[9] += 1e4  # a large common offset
     k = 0.5 * n
-    _, status = _native.solve(x, k, 1.0)
+    _, status, _ = _native.solve(x, k, 1.0)
     assert status.tolist() == [0] * 16
     p = _native.solve(x, k, 1.0)[0]
     with _native.disabled():
@@ -282,7 +282,7 @@ def test_plus_inf_entries_inside_a_tile_are_solved_like_the_torch_path(n, dtype)
     live = (x > -math.inf).sum(-1).double()
     share = torch.tensor([0.5, 1.0, 1.5, 0.3, 0.7, 0.95, 1.0] * 3, dtype=torch.float64)[:ROWS]
     k = torch.minimum(plus + (live - plus) * share - 0.25 * (share == 0.5), live)
-    p, status = _native.solve(x, k, 1.0)
+    p, status, _ = _native.solve(x, k, 1.0)
     assert status.tolist() == [0] * ROWS
     with _native.disabled():
         expected = _solve.solve_soft_topk(x, k.to(dtype), 1.0)
@@ -309,7 +309,7 @@ def test_sparse_short_rows_match_the_reference(n, dtype):
     scales = torch.tensor([0.1, 1.0, 3.0, 10.0, 30.0, 300.0] * 2, dtype=torch.float64)
     x = (seeded_randn(rows, n, seed=5 * n) * scales[:, None]).to(dtype)
     k = _edge_budgets(n, rows)
-    p, status = _native.sparse_solve(x, k, 1.0)
+    p, status, _ = _native.sparse_solve(x, k, 1.0)
     assert status.tolist() == [0] * rows
     expected = sparse_topk_reference(x, k, 1.0)
     eps = torch.finfo(dtype).eps
@@ -337,7 +337,7 @@ def test_sparse_short_path_masked_offset_rows_match_the_reference(n, dtype):
     live = n - n // 2
     k = [1.0, 2.5, live / 10, live / 2, live - 1.0, live - 0.5, 1.5, 3.0, live / 3, 2.0]
     k = torch.tensor(k, dtype=torch.float64)
-    p, status = _native.sparse_solve(x, k, 1.0)
+    p, status, _ = _native.sparse_solve(x, k, 1.0)
     assert status.tolist() == [0] * rows
     expected = sparse_topk_reference(x, k, 1.0)
     tolerance = 64 * torch.finfo(dtype).eps * 5000.0
@@ -358,7 +358,7 @@ def test_sparse_long_rows_match_the_sort_based_solve(dtype):
     x = (seeded_randn(8, 5000, seed=11) * scales[:, None] - 40.0).to(dtype)
     x[5, ::3] = -math.inf
     k = torch.tensor([1.0, 2.0, 50.0, 2.5, 15.0, 1600.0, 2500.0, 4999.0], dtype=torch.float64)
-    p, status = _native.sparse_solve(x, k, 0.5)
+    p, status, _ = _native.sparse_solve(x, k, 0.5)
     assert status.tolist() == [0] * 8
     expected = _sparse.solve_sparse_nosync(x.double(), k, 0.5)
     tolerance = 64 * torch.finfo(dtype).eps * 1e4
@@ -386,7 +386,7 @@ def test_sparse_kernel_solves_rows_with_infinities_and_nan(n, dtype):
     x = x.to(dtype)
     k = torch.tensor([2.5, 3.0, 4.0, 2.0, 20.0, 7.0, 24.0, 0.5, 0.0, n, 1.0, n - 0.5])
     k = k.double()
-    p, status = _native.sparse_solve(x, k, 0.7)
+    p, status, _ = _native.sparse_solve(x, k, 0.7)
     assert status.tolist() == [0] * 12
     expected = sparse_topk_reference(x, k, 0.7)
     assert torch.equal(p.isnan(), expected.isnan()) and bool(p[3].isnan().all())

@@ -84,7 +84,7 @@ def test_plus_inf_rows_are_solved_in_the_tile(n, dtype):
     x, k = _with_infinities(_rows(n, seed=31 * n))
     x = x.to(dtype)
     tau = torch.tensor([0.5, 1.0, 2.0, 0.25] * 5, dtype=torch.float64)[:ROWS]
-    p, status = _native.sparse_solve(x, k, tau)
+    p, status, _ = _native.sparse_solve(x, k, tau)
     assert status.tolist() == [0] * ROWS
     expected = _assert_close_to_reference(p, x, k, tau)
     plus = (x == math.inf).sum(-1).double()
@@ -114,7 +114,7 @@ def test_tile_rows_of_every_budget_and_spread_match_the_reference(n, dtype):
     k = (shares.repeat(3)[:ROWS] * live).clamp(min=0.25 if n > 1 else 0.5)
     k = torch.minimum(k, live - 0.25).clamp(min=0.0) if n > 1 else k.clamp(max=1.0)
     tau = torch.tensor([1.0, 0.5, 2.0] * 7, dtype=torch.float64)[:ROWS]
-    p, status = _native.sparse_solve(x, k, tau)
+    p, status, _ = _native.sparse_solve(x, k, tau)
     assert status.tolist() == [0] * ROWS
     expected = _assert_close_to_reference(p, x, k, tau)
     mass_error = (p.double().sum(-1) - expected.sum(-1)).abs()
@@ -131,7 +131,7 @@ def test_integer_budgets_on_wide_rows_match_the_reference(n, dtype):
     for k in sorted({1, 2, max(1, n // 10), max(1, n // 2), max(1, n - 1)}):
         if k >= n:
             continue
-        p, status = _native.sparse_solve(x, float(k), 1.0)
+        p, status, _ = _native.sparse_solve(x, float(k), 1.0)
         assert status.tolist() == [0] * ROWS
         _assert_close_to_reference(p, x, torch.full((ROWS,), float(k)), 1.0)
 
@@ -196,7 +196,7 @@ def test_wide_float32_rows_from_the_sorted_start_match_the_reference(n):
     fractional = plus + shares.repeat(11)[:rows] * live
     whole = plus + (shares.repeat(11)[:rows] * live).round().clamp(min=1.0)
     for k in (fractional, torch.minimum(whole, plus + live - 1).clamp(min=plus + 0.5)):
-        p, status = _native.sparse_solve(x, k, 1.0)
+        p, status, _ = _native.sparse_solve(x, k, 1.0)
         assert status.tolist() == [0] * rows
         _assert_close_to_reference(p, x, k, 1.0)  # (to within rounding at |x|: up to 1e4 τ)
 
@@ -211,7 +211,7 @@ def test_float32_tiles_whose_w_leaves_float_range_match_the_reference(n, tau):
     x = (seeded_randn(ROWS, n, seed=900 + n) * 3).float()
     x[::2, 1] = x[::2, 0] * (1 + 2**-20)  # near-ties at the top
     whole = torch.tensor([1.0, 2.0, 3.0, 0.5 * n, n - 1.0] * 4, dtype=torch.float64)[:ROWS]
-    p, status = _native.sparse_solve(x, whole, tau)
+    p, status, _ = _native.sparse_solve(x, whole, tau)
     assert status.tolist() == [0] * ROWS
     _assert_close_to_reference(p, x, whole, tau)
 
@@ -235,7 +235,7 @@ def test_float32_tiles_of_the_float_passes_match_the_reference(n):
     fractional = plus + shares.repeat(8) * live
     whole = plus + (shares.repeat(8) * live).round().clamp(1.0, n - 2.0)
     for k in (fractional, torch.minimum(whole, plus + live - 1)):
-        p, status = _native.sparse_solve(x, k, 1.0)
+        p, status, _ = _native.sparse_solve(x, k, 1.0)
         assert status.tolist() == [0] * rows
         expected = _assert_close_to_reference(p, x, k, 1.0)
         mass_error = (p.double().sum(-1) - expected.sum(-1)).abs()
@@ -269,7 +269,7 @@ def test_float32_tiles_find_the_double_passes_root_to_the_bit(kink):
     wide = (seeded_randn(1, n, seed=62) * 3000).float()
     x = torch.cat([rows, rows[:1], rows, wide])  # two tiles of 8 rows
     k = torch.tensor([12.5 if kink else 7.3] * 16, dtype=torch.float64)
-    p, status = _native.sparse_solve(x, k, 1.0)
+    p, status, _ = _native.sparse_solve(x, k, 1.0)
     assert status.tolist() == [0] * 16
     assert torch.equal(p[:7], p[8:15])
     _assert_close_to_reference(p, x, k, 1.0)
@@ -317,7 +317,7 @@ def test_float32_tiles_of_budgets_near_the_ends_from_the_sorted_start_match_the_
     for share in (0.1, 0.25, 0.8, 0.95, 0.5):
         for k in (plus + share * live, plus + (share * live).round().clamp(1.0, n - 2.0)):
             k = torch.minimum(k, plus + live - 0.5)
-            p, status = _native.sparse_solve(x, k, 1.0)
+            p, status, _ = _native.sparse_solve(x, k, 1.0)
             assert status.tolist() == [0] * rows
             _assert_close_to_reference(p, x, k, 1.0)
 
@@ -351,7 +351,7 @@ def test_the_tiles_solve_the_rows_they_take_without_falling_back(n, dtype):
     k = torch.rand(rows, generator=generator, dtype=torch.float64) * (live - 0.5) + 0.25
     k[::3] = k[::3].round().clamp(min=1.0)
     k = torch.minimum(k, live - 0.5)
-    p, status = _native.sparse_solve(x.to(dtype), k, 1.0)
+    p, status, _ = _native.sparse_solve(x.to(dtype), k, 1.0)
     assert status.eq(0).all()
     assert _tile_counts(library) == (0, 0)
     _assert_close_to_reference(p[:64], x.to(dtype)[:64], k[:64], 1.0)
@@ -381,7 +381,7 @@ def test_tiles_of_budgets_near_the_ends_start_from_a_list_of_their_extreme_entri
     shares = torch.tensor([0.5, 1.0, 2.7, 3.9, 5.0, 7.5, 12.0, -0.5, -2.5, -3.5, -6.0, -7.9])
     share = shares.double().repeat(rows // len(shares))
     k = plus + torch.where(share > 0, share, live + share).clamp(0.25, None).minimum(live - 0.25)
-    p, status = _native.sparse_solve(x.to(dtype), k, 1.0)
+    p, status, _ = _native.sparse_solve(x.to(dtype), k, 1.0)
     assert status.eq(0).all()
     assert _tile_counts(library) == (0, 0)
     _assert_close_to_reference(p, x.to(dtype), k, 1.0)

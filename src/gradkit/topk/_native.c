@@ -1491,6 +1491,13 @@ static int solve_row_far(const double *x, double *out, int64_t n, double k, doub
 
 /* ------------------------------------------------------------------ threading */
 
+/* The rows in [begin, end) of a solve whose status is nonzero (the caller solves them). */
+static int64_t count_unsolved(const void *status, int64_t begin, int64_t end) {
+    int64_t count = 0;
+    for (int64_t row = begin; row < end; ++row) count += ((const int32_t *)status)[row] != 0;
+    return count;
+}
+
 typedef struct {
     int op; /* 0 solve f32, 1 solve f64, 2 vjp f32, 3 vjp f64 */
     const void *a;
@@ -1500,6 +1507,7 @@ typedef struct {
     const double *budgets; /* per-row k for solves (NULL: k for every row) */
     int64_t row_begin, row_end, n;
     double k, inv_tau;
+    int64_t unsolved; /* solves: rows of this job left with a nonzero status (run_job sets it) */
 } Job;
 
 /* Solve (or differentiate) rows [*row, row_end) LANES at a time while whole tiles remain
@@ -1532,7 +1540,7 @@ static void run_tiles(const Job *job, int64_t *row) {
     }
 }
 
-static void run_job(const Job *job) {
+static void run_job(Job *job) {
     int64_t first = job->row_begin;
     run_tiles(job, &first);
     for (int64_t row = first; row < job->row_end; ++row) {
@@ -1561,11 +1569,12 @@ static void run_job(const Job *job) {
                 (double *)job->out + offset, job->n, job->inv_tau);
         }
     }
+    job->unsolved = job->op < 2 ? count_unsolved(job->aux, job->row_begin, job->row_end) : 0;
 }
 
 #ifndef _OPENMP
 static void *thread_main(void *arg) {
-    run_job((const Job *)arg);
+    run_job((Job *)arg);
     return NULL;
 }
 #endif
@@ -1574,7 +1583,9 @@ static void *thread_main(void *arg) {
 /* Rows of less than this many elements in total are not worth a thread. */
 #define MIN_ELEMENTS_PER_THREAD 16384
 
-static int run_parallel(Job base, int64_t rows, int threads) {
+/* Runs the rows in up to `threads` jobs; returns, for a solve, the number of rows left with a
+   nonzero status (0: every row solved, the caller need not read the statuses). */
+static int64_t run_parallel(Job base, int64_t rows, int threads) {
     int64_t useful = (rows * base.n) / MIN_ELEMENTS_PER_THREAD;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > useful) threads = (int)useful;
@@ -1588,7 +1599,7 @@ static int run_parallel(Job base, int64_t rows, int threads) {
     }
     if (threads == 1) {
         run_job(&jobs[0]);
-        return 1;
+        return jobs[0].unsolved;
     }
 #ifdef _OPENMP
     /* Built to share PyTorch's OpenMP runtime (its GOMP symbols are resolved at load time):
@@ -1609,24 +1620,26 @@ static int run_parallel(Job base, int64_t rows, int threads) {
             run_job(&jobs[j]); /* could not start a thread: do its rows here */
     }
 #endif
-    return threads;
+    int64_t unsolved = 0;
+    for (int j = 0; j < threads; ++j) unsolved += jobs[j].unsolved;
+    return unsolved;
 }
 
 /* ------------------------------------------------------------------ exported API */
 
-int gradkit_solve(int is_double, const void *x, void *out, int32_t *status, int64_t rows,
-                  int64_t n, double k, const double *budgets, double inv_tau, int threads) {
+int64_t gradkit_solve(int is_double, const void *x, void *out, int32_t *status, int64_t rows,
+                      int64_t n, double k, const double *budgets, double inv_tau, int threads) {
     Job job = {is_double ? 1 : 0, x, NULL, out, status, budgets, 0, rows, n, k, inv_tau};
     return run_parallel(job, rows, threads);
 }
 
-int gradkit_vjp(int is_double, const void *grad, const void *p, void *out, void *c,
-                int64_t rows, int64_t n, double inv_tau, int threads) {
+int64_t gradkit_vjp(int is_double, const void *grad, const void *p, void *out, void *c,
+                    int64_t rows, int64_t n, double inv_tau, int threads) {
     Job job = {is_double ? 3 : 2, grad, p, out, c, NULL, 0, rows, n, 0.0, inv_tau};
     return run_parallel(job, rows, threads);
 }
 
-int gradkit_abi_version(void) { return 3; }
+int gradkit_abi_version(void) { return 4; }
 
 /* For the tests: rows of x (n ≤ SORT_N entries each) in descending order, by the tiles'
    sorting network (tile_sort), LANES rows at a time; rows past the last whole tile are not
@@ -2512,9 +2525,17 @@ typedef struct {
     const double *budgets, *taus; /* per-row k and τ, or NULL */
     int64_t row_begin, row_end, n;
     double k, tau;
+    int64_t unsolved; /* solves: rows of this job left with a nonzero status */
 } SparseJob;
 
-static void sparse_run_job(const SparseJob *job) {
+static void sparse_run_rows(const SparseJob *job);
+
+static void sparse_run_job(SparseJob *job) {
+    sparse_run_rows(job);
+    job->unsolved = job->op < 2 ? count_unsolved(job->aux, job->row_begin, job->row_end) : 0;
+}
+
+static void sparse_run_rows(const SparseJob *job) {
     double *scratch = NULL;
     if (job->op < 2 && !(scratch = malloc((size_t)(job->n > 0 ? job->n : 1) * sizeof(double)))) {
         for (int64_t row = job->row_begin; row < job->row_end; ++row) ((int32_t *)job->aux)[row] = 3;
@@ -2582,12 +2603,14 @@ static void sparse_run_job(const SparseJob *job) {
 
 #ifndef _OPENMP
 static void *sparse_thread_main(void *arg) {
-    sparse_run_job((const SparseJob *)arg);
+    sparse_run_job((SparseJob *)arg);
     return NULL;
 }
 #endif
 
-static int sparse_run_parallel(SparseJob base, int64_t rows, int threads) {
+/* Runs the rows in up to `threads` jobs; returns, for a solve, the number of rows left with a
+   nonzero status (0: every row solved, the caller need not read the statuses). */
+static int64_t sparse_run_parallel(SparseJob base, int64_t rows, int threads) {
     int64_t useful = (rows * base.n) / MIN_ELEMENTS_PER_THREAD;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > useful) threads = (int)useful;
@@ -2601,7 +2624,7 @@ static int sparse_run_parallel(SparseJob base, int64_t rows, int threads) {
     }
     if (threads == 1) {
         sparse_run_job(&jobs[0]);
-        return 1;
+        return jobs[0].unsolved;
     }
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
@@ -2619,17 +2642,19 @@ static int sparse_run_parallel(SparseJob base, int64_t rows, int threads) {
             sparse_run_job(&jobs[j]);
     }
 #endif
-    return threads;
+    int64_t unsolved = 0;
+    for (int j = 0; j < threads; ++j) unsolved += jobs[j].unsolved;
+    return unsolved;
 }
 
-int gradkit_sparse_solve(int is_double, const void *x, void *out, int32_t *status, int64_t rows,
+int64_t gradkit_sparse_solve(int is_double, const void *x, void *out, int32_t *status, int64_t rows,
                          int64_t n, double k, const double *budgets, double tau,
                          const double *taus, int threads) {
     SparseJob job = {is_double ? 1 : 0, x, NULL, out, status, budgets, taus, 0, rows, n, k, tau};
     return sparse_run_parallel(job, rows, threads);
 }
 
-int gradkit_sparse_vjp(int is_double, const void *grad, const void *p, void *out, void *mean,
+int64_t gradkit_sparse_vjp(int is_double, const void *grad, const void *p, void *out, void *mean,
                        int64_t rows, int64_t n, double tau, const double *taus, int threads) {
     SparseJob job = {is_double ? 3 : 2, grad, p, out, mean, NULL, taus, 0, rows, n, 0.0, tau};
     return sparse_run_parallel(job, rows, threads);

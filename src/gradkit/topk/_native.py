@@ -49,29 +49,30 @@ from . import _kernel_cache as cache
 
 __all__ = ["available", "disabled", "plain_tensors", "solve", "status", "vjp"]
 
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _int64, _double, _pointer, _int = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
 #: The kernel's C entry points: name -> (restype, argtypes), declared in one loop at load.
+#: The solves return the number of rows they left unsolved (a nonzero status).
 _SIGNATURES = {
     # (is_double, x, out, status, rows, n, k, budgets or NULL, 1/τ, threads)
     "gradkit_solve": (
-        _int,
+        _int64,
         [_int, _pointer, _pointer, _pointer, _int64, _int64, _double, _pointer, _double, _int],
     ),
     # (is_double, grad, p, grad_x, grad_k, rows, n, 1/τ, threads)
     "gradkit_vjp": (
-        _int,
+        _int64,
         [_int, _pointer, _pointer, _pointer, _pointer, _int64, _int64, _double, _int],
     ),
     # sparse_topk: (is_double, x, out, status, rows, n, k, budgets or NULL, τ, τs or NULL,
     # threads)
     "gradkit_sparse_solve": (
-        _int,
+        _int64,
         [_int, _pointer, _pointer, _pointer, _int64, _int64, *(_double, _pointer) * 2, _int],
     ),
     # (is_double, grad, p, out, mean, rows, n, τ, τs or NULL, threads)
     "gradkit_sparse_vjp": (
-        _int,
+        _int64,
         [_int, _pointer, _pointer, _pointer, _pointer, _int64, _int64, _double, _pointer, _int],
     ),
 }
@@ -216,30 +217,34 @@ def available() -> bool:
     return _load() is not None
 
 
+# (torch's functorch queries, looked up once: plain_tensors runs on every call)
+_FUNCTORCH = getattr(torch._C, "_functorch", None)
+_TRANSFORMS_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
 def plain_tensors(*tensors: Tensor) -> bool:
     """Whether in-place and ``out=`` tricks are safe: no ``torch.func`` transform, no batched
     (``is_grads_batched``) or wrapped tensor, no ``torch.compile`` tracing."""
-    functorch = getattr(torch._C, "_functorch", None)
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if functorch is None or active is None or torch.compiler.is_compiling() or active():
+    if _FUNCTORCH is None or _TRANSFORMS_ACTIVE is None:
         return False
-    return not any(
-        functorch.is_legacy_batchedtensor(t) or functorch.is_functorch_wrapped_tensor(t)
-        for t in tensors
-    )
+    if torch.compiler.is_compiling() or _TRANSFORMS_ACTIVE():
+        return False
+    for t in tensors:
+        if _FUNCTORCH.is_legacy_batchedtensor(t) or _FUNCTORCH.is_functorch_wrapped_tensor(t):
+            return False
+    return True
 
 
 def _eligible(*tensors: Tensor) -> bool:
     """Tensors the kernel can take: plain CPU float32/float64 ones, outside transforms (the
     callers make them contiguous: one copy is far cheaper than the PyTorch path)."""
-    first = tensors[0]
-    return (
-        first.dtype in (torch.float32, torch.float64)
-        and all(t.device.type == "cpu" and t.dtype == first.dtype for t in tensors)
-        and not _switched_off
-        and plain_tensors(*tensors)
-        and _load() is not None
-    )
+    dtype = tensors[0].dtype
+    if dtype not in (torch.float32, torch.float64) or _switched_off:
+        return False
+    for t in tensors:
+        if not t.is_cpu or t.dtype != dtype:
+            return False
+    return plain_tensors(*tensors) and _load() is not None
 
 
 def _per_row_doubles(value: Tensor | float, rows: int, name: str) -> Tensor | None:
@@ -263,25 +268,26 @@ def _row_argument(value: Tensor | float, rows: int, name: str, default: float, k
     return default, per_row.data_ptr()
 
 
-def _call(entry: str, tensors: tuple[Tensor, ...], rows: int, n: int, *arguments) -> None:
+def _call(entry: str, tensors: tuple[Tensor, ...], rows: int, n: int, *arguments) -> int:
     """``entry(is_double, *tensor pointers, rows, n, *arguments, threads)``: the signature
-    shared by the kernel's entry points (:data:`_SIGNATURES`)."""
+    shared by the kernel's entry points (:data:`_SIGNATURES`); returns what it returns."""
     is_double = int(tensors[0].dtype == torch.float64)
-    pointers = (t.data_ptr() for t in tensors)
-    getattr(_library, entry)(is_double, *pointers, rows, n, *arguments, torch.get_num_threads())
+    pointers = [t.data_ptr() for t in tensors]
+    threads = torch.get_num_threads()
+    return getattr(_library, entry)(is_double, *pointers, rows, n, *arguments, threads)
 
 
-def _solve_call(entry: str, x: Tensor, value_arguments) -> tuple[Tensor, Tensor]:
+def _solve_call(entry: str, x: Tensor, value_arguments) -> tuple[Tensor, Tensor, int]:
     """Run a solve entry point on the rows of ``x``; ``value_arguments(rows, keep)`` gives its
-    arguments after ``n``.  Returns ``(p, per-row int32 status)``."""
+    arguments after ``n``.  Returns ``(p, per-row int32 status, rows left unsolved)``."""
     x = x.contiguous()
     n = x.shape[-1]
     rows = x.numel() // n
     keep: list[Tensor] = []
     p = torch.empty_like(x)
-    row_status = torch.empty(x.shape[:-1], dtype=torch.int32)
-    _call(entry, (x, p, row_status), rows, n, *value_arguments(rows, keep))
-    return p, row_status
+    row_status = torch.empty(rows, dtype=torch.int32)
+    unsolved = _call(entry, (x, p, row_status), rows, n, *value_arguments(rows, keep))
+    return p, row_status.view(x.shape[:-1]), unsolved
 
 
 def _vjp_call(entry: str, grad: Tensor, p: Tensor, value_arguments) -> tuple[Tensor, Tensor]:
@@ -291,20 +297,21 @@ def _vjp_call(entry: str, grad: Tensor, p: Tensor, value_arguments) -> tuple[Ten
     rows = p.numel() // n
     keep: list[Tensor] = []
     out = torch.empty_like(p)
-    grad_k = torch.empty(p.shape[:-1], dtype=p.dtype)
+    grad_k = torch.empty(rows, dtype=p.dtype)
     _call(entry, (grad, p, out, grad_k), rows, n, *value_arguments(rows, keep))
-    return out, grad_k
+    return out, grad_k.view(p.shape[:-1])
 
 
-def solve(x: Tensor, k: float | Tensor, inv_tau: float) -> tuple[Tensor, Tensor] | None:
+def solve(x: Tensor, k: float | Tensor, inv_tau: float) -> tuple[Tensor, Tensor, int] | None:
     """``p = σ((x − θ)/τ)`` with ``Σp = k`` along the last dimension, by the fused kernel.
 
     ``x`` has shape ``(..., n)``, any entries (``−inf``, ``+inf`` and NaN are solved here, as
     the PyTorch path solves them); ``k`` is a number with ``0 < k < n`` or a tensor of per-row
-    budgets in ``[0, n]`` with shape ``x.shape[:-1]``.  Returns ``(p, status)`` with a per-row
-    int32 ``status``: 0 solved; 1 ``|x/τ|`` beyond ``max/16`` or out of memory; 3 a bracket
-    collapsed onto a jump of ``F`` (nonzero: the caller must solve that row).  ``None`` when
-    the kernel cannot take ``x`` at all.
+    budgets in ``[0, n]`` with shape ``x.shape[:-1]``.  Returns ``(p, status, unsolved)`` with
+    a per-row int32 ``status``: 0 solved; 1 ``|x/τ|`` beyond ``max/16`` or out of memory; 3 a
+    bracket collapsed onto a jump of ``F`` (nonzero: the caller must solve that row), and the
+    number of nonzero statuses (0: nothing left to read).  ``None`` when the kernel cannot
+    take ``x`` at all.
     """
     if not _eligible(x):
         return None
@@ -326,12 +333,14 @@ def vjp(grad: Tensor, p: Tensor, temperature: float) -> tuple[Tensor, Tensor] | 
 # ------------------------------------------------------------------ sparse_topk entry points
 
 
-def sparse_solve(x: Tensor, k: float | Tensor, tau: float | Tensor) -> tuple[Tensor, Tensor] | None:
+def sparse_solve(
+    x: Tensor, k: float | Tensor, tau: float | Tensor
+) -> tuple[Tensor, Tensor, int] | None:
     """``p = clip((x − θ)/τ, 0, 1)`` with ``Σp = k`` along the last dimension, by the kernel.
 
-    ``k`` and ``τ`` are numbers or tensors of shape ``x.shape[:-1]``.  Returns ``(p, status)``
-    (a nonzero per-row status: not solved, the caller must solve that row), or ``None`` when
-    the kernel cannot take ``x`` at all.
+    ``k`` and ``τ`` are numbers or tensors of shape ``x.shape[:-1]``.  Returns ``(p, status,
+    unsolved)`` (a nonzero per-row status: not solved, the caller must solve that row;
+    ``unsolved`` counts them), or ``None`` when the kernel cannot take ``x`` at all.
     """
     if x.numel() == 0 or not _eligible(x):
         return None

@@ -327,7 +327,6 @@ def _blend_collapsed(membership, lo, hi, k, collapsed: Tensor | None, p: Tensor)
     return torch.where(collapsed, weight * p_lo + (1 - weight) * p_hi, p)
 
 
-@torch.no_grad()
 def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
     """Forward value ``p = σ((x − θ)/τ)`` with ``Σ p = k`` along the last dimension.
 
@@ -340,9 +339,12 @@ def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
     (or ``k/m`` each when the ``m`` of them exceed the budget), a slice with a NaN is NaN.
     When ``k`` exceeds the number of entries above ``−inf`` they all get 1.
     """
+    if torch.is_grad_enabled():  # (an autograd.Function's forward runs without: no block)
+        with torch.no_grad():
+            return solve_soft_topk(x, k, temperature)
     out_dtype = x.dtype
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x = x.to(dtype)
+    dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+    x = x if out_dtype == dtype else x.to(dtype)
     if x.numel() == 0:
         return torch.zeros_like(x, dtype=out_dtype)
     # Work in w = x/τ without re-centring: near the root, w_i − t keeps the full resolution
@@ -357,15 +359,14 @@ def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
         # solved below, as are all other cases.
         native = _native.solve(x, float(k) if shared else k.expand(x.shape[:-1]), inv_tau)
         if native is not None:
-            p, row_status = native
-            left = row_status != 0
-            left_count = int(left.count_nonzero())
-            if left_count == left.numel():  # (e.g. a small τ everywhere): no gather/scatter
+            p, row_status, unsolved = native
+            if unsolved == row_status.numel():  # (e.g. a small τ everywhere): no gather/scatter
                 return _solve_torch(x, k, inv_tau).to(out_dtype)
-            if left_count:
+            if unsolved:
+                left = row_status != 0
                 k_left = k if shared else k.expand(x.shape[:-1])[left]
                 p[left] = _solve_torch(x[left], k_left, inv_tau)
-            return p.to(out_dtype)
+            return p if p.dtype == out_dtype else p.to(out_dtype)
     return _solve_torch(x, k, inv_tau).to(out_dtype)
 
 

@@ -272,10 +272,10 @@ def solve_sparse_topk(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tens
         return _solve_cuda(x, k, tau)
     solved = _native.sparse_solve(x, k, tau)
     if solved is not None:
-        p, status = solved
-        todo = status.reshape(-1) != 0
-        if not bool(todo.any()):
+        p, status, unsolved = solved
+        if not unsolved:
             return p
+        todo = status.reshape(-1) != 0
         p = p.reshape(rows, n)
         x_rows = x.reshape(rows, n)
         p[todo] = _solve_rows(
