@@ -19,7 +19,7 @@ import torch
 from support import reference_soft_topk, reference_soft_topk_centred, seeded_randn
 
 from gradkit import soft_topk
-from gradkit.topk import _kernel_cache, _native, _solve
+from gradkit.topk import _kernel_cache, _native, _solve, _sparse
 
 
 def _torch_path(x, k, temperature):
@@ -205,6 +205,22 @@ def test_the_solves_count_the_rows_they_hand_back(entry, dtype, threads):
     assert torch.equal(status != 0, budgets.isnan())
     assert unsolved == len(range(5, 4096, 7))
     assert clean_unsolved == 0 and int(clean_status.count_nonzero()) == 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("solve", [_solve.solve_soft_topk, _sparse.solve_sparse_topk])
+def test_rows_handed_back_are_solved_by_the_torch_path_in_any_batch_shape(solve):
+    # The statuses come back flat (one per row); the solve maps the unsolved ones back onto
+    # x's batch dimensions.  NaN budgets (internal callers only) are rows the kernel leaves.
+    x = seeded_randn(3, 5, 16, seed=32)
+    k = torch.full((3, 5), 4.0, dtype=torch.float64)
+    k[1, 2] = k[2, 0] = math.nan
+    p = solve(x, k, 1.0)
+    with _native.disabled():
+        expected = solve(x, k, 1.0)
+    valid = ~k.isnan()
+    torch.testing.assert_close(p[valid], expected[valid], atol=1e-12, rtol=0)
+    assert p.shape == x.shape and torch.isfinite(p[valid]).all()
 
 
 @needs_kernel

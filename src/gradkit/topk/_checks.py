@@ -54,6 +54,8 @@ def check_x(x, op: str) -> None:
 
 def normalize_dim(dim, ndim: int, op: str) -> int:
     """``dim`` as a non-negative index into an ``ndim``-d tensor (errors like torch's)."""
+    if type(dim) is int and -ndim <= dim < ndim:  # (the common case, without the ABC check)
+        return dim % ndim
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise TypeError(f"{op}: dim must be an int, got {dim!r}")
     if ndim == 0:
@@ -128,6 +130,8 @@ def check_k(
     they can be read, see the module docstring)."""
     if isinstance(k, Tensor):
         return _check_k_tensor(k, n, batch_shape, x_dtype, hard, op, cpu_only)
+    if type(k) in (int, float) and 0 <= k <= n and not hard:  # (the common case)
+        return float(k)
     if isinstance(k, bool) or not isinstance(k, numbers.Real):
         raise TypeError(f"{op}: k must be a number or a tensor, got {k!r}")
     k_arg = float(k)
@@ -175,6 +179,8 @@ def check_temperature_type(temperature, op: str) -> float | Tensor:
                 f"{op}: temperature must be a real number or tensor, got {temperature.dtype}"
             )
         return temperature
+    if type(temperature) in (int, float) and 0 < temperature < math.inf:  # (the common case)
+        return float(temperature)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"{op}: temperature must be a positive number, got {temperature!r}")
     value = float(temperature)

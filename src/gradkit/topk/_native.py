@@ -279,7 +279,7 @@ def _call(entry: str, tensors: tuple[Tensor, ...], rows: int, n: int, *arguments
 
 def _solve_call(entry: str, x: Tensor, value_arguments) -> tuple[Tensor, Tensor, int]:
     """Run a solve entry point on the rows of ``x``; ``value_arguments(rows, keep)`` gives its
-    arguments after ``n``.  Returns ``(p, per-row int32 status, rows left unsolved)``."""
+    arguments after ``n``.  Returns ``(p, int32 status per row (flat), rows left unsolved)``."""
     x = x.contiguous()
     n = x.shape[-1]
     rows = x.numel() // n
@@ -287,7 +287,7 @@ def _solve_call(entry: str, x: Tensor, value_arguments) -> tuple[Tensor, Tensor,
     p = torch.empty_like(x)
     row_status = torch.empty(rows, dtype=torch.int32)
     unsolved = _call(entry, (x, p, row_status), rows, n, *value_arguments(rows, keep))
-    return p, row_status.view(x.shape[:-1]), unsolved
+    return p, row_status, unsolved
 
 
 def _vjp_call(entry: str, grad: Tensor, p: Tensor, value_arguments) -> tuple[Tensor, Tensor]:
@@ -297,9 +297,9 @@ def _vjp_call(entry: str, grad: Tensor, p: Tensor, value_arguments) -> tuple[Ten
     rows = p.numel() // n
     keep: list[Tensor] = []
     out = torch.empty_like(p)
-    grad_k = torch.empty(rows, dtype=p.dtype)
+    grad_k = torch.empty(p.shape[:-1], dtype=p.dtype)
     _call(entry, (grad, p, out, grad_k), rows, n, *value_arguments(rows, keep))
-    return out, grad_k.view(p.shape[:-1])
+    return out, grad_k
 
 
 def solve(x: Tensor, k: float | Tensor, inv_tau: float) -> tuple[Tensor, Tensor, int] | None:
@@ -307,11 +307,11 @@ def solve(x: Tensor, k: float | Tensor, inv_tau: float) -> tuple[Tensor, Tensor,
 
     ``x`` has shape ``(..., n)``, any entries (``−inf``, ``+inf`` and NaN are solved here, as
     the PyTorch path solves them); ``k`` is a number with ``0 < k < n`` or a tensor of per-row
-    budgets in ``[0, n]`` with shape ``x.shape[:-1]``.  Returns ``(p, status, unsolved)`` with
-    a per-row int32 ``status``: 0 solved; 1 ``|x/τ|`` beyond ``max/16`` or out of memory; 3 a
-    bracket collapsed onto a jump of ``F`` (nonzero: the caller must solve that row), and the
-    number of nonzero statuses (0: nothing left to read).  ``None`` when the kernel cannot
-    take ``x`` at all.
+    budgets in ``[0, n]`` with shape ``x.shape[:-1]``.  Returns ``(p, status, unsolved)``:
+    ``status`` is one int32 per row (flat, the rows of ``x`` in order), 0 solved, 1 ``|x/τ|``
+    beyond ``max/16`` or out of memory, 3 a bracket collapsed onto a jump of ``F`` (nonzero:
+    the caller must solve that row); ``unsolved`` is the number of nonzero statuses (0:
+    nothing left to read).  ``None`` when the kernel cannot take ``x`` at all.
     """
     if not _eligible(x):
         return None
@@ -339,8 +339,8 @@ def sparse_solve(
     """``p = clip((x − θ)/τ, 0, 1)`` with ``Σp = k`` along the last dimension, by the kernel.
 
     ``k`` and ``τ`` are numbers or tensors of shape ``x.shape[:-1]``.  Returns ``(p, status,
-    unsolved)`` (a nonzero per-row status: not solved, the caller must solve that row;
-    ``unsolved`` counts them), or ``None`` when the kernel cannot take ``x`` at all.
+    unsolved)``: ``status`` one int32 per row, flat (nonzero: not solved, the caller must solve
+    that row), ``unsolved`` their number; or ``None`` when the kernel cannot take ``x`` at all.
     """
     if x.numel() == 0 or not _eligible(x):
         return None

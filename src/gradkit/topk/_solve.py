@@ -363,7 +363,7 @@ def solve_soft_topk(x: Tensor, k: Tensor | float, temperature: float) -> Tensor:
             if unsolved == row_status.numel():  # (e.g. a small τ everywhere): no gather/scatter
                 return _solve_torch(x, k, inv_tau).to(out_dtype)
             if unsolved:
-                left = row_status != 0
+                left = (row_status != 0).view(x.shape[:-1])
                 k_left = k if shared else k.expand(x.shape[:-1])[left]
                 p[left] = _solve_torch(x[left], k_left, inv_tau)
             return p if p.dtype == out_dtype else p.to(out_dtype)

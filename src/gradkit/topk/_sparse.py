@@ -275,7 +275,7 @@ def solve_sparse_topk(x: Tensor, k: Tensor | float, tau: Tensor | float) -> Tens
         p, status, unsolved = solved
         if not unsolved:
             return p
-        todo = status.reshape(-1) != 0
+        todo = status != 0
         p = p.reshape(rows, n)
         x_rows = x.reshape(rows, n)
         p[todo] = _solve_rows(
