@@ -436,6 +436,33 @@ def test_compile_benchmark_script_plumbing(tmp_path, capsys):
     assert "| 4x8 | 2 |" in capsys.readouterr().out
 
 
+def test_overhead_benchmark_script_plumbing(tmp_path, capsys):
+    """``benchmarks/overhead.py`` on one tiny shape: every method runs, the derived columns
+    follow from the medians it reports (no timing is judged)."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "overhead.py"
+    namespace = runpy.run_path(str(script))
+    namespace["SHAPES"][:] = [(4, 8, 2)]
+    out = tmp_path / "overhead.json"
+    assert namespace["main"](["--repeats", "1", "--calls", "2", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    for clock in ("wall", "cpu"):
+        assert all(row[f"{name}_{clock}_us"] > 0 for name in namespace["METHODS"])
+        for name in ("soft_topk", "sparse_topk"):
+            ours, floor = row[f"{name}_{clock}_us"], row[f"function_{clock}_us"]
+            assert row[f"{name}_over_function_{clock}_us"] == pytest.approx(ours - floor)
+            sigmoid = row[f"sigmoid_{clock}_us"]
+            assert row[f"{name}_x_sigmoid_{clock}"] == pytest.approx(ours / sigmoid)
+    assert "| 4x8 | 2 |" in capsys.readouterr().out
+
+
+def test_overhead_benchmark_rejects_bad_flags_before_running(capsys):
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "overhead.py"
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script))["main"](["--calls", "0"])
+    assert exit_info.value.code == 2
+    assert "--calls must be an integer ≥ 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [(["--threads", "0"], "--threads must be an integer ≥ 1"), (["--json"], "already exists")],

@@ -1,0 +1,151 @@
+"""Per-call cost at small sizes: ``python benchmarks/overhead.py [--threads N] [--json FILE]``.
+
+At router sizes (a few tokens, a few experts) a call does next to no arithmetic: what it
+costs is the fixed work of the call itself (argument checks, the autograd ``Function``, the
+kernel call, the backward's way through the autograd engine).  This times forward+backward,
+round-robin in one process, at a few small shapes (float32, τ = 1, ``x = 3·randn``), of:
+
+* ``soft_topk`` and ``sparse_topk`` (the fused CPU kernel where it is built);
+* ``sigmoid``: one ``torch.sigmoid`` forward+backward, the unit of the speed tables;
+* ``function``: a Python ``autograd.Function`` that does no work (``empty_like`` forward and
+  backward), called as gradkit calls its own (without ``Function.apply``'s per-call argument
+  binding): the least an operator written as a Python ``autograd.Function`` costs.
+
+The table gives median microseconds per call and each operator's cost above the do-nothing
+``Function`` (what is left to cut in gradkit's own Python and kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+import gradkit
+from gradkit import _bench, _io
+
+SHAPES = [(16, 8, 2), (256, 8, 2), (64, 64, 4), (4096, 64, 2)]
+METHODS = ("soft_topk", "sparse_topk", "sigmoid", "function")
+
+
+class _NoWork(torch.autograd.Function):
+    """The do-nothing autograd ``Function`` (the floor of a Python-level operator)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(grad)
+
+
+def _steps(rows: int, n: int, k: int) -> dict:
+    """One forward+backward step per method, on the same input and cotangent."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, n, generator=generator).mul_(3).requires_grad_()
+    upstream = torch.randn(rows, n, generator=generator)
+    forwards = {
+        "soft_topk": lambda t: gradkit.soft_topk(t, k),
+        "sparse_topk": lambda t: gradkit.sparse_topk(t, k),
+        "sigmoid": torch.sigmoid,
+        # (without Function.apply's per-call argument binding, as gradkit calls its own)
+        "function": super(torch.autograd.Function, _NoWork).apply,
+    }
+
+    def step(forward):
+        def run() -> None:
+            x.grad = None
+            forward(x).backward(upstream)
+
+        return run
+
+    return {name: step(forwards[name]) for name in METHODS}
+
+
+def measure(rows: int, n: int, k: int, repeats: int, calls: int) -> dict:
+    """Median wall and CPU microseconds per call of every method at one shape."""
+    steps = _steps(rows, n, k)
+    for step in steps.values():  # build the kernel, warm the caches
+        step()
+    times: dict[str, list] = {name: [] for name in steps}
+    for round_ in range(repeats):
+        order = list(steps) if round_ % 2 == 0 else list(reversed(steps))
+        for name in order:
+
+            def batch(step=steps[name]) -> None:
+                for _ in range(calls):
+                    step()
+
+            times[name].append(_bench.timed(batch))
+    out: dict = {"shape": f"{rows}x{n}", "k": k}
+    for name, samples in times.items():
+        out[f"{name}_wall_us"] = 1e6 * statistics.median(wall for wall, _ in samples) / calls
+        out[f"{name}_cpu_us"] = 1e6 * statistics.median(cpu for _, cpu in samples) / calls
+    for name in ("soft_topk", "sparse_topk"):
+        for clock in ("wall", "cpu"):
+            ours, floor = out[f"{name}_{clock}_us"], out[f"function_{clock}_us"]
+            out[f"{name}_over_function_{clock}_us"] = ours - floor
+            out[f"{name}_x_sigmoid_{clock}"] = ours / out[f"sigmoid_{clock}_us"]
+    return out
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [
+        "| shape | k | soft_topk µs | sparse_topk µs | sigmoid µs | do-nothing Function µs "
+        "| soft_topk − Function µs | sparse_topk − Function µs |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['k']} | {r['soft_topk_wall_us']:.0f}"
+            f" | {r['sparse_topk_wall_us']:.0f} | {r['sigmoid_wall_us']:.0f}"
+            f" | {r['function_wall_us']:.0f} | {r['soft_topk_over_function_wall_us']:.0f}"
+            f" | {r['sparse_topk_over_function_wall_us']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds per method")
+    parser.add_argument("--calls", type=int, default=20, help="calls per timed round")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    _io.add_overwrite_argument(parser)
+    args = parser.parse_args(argv)
+    try:  # every flag checked before the long work; a bad one is a usage error (exit 2)
+        _bench.check_positive_int("--threads", args.threads)
+        _bench.check_positive_int("--repeats", args.repeats)
+        _bench.check_positive_int("--calls", args.calls)
+        _io.check_output_path(args.json, "--json", overwrite=args.overwrite)
+    except ValueError as error:
+        parser.error(str(error))
+    load = _bench.load_average()
+    with _bench.torch_threads(args.threads):
+        rows = [measure(b, n, k, args.repeats, args.calls) for b, n, k in SHAPES]
+    after = _bench.load_average()
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), wall-clock medians per call; "
+        f"load average before {load}, after {after}"
+    )
+    flag = _bench.load_flag(load, after, args.threads)
+    if flag:
+        print(f"UNRELIABLE ({flag}): not a result; rerun on a quiet machine.")
+    print(format_rows(rows))
+    if args.json:
+        _io.write_json(
+            args.json,
+            {"load_average_before": load, "load_average_after": after, "flag": flag, "rows": rows},
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
