@@ -21,14 +21,13 @@ without it).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 
 import torch
 
 import gradkit
-from gradkit import _bench, _io
+from gradkit import _bench
 
 SHAPES = [(4096, 64, 2), (256, 1000, 10), (64, 32000, 10), (64, 32000, 1000), (8, 200000, 10)]
 
@@ -116,35 +115,16 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per method")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    _io.add_overwrite_argument(parser)
-    args = parser.parse_args(argv)
-    try:  # every flag checked before the long work; a bad one is a usage error (exit 2)
-        _bench.check_positive_int("--threads", args.threads)
-        _bench.check_positive_int("--repeats", args.repeats)
-        _io.check_output_path(args.json, "--json", overwrite=args.overwrite)
-    except ValueError as error:
-        parser.error(str(error))
-    load = _bench.load_average()
-    with _bench.torch_threads(args.threads):
-        rows = [measure(b, n, k, args.repeats) for b, n, k in SHAPES]
-    after = _bench.load_average()
-    print(
-        f"torch {torch.__version__}, {args.threads} thread(s), wall-clock medians; "
-        f"load average before {load}, after {after}"
+    args = _bench.parse_table_flags(
+        argv, __doc__.splitlines()[0], {"--repeats": (30, "timed calls per method")}
     )
-    flag = _bench.load_flag(load, after, args.threads)
-    if flag:
-        print(f"UNRELIABLE ({flag}): not a result; rerun on a quiet machine.")
-    print(format_rows(rows))
-    if args.json:
-        _io.write_json(
-            args.json,
-            {"load_average_before": load, "load_average_after": after, "flag": flag, "rows": rows},
-        )
+    _bench.print_table(
+        lambda: [measure(b, n, k, args.repeats) for b, n, k in SHAPES],
+        args.threads,
+        f"torch {torch.__version__}, {args.threads} thread(s), wall-clock medians",
+        format_rows,
+        args.json,
+    )
     return 0
 
 

@@ -17,14 +17,13 @@ The table gives median microseconds per call and each operator's cost above the 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 
 import torch
 
 import gradkit
-from gradkit import _bench, _io
+from gradkit import _bench
 
 SHAPES = [(16, 8, 2), (256, 8, 2), (64, 64, 4), (4096, 64, 2)]
 METHODS = ("soft_topk", "sparse_topk", "sigmoid", "function")
@@ -113,37 +112,18 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=15, help="timed rounds per method")
-    parser.add_argument("--calls", type=int, default=20, help="calls per timed round")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    _io.add_overwrite_argument(parser)
-    args = parser.parse_args(argv)
-    try:  # every flag checked before the long work; a bad one is a usage error (exit 2)
-        _bench.check_positive_int("--threads", args.threads)
-        _bench.check_positive_int("--repeats", args.repeats)
-        _bench.check_positive_int("--calls", args.calls)
-        _io.check_output_path(args.json, "--json", overwrite=args.overwrite)
-    except ValueError as error:
-        parser.error(str(error))
-    load = _bench.load_average()
-    with _bench.torch_threads(args.threads):
-        rows = [measure(b, n, k, args.repeats, args.calls) for b, n, k in SHAPES]
-    after = _bench.load_average()
-    print(
-        f"torch {torch.__version__}, {args.threads} thread(s), wall-clock medians per call; "
-        f"load average before {load}, after {after}"
+    args = _bench.parse_table_flags(
+        argv,
+        __doc__.splitlines()[0],
+        {"--repeats": (15, "timed rounds per method"), "--calls": (20, "calls per timed round")},
     )
-    flag = _bench.load_flag(load, after, args.threads)
-    if flag:
-        print(f"UNRELIABLE ({flag}): not a result; rerun on a quiet machine.")
-    print(format_rows(rows))
-    if args.json:
-        _io.write_json(
-            args.json,
-            {"load_average_before": load, "load_average_after": after, "flag": flag, "rows": rows},
-        )
+    _bench.print_table(
+        lambda: [measure(b, n, k, args.repeats, args.calls) for b, n, k in SHAPES],
+        args.threads,
+        f"torch {torch.__version__}, {args.threads} thread(s), wall-clock medians per call",
+        format_rows,
+        args.json,
+    )
     return 0
 
 

@@ -29,6 +29,8 @@ __all__ = [
     "environment",
     "load_average",
     "load_flag",
+    "parse_table_flags",
+    "print_table",
     "timed",
     "torch_threads",
 ]
@@ -113,6 +115,55 @@ def advice(threads: int, device: str) -> str:
     if threads > 1:
         return "re-run when the machine is idle, or use --threads 1 (CPU-time ratios are steadier)"
     return "re-run when the machine is idle (e.g. pinned with taskset to a free core)"
+
+
+def parse_table_flags(
+    argv: list[str] | None, description: str, counts: dict[str, tuple[int, str]]
+) -> argparse.Namespace:
+    """The flags of the small single-table scripts in ``benchmarks/``: ``--threads`` (default
+    1), the positive counts given as ``{"--flag": (default, help)}``, ``--json FILE`` and
+    ``--overwrite``, all checked before any work (a bad one exits 2 with a usage error)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    for flag, (default, text) in counts.items():
+        parser.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    _io.add_overwrite_argument(parser)
+    args = parser.parse_args(argv)
+    try:
+        for flag in ("--threads", *counts):
+            check_positive_int(flag, getattr(args, flag.lstrip("-").replace("-", "_")))
+        _io.check_output_path(args.json, "--json", overwrite=args.overwrite)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def print_table(
+    measure: Callable[[], list[dict]],
+    threads: int,
+    header: str,
+    table: Callable[[list[dict]], str],
+    json_path: str | None = None,
+) -> list[dict]:
+    """Run ``measure`` on ``threads`` torch threads; print ``header`` with the load averages
+    around it, an UNRELIABLE line when they say other processes competed, and ``table(rows)``;
+    write the rows and that load record to ``json_path`` when given.  Returns the rows.
+
+    The frame of the small single-table scripts in ``benchmarks/`` (compile, overhead)."""
+    load = load_average()
+    with torch_threads(threads):
+        rows = measure()
+    after = load_average()
+    print(f"{header}; load average before {load}, after {after}")
+    flag = load_flag(load, after, threads)
+    if flag:
+        print(f"UNRELIABLE ({flag}): not a result; rerun on a quiet machine.")
+    print(table(rows))
+    if json_path:
+        record = {"load_average_before": load, "load_average_after": after, "flag": flag}
+        _io.write_json(json_path, {**record, "rows": rows})
+    return rows
 
 
 @contextmanager
