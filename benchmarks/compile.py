@@ -21,7 +21,6 @@ without it).
 
 from __future__ import annotations
 
-import statistics
 import sys
 
 import torch
@@ -73,18 +72,12 @@ def _steps(rows: int, n: int, k: int) -> tuple[torch.Tensor, dict]:
 def measure(rows: int, n: int, k: int, repeats: int) -> dict:
     """Median wall and CPU milliseconds of every step at one shape, and the ratios."""
     _, steps = _steps(rows, n, k)
-    for step in steps.values():  # compile, build the kernel, warm the caches
+    for step in steps.values():  # compile (round_robin's warm-up then builds and warms)
         step()
-        step()
-    times: dict[str, list] = {name: [] for name in steps}
-    for round_ in range(repeats):
-        order = list(steps) if round_ % 2 == 0 else list(reversed(steps))
-        for name in order:
-            times[name].append(_bench.timed(steps[name]))
     out: dict = {"shape": f"{rows}x{n}", "k": k}
-    for name, samples in times.items():
-        out[f"{name}_wall_ms"] = 1e3 * statistics.median(wall for wall, _ in samples)
-        out[f"{name}_cpu_ms"] = 1e3 * statistics.median(cpu for _, cpu in samples)
+    for name, medians in _bench.round_robin(steps, repeats).items():
+        out[f"{name}_wall_ms"] = medians["median_ms"]
+        out[f"{name}_cpu_ms"] = medians["median_cpu_ms"]
     for clock in ("wall", "cpu"):
         floor = out[f"floor_compiled_{clock}_ms"] - out[f"floor_eager_{clock}_ms"]
         out[f"compile_floor_{clock}_ms"] = floor

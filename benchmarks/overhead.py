@@ -17,7 +17,6 @@ The table gives median microseconds per call and each operator's cost above the 
 
 from __future__ import annotations
 
-import statistics
 import sys
 
 import torch
@@ -70,23 +69,19 @@ def _steps(rows: int, n: int, k: int) -> dict:
 
 def measure(rows: int, n: int, k: int, repeats: int, calls: int) -> dict:
     """Median wall and CPU microseconds per call of every method at one shape."""
-    steps = _steps(rows, n, k)
-    for step in steps.values():  # build the kernel, warm the caches
-        step()
-    times: dict[str, list] = {name: [] for name in steps}
-    for round_ in range(repeats):
-        order = list(steps) if round_ % 2 == 0 else list(reversed(steps))
-        for name in order:
 
-            def batch(step=steps[name]) -> None:
-                for _ in range(calls):
-                    step()
+    def batch(step):
+        def run() -> None:
+            for _ in range(calls):
+                step()
 
-            times[name].append(_bench.timed(batch))
+        return run
+
+    batches = {name: batch(step) for name, step in _steps(rows, n, k).items()}
     out: dict = {"shape": f"{rows}x{n}", "k": k}
-    for name, samples in times.items():
-        out[f"{name}_wall_us"] = 1e6 * statistics.median(wall for wall, _ in samples) / calls
-        out[f"{name}_cpu_us"] = 1e6 * statistics.median(cpu for _, cpu in samples) / calls
+    for name, medians in _bench.round_robin(batches, repeats).items():  # (µs per call)
+        out[f"{name}_wall_us"] = 1e3 * medians["median_ms"] / calls
+        out[f"{name}_cpu_us"] = 1e3 * medians["median_cpu_ms"] / calls
     for name in ("soft_topk", "sparse_topk"):
         for clock in ("wall", "cpu"):
             ours, floor = out[f"{name}_{clock}_us"], out[f"function_{clock}_us"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ __all__ = [
     "load_flag",
     "parse_table_flags",
     "print_table",
+    "round_robin",
     "timed",
     "torch_threads",
 ]
@@ -81,6 +83,28 @@ def timed(step: Callable[[], None], device: torch.device | None = None) -> tuple
     if cuda:
         torch.cuda.synchronize(device)
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def round_robin(
+    steps: dict[str, Callable[[], None]], repeats: int, device: torch.device | None = None
+) -> dict[str, dict[str, float]]:
+    """Median wall and CPU milliseconds of each step (``median_ms``, ``median_cpu_ms``), timed
+    in alternation after one warm-up call each: ``repeats`` rounds, every other one in reverse
+    order, so that a burst of load, and each step's place after another, fall on all alike."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+    for round_index in range(repeats):
+        order = list(steps) if round_index % 2 == 0 else list(reversed(steps))
+        for name in order:
+            times[name].append(timed(steps[name], device))
+    return {
+        name: {
+            "median_ms": 1e3 * statistics.median(wall for wall, _ in pairs),
+            "median_cpu_ms": 1e3 * statistics.median(cpu for _, cpu in pairs),
+        }
+        for name, pairs in times.items()
+    }
 
 
 def busy(load: float | None, threads: int) -> bool:

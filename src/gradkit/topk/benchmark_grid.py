@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -145,26 +144,6 @@ def _forward_backward(forward: Callable, x: torch.Tensor, generator) -> Callable
     return step
 
 
-def _round_robin(
-    steps: dict[str, Callable[[], None]], repeats: int, device: torch.device
-) -> dict[str, dict[str, float]]:
-    """Median wall and CPU milliseconds of each step, timed in alternation after a warm-up."""
-    for step in steps.values():
-        step()
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
-    order = list(steps.items())
-    for round_index in range(repeats):
-        for name, step in order[round_index % 2 :] + order[: round_index % 2]:
-            times[name].append(_bench.timed(step, device))
-    return {
-        name: {
-            "median_ms": 1e3 * statistics.median(wall for wall, _ in pairs),
-            "median_cpu_ms": 1e3 * statistics.median(cpu for _, cpu in pairs),
-        }
-        for name, pairs in times.items()
-    }
-
-
 def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator > 0 else None
 
@@ -179,7 +158,7 @@ def _against_sigmoid(
         "op": _forward_backward(forward, x, generator),
         "sigmoid": _forward_backward(torch.sigmoid, x, generator),
     }
-    measured = _round_robin(steps, repeats, x.device)
+    measured = _bench.round_robin(steps, repeats, x.device)
     op, sigmoid = measured["op"], measured["sigmoid"]
     return measured, {
         "x_sigmoid": _ratio(op["median_ms"], sigmoid["median_ms"]),
