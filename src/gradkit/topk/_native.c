@@ -2528,13 +2528,6 @@ typedef struct {
     int64_t unsolved; /* solves: rows of this job left with a nonzero status */
 } SparseJob;
 
-static void sparse_run_rows(const SparseJob *job);
-
-static void sparse_run_job(SparseJob *job) {
-    sparse_run_rows(job);
-    job->unsolved = job->op < 2 ? count_unsolved(job->aux, job->row_begin, job->row_end) : 0;
-}
-
 static void sparse_run_rows(const SparseJob *job) {
     double *scratch = NULL;
     if (job->op < 2 && !(scratch = malloc((size_t)(job->n > 0 ? job->n : 1) * sizeof(double)))) {
@@ -2601,6 +2594,12 @@ static void sparse_run_rows(const SparseJob *job) {
     free(scratch);
 }
 
+/* A job's rows, then how many of a solve's it left unsolved. */
+static void sparse_run_job(SparseJob *job) {
+    sparse_run_rows(job);
+    job->unsolved = job->op < 2 ? count_unsolved(job->aux, job->row_begin, job->row_end) : 0;
+}
+
 #ifndef _OPENMP
 static void *sparse_thread_main(void *arg) {
     sparse_run_job((SparseJob *)arg);
@@ -2647,15 +2646,15 @@ static int64_t sparse_run_parallel(SparseJob base, int64_t rows, int threads) {
     return unsolved;
 }
 
-int64_t gradkit_sparse_solve(int is_double, const void *x, void *out, int32_t *status, int64_t rows,
-                         int64_t n, double k, const double *budgets, double tau,
-                         const double *taus, int threads) {
+int64_t gradkit_sparse_solve(int is_double, const void *x, void *out, int32_t *status,
+                             int64_t rows, int64_t n, double k, const double *budgets, double tau,
+                             const double *taus, int threads) {
     SparseJob job = {is_double ? 1 : 0, x, NULL, out, status, budgets, taus, 0, rows, n, k, tau};
     return sparse_run_parallel(job, rows, threads);
 }
 
 int64_t gradkit_sparse_vjp(int is_double, const void *grad, const void *p, void *out, void *mean,
-                       int64_t rows, int64_t n, double tau, const double *taus, int threads) {
+                           int64_t rows, int64_t n, double tau, const double *taus, int threads) {
     SparseJob job = {is_double ? 3 : 2, grad, p, out, mean, NULL, taus, 0, rows, n, 0.0, tau};
     return sparse_run_parallel(job, rows, threads);
 }
