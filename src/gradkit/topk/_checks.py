@@ -30,6 +30,10 @@ __all__ = [
 ]
 
 
+#: Types accepted as numbers without the (slower) ``numbers`` ABC checks; ``bool`` is not one.
+_PLAIN_NUMBERS = (int, float)
+
+
 class DimError(ValueError, IndexError):
     """Bad ``dim`` argument: a :class:`ValueError`, and an :class:`IndexError` like torch's."""
 
@@ -54,9 +58,8 @@ def check_x(x, op: str) -> None:
 
 def normalize_dim(dim, ndim: int, op: str) -> int:
     """``dim`` as a non-negative index into an ``ndim``-d tensor (errors like torch's)."""
-    if type(dim) is int and -ndim <= dim < ndim:  # (the common case, without the ABC check)
-        return dim % ndim
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+    # (a plain int skips the slower ABC check; a bool is never one)
+    if type(dim) is not int and (isinstance(dim, bool) or not isinstance(dim, numbers.Integral)):
         raise TypeError(f"{op}: dim must be an int, got {dim!r}")
     if ndim == 0:
         raise DimError(f"{op}: x must have at least one dimension, got a 0-d tensor")
@@ -130,9 +133,7 @@ def check_k(
     they can be read, see the module docstring)."""
     if isinstance(k, Tensor):
         return _check_k_tensor(k, n, batch_shape, x_dtype, hard, op, cpu_only)
-    if type(k) in (int, float) and 0 <= k <= n and not hard:  # (the common case)
-        return float(k)
-    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+    if type(k) not in _PLAIN_NUMBERS and (isinstance(k, bool) or not isinstance(k, numbers.Real)):
         raise TypeError(f"{op}: k must be a number or a tensor, got {k!r}")
     k_arg = float(k)
     if not 0 <= k_arg <= n:  # (NaN fails it; no math.isfinite, as for the temperature)
@@ -179,9 +180,9 @@ def check_temperature_type(temperature, op: str) -> float | Tensor:
                 f"{op}: temperature must be a real number or tensor, got {temperature.dtype}"
             )
         return temperature
-    if type(temperature) in (int, float) and 0 < temperature < math.inf:  # (the common case)
-        return float(temperature)
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+    if type(temperature) not in _PLAIN_NUMBERS and (
+        isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+    ):
         raise TypeError(f"{op}: temperature must be a positive number, got {temperature!r}")
     value = float(temperature)
     # (comparisons only, no math.isfinite: torch.compile can guard on them once it has made a
