@@ -1208,28 +1208,34 @@ static inline double clamp_f64(double v, double low, double high) {
         T ok[LANES], flipped[LANES], done[LANES], budget[LANES], live[LANES], c[LANES];          \
         T lo[LANES], hi[LANES], tol_mass[LANES], width[LANES], ref[LANES];                       \
         T sc[LANES], anchor[LANES], exp_sum[LANES], offset[LANES], from_count[LANES];            \
+        /* (in T, so that the lanes' setup is one vector's work in float32: 4× cheaper than in \
+           double; counts and budgets are small, the limits far from T's range) */              \
+        const T inv = (T)inv_tau, inv_limit = (T)(LIMIT);                                        \
+        T budget_in[LANES];                                                                      \
+        for (int l = 0; l < LANES; ++l) budget_in[l] = (T)k[l];                                  \
         _Pragma("omp simd")                                                                      \
         for (int l = 0; l < LANES; ++l) {                                                        \
             /* (+inf entries take 1 each: the finite ones share k − their count) */              \
-            double count = (double)n - (double)minus[l] - (double)plus[l];                       \
-            double kk = k[l] - (double)plus[l];                                                  \
-            double x_max = (double)top[l], x_min = (double)bottom[l];                            \
-            double spread = (x_max - x_min) * inv_tau;                                           \
-            int flip = kk > 0.5 * count;                                                         \
-            int good = (bad[l] == 0) & (kk > 0.0) & (kk < count) & (x_max != x_min) &            \
-                       (fabs(x_max * inv_tau) <= (LIMIT)) & (fabs(x_min * inv_tau) <= (LIMIT)) & \
-                       (spread <= ROW_SPAN_LIMIT_##SUFFIX); /* (else solve_row decides) */       \
-            double b = good ? (flip ? count - kk : kk) : 1.0;                                    \
-            count = good ? count : 2.0;                                                          \
-            ok[l] = good ? 1.0 : 0.0;                                                            \
-            done[l] = good ? 0.0 : 1.0;                                                          \
-            flipped[l] = flip ? 1.0 : 0.0;                                                       \
+            T count = (T)n - (T)minus[l] - (T)plus[l];                                           \
+            T kk = budget_in[l] - (T)plus[l];                                                    \
+            T x_max = top[l], x_min = bottom[l];                                                 \
+            T spread = (x_max - x_min) * inv; /* (overflow: inf, not good) */                    \
+            int flip = kk > (T)0.5 * count;                                                      \
+            T high = x_max * inv, low = x_min * inv;                                             \
+            int good = (bad[l] == 0) & (kk > 0) & (kk < count) & (x_max != x_min) &              \
+                       (high <= inv_limit) & (high >= -inv_limit) & (low <= inv_limit) &         \
+                       (low >= -inv_limit) & (spread <= (T)ROW_SPAN_LIMIT_##SUFFIX);             \
+            T b = good ? (flip ? count - kk : kk) : 1; /* (else solve_row decides) */            \
+            count = good ? count : 2;                                                            \
+            ok[l] = good ? 1 : 0;                                                                \
+            done[l] = good ? 0 : 1;                                                              \
+            flipped[l] = flip ? 1 : 0;                                                           \
             budget[l] = b;                                                                       \
             live[l] = count;                                                                     \
-            sc[l] = good ? (T)(flip ? -inv_tau : inv_tau) : (T)0;                                \
+            sc[l] = good ? (flip ? -inv : inv) : (T)0;                                           \
             anchor[l] = good ? (flip ? bottom[l] : top[l]) : (T)0; /* (w_top = s·anchor/τ) */    \
-            tol_mass[l] = (T)(8.0 * EPS * (b > 1.0 ? b : 1.0));                                  \
-            width[l] = good ? (T)spread : 0;                                                     \
+            tol_mass[l] = (T)(8.0 * EPS) * (b > 1 ? b : 1);                                      \
+            width[l] = good ? spread : 0;                                                        \
             ref[l] = offset[l] = from_count[l] = 0;                                              \
         }                                                                                        \
         tile_differences_##SUFFIX(xt, n, anchor, sc, ok, e); /* z = w − w_top, for now */        \
