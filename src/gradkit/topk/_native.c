@@ -63,6 +63,10 @@
                        /* in a tile where some row spans more than SPREAD_LIMIT τ (tiles of    */
                        /* more than SORT_N entries: SMALL_BUDGET_SPREAD_LIMIT τ for a budget   */
 #define TILE_SMALL_SHARE 0.125 /* within this share of the live count from 0 or from it) */
+#define TILE_MOMENT_WIDTH 2.0 /* tile lanes wider than this many τ that keep the log-sum-exp start
+                               move it up to their moment start (tile_moment_start) if their … */
+#define TILE_MOMENT_SHARE 0.2 /* … budget is at least this share of the live count, or they are
+                                 wider than TILE_SOFT τ (a tile computes moments for all or none) */
 #define LANES 8
 /* The solves' tiles hold their lanes in 32-byte vectors: an x86 build without AVX turns much of
    a tile into scalar code (SSE4.2: 3.8–10× the AVX build's time, and 1.2–4.6× the time of the
@@ -1162,16 +1166,73 @@ static inline double clamp_f64(double v, double low, double high) {
     /* Per lane of a transposed tile xt (n entries a lane): z = (x − centre)·sc, the difference  \
        first (exact near the centre, so that no offset of the row costs resolution); −inf for    \
        masked entries and on the lanes not ok. */                                                \
-    static void tile_differences_##SUFFIX(const T *xt, int64_t n, const T *centre, const T *sc,  \
-                                          const T *ok, T *z) {                                   \
-        const T minus_inf = -(T)INFINITY;                                                        \
-        for (int64_t i = 0; i < n; ++i) {                                                        \
-            _Pragma("omp simd")                                                                  \
-            for (int l = 0; l < LANES; ++l) {                                                    \
-                T v = xt[i * LANES + l];                                                         \
-                T d = v - v == 0 ? (v - centre[l]) * sc[l] : minus_inf; /* (finite v) */         \
-                z[i * LANES + l] = ok[l] != 0 ? d : minus_inf;                                   \
+    /* ln x within 1e−3, for a start (x positive and normal): the binary exponent plus a cubic  \
+       in the mantissa m − 1 ∈ [0, 1) (a least-squares fit of ln(1 + f)); no library call, so   \
+       that a loop over lanes vectorises.  The exponent is read off as a float by the 2^mant    \
+       trick (AVX2 has no int64 → double conversion). */                                         \
+    static inline T log_rough_##SUFFIX(T x) {                                                    \
+        enum { MANT = sizeof(T) == 4 ? 23 : 52, BIAS = sizeof(T) == 4 ? 127 : 1023 };            \
+        const COUNT one = 1, mask = (one << MANT) - 1, bias = (COUNT)BIAS << MANT;              \
+        COUNT bits, high, low;                                                                   \
+        memcpy(&bits, &x, sizeof bits);                                                          \
+        const T two_mant = (T)ldexp(1.0, MANT);                                                  \
+        COUNT magic;                                                                             \
+        memcpy(&magic, &two_mant, sizeof magic);                                                 \
+        high = (bits >> MANT) | magic; /* (x > 0: no sign bit) */                                \
+        low = (bits & mask) | bias;                                                              \
+        T exponent, m;                                                                           \
+        memcpy(&exponent, &high, sizeof exponent);                                               \
+        memcpy(&m, &low, sizeof m);                                                              \
+        T f = m - 1;                                                                             \
+        T fraction = f * ((T)0.98668483 + f * ((T)-0.40738601 + f * (T)0.11475665));             \
+        return (exponent - two_mant - (T)BIAS) * (T)0.69314718055994531 + fraction;              \
+    }                                                                                            \
+                                                                                                 \
+    /* Per lane, the start c = e^{−t} at the root of a Gaussian row z ~ N(μ, s²) (μ and s² the  \
+       moments of its live entries): E σ(z − t) ≈ σ((μ − t)/√(1 + πs²/8)) = k/live gives        \
+       t = μ − √(1 + πs²/8)·logit(k/live).  Near the root for rows of a few τ, where the         \
+       log-sum-exp start lies several passes away. */                                            \
+    static void tile_moment_start_##SUFFIX(const T *sum, const T *sum_sq, const T *budget,       \
+                                           const T *live, T *start) {                            \
+        _Pragma("omp simd")                                                                      \
+        for (int l = 0; l < LANES; ++l) {                                                        \
+            T mean = sum[l] / live[l], var = sum_sq[l] / live[l] - mean * mean;                  \
+            T spread2 = (T)1 + (T)0.39269908169872414 * (var > 0 ? var : 0);                     \
+            T stretch = sizeof(T) == 4 ? (T)sqrtf((float)spread2) : (T)sqrt((double)spread2);   \
+            T odds = budget[l] / (live[l] - budget[l]);                                          \
+            start[l] = EXP(stretch * log_rough_##SUFFIX(odds) - mean);                           \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    static ALWAYS_INLINE void tile_differences_##SUFFIX(const T *xt, int64_t n, const T *centre, \
+                                                        const T *sc, const T *ok, T *z, T *sum,  \
+                                                        T *sum_sq) {                             \
+        enum { PARTS = LANES * sizeof(T) / sizeof(tile_vec_##SUFFIX), WIDTH = LANES / PARTS };   \
+        tile_vec_##SUFFIX mid[PARTS], scale[PARTS], first[PARTS], second[PARTS];                 \
+        tile_mask_##SUFFIX on[PARTS];                                                            \
+        memcpy(mid, centre, sizeof mid);                                                         \
+        memcpy(scale, sc, sizeof scale);                                                         \
+        memcpy(first, ok, sizeof first);                                                         \
+        for (int h = 0; h < PARTS; ++h) {                                                        \
+            on[h] = first[h] != 0;                                                               \
+            first[h] = second[h] = mid[h] * 0;                                                   \
+        }                                                                                        \
+        const tile_vec_##SUFFIX minus_inf = mid[0] * 0 - (T)INFINITY;                            \
+        for (int64_t i = 0; i < n; ++i)                                                          \
+            for (int h = 0; h < PARTS; ++h) {                                                    \
+                tile_vec_##SUFFIX v, d;                                                          \
+                memcpy(&v, xt + i * LANES + h * WIDTH, sizeof v);                                \
+                tile_mask_##SUFFIX kept = on[h] & (v - v == 0); /* (finite v) */                 \
+                d = (v - mid[h]) * scale[h];                                                     \
+                d = (tile_vec_##SUFFIX)((tile_mask_##SUFFIX)d & kept);                           \
+                first[h] += d;                                                                   \
+                second[h] += d * d;                                                              \
+                d = tile_select_##SUFFIX(kept, d, minus_inf);                                    \
+                memcpy(z + i * LANES + h * WIDTH, &d, sizeof d);                                 \
             }                                                                                    \
+        if (sum) {                                                                               \
+            memcpy(sum, first, sizeof first);                                                    \
+            memcpy(sum_sq, second, sizeof second);                                               \
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
@@ -1195,9 +1256,9 @@ static inline double clamp_f64(double v, double low, double high) {
        finite ones share k − m (as solve_positive_row).  Rows the direct form does not cover     \
        (NaN entries, k ≤ m, k − m ≤ 0 or ≥ the live count, exact ties, |x/τ| too large) or that  \
        do not converge here (a root beyond the reach of c) are solved by solve_row itself, so    \
-       the results keep its contract.  Budgets k[0..LANES). */                                   \
-    static void solve_tile_##SUFFIX(const T *x, T *out, int32_t *status, int64_t n,              \
-                                    const double *k, double inv_tau) {                           \
+       the results keep its contract.  Budgets k[0..LANES).  Returns the passes taken. */        \
+    static int solve_tile_##SUFFIX(const T *x, T *out, int32_t *status, int64_t n,               \
+                                   const double *k, double inv_tau) {                            \
         T xt[SHORT_ROW * LANES], e[SHORT_ROW * LANES];                                           \
         const T minus_inf = -(T)INFINITY, plus_inf = (T)INFINITY;                                \
         for (int64_t i = 0; i < n; ++i)                                                          \
@@ -1238,8 +1299,7 @@ static inline double clamp_f64(double v, double low, double high) {
             width[l] = good ? spread : 0;                                                        \
             ref[l] = offset[l] = from_count[l] = 0;                                              \
         }                                                                                        \
-        tile_differences_##SUFFIX(xt, n, anchor, sc, ok, e); /* z = w − w_top, for now */        \
-        T wide = 0;                                                                              \
+        T wide = 0, spanned = 0;                                                                 \
         /* (where the start comes from counting rounds, small budgets keep the log-sum-exp     \
            start to SMALL_BUDGET_SPREAD_LIMIT·τ, as solve_row's) */                              \
         const int sorts = n <= SORT_N;                                                           \
@@ -1248,6 +1308,17 @@ static inline double clamp_f64(double v, double low, double high) {
                         width[l] <= (T)SMALL_BUDGET_SPREAD_LIMIT;                                \
             wide += ok[l] != 0 && width[l] > (T)SPREAD_LIMIT && !small ? 1 : 0;                  \
         }                                                                                        \
+        for (int l = 0; l < LANES; ++l) { /* (the lanes that keep the log-sum-exp start, far    \
+                                             from the root: wide, or a budget off the tails) */  \
+            int kept = ok[l] != 0 && !(wide > 0 && width[l] > (T)TILE_SOFT);                     \
+            int off = budget[l] >= (T)TILE_MOMENT_SHARE * live[l] || width[l] > (T)TILE_SOFT;    \
+            spanned += kept && width[l] > (T)TILE_MOMENT_WIDTH && off ? 1 : 0;                   \
+        }                                                                                        \
+        T z_sum[LANES], z_sum_sq[LANES]; /* (of the lanes' finite z: their moments) */           \
+        if (spanned > 0) /* z = w − w_top */                                                     \
+            tile_differences_##SUFFIX(xt, n, anchor, sc, ok, e, z_sum, z_sum_sq);                \
+        else                                                                                     \
+            tile_differences_##SUFFIX(xt, n, anchor, sc, ok, e, NULL, NULL);                     \
         if (wide > 0) {                                                                          \
             T counted[LANES], span[LANES];                                                       \
             for (int l = 0; l < LANES; ++l)                                                      \
@@ -1273,13 +1344,17 @@ static inline double clamp_f64(double v, double low, double high) {
                 centre[l] = ref[l] != 0 ? x0 : anchor[l];                                        \
                 offset[l] = ref[l] - (T)(((double)centre[l] - (double)anchor[l]) * (double)sc[l]); \
             }                                                                                    \
-            tile_differences_##SUFFIX(xt, n, centre, sc, ok, e);                                 \
+            tile_differences_##SUFFIX(xt, n, centre, sc, ok, e, NULL, NULL);                     \
         }                                                                                        \
         const double reach = (EXP_CUT) / 3.0; /* (ce ≤ e^{cap + reach}: finite) */               \
         const T cap = (T)((LOG_MAX) - reach - 8.0);                                              \
         tile_exp_sum_##SUFFIX(e, n, offset, cap, exp_sum);                                       \
-        T pending = 0;                                                                           \
+        T pending = 0, moment[LANES];                                                            \
         const T reach_lo = EXP((T)-reach), reach_hi = EXP((T)reach);                             \
+        if (spanned > 0)                                                                         \
+            tile_moment_start_##SUFFIX(z_sum, z_sum_sq, budget, live, moment);                   \
+        else                                                                                     \
+            for (int l = 0; l < LANES; ++l) moment[l] = 0;                                       \
         _Pragma("omp simd reduction(+ : pending)")                                               \
         for (int l = 0; l < LANES; ++l) {                                                        \
             /* the bracket [odds, odds·e^spread] of e^{−t}, times e^r, within c's reach */       \
@@ -1291,6 +1366,7 @@ static inline double clamp_f64(double v, double low, double high) {
             T start = bound * (live[l] / (live[l] - budget[l])); /* F(start) ≤ k (Jensen) */     \
             int jensen = from_count[l] == 0;                                                     \
             low = jensen & (bound > low) ? bound : low;                                          \
+            start = moment[l] > start ? moment[l] : start; /* (the root lies above Jensen's) */  \
             start = jensen ? start : 1;                                                          \
             start = start < high ? (start > low ? start : low) : high;                           \
             lo[l] = low;                                                                         \
@@ -1299,7 +1375,8 @@ static inline double clamp_f64(double v, double low, double high) {
             pending += 1 - done[l];                                                              \
         }                                                                                        \
         const T tiny = (T)ldexp(1.0, -EXP_CUT); /* (ce ≤ e^{cap + reach}: no overflow) */        \
-        for (int pass = 0; pending > 0; ++pass) {                                                \
+        int pass = 0;                                                                            \
+        for (; pending > 0; ++pass) {                                                            \
             if (pass == MAX_PASSES) { /* solve_row decides what these rows get */                \
                 for (int l = 0; l < LANES; ++l) ok[l] = done[l] != 0 ? ok[l] : 0;                \
                 break;                                                                           \
@@ -1366,6 +1443,7 @@ static inline double clamp_f64(double v, double low, double high) {
         }                                                                                        \
         for (int l = 0; l < LANES; ++l) /* (solve_row overwrites the rows not solved here) */    \
             status[l] = ok[l] != 0 ? 0 : solve_row_##SUFFIX(x + l * n, out + l * n, n, k[l], inv_tau); \
+        return pass;                                                                             \
     }                                                                                            \
                                                                                                  \
     /* Per row l < LANES of p and g (each n long): Σ w_i and Σ w_i·g_i in sum_w[l] and           \
@@ -1509,6 +1587,16 @@ static int solve_row_far(const double *x, double *out, int64_t n, double k, doub
 /* ------------------------------------------------------------------ threading */
 
 /* The rows in [begin, end) of a solve whose status is nonzero (the caller solves them). */
+#define COUNT_EVENTS(counter, count) __atomic_add_fetch(&(counter), (count), __ATOMIC_RELAXED)
+/* For the tests (gradkit_soft_tile_counts): the soft tiles solved and the passes they took
+   (one atomic add each per job). */
+static int64_t soft_tiles, soft_tile_passes;
+
+void gradkit_soft_tile_counts(int64_t *counts) {
+    counts[0] = __atomic_exchange_n(&soft_tiles, 0, __ATOMIC_RELAXED);
+    counts[1] = __atomic_exchange_n(&soft_tile_passes, 0, __ATOMIC_RELAXED);
+}
+
 static int64_t count_unsolved(const void *status, int64_t begin, int64_t end) {
     int64_t count = 0;
     for (int64_t row = begin; row < end; ++row) count += ((const int32_t *)status)[row] != 0;
@@ -1532,6 +1620,7 @@ typedef struct {
 static void run_tiles(const Job *job, int64_t *row) {
     if (job->n > (job->op > 1 ? SHORT_VJP_ROW : SHORT_ROW) || job->n < 1) return;
     if (job->op <= 1 && !SOLVE_TILES) return;
+    int64_t tiles = 0, passes = 0;
     for (; *row + LANES <= job->row_end; *row += LANES) {
         int64_t offset = *row * job->n;
         if (job->op > 1) {
@@ -1549,11 +1638,16 @@ static void run_tiles(const Job *job, int64_t *row) {
         for (int l = 0; l < LANES; ++l) k[l] = job->budgets ? job->budgets[*row + l] : job->k;
         int32_t *status = (int32_t *)job->aux + *row;
         if (job->op == 0)
-            solve_tile_f32((const float *)job->a + offset, (float *)job->out + offset, status,
-                           job->n, k, job->inv_tau);
+            passes += solve_tile_f32((const float *)job->a + offset, (float *)job->out + offset,
+                                     status, job->n, k, job->inv_tau);
         else
-            solve_tile_f64((const double *)job->a + offset, (double *)job->out + offset, status,
-                           job->n, k, job->inv_tau);
+            passes += solve_tile_f64((const double *)job->a + offset,
+                                     (double *)job->out + offset, status, job->n, k, job->inv_tau);
+        tiles += 1;
+    }
+    if (tiles > 0) {
+        COUNT_EVENTS(soft_tiles, tiles);
+        COUNT_EVENTS(soft_tile_passes, passes);
     }
 }
 
@@ -1699,7 +1793,6 @@ int gradkit_sort_tiles(int is_double, const void *x, void *out, int64_t rows, in
    A broken tile step costs time, not correctness (sparse_row solves the row): these counts
    show it.  Atomic adds, from any thread; both events are rare. */
 static int64_t sparse_tile_fallbacks, sparse_tile_retries;
-#define COUNT_EVENTS(counter, count) __atomic_add_fetch(&(counter), (count), __ATOMIC_RELAXED)
 
 /* The two counts since the last call, in counts[0] and counts[1]; both are reset. */
 void gradkit_sparse_tile_counts(int64_t *counts) {
