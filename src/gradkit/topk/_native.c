@@ -1236,6 +1236,44 @@ static inline double clamp_f64(double v, double low, double high) {
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
+    /* solve_tile's output, WIDTH entries of WIDTH rows at a time while whole blocks remain: p   \
+       (its complement 1/(1 + ce) on flipped lanes) by lanes, back to rows in registers; with   \
+       `infinite` (a constant: the tile holds ±inf entries), 0 at −inf and 1 at +inf.  Returns   \
+       the first entry not written. */                                                           \
+    static ALWAYS_INLINE int64_t tile_write_##SUFFIX(const T *e, const T *xt, const T *c,         \
+                                                     const T *flipped, T *out, int64_t n,        \
+                                                     int infinite) {                             \
+        enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T), PARTS_W = LANES / WIDTH };         \
+        tile_vec_##SUFFIX scale_w[PARTS_W], flip_w[PARTS_W];                                     \
+        memcpy(scale_w, c, sizeof scale_w);                                                      \
+        memcpy(flip_w, flipped, sizeof flip_w);                                                  \
+        const tile_vec_##SUFFIX one = scale_w[0] * 0 + 1, zero = scale_w[0] * 0;                 \
+        const tile_vec_##SUFFIX big = zero + (T)EXP_MAX, plus_inf = zero + (T)INFINITY;          \
+        int64_t start = 0;                                                                       \
+        for (; start + WIDTH <= n; start += WIDTH)                                               \
+            for (int h = 0; h < PARTS_W; ++h) {                                                  \
+                tile_vec_##SUFFIX v[WIDTH];                                                      \
+                for (int j = 0; j < WIDTH; ++j) {                                                \
+                    tile_vec_##SUFFIX y;                                                         \
+                    memcpy(&y, e + (start + j) * LANES + h * WIDTH, sizeof y);                   \
+                    y *= scale_w[h];                                                             \
+                    tile_vec_##SUFFIX r = 1 / (1 + y);                                           \
+                    tile_vec_##SUFFIX other = tile_select_##SUFFIX(y < big, y * r, one);         \
+                    v[j] = tile_select_##SUFFIX(flip_w[h] != 0, r, other);                       \
+                    if (infinite) {                                                              \
+                        tile_vec_##SUFFIX score;                                                 \
+                        memcpy(&score, xt + (start + j) * LANES + h * WIDTH, sizeof score);      \
+                        v[j] = tile_select_##SUFFIX(score == plus_inf, one, v[j]);               \
+                        v[j] = tile_select_##SUFFIX(score == -plus_inf, zero, v[j]);             \
+                    }                                                                            \
+                }                                                                                \
+                transpose_##SUFFIX(v);                                                           \
+                for (int j = 0; j < WIDTH; ++j)                                                  \
+                    memcpy(out + (h * WIDTH + j) * n + start, &v[j], sizeof v[j]);               \
+            }                                                                                    \
+        return start;                                                                            \
+    }                                                                                            \
+                                                                                                 \
     /* Short rows (n ≤ SHORT_ROW), LANES at a time, one row per vector lane: the same solve as   \
        solve_row's direct (log-sum-exp) form, on a transposed tile, so that the lanes' Newton    \
        arithmetic (a sqrt and divides per pass) overlaps instead of forming one latency chain    \
@@ -1406,30 +1444,13 @@ static inline double clamp_f64(double v, double low, double high) {
                                           tol_mass);                                             \
         }                                                                                        \
         const T big = (T)EXP_MAX;                                                                \
-        enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T), PARTS_W = LANES / WIDTH };         \
-        tile_vec_##SUFFIX scale_w[PARTS_W], flip_w[PARTS_W];                                     \
-        memcpy(scale_w, c, sizeof scale_w);                                                      \
-        memcpy(flip_w, flipped, sizeof flip_w);                                                  \
-        const tile_vec_##SUFFIX one = scale_w[0] * 0 + 1, zero = scale_w[0] * 0;                 \
-        int64_t start = 0;                                                                       \
-        for (; start + WIDTH <= n; start += WIDTH) /* WIDTH entries of WIDTH rows at a time: */  \
-            for (int h = 0; h < PARTS_W; ++h) { /* p by lanes, back to rows in registers */      \
-                tile_vec_##SUFFIX v[WIDTH];                                                      \
-                for (int j = 0; j < WIDTH; ++j) {                                                \
-                    tile_vec_##SUFFIX y, score;                                                  \
-                    memcpy(&y, e + (start + j) * LANES + h * WIDTH, sizeof y);                   \
-                    memcpy(&score, xt + (start + j) * LANES + h * WIDTH, sizeof score);          \
-                    y *= scale_w[h];                                                             \
-                    tile_vec_##SUFFIX r = 1 / (1 + y);                                           \
-                    tile_vec_##SUFFIX other = tile_select_##SUFFIX(y < big, y * r, one);         \
-                    tile_vec_##SUFFIX value = tile_select_##SUFFIX(flip_w[h] != 0, r, other);    \
-                    value = tile_select_##SUFFIX(score == plus_inf, one, value);                 \
-                    v[j] = tile_select_##SUFFIX(score == minus_inf, zero, value);                \
-                }                                                                                \
-                transpose_##SUFFIX(v);                                                           \
-                for (int j = 0; j < WIDTH; ++j)                                                  \
-                    memcpy(out + (h * WIDTH + j) * n + start, &v[j], sizeof v[j]);               \
-            }                                                                                    \
+        enum { WIDTH = sizeof(tile_vec_##SUFFIX) / sizeof(T) };                                  \
+        int64_t start = 0, infinite = 0;                                                         \
+        for (int l = 0; l < LANES; ++l) infinite += (int64_t)minus[l] + (int64_t)plus[l];       \
+        if (infinite > 0) /* (WIDTH entries of WIDTH rows at a time) */                          \
+            start = tile_write_##SUFFIX(e, xt, c, flipped, out, n, 1);                           \
+        else                                                                                     \
+            start = tile_write_##SUFFIX(e, xt, c, flipped, out, n, 0);                           \
         for (int64_t i = start; i < n; ++i) {                                                    \
             _Pragma("omp simd")                                                                  \
             for (int l = 0; l < LANES; ++l) {                                                    \
