@@ -2332,11 +2332,9 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
     }                                                                                            \
                                                                                                  \
     /* w = (x − top)·inv per lane of a transposed tile xt, in double (∓DBL_MAX where masked or   \
-       +inf: finite, so that 0·w = 0 in the sums) and, given wf, rounded to float there too      \
-       (∓FLT_MAX); Σ finite w per lane added to sum. */                                          \
+       +inf: finite, so that 0·w = 0 in the sums); Σ finite w per lane added to sum. */          \
     static inline void sparse_tile_w_##SUFFIX(const T *xt, int64_t n, const double *top,         \
-                                              const double *inv, double *w, float *wf,           \
-                                              double *sum) {                                     \
+                                              const double *inv, double *w, double *sum) {       \
         for (int64_t i = 0; i < n; ++i) {                                                        \
             _Pragma("omp simd")                                                                  \
             for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
@@ -2344,10 +2342,30 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 int finite = v - v == 0;                                                         \
                 double value = ((double)(finite ? v : (T)0) - top[l]) * inv[l];                  \
                 w[i * SPARSE_LANES + l] = finite ? value : (v > (T)0 ? DBL_MAX : -DBL_MAX);      \
-                if (wf) /* (constant in each call: the loop is unswitched) */                    \
-                    wf[i * SPARSE_LANES + l] =                                                   \
-                        finite ? (float)value : (v > (T)0 ? FLT_MAX : -FLT_MAX);                 \
                 sum[l] += finite ? value : 0.0;                                                  \
+            }                                                                                    \
+        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* w in float for the float passes of a float32 tile (∓FLT_MAX where masked or +inf),       \
+       computed in float: their root is made exact in double by sparse_tile_exact, which        \
+       computes w in double itself (sparse_tile_w only for lanes sent back to the double        \
+       passes); Σ finite w per lane in sum. */                                                   \
+    static inline void sparse_tile_wf_##SUFFIX(const float *xt, int64_t n, const double *top,    \
+                                               const double *inv, float *wf, float *sum) {       \
+        float top_f[SPARSE_LANES], inv_f[SPARSE_LANES];                                          \
+        for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
+            top_f[l] = (float)top[l], inv_f[l] = (float)inv[l];                                  \
+            sum[l] = 0;                                                                          \
+        }                                                                                        \
+        for (int64_t i = 0; i < n; ++i) {                                                        \
+            _Pragma("omp simd")                                                                  \
+            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
+                float v = xt[i * SPARSE_LANES + l];                                              \
+                int finite = v - v == 0;                                                         \
+                float value = ((finite ? v : 0.0f) - top_f[l]) * inv_f[l];                       \
+                wf[i * SPARSE_LANES + l] = finite ? value : (v > 0.0f ? FLT_MAX : -FLT_MAX);     \
+                sum[l] += finite ? value : 0.0f;                                                 \
             }                                                                                    \
         }                                                                                        \
     }                                                                                            \
@@ -2418,8 +2436,9 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         }                                                                                        \
         in_float &= spans;                                                                       \
         /* (two calls: each loop with or without the float copy) */                             \
-        if (in_float) sparse_tile_w_##SUFFIX(xt, n, top, inv, w, wf, sum);                       \
-        else sparse_tile_w_##SUFFIX(xt, n, top, inv, w, NULL, sum);                              \
+        float sum_f[SPARSE_LANES]; /* (float32 tiles: w in float only, see sparse_tile_exact) */ \
+        if (in_float) sparse_tile_wf_##SUFFIX((const float *)xt, n, top, inv, wf, sum_f);        \
+        else sparse_tile_w_##SUFFIX(xt, n, top, inv, w, sum);                                    \
         /* (tiles that span more than τ and do not sort, of more than SORT_N entries or in      \
            float64: budgets near 0 or n from a list of the extreme entries) */                   \
         T a[SPARSE_LANES], b[SPARSE_LANES];                                                      \
@@ -2436,17 +2455,18 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             float sumf[SPARSE_LANES], tf[SPARSE_LANES], hif[SPARSE_LANES], lowf[SPARSE_LANES];   \
             for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
                 kf[l] = (float)k[l], lof[l] = (float)lo[l], livef[l] = (float)live[l];           \
-                plusf[l] = (float)plus[l], sumf[l] = (float)sum[l];                              \
+                plusf[l] = (float)plus[l], sumf[l] = sum_f[l];                                   \
                 hif[l] = (float)order_hi[l], lowf[l] = (float)order_lo[l];                       \
             }                                                                                    \
             sparse_tile_solve_f32(wf, n, kf, lof, livef, plusf, sumf, NULL, listed ? lowf : NULL, \
                                   hif, tf, go);                                                  \
             for (int l = 0; l < SPARSE_LANES; ++l) t[l] = tf[l];                                 \
-            sparse_tile_exact(w, n, k, t, go);                                                   \
+            sparse_tile_exact((const float *)xt, n, top, inv, k, t, go);                         \
             int again = 0;                                                                       \
             for (int l = 0; l < SPARSE_LANES; ++l) again += go[l] = go[l] && taken[l];           \
-            if (again) {                                                                         \
+            if (again) { /* (w in double now: the double passes from t) */                       \
                 COUNT_EVENTS(sparse_tile_retries, again);                                        \
+                sparse_tile_w_##SUFFIX(xt, n, top, inv, w, sum);                                 \
                 sparse_tile_solve_f64(w, n, k, lo, live, plus, sum, t, NULL, NULL, t, go);       \
             }                                                                                    \
         } else {                                                                                 \
@@ -2603,13 +2623,19 @@ DEFINE_SPARSE_TILE_SOLVE(float, f32, FLT_EPSILON)
 DEFINE_SPARSE_TILE_SOLVE(double, f64, DBL_EPSILON)
 
 /* float32 tiles take their passes in float (twice the lanes a vector), then this one pass in
-   double: at each lane's float root t[l] (go[l] = 0), |U|, |F| and Σ_F w, and the
+   double, on w = (x − top)·inv computed from the tile's entries xt in double (as
+   sparse_tile_w): at each lane's float root t[l] (go[l] = 0), |U|, |F| and Σ_F w, and the
    breakpoints of F nearest t (the entries' w and w − 1, where the active set changes).  The
    exact root of the active set at t replaces t where it lies between those breakpoints, on
    t's own linear piece of F, so that it is the double solve's root; elsewhere (an entry
    within float's rounding of a breakpoint) t stays and go[l] is set again. */
-static void sparse_tile_exact(const double *w, int64_t n, const double *k, double *t, int *go) {
+static void sparse_tile_exact(const float *xt, int64_t n, const double *top, const double *inv,
+                              const double *k, double *t, int *go) {
     enum { WIDTH = sizeof(tile_vec_f64) / sizeof(double), PARTS = SPARSE_LANES / WIDTH };
+    tile_vec_f64 top_v[PARTS], inv_v[PARTS];
+    memcpy(top_v, top, sizeof top_v);
+    memcpy(inv_v, inv, sizeof inv_v);
+    const tile_vec_f64 huge = (tile_vec_f64){0} + DBL_MAX;
     tile_vec_f64 at[PARTS], sum[PARTS], left[PARTS], right[PARTS];
     tile_mask_f64 up_count[PARTS], free_count[PARTS];
     memcpy(at, t, sizeof at);
@@ -2621,8 +2647,12 @@ static void sparse_tile_exact(const double *w, int64_t n, const double *k, doubl
     }
     for (int64_t i = 0; i < n; ++i)
         for (int h = 0; h < PARTS; ++h) {
-            tile_vec_f64 v, v1;
-            memcpy(&v, w + i * SPARSE_LANES + h * WIDTH, sizeof v);
+            float x[WIDTH];
+            memcpy(x, xt + i * SPARSE_LANES + h * WIDTH, sizeof x);
+            tile_vec_f64 v = {x[0], x[1], x[2], x[3]}, v1; /* (w as sparse_tile_w computes it) */
+            tile_mask_f64 finite = v - v == 0;
+            v = tile_select_f64(finite, (v - top_v[h]) * inv_v[h],
+                                tile_select_f64(v > 0, huge, -huge));
             v1 = v - 1.0;
             tile_mask_f64 up = v1 >= at[h], free = (v > at[h]) & ~up; /* (−1: true) */
             up_count[h] -= up;
