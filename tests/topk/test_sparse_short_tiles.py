@@ -424,3 +424,29 @@ def test_the_tiles_lists_give_the_order_statistics_of_budgets_near_the_ends(n, d
             assert bool(a[r].isnan() and b[r].isnan()), (r, budget)
     assert bool((a[16:] == 7).all() and (b[16:] == 7).all())
     assert entry(0, x.data_ptr(), k.data_ptr(), a.data_ptr(), b.data_ptr(), 19, 65) == 1
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [2, 8, 16, 33, 64])
+def test_narrow_tiles_solved_at_their_all_free_root_match_the_reference(n, dtype):
+    # Rows narrower than τ whose entries all lie free at the all-free root
+    # (Σw + |U| − k)/|F| take that root without a pass; the others in the same tiles (a budget
+    # share below the row's width, or an entry half a τ below the rest) take the passes.
+    # +inf entries (in U) and −inf masks in some rows.
+    generator = torch.Generator().manual_seed(40 + n)
+    width = torch.rand(ROWS, 1, generator=generator, dtype=torch.float64) * 0.4
+    x = torch.rand(ROWS, n, generator=generator, dtype=torch.float64) * width
+    plus = torch.zeros(ROWS, dtype=torch.float64)
+    if n >= 4:
+        x[1::4, 1] = math.inf
+        x[2::4, 2] = -math.inf
+        plus[1::4] = 1.0
+    if n >= 3:
+        x[::5, 0] -= 0.5  # (not free at the all-free root of the rest)
+    live = (x > -math.inf).sum(-1).double() - plus
+    share = torch.tensor([0.5, 0.7, 0.45, 0.1, 0.9, 0.6] * 4, dtype=torch.float64)[:ROWS]
+    k = plus + share * live
+    p, status, _ = _native.sparse_solve(x.to(dtype), k, 1.0)
+    assert status.tolist() == [0] * ROWS
+    _assert_close_to_reference(p, x.to(dtype), k, 1.0)

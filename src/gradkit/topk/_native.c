@@ -2470,8 +2470,20 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 sparse_tile_solve_f64(w, n, k, lo, live, plus, sum, t, NULL, NULL, t, go);       \
             }                                                                                    \
         } else {                                                                                 \
-            sparse_tile_solve_f64(w, n, k, lo, live, plus, sum, NULL,                            \
-                                  sorted || listed ? order_lo : NULL, order_hi, t, go);          \
+            /* lanes whose finite entries all lie free at the all-free root are solved by it     \
+               (the root the passes would take, (Σw + |U| − k)/|F| with the same Σw) */          \
+            int left = 0;                                                                        \
+            for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
+                double root = (sum[l] + plus[l] - k[l]) / live[l];                               \
+                double bottom = ((double)low[l] - top[l]) * inv[l]; /* (the least w) */          \
+                int free = go[l] && root > -1.0 && bottom > root;                                \
+                t[l] = free ? root : t[l];                                                       \
+                go[l] = go[l] && !free;                                                          \
+                left += go[l];                                                                   \
+            }                                                                                    \
+            if (left)                                                                            \
+                sparse_tile_solve_f64(w, n, k, lo, live, plus, sum, NULL,                        \
+                                      sorted || listed ? order_lo : NULL, order_hi, t, go);      \
         }                                                                                        \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             if (!taken[l] || go[l]) {                                                            \
