@@ -924,15 +924,29 @@ static inline double clamp_f64(double v, double low, double high) {
        SORT_N entries a lane: w_(m) and w_(m+1) off a sorted copy of z (m = ⌊k⌋, w_(0) = +inf),  \
        then the same start as tile_count_start's between them. */                                \
     static void tile_sorted_start_##SUFFIX(const T *z, int64_t n, const T *budget, T *start) {   \
-        T s[SORT_N * LANES];                                                                     \
-        memcpy(s, z, (size_t)n * LANES * sizeof(T));                                             \
-        tile_sort_##SUFFIX(s, n);                                                                \
-        for (int l = 0; l < LANES; ++l) {                                                        \
-            int64_t m = (int64_t)budget[l]; /* (⌊k⌋ < live ≤ n) */                               \
-            T above = m > 0 ? s[(m - 1) * LANES + l] : (T)INFINITY, below = s[m * LANES + l];    \
-            T share = budget[l] - (T)m, shift = 4 * (share - (T)0.5);                            \
-            shift = shift < -3 ? -3 : (shift > 3 ? 3 : shift);                                   \
-            start[l] = share == 0 ? (T)0.5 * (above + below) : below - shift;                    \
+        enum { PARTS = LANES * sizeof(T) / sizeof(tile_vec_##SUFFIX), WIDTH = LANES / PARTS };   \
+        const int64_t slots = n <= 8 ? 8 : 16;                                                   \
+        for (int h = 0; h < PARTS; ++h) { /* (sorted and read off in registers) */               \
+            tile_vec_##SUFFIX v[16], k, none = (tile_vec_##SUFFIX){0};                           \
+            for (int64_t j = 0; j < slots; ++j)                                                  \
+                if (j < n) memcpy(&v[j], z + j * LANES + h * WIDTH, sizeof v[j]);                \
+                else v[j] = none - (T)INFINITY;                                                  \
+            if (slots == 8) sort_8_##SUFFIX(v);                                                  \
+            else sort_16_##SUFFIX(v);                                                            \
+            memcpy(&k, budget + h * WIDTH, sizeof k);                                            \
+            tile_vec_##SUFFIX m = __builtin_convertvector(                                       \
+                __builtin_convertvector(k, tile_mask_##SUFFIX), tile_vec_##SUFFIX); /* ⌊k⌋ */     \
+            tile_vec_##SUFFIX above = none + (T)INFINITY, below = none; /* (⌊k⌋ < live ≤ n) */    \
+            for (int64_t j = 0; j < slots; ++j) {                                                \
+                above = tile_select_##SUFFIX(m - 1 == (T)j, v[j], above);                        \
+                below = tile_select_##SUFFIX(m == (T)j, v[j], below);                            \
+            }                                                                                    \
+            tile_vec_##SUFFIX share = k - m, shift = 4 * (share - (T)0.5);                       \
+            shift = tile_select_##SUFFIX(shift < -3, none - 3,                                   \
+                                         tile_select_##SUFFIX(shift > 3, none + 3, shift));     \
+            tile_vec_##SUFFIX at = tile_select_##SUFFIX(share == 0, (T)0.5 * (above + below),    \
+                                                         below - shift);                          \
+            memcpy(start + h * WIDTH, &at, sizeof at);                                           \
         }                                                                                        \
     }                                                                                            \
                                                                                                  \
@@ -2253,6 +2267,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
     static void sparse_tile_order_##SUFFIX(const T *xt, int64_t n, const double *k,              \
                                            const int *go, T *a, T *b) {                          \
         T s[SORT_N * SPARSE_LANES];                                                              \
+        n = n < SORT_N ? n : SORT_N; /* (called for n ≤ SORT_N: a bound the compiler can see) */ \
         memcpy(s, xt, (size_t)n * SPARSE_LANES * sizeof(T));                                     \
         tile_sort_##SUFFIX(s, n);                                                                \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
