@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 from pathlib import Path
 from types import ModuleType
 
@@ -65,6 +66,17 @@ def cluster_at_the_root(rows: int, n: int, temperature: float, dtype, seed: int)
 def seeded_randn(*shape, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``torch.randn`` from its own generator, so tests do not depend on each other's order."""
     return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+def kernel_counts(library, name: str) -> tuple[int, int]:
+    """The fused kernel's test counter ``name`` (``gradkit_soft_tile_counts``,
+    ``gradkit_sparse_tile_counts``): its two counts since the last call, which resets them."""
+    counts = (ctypes.c_int64 * 2)()
+    function = getattr(library, name)
+    function.restype = None
+    function.argtypes = [ctypes.c_void_p]
+    function(counts)
+    return counts[0], counts[1]
 
 
 def gradkit(argv: list[str]) -> int:

@@ -9,12 +9,11 @@ excluded) and the PyTorch path.
 
 from __future__ import annotations
 
-import ctypes
 import math
 
 import pytest
 import torch
-from support import seeded_randn
+from support import kernel_counts, seeded_randn
 
 from gradkit import soft_topk
 from gradkit.topk import _native, _solve
@@ -209,12 +208,8 @@ def test_tiles_of_skewed_rows_from_the_moment_start_match_the_reference(n, width
 
 
 def _soft_tile_counts(library) -> tuple[int, int]:
-    """``gradkit_soft_tile_counts``: (soft tiles solved, passes they took) since the last call."""
-    counts = (ctypes.c_int64 * 2)()
-    library.gradkit_soft_tile_counts.restype = None
-    library.gradkit_soft_tile_counts.argtypes = [ctypes.c_void_p]
-    library.gradkit_soft_tile_counts(counts)
-    return counts[0], counts[1]
+    """(soft tiles solved, passes they took) since the last call."""
+    return kernel_counts(library, "gradkit_soft_tile_counts")
 
 
 @needs_kernel

@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from support import seeded_randn
+from support import kernel_counts, seeded_randn
 
 from gradkit import sparse_topk
 from gradkit.topk import _native, _sparse
@@ -325,11 +325,7 @@ def test_float32_tiles_of_budgets_near_the_ends_from_the_sorted_start_match_the_
 def _tile_counts(library) -> tuple[int, int]:
     """``gradkit_sparse_tile_counts``: (rows a tile took but handed to sparse_row unsolved,
     float32 lanes sent back from the exact pass to the double passes) since the last call."""
-    counts = (ctypes.c_int64 * 2)()
-    library.gradkit_sparse_tile_counts.restype = None
-    library.gradkit_sparse_tile_counts.argtypes = [ctypes.c_void_p]
-    library.gradkit_sparse_tile_counts(counts)
-    return counts[0], counts[1]
+    return kernel_counts(library, "gradkit_sparse_tile_counts")
 
 
 @needs_kernel
