@@ -1297,7 +1297,9 @@ static inline double clamp_f64(double v, double low, double high) {
        c = e^{r − t} (p = ce/(1 + ce)).  Lanes take r = 0 and start from the log-sum-exp bound   \
        scaled by live/(live − k): p = cE/(1 + cE) is concave in E, so by Jensen F(c₀) is at      \
        most live times the p of the mean E, which is k: c₀ stays left of the root, and is        \
-       exact for equal entries.  In a tile where some row spans more than SPREAD_LIMIT·τ (as     \
+       exact for equal entries; in tiles with lanes of a few τ (TILE_MOMENT_WIDTH), those        \
+       lanes move it up to their moment start (tile_moment_start) where that lies above it.     \
+       In a tile where some row spans more than SPREAD_LIMIT·τ (as     \
        solve_row's log-sum-exp start; in tiles of more than SORT_N entries, a row whose budget   \
        lies within TILE_SMALL_SHARE of the live count from 0 or from it only beyond              \
        SMALL_BUDGET_SPREAD_LIMIT·τ), the lanes wider than TILE_SOFT·τ take r from their order    \
