@@ -91,20 +91,22 @@ def measure(rows: int, n: int, k: int, repeats: int) -> dict:
     return out
 
 
+_COLUMNS = {  # header: (key, format) of the wall-clock figures
+    "eager ms": ("layer_eager_wall_ms", ".3g"),
+    "compiled ms": ("layer_compiled_wall_ms", ".3g"),
+    "compiled/eager": ("layer_compiled_over_eager_wall", ".2f"),
+    "model compiled/eager": ("model_compiled_over_eager_wall", ".2f"),
+    "torch.compile floor ms": ("compile_floor_wall_ms", ".2f"),
+    "layer (compiled − floor)/eager": ("layer_compiled_less_floor_over_eager_wall", ".2f"),
+}
+
+
 def format_rows(rows: list[dict]) -> str:
-    lines = [
-        "| shape | k | eager ms | compiled ms | compiled/eager | model compiled/eager "
-        "| torch.compile floor ms | layer (compiled − floor)/eager |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    cells = [
+        [r["shape"], str(r["k"]), *(format(r[key], spec) for key, spec in _COLUMNS.values())]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['k']} | {r['layer_eager_wall_ms']:.3g}"
-            f" | {r['layer_compiled_wall_ms']:.3g} | {r['layer_compiled_over_eager_wall']:.2f}"
-            f" | {r['model_compiled_over_eager_wall']:.2f} | {r['compile_floor_wall_ms']:.2f}"
-            f" | {r['layer_compiled_less_floor_over_eager_wall']:.2f} |"
-        )
-    return "\n".join(lines)
+    return _bench.markdown_table(["shape", "k", *_COLUMNS], cells)
 
 
 def main(argv: list[str] | None = None) -> int:

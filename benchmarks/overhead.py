@@ -90,20 +90,21 @@ def measure(rows: int, n: int, k: int, repeats: int, calls: int) -> dict:
     return out
 
 
+_COLUMNS = {  # header: key of the wall-clock µs
+    "soft_topk µs": "soft_topk_wall_us",
+    "sparse_topk µs": "sparse_topk_wall_us",
+    "sigmoid µs": "sigmoid_wall_us",
+    "do-nothing Function µs": "function_wall_us",
+    "soft_topk − Function µs": "soft_topk_over_function_wall_us",
+    "sparse_topk − Function µs": "sparse_topk_over_function_wall_us",
+}
+
+
 def format_rows(rows: list[dict]) -> str:
-    lines = [
-        "| shape | k | soft_topk µs | sparse_topk µs | sigmoid µs | do-nothing Function µs "
-        "| soft_topk − Function µs | sparse_topk − Function µs |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    cells = [
+        [r["shape"], str(r["k"]), *(f"{r[key]:.0f}" for key in _COLUMNS.values())] for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['k']} | {r['soft_topk_wall_us']:.0f}"
-            f" | {r['sparse_topk_wall_us']:.0f} | {r['sigmoid_wall_us']:.0f}"
-            f" | {r['function_wall_us']:.0f} | {r['soft_topk_over_function_wall_us']:.0f}"
-            f" | {r['sparse_topk_over_function_wall_us']:.0f} |"
-        )
-    return "\n".join(lines)
+    return _bench.markdown_table(["shape", "k", *_COLUMNS], cells)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ __all__ = [
     "environment",
     "load_average",
     "load_flag",
+    "markdown_table",
     "parse_table_flags",
     "print_table",
     "round_robin",
@@ -161,6 +162,14 @@ def parse_table_flags(
     except ValueError as error:
         parser.error(str(error))
     return args
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table of already formatted cells: the first column left-aligned, the others
+    right-aligned (the small single-table scripts' ``format_rows``)."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "--:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def print_table(
