@@ -77,10 +77,13 @@
 #define SOLVE_TILES 1
 #endif
 #define SHORT_VJP_ROW 128 /* rows this short are differentiated LANES at a time too */
+/* A function always inlined is compiled anew for each call with a constant argument: the tiles'
+   helpers taking a constant flag (tile_differences' sums, tile_write's infinities) lose the
+   code it turns off.  The backward tiles are so compiled with n a constant at the two widths
+   met most, 8 and 16 entries (MoE routers, short attention rows), their loops over a row
+   unrolled: 0.55–0.75× the time of their general loops there.  The solves' tiles gain nothing
+   from it and are not specialised. */
 #define ALWAYS_INLINE inline __attribute__((always_inline))
-/* The backward tiles are also compiled with n a constant at the two widths met most, 8 and 16
-   entries (MoE routers, short attention rows), their loops over a row unrolled: 0.55–0.75× the
-   time of their general loops there.  The solves' tiles gain nothing and are not specialised. */
 #if defined(__AVX__) /* (square roots of whole tile vectors: the tiles' bookkeeping is in the
                          row's own type) */
 #define TILE_VSQRT_f32(v) ((tile_vec_f32)_mm256_sqrt_ps((__m256)(v)))
