@@ -143,15 +143,21 @@ def advice(threads: int, device: str) -> str:
 
 
 def parse_table_flags(
-    argv: list[str] | None, description: str, counts: dict[str, tuple[int, str]]
+    argv: list[str] | None,
+    description: str,
+    counts: dict[str, tuple[int, str]],
+    more: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> argparse.Namespace:
     """The flags of the small single-table scripts in ``benchmarks/``: ``--threads`` (default
     1), the positive counts given as ``{"--flag": (default, help)}``, ``--json FILE`` and
-    ``--overwrite``, all checked before any work (a bad one exits 2 with a usage error)."""
+    ``--overwrite``, all checked before any work (a bad one exits 2 with a usage error), and
+    whatever ``more(parser)`` adds."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     for flag, (default, text) in counts.items():
         parser.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
+    if more is not None:
+        more(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     _io.add_overwrite_argument(parser)
     args = parser.parse_args(argv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from support import PNG_SIGNATURE, seeded_randn
 
-from gradkit.topk import benchmark, benchmark_grid
+from gradkit.topk import _native, benchmark, benchmark_grid
 from gradkit.topk.reference import seed_find_shift, seed_topk
 
 # --------------------------------------------------------------------------- the seed baseline
@@ -478,3 +479,47 @@ def test_compile_benchmark_rejects_bad_flags_before_running(tmp_path, capsys, fl
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert existing.read_text() == "{}"  # an existing result is never replaced unasked
+
+
+def _kernels_script() -> dict:
+    return runpy.run_path(str(Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"))
+
+
+@pytest.mark.skipif(not _native.available(), reason=f"fused CPU kernel {_native.status()}")
+def test_kernels_benchmark_builds_both_revisions_and_compares_them(tmp_path, capsys):
+    """``benchmarks/kernels.py --base HEAD`` on two tiny cases: both kernels build from their
+    sources (the working tree's and git's), every entry runs, and the same source twice gives
+    the same outputs (no timing is judged)."""
+    root = Path(__file__).resolve().parents[2]
+    if subprocess.run(["git", "-C", str(root), "rev-parse"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    namespace = _kernels_script()
+    namespace["SOLVES"][:] = [("soft", 16, 2, 3.0, "float32"), ("sparse", 64, 6, 1.0, "float64")]
+    namespace["VJPS"][:] = [("soft", 8, 2, 3.0, "float32"), ("sparse", 16, 4, 3.0, "float32")]
+    out = tmp_path / "kernels.json"
+    argv = ["--base", "HEAD", "--repeats", "1", "--elements", "256", "--json", str(out)]
+    assert namespace["main"](argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["op"], r["entry"], r["n"]) for r in rows] == [
+        ("soft", "solve", 16),
+        ("sparse", "solve", 64),
+        ("soft", "vjp", 8),
+        ("sparse", "vjp", 16),
+    ]
+    for row in rows:
+        assert row["base_ms"] > 0 and row["new_ms"] > 0
+        assert row["new_over_base"] == pytest.approx(row["new_ms"] / row["base_ms"])
+    unchanged = ["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", namespace["SOURCE"]]
+    if subprocess.run(unchanged).returncode == 0:  # (the same source twice)
+        assert all(row["max_abs_difference"] == 0 for row in rows)
+    assert "| soft solve | 16 | 2 |" in capsys.readouterr().out
+
+
+def test_kernels_benchmark_names_a_base_without_the_kernel(capsys):
+    main = _kernels_script()["main"]
+    assert main(["--base", "no-such-revision-xyz", "--repeats", "1"]) == 2
+    assert "--base 'no-such-revision-xyz'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--repeats", "1"])
+    assert exit_info.value.code == 2
+    assert "--base" in capsys.readouterr().err

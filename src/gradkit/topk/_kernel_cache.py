@@ -40,6 +40,7 @@ __all__ = [
     "BuildError",
     "CompilerHang",
     "build",
+    "build_from",
     "cache_folder",
     "compiler_command",
     "library_path",
@@ -304,12 +305,16 @@ def _kill_group(process: subprocess.Popen) -> None:
     process.communicate()
 
 
-def _compile(compiler: list[str], variant: str, scratch: Path, output: Path) -> None:
+def _compile(
+    compiler: list[str], variant: str, scratch: Path, output: Path, source: Path = SOURCE
+) -> None:
+    """Compile ``source`` (the kernel's, unless a benchmark builds another revision of it)
+    into ``output``, with the flags of :data:`FLAGS` and ``variant``; objects in ``scratch``."""
     objects = scratch / "topk.o"
     timeout, error = _timeout(), ""
     for arch in (["-march=native"], []):  # not every compiler knows -march=native
         steps = [
-            [*compiler, *FLAGS, *arch, *VARIANTS[variant], "-c", str(SOURCE), "-o", str(objects)],
+            [*compiler, *FLAGS, *arch, *VARIANTS[variant], "-c", str(source), "-o", str(objects)],
             [*compiler, "-shared", str(objects), "-o", str(output), "-lm", "-pthread"],
         ]
         for command in steps:
@@ -334,6 +339,24 @@ def build(compiler: list[str], variant: str, target: Path) -> None:
         digest = _digest(output)
         os.replace(output, target)
     _write_private(_sidecar(target, ".sha256"), digest + "\n")
+
+
+def build_from(source: Path, folder: Path, name: str) -> Path:
+    """Compile another revision of the kernel's source into ``folder`` (private, the caller's)
+    as ``name``.so, as :func:`build` compiles the kernel (OpenMP, else pthreads), for the
+    benchmark that compares two kernels.  Raises :class:`BuildError` or ``OSError``."""
+    compiler, problem = compiler_command()
+    if compiler is None:
+        raise BuildError(problem or "no C compiler")
+    output = folder / f"{name}.so"
+    failure = BuildError("nothing built")
+    for variant in VARIANTS:
+        try:
+            _compile(compiler, variant, folder, output, source)
+            return output
+        except BuildError as error:
+            failure = error
+    raise failure
 
 
 def remove_private(folder: Path) -> None:
