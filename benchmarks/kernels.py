@@ -6,9 +6,9 @@ temporary folder, and calls their entry points in alternation in one process, on
 on the same tensors: soft_topk's and sparse_topk's solves (``x = spread·randn``, one budget for
 all rows) and vjps, about 2 M elements a call (``--elements``).  Each cell is the least time
 over the repeats (the kernel's own speed, what a busy machine disturbs least) and ``new ÷
-base``; ``max |Δ|`` is the largest difference between the two kernels' outputs.  This times the
-C code alone: no Python, no autograd (``overhead.py`` times those).  Flags: ``--repeats N``,
-``--json FILE``.
+base``; ``max abs Δ`` is the largest difference between the two kernels' outputs.  This times
+the C code alone: no Python, no autograd (``overhead.py`` times those).  Flags: ``--repeats
+N``, ``--json FILE``.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def measure(base: str, repeats: int, elements: int = 2**21) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = ["entry", "n", "k", "spread", "dtype", "base ms", "new ms", "new ÷ base", "max |Δ|"]
+    header = ["entry", "n", "k", "spread", "dtype", "base ms", "new ms", "new ÷ base", "max abs Δ"]
     cells = [
         [
             *(f"{r['op']} {r['entry']}", str(r["n"]), str(r["k"]), f"{r['spread']:g}", r["dtype"]),
