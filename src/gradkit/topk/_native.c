@@ -341,6 +341,37 @@ static inline void transpose_f64(tile_vec_f64 *v) {
     }
 }
 
+/* A tile's rows into its lanes, xt[i·8 + l] = x[l·n + i] for 8 rows of n entries: 8 × 8 (two
+   4 × 4) blocks at a time by the transposes above, the columns past the last block one by one
+   (the tiles' lane count, LANES and SPARSE_LANES, is 8). */
+static inline void tile_gather_f32(const float *x, int64_t n, float *xt) {
+    int64_t start = 0;
+    for (; start + 8 <= n; start += 8) {
+        tile_vec_f32 v[8];
+        _Pragma("GCC unroll 8") /* (in registers, not through a copy on the stack) */
+        for (int l = 0; l < 8; ++l) memcpy(&v[l], x + l * n + start, sizeof v[l]);
+        transpose_f32(v);
+        _Pragma("GCC unroll 8")
+        for (int j = 0; j < 8; ++j) memcpy(xt + (start + j) * 8, &v[j], sizeof v[j]);
+    }
+    for (int64_t i = start; i < n; ++i)
+        for (int l = 0; l < 8; ++l) xt[i * 8 + l] = x[l * n + i];
+}
+static inline void tile_gather_f64(const double *x, int64_t n, double *xt) {
+    int64_t start = 0;
+    for (; start + 4 <= n; start += 4)
+        for (int h = 0; h < 8; h += 4) {
+            tile_vec_f64 v[4];
+            _Pragma("GCC unroll 4")
+            for (int r = 0; r < 4; ++r) memcpy(&v[r], x + (h + r) * n + start, sizeof v[r]);
+            transpose_f64(v);
+            _Pragma("GCC unroll 4")
+            for (int j = 0; j < 4; ++j) memcpy(xt + (start + j) * 8 + h, &v[j], sizeof v[j]);
+        }
+    for (int64_t i = start; i < n; ++i)
+        for (int l = 0; l < 8; ++l) xt[i * 8 + l] = x[l * n + i];
+}
+
 static inline double clamp_f64(double v, double low, double high) {
     return v < low ? low : (v > high ? high : v);
 }
@@ -1318,8 +1349,7 @@ static inline double clamp_f64(double v, double low, double high) {
                                    const double *k, double inv_tau) {                            \
         T xt[SHORT_ROW * LANES], e[SHORT_ROW * LANES];                                           \
         const T minus_inf = -(T)INFINITY, plus_inf = (T)INFINITY;                                \
-        for (int64_t i = 0; i < n; ++i)                                                          \
-            for (int l = 0; l < LANES; ++l) xt[i * LANES + l] = x[l * n + i];                    \
+        tile_gather_##SUFFIX(x, n, xt);                                                          \
         T top[LANES], bottom[LANES];                                                             \
         COUNT minus[LANES], plus[LANES], bad[LANES];                                             \
         tile_scan_##SUFFIX(xt, n, top, bottom, minus, plus, bad);                                \
@@ -2403,8 +2433,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         T xt[SPARSE_TILE_N * SPARSE_LANES];                                                      \
         double w[SPARSE_TILE_N * SPARSE_LANES];                                                  \
         float wf[SPARSE_TILE_N * SPARSE_LANES]; /* (w in float: float32 tiles, in_float) */      \
-        for (int64_t i = 0; i < n; ++i)                                                          \
-            for (int l = 0; l < SPARSE_LANES; ++l) xt[i * SPARSE_LANES + l] = x[l * n + i];      \
+        tile_gather_##SUFFIX(x, n, xt);                                                          \
         T high[SPARSE_LANES], low[SPARSE_LANES], count[SPARSE_LANES], nan[SPARSE_LANES];         \
         T plus_t[SPARSE_LANES];                                                                  \
         for (int l = 0; l < SPARSE_LANES; ++l)                                                   \
@@ -2868,8 +2897,7 @@ int64_t gradkit_sparse_vjp(int is_double, const void *grad, const void *p, void 
         T xt[SPARSE_TILE_N * SPARSE_LANES];                                                      \
         int go[SPARSE_LANES];                                                                    \
         for (int l = 0; l < SPARSE_LANES; ++l) go[l] = 1;                                        \
-        for (int64_t i = 0; i < n; ++i)                                                          \
-            for (int l = 0; l < SPARSE_LANES; ++l) xt[i * SPARSE_LANES + l] = x[l * n + i];      \
+        tile_gather_##SUFFIX(x, n, xt);                                                          \
         if (!sparse_tile_top_##SUFFIX(xt, n, k, go, a, b))                                       \
             for (int l = 0; l < SPARSE_LANES; ++l) a[l] = b[l] = (T)NAN;                         \
     }
