@@ -242,6 +242,30 @@ def test_float32_tiles_of_the_float_passes_match_the_reference(n):
         assert bool((mass_error <= 64 * n * torch.finfo(torch.float32).eps).all())
 
 
+@needs_kernel
+@pytest.mark.parametrize("n", [8, 16, 32])
+def test_float32_tiles_with_roots_at_breakpoints_keep_them_without_the_double_passes(n):
+    # Whole budgets on rows of a few τ: many roots lie on a flat piece of F (no entry free)
+    # and the float passes often end at its end, on an entry's breakpoint, or with a root at
+    # such a breakpoint.  The exact pass keeps those (a flat lane moved into its piece, the
+    # others checked in double): no lane goes back to the double passes, and p is the
+    # reference's.
+    library = _native._load()
+    _tile_counts(library)  # (reset)
+    rows = 2048
+    x = (seeded_randn(rows, n, seed=950 + n) * 1.5).float()
+    k = (torch.arange(rows) % (n - 1) + 1).double()
+    p, status, _ = _native.sparse_solve(x, k, 1.0)
+    assert status.eq(0).all()
+    assert _tile_counts(library) == (0, 0)
+    _assert_close_to_reference(p, x, k, 1.0)
+    # (a root on a flat piece: its end within rounding of an entry's breakpoint, in some rows)
+    ordered = x.double().sort(dim=-1, descending=True).values
+    kth = ordered.gather(1, k.long()[:, None] - 1)
+    gap = kth - 1 - ordered.gather(1, k.long()[:, None])
+    assert int((gap > 1e-3).sum()) >= 20
+
+
 def _kink_rows(rows: int, n: int) -> torch.Tensor:
     """Rows whose root lies among clusters of entries a few 1e-7 apart at its kinks (p = 1 at
     w − 1 = θ, p = 0 at w = θ), with the row's top at 256 τ, where float rounds every w of a
@@ -256,19 +280,45 @@ def _kink_rows(rows: int, n: int) -> torch.Tensor:
     return x.float()
 
 
+def _rounded_rows(rows: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with their top at 260 τ, the rest in (−2, 2), where float rounds w = x − top by up
+    to 1.5e-5: each row's budget puts its root 4e-6 below the w of an entry that float rounds
+    down by more than 1e-5 (free in double, with p = 4e-6; not free at the float root)."""
+    x, budgets = [], []
+    seed = 0
+    while len(x) < rows:
+        row = (torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 4 - 2).double()
+        seed += 1
+        row[0] = 260.0
+        w = row - 260.0
+        rounded_down = ((w.float().double() - w)[1:] < -1e-5).nonzero()
+        if len(rounded_down) == 0:
+            continue
+        root = w[1 + int(rounded_down[0])] - 4e-6
+        x.append(row.float())
+        budgets.append(float((w - root).clamp(0.0, 1.0).sum()))
+    return torch.stack(x), torch.tensor(budgets, dtype=torch.float64)
+
+
 @needs_kernel
-@pytest.mark.parametrize("kink", [False, True])
-def test_float32_tiles_find_the_double_passes_root_to_the_bit(kink):
+@pytest.mark.parametrize("case", ["spread", "kink", "rounded"])
+def test_float32_tiles_find_the_double_passes_root_to_the_bit(case):
     # The same seven rows in a tile of the float passes (its rows span 2–4096 τ) and in a tile
     # that an eighth row spanning more than 4096 τ keeps on the double passes: the exact pass
     # after the float passes gives the double passes' root, bit for bit, also where the float
     # passes end on the wrong piece of F (kink rows: the exact pass hands those to the double
-    # passes).  Fractional budgets: no root on a flat piece, where any θ of the piece is a root.
+    # passes), and where float's rounding of w leaves an entry off F at the float root (rounded
+    # rows: the exact pass checks those in double).  Fractional budgets: no root on a flat
+    # piece, where any θ of the piece is a root.
     n = 32
-    rows = _kink_rows(7, n) if kink else (seeded_randn(7, n, seed=61) * 20).float()
+    k = torch.full((7,), 12.5 if case == "kink" else 7.3, dtype=torch.float64)
+    if case == "rounded":
+        rows, k = _rounded_rows(7, n)
+    else:
+        rows = _kink_rows(7, n) if case == "kink" else (seeded_randn(7, n, seed=61) * 20).float()
     wide = (seeded_randn(1, n, seed=62) * 3000).float()
     x = torch.cat([rows, rows[:1], rows, wide])  # two tiles of 8 rows
-    k = torch.tensor([12.5 if kink else 7.3] * 16, dtype=torch.float64)
+    k = torch.cat([k, k[:1], k, torch.tensor([7.3], dtype=torch.float64)])
     p, status, _ = _native.sparse_solve(x, k, 1.0)
     assert status.tolist() == [0] * 16
     assert torch.equal(p[:7], p[8:15])

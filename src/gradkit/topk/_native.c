@@ -1847,7 +1847,8 @@ int gradkit_sort_tiles(int is_double, const void *x, void *out, int64_t rows, in
  * bracket [w_(⌊k⌋+1) − 1, w_(⌈k⌉)] (width ≤ 1, from one scan) and keep only the entries in
  * its window.  Rows of at most SPARSE_TILE_N entries are solved SPARSE_LANES at a time, one
  * per vector lane, by the same steps (sparse_tile_solve), +inf entries included; float32 tiles
- * take those steps in float, then one exact pass in double (sparse_tile_exact).  Tiles start
+ * take those steps in float, then one exact pass (sparse_tile_exact: Σ_F w in double at the
+ * float root, F checked against the breakpoints nearest it).  Tiles start
  * from the all-free root, or from the order-statistics bracket: off a sorting network (wide
  * float32 tiles of at most SORT_N entries) or, for budgets below SPARSE_TOP_SLOTS (4 in tiles of
  * at most SORT_N entries) or as near n, off a list of each lane's largest or smallest entries
@@ -1885,8 +1886,8 @@ void gradkit_sparse_tile_counts(int64_t *counts) {
    the root (sparse_polish): w about the top holds the root to eps·|t|, 2⁻⁴⁰ here. */
 #define SPARSE_POLISH_SPAN 4096.0
 /* float32 tiles whose rows all span at most this many τ take their passes in float (w to
-   2⁻¹² of τ: an active set at most an entry near a breakpoint off) before an exact pass in
-   double (sparse_tile_exact). */
+   2⁻¹² of τ: an active set at most an entry near a breakpoint off) before the exact pass
+   (sparse_tile_exact). */
 #define SPARSE_FLOAT_SPAN 4096.0
 
 /* float32 tiles of rows of at most SORT_N entries with a row spanning more than
@@ -2398,8 +2399,8 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
     }                                                                                            \
                                                                                                  \
     /* w in float for the float passes of a float32 tile (∓FLT_MAX where masked or +inf),       \
-       computed in float: their root is made exact in double by sparse_tile_exact, which        \
-       computes w in double itself (sparse_tile_w only for lanes sent back to the double        \
+       computed in float: their root is made exact by sparse_tile_exact, which sums w over F    \
+       in double, computed from x itself (sparse_tile_w only for lanes sent back to the double  \
        passes); Σ finite w per lane in sum. */                                                   \
     static inline void sparse_tile_wf_##SUFFIX(const float *xt, int64_t n, const double *top,    \
                                                const double *inv, float *wf, float *sum) {       \
@@ -2499,7 +2500,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 order_hi[l] = go[l] ? ((double)a[l] - top[l]) * inv[l] : 0.0;                    \
                 order_lo[l] = go[l] ? ((double)b[l] - top[l]) * inv[l] - 1.0 : -1.0;             \
             }                                                                                    \
-        if (in_float) { /* (float32 tiles: float passes, then one exact pass in double) */       \
+        if (in_float) { /* (float32 tiles: float passes, then the exact pass) */                 \
             float kf[SPARSE_LANES], lof[SPARSE_LANES], livef[SPARSE_LANES], plusf[SPARSE_LANES];  \
             float sumf[SPARSE_LANES], tf[SPARSE_LANES], hif[SPARSE_LANES], lowf[SPARSE_LANES];   \
             for (int l = 0; l < SPARSE_LANES; ++l) {                                             \
@@ -2510,7 +2511,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             sparse_tile_solve_f32(wf, n, kf, lof, livef, plusf, sumf, NULL, listed ? lowf : NULL, \
                                   hif, tf, go);                                                  \
             for (int l = 0; l < SPARSE_LANES; ++l) t[l] = tf[l];                                 \
-            sparse_tile_exact((const float *)xt, n, top, inv, k, t, go);                         \
+            sparse_tile_exact((const float *)xt, wf, n, top, inv, k, lo, t, go);                \
             int again = 0;                                                                       \
             for (int l = 0; l < SPARSE_LANES; ++l) again += go[l] = go[l] && taken[l];           \
             if (again) { /* (w in double now: the double passes from t) */                       \
@@ -2683,64 +2684,103 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
 DEFINE_SPARSE_TILE_SOLVE(float, f32, FLT_EPSILON)
 DEFINE_SPARSE_TILE_SOLVE(double, f64, DBL_EPSILON)
 
-/* float32 tiles take their passes in float (twice the lanes a vector), then this one pass in
-   double, on w = (x − top)·inv computed from the tile's entries xt in double (as
-   sparse_tile_w): at each lane's float root t[l] (go[l] = 0), |U|, |F| and Σ_F w, and the
-   breakpoints of F nearest t (the entries' w and w − 1, where the active set changes).  The
-   exact root of the active set at t replaces t where it lies between those breakpoints, on
-   t's own linear piece of F, so that it is the double solve's root; elsewhere (an entry
-   within float's rounding of a breakpoint) t stays and go[l] is set again. */
-static void sparse_tile_exact(const float *xt, int64_t n, const double *top, const double *inv,
-                              const double *k, double *t, int *go) {
+/* sparse_tile_exact for lane l of the tile xt alone, in double throughout (w as sparse_tile_w
+   computes it): |U|, |F| and Σ_F w at t, and the breakpoints of F nearest t on either side.
+   Returns the exact root of the active set at t where it lies on t's piece of F (on a flat
+   piece, |F| = 0 and |U| = k: t itself), else NaN. */
+static double sparse_lane_exact(const float *xt, int64_t n, int l, double top, double inv,
+                                double k, double t) {
+    double u = 0.0, c = 0.0, s = 0.0, left = -DBL_MAX, right = DBL_MAX;
+    for (int64_t i = 0; i < n; ++i) {
+        double v = xt[i * SPARSE_LANES + l];
+        v = v - v == 0 ? (v - top) * inv : (v > 0 ? DBL_MAX : -DBL_MAX);
+        double v1 = v - 1.0;
+        int up = v1 >= t, free = v > t && !up;
+        u += up, c += free, s += free ? v : 0.0;
+        /* t's piece: up, w − 1 bounds it on the right; free, w − 1 on the left and w on the
+           right; down (w ≤ t), w on the left */
+        double low = up ? left : (free ? v1 : v), high = up ? v1 : (free ? v : right);
+        left = low > left ? low : left;
+        right = high < right ? high : right;
+    }
+    double root = c > 0.0 ? (s + u - k) / c : t;
+    return (c > 0.0 ? root >= left && root <= right : u == k) ? root : NAN;
+}
+
+/* float32 tiles take their passes in float (twice the lanes a vector), then this one pass: at
+   each lane's float root t[l] (go[l] = 0) it classifies the entries by their float w (wf, as
+   the float passes do: |U|, |F|), sums w over F in double (w = (x − top)·inv from the tile's
+   entries xt, as sparse_tile_w computes it), and finds the breakpoints of F (w, and w − 1,
+   where the active set changes) nearest t below and above it.  Where both lie further from t
+   than the exact root of that active set, (Σ_F w + |U| − k)/|F|, does (plus float's rounding
+   of w; scale: the lane's span |lo|), the classification in double at that root is the one in
+   float at t: the root is the double solve's, and replaces t.  A lane on a flat piece of F
+   (|F| = 0, |U| = k: every point of the piece is a root) keeps t, moved to the middle of the
+   piece where t lies within rounding of its end.  Lanes with an entry that near a breakpoint
+   are checked in double (sparse_lane_exact); a lane whose active set does not hold its root
+   gets go[l] set again (the double passes take it). */
+static void sparse_tile_exact(const float *xt, const float *wf, int64_t n, const double *top,
+                              const double *inv, const double *k, const double *lo, double *t,
+                              int *go) {
+    typedef int32_t half_mask __attribute__((vector_size(16)));
     enum { WIDTH = sizeof(tile_vec_f64) / sizeof(double), PARTS = SPARSE_LANES / WIDTH };
-    tile_vec_f64 top_v[PARTS], inv_v[PARTS];
+    tile_vec_f64 top_v[PARTS], inv_v[PARTS], sum[PARTS];
     memcpy(top_v, top, sizeof top_v);
     memcpy(inv_v, inv, sizeof inv_v);
-    const tile_vec_f64 huge = (tile_vec_f64){0} + DBL_MAX;
-    tile_vec_f64 at[PARTS], sum[PARTS], left[PARTS], right[PARTS];
-    tile_mask_f64 up_count[PARTS], free_count[PARTS];
-    memcpy(at, t, sizeof at);
-    for (int h = 0; h < PARTS; ++h) {
-        sum[h] = at[h] * 0.0;
-        left[h] = sum[h] - DBL_MAX;
-        right[h] = sum[h] + DBL_MAX;
-        up_count[h] = free_count[h] = (tile_mask_f64){0};
-    }
-    for (int64_t i = 0; i < n; ++i)
+    float at_f[SPARSE_LANES];
+    for (int l = 0; l < SPARSE_LANES; ++l) at_f[l] = (float)t[l]; /* (t: a float root, exact) */
+    const tile_vec_f32 far = (tile_vec_f32){0} + FLT_MAX;
+    tile_vec_f32 at, below = far, above = far;
+    memcpy(&at, at_f, sizeof at);
+    tile_mask_f32 up_count = {0}, free_count = {0};
+    for (int h = 0; h < PARTS; ++h) sum[h] = top_v[h] * 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        tile_vec_f32 w, d, d1;
+        memcpy(&w, wf + i * SPARSE_LANES, sizeof w);
+        d = w - at, d1 = d - 1.0f;
+        tile_mask_f32 up = d >= 1.0f, free = (d > 0.0f) & ~up; /* (as sparse_tile_stats) */
+        up_count -= up;
+        free_count -= free;
+        /* the distances from t to the entry's breakpoints below and above it */
+        tile_vec_f32 down_by = tile_select_f32(up, far, tile_select_f32(free, -d1, -d));
+        tile_vec_f32 up_by = tile_select_f32(up, d1, tile_select_f32(free, d, far));
+        below = tile_select_f32(down_by < below, down_by, below);
+        above = tile_select_f32(up_by < above, up_by, above);
         for (int h = 0; h < PARTS; ++h) {
             float x[WIDTH];
+            half_mask half;
             memcpy(x, xt + i * SPARSE_LANES + h * WIDTH, sizeof x);
-            tile_vec_f64 v = {x[0], x[1], x[2], x[3]}, v1; /* (w as sparse_tile_w computes it) */
-            tile_mask_f64 finite = v - v == 0;
-            v = tile_select_f64(finite, (v - top_v[h]) * inv_v[h],
-                                tile_select_f64(v > 0, huge, -huge));
-            v1 = v - 1.0;
-            tile_mask_f64 up = v1 >= at[h], free = (v > at[h]) & ~up; /* (−1: true) */
-            up_count[h] -= up;
-            free_count[h] -= free;
-            sum[h] += (tile_vec_f64)((tile_mask_f64)v & free);
-            /* t's piece of F: up (w − 1 ≥ t), w − 1 bounds it on the right; free, w − 1 on the
-               left and w on the right; down (w ≤ t), w on the left */
-            tile_vec_f64 low = tile_select_f64(up, left[h], tile_select_f64(free, v1, v));
-            tile_vec_f64 high = tile_select_f64(up, v1, tile_select_f64(free, v, right[h]));
-            left[h] = tile_select_f64(low > left[h], low, left[h]);
-            right[h] = tile_select_f64(high < right[h], high, right[h]);
+            memcpy(&half, (const int32_t *)&free + h * WIDTH, sizeof half);
+            tile_vec_f64 v = {x[0], x[1], x[2], x[3]}; /* (F holds finite entries only) */
+            v = (v - top_v[h]) * inv_v[h];
+            tile_mask_f64 in_f = __builtin_convertvector(half, tile_mask_f64);
+            sum[h] += (tile_vec_f64)((tile_mask_f64)v & in_f);
         }
-    double u[SPARSE_LANES], c[SPARSE_LANES], s[SPARSE_LANES], lo[SPARSE_LANES], hi[SPARSE_LANES];
-    for (int h = 0; h < PARTS; ++h)
-        for (int l = 0; l < WIDTH; ++l) {
-            u[h * WIDTH + l] = (double)up_count[h][l];
-            c[h * WIDTH + l] = (double)free_count[h][l];
-            s[h * WIDTH + l] = sum[h][l];
-            lo[h * WIDTH + l] = left[h][l];
-            hi[h * WIDTH + l] = right[h][l];
-        }
+    }
+    double s[SPARSE_LANES];
+    float gap_below[SPARSE_LANES], gap_above[SPARSE_LANES];
+    int32_t u[SPARSE_LANES], c[SPARSE_LANES];
+    memcpy(s, sum, sizeof s);
+    memcpy(gap_below, &below, sizeof gap_below);
+    memcpy(gap_above, &above, sizeof gap_above);
+    memcpy(u, &up_count, sizeof u);
+    memcpy(c, &free_count, sizeof c);
     for (int l = 0; l < SPARSE_LANES; ++l) {
         if (go[l]) continue;
-        double root = c[l] > 0.0 ? (s[l] + u[l] - k[l]) / c[l] : t[l];
-        int exact = c[l] > 0.0 ? root >= lo[l] && root <= hi[l] : u[l] == k[l];
-        t[l] = exact ? root : t[l];
-        go[l] = !exact;
+        const double rounding = 8.0 * FLT_EPSILON * (fabs(lo[l]) + 2.0);
+        double low = gap_below[l], high = gap_above[l], root = NAN;
+        if (c[l] > 0) {
+            root = (s[l] + (double)u[l] - k[l]) / (double)c[l];
+            double margin = fabs(root - t[l]) + rounding;
+            if (!(low > margin && high > margin)) /* (an entry near a breakpoint) */
+                root = sparse_lane_exact(xt, n, l, top[l], inv[l], k[l], t[l]);
+        } else if ((double)u[l] == k[l]) { /* (a flat piece) */
+            root = low > rounding && high > rounding ? t[l] : t[l] + 0.5 * (high - low);
+            if (!(low + high > 4.0 * rounding)) /* (too narrow for float to tell) */
+                root = sparse_lane_exact(xt, n, l, top[l], inv[l], k[l], t[l]);
+        }
+        t[l] = root == root ? root : t[l];
+        go[l] = root != root;
     }
 }
 
