@@ -253,7 +253,8 @@ def test_float32_tiles_with_roots_at_breakpoints_keep_them_without_the_double_pa
     library = _native._load()
     _tile_counts(library)  # (reset)
     rows = 2048
-    x = (seeded_randn(rows, n, seed=950 + n) * 1.5).float()
+    spreads = torch.tensor([1.5, 3.0], dtype=torch.float64).repeat(rows // 2)[:, None]
+    x = (seeded_randn(rows, n, seed=950 + n) * spreads).float()
     k = (torch.arange(rows) % (n - 1) + 1).double()
     p, status, _ = _native.sparse_solve(x, k, 1.0)
     assert status.eq(0).all()

@@ -2684,6 +2684,34 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
 DEFINE_SPARSE_TILE_SOLVE(float, f32, FLT_EPSILON)
 DEFINE_SPARSE_TILE_SOLVE(double, f64, DBL_EPSILON)
 
+/* For sparse_tile_exact: the unsigned minimum of two vectors of 32-bit words; WIDTH (4) floats
+   from p widened to doubles; half h (lanes 4h…4h + 3) of a float mask widened to a double
+   mask (AVX2's single instructions for these, else generic vector code). */
+typedef uint32_t tile_bits_f32 __attribute__((vector_size(32)));
+static inline tile_bits_f32 tile_umin(tile_bits_f32 a, tile_bits_f32 b) {
+#if defined(__AVX2__)
+    return (tile_bits_f32)_mm256_min_epu32((__m256i)a, (__m256i)b);
+#else
+    return (tile_bits_f32)((tile_mask_f32)a & (tile_mask_f32)(a < b)) |
+           (tile_bits_f32)((tile_mask_f32)b & ~(tile_mask_f32)(a < b));
+#endif
+}
+static inline tile_vec_f64 widen_f32(const float *p) {
+#if defined(__AVX__)
+    return (tile_vec_f64)_mm256_cvtps_pd(_mm_loadu_ps(p));
+#else
+    return (tile_vec_f64){p[0], p[1], p[2], p[3]};
+#endif
+}
+static inline tile_mask_f64 widen_mask_f32(tile_mask_f32 m, int h) {
+#if defined(__AVX2__)
+    __m128i half = h ? _mm256_extracti128_si256((__m256i)m, 1) : _mm256_castsi256_si128((__m256i)m);
+    return (tile_mask_f64)_mm256_cvtepi32_epi64(half);
+#else
+    return (tile_mask_f64){m[4 * h], m[4 * h + 1], m[4 * h + 2], m[4 * h + 3]};
+#endif
+}
+
 /* sparse_tile_exact for lane l of the tile xt alone, in double throughout (w as sparse_tile_w
    computes it): |U|, |F| and Σ_F w at t, and the breakpoints of F nearest t on either side.
    Returns the exact root of the active set at t where it lies on t's piece of F (on a flat
@@ -2722,46 +2750,44 @@ static double sparse_lane_exact(const float *xt, int64_t n, int l, double top, d
 static void sparse_tile_exact(const float *xt, const float *wf, int64_t n, const double *top,
                               const double *inv, const double *k, const double *lo, double *t,
                               int *go) {
-    typedef int32_t half_mask __attribute__((vector_size(16)));
     enum { WIDTH = sizeof(tile_vec_f64) / sizeof(double), PARTS = SPARSE_LANES / WIDTH };
     tile_vec_f64 top_v[PARTS], inv_v[PARTS], sum[PARTS];
     memcpy(top_v, top, sizeof top_v);
     memcpy(inv_v, inv, sizeof inv_v);
     float at_f[SPARSE_LANES];
     for (int l = 0; l < SPARSE_LANES; ++l) at_f[l] = (float)t[l]; /* (t: a float root, exact) */
-    const tile_vec_f32 far = (tile_vec_f32){0} + FLT_MAX;
-    tile_vec_f32 at, below = far, above = far;
+    tile_vec_f32 at;
     memcpy(&at, at_f, sizeof at);
+    /* the distances from t to the breakpoints below and above it, as float bits compared
+       unsigned: a negative distance (sign bit set) is larger than every other */
+    const tile_mask_f32 sign = (tile_mask_f32){0} + INT32_MIN;
+    tile_bits_f32 below = (tile_bits_f32){0} - 1, above = below;
     tile_mask_f32 up_count = {0}, free_count = {0};
     for (int h = 0; h < PARTS; ++h) sum[h] = top_v[h] * 0.0;
     for (int64_t i = 0; i < n; ++i) {
-        tile_vec_f32 w, d, d1;
+        tile_vec_f32 w;
         memcpy(&w, wf + i * SPARSE_LANES, sizeof w);
-        d = w - at, d1 = d - 1.0f;
-        tile_mask_f32 up = d >= 1.0f, free = (d > 0.0f) & ~up; /* (as sparse_tile_stats) */
+        /* a = t − w (−d of sparse_tile_stats, exactly), a₁ = t − (w − 1), d = −a, d₁ = d − 1 */
+        tile_vec_f32 a = at - w, a1 = a + 1.0f;
+        tile_vec_f32 d = (tile_vec_f32)((tile_mask_f32)a ^ sign), d1 = d - 1.0f;
+        tile_mask_f32 up = a <= -1.0f, free = (a < 0.0f) & ~up; /* (as sparse_tile_stats) */
         up_count -= up;
         free_count -= free;
-        /* the distances from t to the entry's breakpoints below and above it */
-        tile_vec_f32 down_by = tile_select_f32(up, far, tile_select_f32(free, -d1, -d));
-        tile_vec_f32 up_by = tile_select_f32(up, d1, tile_select_f32(free, d, far));
-        below = tile_select_f32(down_by < below, down_by, below);
-        above = tile_select_f32(up_by < above, up_by, above);
-        for (int h = 0; h < PARTS; ++h) {
-            float x[WIDTH];
-            half_mask half;
-            memcpy(x, xt + i * SPARSE_LANES + h * WIDTH, sizeof x);
-            memcpy(&half, (const int32_t *)&free + h * WIDTH, sizeof half);
-            tile_vec_f64 v = {x[0], x[1], x[2], x[3]}; /* (F holds finite entries only) */
-            v = (v - top_v[h]) * inv_v[h];
-            tile_mask_f64 in_f = __builtin_convertvector(half, tile_mask_f64);
-            sum[h] += (tile_vec_f64)((tile_mask_f64)v & in_f);
+        /* below t: w where a ≥ +0 (down), w − 1 where a₁ > 0 (not up: a₁ = +0 is up, its
+           bits less one are all ones); above t: w where d > 0, w − 1 where d₁ ≥ +0 (up) */
+        below = tile_umin(below, tile_umin((tile_bits_f32)a, (tile_bits_f32)a1 - 1));
+        above = tile_umin(above, tile_umin((tile_bits_f32)d, (tile_bits_f32)d1));
+        for (int h = 0; h < PARTS; ++h) { /* Σ_F w in double, w as sparse_tile_w computes it */
+            tile_vec_f64 v = widen_f32(xt + i * SPARSE_LANES + h * WIDTH);
+            v = (v - top_v[h]) * inv_v[h]; /* (F: finite entries only) */
+            sum[h] += (tile_vec_f64)((tile_mask_f64)v & widen_mask_f32(free, h));
         }
     }
     double s[SPARSE_LANES];
     float gap_below[SPARSE_LANES], gap_above[SPARSE_LANES];
     int32_t u[SPARSE_LANES], c[SPARSE_LANES];
     memcpy(s, sum, sizeof s);
-    memcpy(gap_below, &below, sizeof gap_below);
+    memcpy(gap_below, &below, sizeof gap_below); /* (all ones: NaN, none on that side) */
     memcpy(gap_above, &above, sizeof gap_above);
     memcpy(u, &up_count, sizeof u);
     memcpy(c, &free_count, sizeof c);
