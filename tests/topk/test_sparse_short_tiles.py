@@ -180,8 +180,10 @@ def test_operator_gradients_through_the_tiles(n):
 @pytest.mark.parametrize("n", [2, 3, 5, 8, 9, 12, 16])
 def test_wide_float32_rows_from_the_sorted_start_match_the_reference(n):
     # float32 tiles of n ≤ 16 with a row spanning more than 16 τ start from the order
-    # statistics of a sorting network: every row wide, ties (rounded entries), −inf masks,
-    # +inf entries, integer and fractional per-row budgets, roots on flat pieces and inside.
+    # statistics of a sorting network (then the float passes and the exact pass, or the double
+    # passes in tiles with a row spanning more than 4096 τ): every row wide, ties (rounded
+    # entries), −inf masks, +inf entries, integer and fractional per-row budgets, roots on flat
+    # pieces and inside.
     rows = 64
     spreads = torch.logspace(1.3, 4.0, rows, dtype=torch.float64)
     x = seeded_randn(rows, n, seed=400 + n) * spreads[:, None]
@@ -219,9 +221,9 @@ def test_float32_tiles_whose_w_leaves_float_range_match_the_reference(n, tau):
 @needs_kernel
 @pytest.mark.parametrize("n", [9, 16, 17, 32, 64])
 def test_float32_tiles_of_the_float_passes_match_the_reference(n):
-    # float32 tiles whose rows all span 2–4096 τ take their passes in float, then one exact
-    # pass in double (rows of n ≤ 16 only below 16 τ: wider ones start from a sorting network
-    # in double).  Fractional, whole and per-row budgets, −inf masks and +inf entries.
+    # float32 tiles whose rows all span 2–4096 τ take their passes in float, then the exact
+    # pass (rows of n ≤ 16 wider than 16 τ from a sorting network's bracket).  Fractional,
+    # whole and per-row budgets, −inf masks and +inf entries.
     rows = 64
     top = 3.5 if n <= 16 else 800.0
     spreads = torch.logspace(math.log10(0.6), math.log10(top / 3.5), rows, dtype=torch.float64)

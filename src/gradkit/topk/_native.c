@@ -2422,9 +2422,9 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
     }                                                                                            \
                                                                                                  \
     /* SPARSE_LANES rows of n ≤ SPARSE_TILE_N at once by sparse_tile_solve (+inf entries      \
-       included): float32 tiles whose rows all span 2–SPARSE_FLOAT_SPAN τ (where the all-free  \
-       start lies a few passes from the root) take the passes in float, then                   \
-       sparse_tile_exact.  Lanes of budgets near 0 or n (sparse_tile_top), in                  \
+       included): float32 tiles whose rows all span at most SPARSE_FLOAT_SPAN τ, one more     \
+       than 2 τ, take the passes in float, then sparse_tile_exact (sorted ones too: from their \
+       order-statistics bracket).  Lanes of budgets near 0 or n (sparse_tile_top), in          \
        tiles spanning more than τ that do not sort, start from the order statistics off        \
        sparse_tile_top (from the all-free root, 6–10 passes a tile of 64 entries; from the     \
        lists, 2–3).  The rows it does not take (NaN, budgets with nothing to solve, overflow)  \
@@ -2478,8 +2478,8 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             near &= !go[l] || budget <= edge || budget >= live[l] - edge;                        \
         }                                                                                        \
         const int sorted = (wide || near) && n <= SORT_N && sizeof(T) == sizeof(float);          \
-        /* float passes, where the all-free start lies some passes from the root */              \
-        int in_float = sizeof(T) == sizeof(float) && !sorted, spans = 0;                         \
+        /* float passes (from the all-free start or the sorted bracket), then the exact pass */  \
+        int in_float = sizeof(T) == sizeof(float), spans = 0;                                    \
         for (int l = 0; l < SPARSE_LANES; ++l) {                                                 \
             in_float &= !go[l] || lo[l] >= -SPARSE_FLOAT_SPAN;                                   \
             spans |= go[l] && lo[l] < -2.0;                                                      \
@@ -2508,7 +2508,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 plusf[l] = (float)plus[l], sumf[l] = sum_f[l];                                   \
                 hif[l] = (float)order_hi[l], lowf[l] = (float)order_lo[l];                       \
             }                                                                                    \
-            sparse_tile_solve_f32(wf, n, kf, lof, livef, plusf, sumf, NULL, listed ? lowf : NULL, \
+            sparse_tile_solve_f32(wf, n, kf, lof, livef, plusf, sumf, NULL, listed || sorted ? lowf : NULL, \
                                   hif, tf, go);                                                  \
             for (int l = 0; l < SPARSE_LANES; ++l) t[l] = tf[l];                                 \
             sparse_tile_exact((const float *)xt, wf, n, top, inv, k, lo, t, go);                \
