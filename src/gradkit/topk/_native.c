@@ -420,23 +420,32 @@ static inline double clamp_f64(double v, double low, double high) {
         *upper = sum_pv;                                                                         \
     }                                                                                            \
                                                                                                  \
-    /* The result, in place of the exponentials: the caller's p (p, or 1 − p when flipped);      \
-       0 for the masked (−inf) entries of x when `masked` is set. */                             \
-    static void write_##SUFFIX(T *e, const T *x, int masked, int64_t n, double scale,            \
-                               int inverted, int flipped) {                                      \
-        const T c = (T)scale, big = (T)EXP_MAX, minus_inf = -(T)INFINITY;                        \
-        const int want_q = inverted != flipped; /* the value that is r = 1/(1 + y) */            \
+    /* write's loop, with `masked` a constant in each call (ALWAYS_INLINE). */                   \
+    static ALWAYS_INLINE void write_loop_##SUFFIX(T *e, const T *x, int64_t n, T c, int want_q,  \
+                                                  int masked) {                                  \
+        const T big = (T)EXP_MAX, minus_inf = -(T)INFINITY;                                      \
         _Pragma("omp simd")                                                                      \
         for (int64_t i = 0; i < n; ++i) {                                                        \
             T y = c * e[i]; /* +inf for an entry saturated at 0 (inverted form) */               \
             T r = (T)1 / ((T)1 + y);                                                             \
             T other = y < big ? y * r : (T)1;                                                    \
-            e[i] = want_q ? r : other;                                                           \
+            T value = want_q ? r : other;                                                        \
+            e[i] = masked && x[i] == minus_inf ? (T)0 : value;                                   \
         }                                                                                        \
-        if (masked) {                                                                            \
-            _Pragma("omp simd")                                                                  \
-            for (int64_t i = 0; i < n; ++i) e[i] = x[i] == minus_inf ? (T)0 : e[i];              \
-        }                                                                                        \
+    }                                                                                            \
+                                                                                                 \
+    /* The result, in place of the exponentials: the caller's p (p, or 1 − p when flipped);      \
+       0 for the masked (−inf) entries of x when `masked` is set. */                             \
+    static void write_##SUFFIX(T *e, const T *x, int masked, int64_t n, double scale,            \
+                               int inverted, int flipped) {                                      \
+        const T c = (T)scale;                                                                    \
+        const int want_q = inverted != flipped; /* the value that is r = 1/(1 + y) */            \
+        /* A masked entry holds E = 0 (G = +inf in the inverted form), whose p is 0 already     \
+           unless flipped (then 1 − p is, and p must be set to 0 by its x). */                  \
+        if (masked && flipped)                                                                   \
+            write_loop_##SUFFIX(e, x, n, c, want_q, 1);                                          \
+        else                                                                                     \
+            write_loop_##SUFFIX(e, x, n, c, want_q, 0);                                          \
     }                                                                                            \
                                                                                                  \
     /* Two-tail step (see _solve.py): y = eᵟ solves a·y² − g·y − b = 0, g = F − k + a − b. */    \
