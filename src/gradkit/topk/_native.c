@@ -34,6 +34,16 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math", "no-math-errno")
 #endif
+/* On x86 CPUs with AVX-512, GCC's -march=native still prefers 256-bit vectors, while PyTorch's
+   own kernels use 512-bit ones: the row loops here take 512-bit vectors, sparse_topk's short-row
+   tiles keep 256-bit ones (slower at 512; README, "vector width").  Without AVX-512 the
+   pragma changes nothing. */
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define PREFER_512 1
+#pragma GCC target("prefer-vector-width=512")
+#else
+#define PREFER_512 0
+#endif
 #include <float.h>
 #include <math.h>
 #include <pthread.h>
@@ -924,6 +934,30 @@ static inline double clamp_f64(double v, double low, double high) {
         return 0;                                                                                \
     }                                                                                            \
                                                                                                  \
+    /* grad_x = v⊙(g − c)/τ with c = Σ g·v / Σ v (0 for a saturated row); returns c. */          \
+    static double vjp_row_##SUFFIX(const T *g, const T *p, T *out, int64_t n, double inv_tau) {  \
+        double sum_v = 0.0, sum_gv = 0.0;                                                        \
+        for (int64_t start = 0; start < n; start += BLOCK) {                                     \
+            int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
+            T block_v = 0, block_gv = 0;                                                         \
+            _Pragma("omp simd reduction(+ : block_v, block_gv)")                                 \
+            for (int64_t i = start; i < stop; ++i) {                                             \
+                T v = p[i] * ((T)1 - p[i]);                                                      \
+                block_v += v;                                                                    \
+                block_gv += g[i] * v;                                                            \
+            }                                                                                    \
+            sum_v += block_v;                                                                    \
+            sum_gv += block_gv;                                                                  \
+        }                                                                                        \
+        double c = sum_v > 0 ? sum_gv / sum_v : 0.0;                                             \
+        const T cs = (T)c, scale = (T)inv_tau;                                                   \
+        _Pragma("omp simd")                                                                      \
+        for (int64_t i = 0; i < n; ++i) out[i] = p[i] * ((T)1 - p[i]) * (g[i] - cs) * scale;     \
+        return c;                                                                                \
+    }
+
+/* The short-row tiles of soft_topk (compiled for 256-bit vectors: see the top of the file). */
+#define DEFINE_TILE_KERNELS(T, COUNT, SUFFIX, EXP, EPS, LIMIT, LOG_MIN, LOG_MAX, EXP_MAX, EXP_CUT) \
     static inline tile_vec_##SUFFIX tile_select_##SUFFIX(tile_mask_##SUFFIX m,                   \
                                                          tile_vec_##SUFFIX a,                    \
                                                          tile_vec_##SUFFIX b) {                  \
@@ -1591,28 +1625,7 @@ static inline double clamp_f64(double v, double low, double high) {
         if (n == 8) vjp_tile_##SUFFIX(g, p, out, cs, 8, inv_tau);                                \
         else if (n == 16) vjp_tile_##SUFFIX(g, p, out, cs, 16, inv_tau);                         \
         else vjp_tile_##SUFFIX(g, p, out, cs, n, inv_tau);                                       \
-    }                                                                                            \
-    /* grad_x = v⊙(g − c)/τ with c = Σ g·v / Σ v (0 for a saturated row); returns c. */          \
-    static double vjp_row_##SUFFIX(const T *g, const T *p, T *out, int64_t n, double inv_tau) {  \
-        double sum_v = 0.0, sum_gv = 0.0;                                                        \
-        for (int64_t start = 0; start < n; start += BLOCK) {                                     \
-            int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
-            T block_v = 0, block_gv = 0;                                                         \
-            _Pragma("omp simd reduction(+ : block_v, block_gv)")                                 \
-            for (int64_t i = start; i < stop; ++i) {                                             \
-                T v = p[i] * ((T)1 - p[i]);                                                      \
-                block_v += v;                                                                    \
-                block_gv += g[i] * v;                                                            \
-            }                                                                                    \
-            sum_v += block_v;                                                                    \
-            sum_gv += block_gv;                                                                  \
-        }                                                                                        \
-        double c = sum_v > 0 ? sum_gv / sum_v : 0.0;                                             \
-        const T cs = (T)c, scale = (T)inv_tau;                                                   \
-        _Pragma("omp simd")                                                                      \
-        for (int64_t i = 0; i < n; ++i) out[i] = p[i] * ((T)1 - p[i]) * (g[i] - cs) * scale;     \
-        return c;                                                                                \
-    }                                                                                            \
+    }
 
 /* (type, its same-width integer type, suffix, exp, eps, |x/τ| limit, exp's clamp range in log and
    linear terms, the binary exponent beyond which evaluate() cuts y = e^{±(w − t)}) */
@@ -1620,6 +1633,17 @@ DEFINE_ROW_KERNELS(float, int32_t, f32, exp_f32, 1.1920928955078125e-07, 3.40282
                    -87.0, 88.0, 1.6516362549940018e38, 60)
 DEFINE_ROW_KERNELS(double, int64_t, f64, exp_f64, 2.220446049250313e-16, 1.7976931348623157e308 / 16,
                    -708.0, 709.0, 8.218407461554972e307, 500)
+#if PREFER_512
+#pragma GCC push_options
+#pragma GCC target("prefer-vector-width=256")
+#endif
+DEFINE_TILE_KERNELS(float, int32_t, f32, exp_f32, 1.1920928955078125e-07, 3.4028234663852886e38 / 16,
+                    -87.0, 88.0, 1.6516362549940018e38, 60)
+DEFINE_TILE_KERNELS(double, int64_t, f64, exp_f64, 2.220446049250313e-16, 1.7976931348623157e308 / 16,
+                    -708.0, 709.0, 8.218407461554972e307, 500)
+#if PREFER_512
+#pragma GCC pop_options
+#endif
 
 static int solve_row_widened(const float *x, float *out, int64_t n, double k, double inv_tau) {
     double *wide = (double *)malloc(2 * (size_t)n * sizeof(double));
@@ -2304,8 +2328,10 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         if (n == 8) sparse_vjp_tile_##SUFFIX(g, p, out, means, 8, inv_tau);                      \
         else if (n == 16) sparse_vjp_tile_##SUFFIX(g, p, out, means, 16, inv_tau);               \
         else sparse_vjp_tile_##SUFFIX(g, p, out, means, n, inv_tau);                             \
-    }                                                                                            \
-                                                                                                 \
+    }
+
+/* The short-row tiles' solve (compiled for 256-bit vectors: see the top of the file). */
+#define DEFINE_SPARSE_TILE_KERNELS(T, SUFFIX)                                                    \
     /* Per lane l of a transposed tile xt (n ≤ SORT_N entries a lane): the ⌈k⌉-th and            \
        (⌊k⌋+1)-th largest entries, in a[l] and b[l] (lanes with go[l] = 0: anything), by a       \
        sorting network on a copy padded with −inf. */                                            \
@@ -2690,6 +2716,13 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         }                                                                                        \
     }
 
+DEFINE_SPARSE_KERNELS(float, f32)
+DEFINE_SPARSE_KERNELS(double, f64)
+
+#if PREFER_512
+#pragma GCC push_options
+#pragma GCC target("prefer-vector-width=256")
+#endif
 DEFINE_SPARSE_TILE_SOLVE(float, f32, FLT_EPSILON)
 DEFINE_SPARSE_TILE_SOLVE(double, f64, DBL_EPSILON)
 
@@ -2819,8 +2852,11 @@ static void sparse_tile_exact(const float *xt, const float *wf, int64_t n, const
     }
 }
 
-DEFINE_SPARSE_KERNELS(float, f32)
-DEFINE_SPARSE_KERNELS(double, f64)
+DEFINE_SPARSE_TILE_KERNELS(float, f32)
+DEFINE_SPARSE_TILE_KERNELS(double, f64)
+#if PREFER_512
+#pragma GCC pop_options
+#endif
 
 typedef struct {
     int op; /* 0 solve f32, 1 solve f64, 2 vjp f32, 3 vjp f64 */
