@@ -41,8 +41,17 @@ SOLVES = [
     ("sparse", 16, 8, 0.1, "float64"),
     ("sparse", 32, 4, 3, "float32"),
     ("sparse", 64, 6, 3, "float32"),
+    # long rows (their plain loops, not the tiles)
+    ("soft", 10_000, 1000, 3, "float32"),
+    ("soft", 100_000, 10_000, 10, "float32"),
+    ("soft", 100_000, 10_000, 10, "float64"),
+    ("sparse", 10_000, 1000, 3, "float32"),
+    ("sparse", 100_000, 10, 1, "float32"),
 ]
-VJPS = [(op, n, max(1, n // 4), 3.0, "float32") for op in ("soft", "sparse") for n in (8, 16, 64)]
+VJPS = [
+    *((op, n, max(1, n // 4), 3.0, "float32") for op in ("soft", "sparse") for n in (8, 16, 64)),
+    ("soft", 100_000, 10_000, 3.0, "float32"),
+]
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 

@@ -238,13 +238,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_capability() -> str:
+    """The vector instruction set PyTorch's own CPU kernels use (``AVX512``, ``AVX2``, …): a
+    sigmoid pass, the benchmarks' yardstick, is faster with wider vectors."""
+    get = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    return get() if callable(get) else "unknown"
+
+
 def environment(threads: int) -> dict[str, Any]:
-    """What a benchmark ran on: versions, CPU, thread count, time."""
+    """What a benchmark ran on: versions, CPU (and PyTorch's vector width), threads, time."""
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_capability": cpu_capability(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

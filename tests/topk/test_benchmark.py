@@ -79,6 +79,9 @@ def test_quick_benchmark_writes_contract_json(tmp_path, capsys):
     assert {"config", "environment", "results"} <= report.keys()
     assert report["config"]["quick"] is True and report["config"]["threads"] == 1
     assert report["environment"]["torch"] == torch.__version__
+    # the sigmoid pass's speed depends on PyTorch's vector width: recorded and printed
+    capability = report["environment"]["cpu_capability"]
+    assert capability == torch.backends.cpu.get_cpu_capability()
     assert len(report["results"]) == len(benchmark.QUICK_SHAPES)
     for result, shape in zip(report["results"], benchmark.QUICK_SHAPES, strict=True):
         assert result["shape"] == [shape.batch, shape.n] and result["k"] == shape.k
@@ -106,6 +109,7 @@ def test_quick_benchmark_writes_contract_json(tmp_path, capsys):
     assert "speedup vs seed" in printed and "torch.topk" in printed
     assert "gradkit.sparse_topk ms" in printed and "sparse_topk × sigmoid pass" in printed
     assert "CPU time" in printed  # the one-thread run also prints the CPU-time ratios
+    assert f"torch's CPU kernels {capability}" in printed
 
 
 def test_benchmark_restores_thread_count():
@@ -346,6 +350,7 @@ def test_grid_command_writes_json_and_one_heatmap_per_setting(monkeypatch, tmp_p
     printed = capsys.readouterr().out
     assert "worst cell, × sigmoid pass (wall time)" in printed
     assert "cost of soft_topk forward+backward" in printed
+    assert f"torch's CPU kernels {report['environment']['cpu_capability']}" in printed
 
 
 def test_grid_command_op_both_keys_the_json_and_heatmaps_by_op(monkeypatch, tmp_path, capsys):

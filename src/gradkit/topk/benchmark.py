@@ -639,7 +639,8 @@ def _header_lines(report: dict[str, Any], flags: list[str]) -> list[str]:
     env = report["environment"]
     lines = [
         f"torch {env['torch']}, {env['threads']} thread(s), CPU: {env['cpu']} "
-        f"({env['cpu_count']} cores), Python {env['python']}; "
+        f"({env['cpu_count']} cores, torch's CPU kernels {env.get('cpu_capability', '?')}), "
+        f"Python {env['python']}; "
         f"device {report['config'].get('device', 'cpu')}{_gpu_name(report)}; float32, "
         f"τ = {report['config']['temperature']:g}, median ms of forward+backward; "
         f"fused CPU kernel {env.get('native_kernel', 'unknown')}",

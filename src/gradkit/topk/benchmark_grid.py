@@ -519,7 +519,8 @@ def format_grid(report: dict[str, Any]) -> str:
     'wall-time ratio (CPU-time ratio)' per cell ('?': flagged)."""
     env = report["environment"]
     lines = [
-        f"torch {env['torch']}, CPU: {env['cpu']} ({env['cpu_count']} cores), device "
+        f"torch {env['torch']}, CPU: {env['cpu']} ({env['cpu_count']} cores, torch's CPU "
+        f"kernels {env.get('cpu_capability', '?')}), device "
         f"{report['config']['device']}, fused CPU kernel {env['native_kernel']}; cost of "
         f"{_OP_NAMES[report['config'].get('op', 'soft')]} forward+backward as a multiple of one "
         "sigmoid forward+backward pass (τ = 1, x = spread·randn)",
