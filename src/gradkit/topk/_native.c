@@ -2105,12 +2105,14 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         if (sizeof(T) != sizeof(double) || !(fabs(t) > SPARSE_POLISH_SPAN)) return t;            \
         const double centre = *ref + t / inv, shift = t - (centre - *ref) * inv;                 \
         double upper = 0.0, count = 0.0, total = 0.0;                                            \
+        _Pragma("omp simd reduction(+ : upper, count, total)")                                   \
         for (int64_t i = 0; i < n; ++i) { /* (±inf: neither free nor counted) */                 \
             double w = ((double)x[i] - centre) * inv, z = w - shift;                             \
             int finite = w - w == 0;                                                             \
-            upper += finite && z >= 1.0;                                                         \
-            count += finite && z > 0.0 && z < 1.0;                                               \
-            total += finite && z > 0.0 && z < 1.0 ? w : 0.0;                                     \
+            int is_up = finite & (z >= 1.0), is_free = finite & (z > 0.0) & (z < 1.0);           \
+            upper += is_up ? 1.0 : 0.0;                                                          \
+            count += is_free ? 1.0 : 0.0;                                                        \
+            total += is_free ? w : 0.0;                                                          \
         }                                                                                        \
         *ref = centre;                                                                           \
         return count > 0.0 ? (total + upper - budget) / count : shift;                           \
