@@ -37,6 +37,7 @@ SOLVES = [
     ("soft", 64, 32, 1, "float32"),
     ("soft", 16, 8, 3, "float64"),
     ("soft", 1000, 10, 3, "float32"),
+    ("soft", 1000, 100, 3, "float32"),
     *(("sparse", 16, k, s, "float32") for k, s in [(8, 3), (2, 1), (8, 0.1), (1, 0.1), (8, 10)]),
     ("sparse", 16, 8, 0.1, "float64"),
     ("sparse", 32, 4, 3, "float32"),

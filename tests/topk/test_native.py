@@ -426,6 +426,38 @@ def test_kernel_float32_matches_the_float64_reference(spread, n):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [300, 1000, 5000])
+def test_rows_of_16_to_40_tau_around_the_small_budget_share_match_the_reference(n, dtype):
+    # Rows spanning 16–40·τ whose budget lies within an eighth of the live count from 0 or
+    # from it start from the log-sum-exp bound (exponentials about the row's top, ≥ e^−40);
+    # budgets just beyond that share start from counting rounds.  Gaussian rows (spans of
+    # about 18–35·τ) and uniform ones (20–39·τ), plain and with a third of them masked.
+    gaussian = seeded_randn(4, n, seed=n, dtype=torch.float64) * torch.tensor(
+        [[2.7], [3.0], [4.0], [5.0]]
+    )
+    uniform = torch.rand(4, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    x = torch.cat([gaussian, uniform * torch.tensor([[20.0], [25.0], [33.0], [39.0]])])
+    span = (x.amax(1) - x.amin(1)).min()
+    assert 16.0 < float(span) and float((x.amax(1) - x.amin(1)).max()) < 40.0
+    theta_ulp = torch.finfo(dtype).eps * float(x.abs().max())
+    tolerance = 16 * theta_ulp + 4 * n * torch.finfo(torch.float64).eps
+    live = torch.arange(n) % 3 != 0
+    masked = torch.where(live, x, -math.inf)
+    for k in [0.05 * n, n // 10, n / 8, n / 8 + 1.5, n - n // 10, n - n / 8 - 1]:
+        p, status, _ = _native.solve(x.to(dtype), float(k), 1.0)
+        assert bool((status == 0).all()), (k, status.tolist())
+        expected = reference_soft_topk(x.to(dtype).double(), k)
+        torch.testing.assert_close(p.double(), expected, rtol=0, atol=tolerance)
+        k_live = k * float(live.sum()) / n
+        p, status, _ = _native.solve(masked.to(dtype), k_live, 1.0)
+        assert bool((status == 0).all()), (k, status.tolist())
+        expected = reference_soft_topk(x[:, live].to(dtype).double(), k_live)
+        torch.testing.assert_close(p[:, live].double(), expected, rtol=0, atol=tolerance)
+        assert bool((p[:, ~live] == 0).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [600, 5000])
 @pytest.mark.parametrize("spread", [10.0, 60.0])
 def test_long_wide_rows_of_small_budgets_match_the_reference(n, spread, dtype):

@@ -56,8 +56,9 @@
 
 #define SPREAD_LIMIT 16.0 /* rows spanning more τ than this start from order statistics … */
 #define SMALL_BUDGET_SPREAD_LIMIT 40.0 /* … except small budgets (e^−40 is still normal): */
-#define SMALL_BUDGET_SHARE 0.05        /* k ≤ 5% of the row, for which the log-sum-exp start
-                                          is close (exact in the lower tail) */
+#define SMALL_BUDGET_SHARE 0.125       /* k ≤ 12.5% of the row (as TILE_SMALL_SHARE), for which
+                                          the log-sum-exp start is close (exact in the lower
+                                          tail): fewer passes than counting rounds to 40·τ */
 #define MAX_PASSES 64
 #define BLOCK 256 /* elements per partial sum (accurate, vectorisable summation) */
 #define COUNT_THRESHOLDS 7 /* cuts per counting pass of a wide row's start (see count_start) */
