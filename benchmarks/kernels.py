@@ -44,6 +44,7 @@ SOLVES = [
     ("sparse", 64, 6, 3, "float32"),
     # long rows (their plain loops, not the tiles)
     ("soft", 10_000, 1000, 3, "float32"),
+    ("soft", 10_000, 1000, 20, "float32"),
     ("soft", 100_000, 10_000, 10, "float32"),
     ("soft", 100_000, 10_000, 10, "float64"),
     ("sparse", 10_000, 1000, 3, "float32"),

@@ -426,6 +426,28 @@ def test_kernel_float32_matches_the_float64_reference(spread, n):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_writes_no_denormal_p(dtype):
+    # Wide rows keep G = e^{t₀ − w} up to the edge of T's range: p (or 1 − p) of the entries
+    # beyond it would be denormal, and every product or quotient making one costs a microcode
+    # assist (2–3× the whole solve at spreads of 15–40·τ).  The kernel writes 0 there: p is 0
+    # or at least twice T's least normal number, and still matches the reference.
+    tiny = torch.finfo(dtype).tiny
+    x64 = seeded_randn(6, 1000, seed=11, dtype=torch.float64) * 20.0
+    if dtype == torch.float64:
+        x64 = x64 * 16.0  # (float64's range: about 708·τ)
+    x64[3:] = x64[3:] * 2.0
+    theta_ulp = torch.finfo(dtype).eps * float(x64.abs().max())
+    for k in [10.0, 100.0, 500.0, 900.0]:
+        p, status, _ = _native.solve(x64.to(dtype), k, 1.0)
+        assert bool((status == 0).all()), (k, status.tolist())
+        assert bool(((p == 0) | (p >= 2 * tiny)).all()), k
+        assert bool((p == 0).any()), k  # (entries beyond the range: the case tested)
+        expected = reference_soft_topk(x64.to(dtype).double(), k)
+        torch.testing.assert_close(p.double(), expected, rtol=0, atol=16 * theta_ulp + 1e-9)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [300, 1000, 5000])
 def test_rows_of_16_to_40_tau_around_the_small_budget_share_match_the_reference(n, dtype):
     # Rows spanning 16–40·τ whose budget lies within an eighth of the live count from 0 or

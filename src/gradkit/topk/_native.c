@@ -60,6 +60,9 @@
                                           the log-sum-exp start is close (exact in the lower
                                           tail): fewer passes than counting rounds to 40·τ */
 #define MAX_PASSES 64
+/* T's least positive normal number and its largest finite one, as doubles */
+#define MIN_NORMAL(T) (sizeof(T) == sizeof(float) ? (double)FLT_MIN : DBL_MIN)
+#define MAX_FINITE(T) (sizeof(T) == sizeof(float) ? (double)FLT_MAX : DBL_MAX)
 #define BLOCK 256 /* elements per partial sum (accurate, vectorisable summation) */
 #define COUNT_THRESHOLDS 7 /* cuts per counting pass of a wide row's start (see count_start) */
 #define MAX_COUNT_PASSES 8  /* … which narrow its bracket at most 8⁸-fold */
@@ -403,7 +406,10 @@ static inline double clamp_f64(double v, double low, double high) {
     static void evaluate_##SUFFIX(const T *e, int64_t n, double scale, int inverted,             \
                                   double *mass, double *slope, double *upper) {                  \
         double sum_p = 0.0, sum_v = 0.0, sum_pv = 0.0;                                           \
-        const T c = (T)scale, huge = (T)ldexp(1.0, EXP_CUT), tiny = (T)ldexp(1.0, -EXP_CUT);     \
+        const T c = (T)scale, huge = (T)ldexp(1.0, EXP_CUT);                                     \
+        /* (an entry whose c·e would be below 2^−EXP_CUT is 0 before the product: a denormal     \
+           product costs a microcode assist, ~100× an ordinary multiply) */                      \
+        const T e_tiny = (T)fmax(ldexp(1.0, -EXP_CUT) / scale, MIN_NORMAL(T));                   \
         for (int64_t start = 0; start < n; start += BLOCK) {                                     \
             int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
             T block_p = 0, block_v = 0, block_pv = 0;                                            \
@@ -412,8 +418,8 @@ static inline double clamp_f64(double v, double low, double high) {
                 /* Entries beyond 2^±EXP_CUT of the threshold weigh < 2^−EXP_CUT in every sum:   \
                    cut them to exact 0/1 there, so no product of them is denormal (a denormal    \
                    costs a microcode assist, ~100× an ordinary multiply). */                     \
-                T y = c * e[i];                                                                  \
-                y = y > tiny ? (y < huge ? y : huge) : (T)0;                                     \
+                T y = c * (e[i] > e_tiny ? e[i] : (T)0);                                         \
+                y = y < huge ? y : huge;                                                         \
                 T r = (T)1 / ((T)1 + y);                                                         \
                 T p = inverted ? r : y * r;                                                      \
                 T q = inverted ? y * r : r;                                                      \
@@ -435,9 +441,14 @@ static inline double clamp_f64(double v, double low, double high) {
     static ALWAYS_INLINE void write_loop_##SUFFIX(T *e, const T *x, int64_t n, T c, int want_q,  \
                                                   int masked) {                                  \
         const T big = (T)EXP_MAX, minus_inf = -(T)INFINITY;                                      \
+        /* y kept within [2·min, 1/(2·min)] (T's least normal min) or 0 or +inf, so that no      \
+           product or quotient below is denormal: p below 2·min is written as 0 */               \
+        const T e_lo = (T)fmax(2.0 * MIN_NORMAL(T) / (double)c, MIN_NORMAL(T));                  \
+        const T e_hi = (T)fmin(0.5 / MIN_NORMAL(T) / (double)c, MAX_FINITE(T));                  \
         _Pragma("omp simd")                                                                      \
         for (int64_t i = 0; i < n; ++i) {                                                        \
-            T y = c * e[i]; /* +inf for an entry saturated at 0 (inverted form) */               \
+            T g = e[i] < e_lo ? (T)0 : (e[i] > e_hi ? (T)INFINITY : e[i]);                       \
+            T y = c * g; /* +inf for an entry saturated at 0 (inverted form) */                  \
             T r = (T)1 / ((T)1 + y);                                                             \
             T other = y < big ? y * r : (T)1;                                                    \
             T value = want_q ? r : other;                                                        \
@@ -655,14 +666,15 @@ static inline double clamp_f64(double v, double low, double high) {
         if (near != NULL) {                                                                      \
             const T cut = (T)exp_f64(NEAR_MARGIN + 0.5 * log(8.0 / EPS));                        \
             const int shift = sizeof(T) == sizeof(float) ? 64 : 512;                             \
-            const T up = (T)ldexp(1.0, shift);                                                   \
+            const T up = (T)ldexp(1.0, shift), e_big = (T)(1.0 / MIN_NORMAL(T));                \
             double far = 0.0, far2 = 0.0, count = 0.0;                                           \
             for (int64_t start = 0; start < n; start += BLOCK) {                                 \
                 int64_t stop = start + BLOCK < n ? start + BLOCK : n;                            \
                 T block = 0, block2 = 0, kept = 0;                                               \
                 _Pragma("omp simd reduction(+ : block, block2, kept)")                           \
                 for (int64_t i = start; i < stop; ++i) {                                         \
-                    T r = e[i] > cut ? (T)1 / e[i] : (T)0;                                       \
+                    T d = e[i] > cut && e[i] < e_big ? e[i] : (T)INFINITY; /* (1/d normal) */     \
+                    T r = (T)1 / d;                                                              \
                     block += r;                                                                  \
                     T scaled = r * up; /* (1/G·2^shift: its square is normal, no slow denormal   \
                                           product, and finite over any row) */                   \
