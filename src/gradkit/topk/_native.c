@@ -1642,18 +1642,21 @@ static inline double clamp_f64(double v, double low, double high) {
 
 /* (type, its same-width integer type, suffix, exp, eps, |x/τ| limit, exp's clamp range in log and
    linear terms, the binary exponent beyond which evaluate() cuts y = e^{±(w − t)}) */
-DEFINE_ROW_KERNELS(float, int32_t, f32, exp_f32, 1.1920928955078125e-07, 3.4028234663852886e38 / 16,
-                   -87.0, 88.0, 1.6516362549940018e38, 60)
-DEFINE_ROW_KERNELS(double, int64_t, f64, exp_f64, 2.220446049250313e-16, 1.7976931348623157e308 / 16,
-                   -708.0, 709.0, 8.218407461554972e307, 500)
+#define KERNEL_TYPE_F32                                                                          \
+    float, int32_t, f32, exp_f32, 1.1920928955078125e-07, 3.4028234663852886e38 / 16, -87.0,     \
+        88.0, 1.6516362549940018e38, 60
+#define KERNEL_TYPE_F64                                                                          \
+    double, int64_t, f64, exp_f64, 2.220446049250313e-16, 1.7976931348623157e308 / 16, -708.0,   \
+        709.0, 8.218407461554972e307, 500
+#define APPLY(MACRO, ...) MACRO(__VA_ARGS__) /* (the arguments expanded first) */
+APPLY(DEFINE_ROW_KERNELS, KERNEL_TYPE_F32)
+APPLY(DEFINE_ROW_KERNELS, KERNEL_TYPE_F64)
 #if PREFER_512
 #pragma GCC push_options
 #pragma GCC target("prefer-vector-width=256")
 #endif
-DEFINE_TILE_KERNELS(float, int32_t, f32, exp_f32, 1.1920928955078125e-07, 3.4028234663852886e38 / 16,
-                    -87.0, 88.0, 1.6516362549940018e38, 60)
-DEFINE_TILE_KERNELS(double, int64_t, f64, exp_f64, 2.220446049250313e-16, 1.7976931348623157e308 / 16,
-                    -708.0, 709.0, 8.218407461554972e307, 500)
+APPLY(DEFINE_TILE_KERNELS, KERNEL_TYPE_F32)
+APPLY(DEFINE_TILE_KERNELS, KERNEL_TYPE_F64)
 #if PREFER_512
 #pragma GCC pop_options
 #endif
