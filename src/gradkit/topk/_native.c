@@ -35,10 +35,11 @@
 #pragma GCC optimize("no-trapping-math", "no-math-errno")
 #endif
 /* On x86 CPUs with AVX-512, GCC's -march=native still prefers 256-bit vectors, while PyTorch's
-   own kernels use 512-bit ones: the row loops here take 512-bit vectors, sparse_topk's short-row
-   tiles keep 256-bit ones (slower at 512; README, "vector width").  Without AVX-512 the
-   pragma changes nothing. */
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+   own kernels use 512-bit ones: the row loops here take 512-bit vectors, the short-row tiles
+   keep 256-bit ones (slower at 512; README, "512-bit vectors for the row loops").  Without
+   AVX-512 the pragma changes nothing. */
+#if defined(__GNUC__) && __GNUC__ >= 8 && !defined(__clang__) && !defined(__INTEL_COMPILER) && \
+    (defined(__x86_64__) || defined(__i386__)) /* (GCC 8: the first to know the option) */
 #define PREFER_512 1
 #pragma GCC target("prefer-vector-width=512")
 #else
