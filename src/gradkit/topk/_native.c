@@ -411,6 +411,7 @@ static inline double clamp_f64(double v, double low, double high) {
         /* (an entry whose c·e would be below 2^−EXP_CUT is 0 before the product: a denormal     \
            product costs a microcode assist, ~100× an ordinary multiply) */                      \
         const T e_tiny = (T)fmax(ldexp(1.0, -EXP_CUT) / scale, MIN_NORMAL(T));                   \
+        const T zero = opaque_zero_##SUFFIX; /* (c·0 not folded: the product after the select) */ \
         for (int64_t start = 0; start < n; start += BLOCK) {                                     \
             int64_t stop = start + BLOCK < n ? start + BLOCK : n;                                \
             T block_p = 0, block_v = 0, block_pv = 0;                                            \
@@ -419,7 +420,7 @@ static inline double clamp_f64(double v, double low, double high) {
                 /* Entries beyond 2^±EXP_CUT of the threshold weigh < 2^−EXP_CUT in every sum:   \
                    cut them to exact 0/1 there, so no product of them is denormal (a denormal    \
                    costs a microcode assist, ~100× an ordinary multiply). */                     \
-                T y = c * (e[i] > e_tiny ? e[i] : (T)0);                                         \
+                T y = c * (e[i] > e_tiny ? e[i] : zero);                                         \
                 y = y < huge ? y : huge;                                                         \
                 T r = (T)1 / ((T)1 + y);                                                         \
                 T p = inverted ? r : y * r;                                                      \
@@ -446,9 +447,10 @@ static inline double clamp_f64(double v, double low, double high) {
            product or quotient below is denormal: p below 2·min is written as 0 */               \
         const T e_lo = (T)fmax(2.0 * MIN_NORMAL(T) / (double)c, MIN_NORMAL(T));                  \
         const T e_hi = (T)fmin(0.5 / MIN_NORMAL(T) / (double)c, MAX_FINITE(T));                  \
+        const T zero = opaque_zero_##SUFFIX, inf = (T)INFINITY + zero; /* (as newton_near's) */  \
         _Pragma("omp simd")                                                                      \
         for (int64_t i = 0; i < n; ++i) {                                                        \
-            T g = e[i] < e_lo ? (T)0 : (e[i] > e_hi ? (T)INFINITY : e[i]);                       \
+            T g = e[i] < e_lo ? zero : (e[i] > e_hi ? inf : e[i]);                               \
             T y = c * g; /* +inf for an entry saturated at 0 (inverted form) */                  \
             T r = (T)1 / ((T)1 + y);                                                             \
             T other = y < big ? y * r : (T)1;                                                    \
@@ -668,13 +670,16 @@ static inline double clamp_f64(double v, double low, double high) {
             const T cut = (T)exp_f64(NEAR_MARGIN + 0.5 * log(8.0 / EPS));                        \
             const int shift = sizeof(T) == sizeof(float) ? 64 : 512;                             \
             const T up = (T)ldexp(1.0, shift), e_big = (T)(1.0 / MIN_NORMAL(T));                \
+            /* (an infinity the compiler cannot see: with 1/∞ folded to 0 it would divide every  \
+               entry, then select, and make the denormal quotients after all) */                 \
+            const T inf = (T)INFINITY + opaque_zero_##SUFFIX;                                    \
             double far = 0.0, far2 = 0.0, count = 0.0;                                           \
             for (int64_t start = 0; start < n; start += BLOCK) {                                 \
                 int64_t stop = start + BLOCK < n ? start + BLOCK : n;                            \
                 T block = 0, block2 = 0, kept = 0;                                               \
                 _Pragma("omp simd reduction(+ : block, block2, kept)")                           \
                 for (int64_t i = start; i < stop; ++i) {                                         \
-                    T d = e[i] > cut && e[i] < e_big ? e[i] : (T)INFINITY; /* (1/d normal) */     \
+                    T d = e[i] > cut && e[i] < e_big ? e[i] : inf; /* (1/d normal) */             \
                     T r = (T)1 / d;                                                              \
                     block += r;                                                                  \
                     T scaled = r * up; /* (1/G·2^shift: its square is normal, no slow denormal   \
