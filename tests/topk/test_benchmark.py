@@ -404,6 +404,34 @@ def test_op_flag_without_grid_is_an_error(capsys):
     assert "--op sparse applies to --grid only" in capsys.readouterr().err
 
 
+def test_spreads_flag_sets_the_grid_columns(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(benchmark_grid, "QUICK_NS", (16,))
+    monkeypatch.setattr(benchmark_grid, "QUICK_ELEMENTS", 32)
+    out = tmp_path / "grid"
+    args = ["--grid", "--quick", "--threads", "1", "--repeats", "1", "--no-plot"]
+    assert benchmark.main([*args, "--spreads", "20", "40.5", "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())["soft"]
+    assert report["config"]["spreads"] == [20.0, 40.5]
+    for setting in report["settings"]:
+        assert {cell["spread"] for cell in setting["cells"]} == {20.0, 40.5}
+    assert "| spread 20 | spread 40.5 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--grid", "--spreads", "0"], "--spreads: must be a finite number > 0, got '0'"),
+        (["--grid", "--spreads", "inf"], "--spreads: must be a finite number > 0, got 'inf'"),
+        (["--quick", "--spreads", "3"], "--spreads applies to --grid only"),
+    ],
+)
+def test_bad_spreads_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_gradkit_bench_topk_grid_command(monkeypatch, tmp_path):
     from gradkit.cli import main as gradkit_main
 

@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from .. import _bench, _io
+from .. import _bench, _checks, _io
 from . import _native, benchmark_grid
 from .reference import seed_topk
 from .soft_topk import soft_topk
@@ -864,6 +864,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --grid: the operator(s) timed: soft (soft_topk, the default), sparse "
         "(sparse_topk) or both (about twice as long); the JSON is keyed by op",
     )
+    parser.add_argument(
+        "--spreads",
+        nargs="+",
+        type=_checks.number("--spreads", above=0).argtype(),
+        default=None,
+        metavar="S",
+        help="with --grid: the spreads (std of x/τ) timed, instead of the issue's "
+        + " ".join(f"{s:g}" for s in benchmark_grid.GRID_SPREADS),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -875,6 +884,10 @@ def run(args: argparse.Namespace) -> int:
         return _run_grid(args, overwrite)
     if getattr(args, "op", "soft") != "soft":
         raise ValueError(f"--op {args.op} applies to --grid only (the shapes time both operators)")
+    if getattr(args, "spreads", None) is not None:
+        raise ValueError(
+            "--spreads applies to --grid only (the shapes take randn; see --temperature)"
+        )
     quick = bool(args.quick)
     repeats = args.repeats if args.repeats is not None else (3 if quick else 30)
     budget = args.budget if args.budget is not None else (0.2 if quick else 1.5)
@@ -915,11 +928,14 @@ def _run_grid(args: argparse.Namespace, overwrite: bool) -> int:
     if args.threads is not None:
         _bench.check_positive_int("--threads", args.threads)
     ops = ("soft", "sparse") if args.op == "both" else (args.op,)
+    spreads = getattr(args, "spreads", None) or (
+        benchmark_grid.QUICK_SPREADS if quick else benchmark_grid.GRID_SPREADS
+    )
     reports = {}
     for op in ops:
         reports[op] = benchmark_grid.run_grid(
             ns=benchmark_grid.QUICK_NS if quick else benchmark_grid.GRID_NS,
-            spreads=benchmark_grid.QUICK_SPREADS if quick else benchmark_grid.GRID_SPREADS,
+            spreads=spreads,
             threads=None if args.threads is None else [args.threads],
             elements=benchmark_grid.QUICK_ELEMENTS if quick else benchmark_grid.GRID_ELEMENTS,
             repeats=args.repeats if args.repeats is not None else (3 if quick else 5),
