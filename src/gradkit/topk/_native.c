@@ -2330,8 +2330,11 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         double mean = count > 0.0 ? total / count : 0.0;                                         \
         sparse_write_grad_##SUFFIX(g, p, out, n, (T)mean, inv_tau);                              \
         return mean;                                                                             \
-    }                                                                                            \
-                                                                                                 \
+    }
+
+/* The short-row tiles' solve and backward (compiled for 256-bit vectors: see the top of the
+   file). */
+#define DEFINE_SPARSE_TILE_KERNELS(T, SUFFIX)                                                    \
     /* sparse_vjp_row for SPARSE_LANES (= LANES) short rows at once (rows l = 0..LANES−1 of g,   \
        p and out, each n long; 1/τ per row), their sums by tile_weighted_sums.  Writes           \
        mean_F g per row to means[0..LANES). */                                                   \
@@ -2352,10 +2355,8 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         if (n == 8) sparse_vjp_tile_##SUFFIX(g, p, out, means, 8, inv_tau);                      \
         else if (n == 16) sparse_vjp_tile_##SUFFIX(g, p, out, means, 16, inv_tau);               \
         else sparse_vjp_tile_##SUFFIX(g, p, out, means, n, inv_tau);                             \
-    }
-
-/* The short-row tiles' solve (compiled for 256-bit vectors: see the top of the file). */
-#define DEFINE_SPARSE_TILE_KERNELS(T, SUFFIX)                                                    \
+    }                                                                                            \
+                                                                                                 \
     /* Per lane l of a transposed tile xt (n ≤ SORT_N entries a lane): the ⌈k⌉-th and            \
        (⌊k⌋+1)-th largest entries, in a[l] and b[l] (lanes with go[l] = 0: anything), by a       \
        sorting network on a copy padded with −inf. */                                            \
