@@ -2151,8 +2151,8 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
     /* grad_x = 1_F (g − mean)·inv_tau for one row, NaN where p is NaN, exactly 0 off F; 1/τ     \
        capped at T's max/16 (as soft_topk caps it), so a τ below T's range gives large finite    \
        gradients on F, not inf or NaN. */                                                        \
-    static inline void sparse_write_grad_##SUFFIX(const T *g, const T *p, T *out, int64_t n,     \
-                                                  T mean, double inv_tau) {                      \
+    static ALWAYS_INLINE void sparse_write_grad_##SUFFIX(const T *g, const T *p, T *out,         \
+                                                         int64_t n, T mean, double inv_tau) {    \
         const double cap = (sizeof(T) == sizeof(float) ? FLT_MAX : DBL_MAX) / 16;                \
         const T scale = (T)(inv_tau < cap ? inv_tau : cap);                                      \
         _Pragma("omp simd")                                                                      \
