@@ -112,6 +112,15 @@ def test_quick_benchmark_writes_contract_json(tmp_path, capsys):
     assert f"torch's CPU kernels {capability}" in printed
 
 
+def test_cpu_capability_is_unknown_where_torch_cannot_tell(monkeypatch):
+    from gradkit import _bench
+
+    assert _bench.cpu_capability() == torch.backends.cpu.get_cpu_capability()
+    monkeypatch.delattr(torch.backends.cpu, "get_cpu_capability")
+    assert _bench.cpu_capability() == "unknown"
+    assert _bench.environment(1)["cpu_capability"] == "unknown"
+
+
 def test_benchmark_restores_thread_count():
     before = torch.get_num_threads()
     tiny = [benchmark.Shape(4, 8, 2, "tiny")]
