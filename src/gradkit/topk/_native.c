@@ -40,10 +40,13 @@
    AVX-512 the pragma changes nothing. */
 #if defined(__GNUC__) && __GNUC__ >= 8 && !defined(__clang__) && !defined(__INTEL_COMPILER) && \
     (defined(__x86_64__) || defined(__i386__)) /* (GCC 8: the first to know the option) */
-#define PREFER_512 1
 #pragma GCC target("prefer-vector-width=512")
+#define TILE_CODE_BEGIN                                                                          \
+    _Pragma("GCC push_options") _Pragma("GCC target(\"prefer-vector-width=256\")")
+#define TILE_CODE_END _Pragma("GCC pop_options")
 #else
-#define PREFER_512 0
+#define TILE_CODE_BEGIN
+#define TILE_CODE_END
 #endif
 #include <float.h>
 #include <math.h>
@@ -408,8 +411,7 @@ static inline double clamp_f64(double v, double low, double high) {
                                   double *mass, double *slope, double *upper) {                  \
         double sum_p = 0.0, sum_v = 0.0, sum_pv = 0.0;                                           \
         const T c = (T)scale, huge = (T)ldexp(1.0, EXP_CUT);                                     \
-        /* (an entry whose c·e would be below 2^−EXP_CUT is 0 before the product: a denormal     \
-           product costs a microcode assist, ~100× an ordinary multiply) */                      \
+        /* (the low cut on e, before the product: c·e itself must not be denormal) */             \
         const T e_tiny = (T)fmax(ldexp(1.0, -EXP_CUT) / scale, MIN_NORMAL(T));                   \
         const T zero = opaque_zero_##SUFFIX; /* (c·0 not folded: the product after the select) */ \
         for (int64_t start = 0; start < n; start += BLOCK) {                                     \
@@ -1657,15 +1659,10 @@ static inline double clamp_f64(double v, double low, double high) {
 #define APPLY(MACRO, ...) MACRO(__VA_ARGS__) /* (the arguments expanded first) */
 APPLY(DEFINE_ROW_KERNELS, KERNEL_TYPE_F32)
 APPLY(DEFINE_ROW_KERNELS, KERNEL_TYPE_F64)
-#if PREFER_512
-#pragma GCC push_options
-#pragma GCC target("prefer-vector-width=256")
-#endif
+TILE_CODE_BEGIN
 APPLY(DEFINE_TILE_KERNELS, KERNEL_TYPE_F32)
 APPLY(DEFINE_TILE_KERNELS, KERNEL_TYPE_F64)
-#if PREFER_512
-#pragma GCC pop_options
-#endif
+TILE_CODE_END
 
 static int solve_row_widened(const float *x, float *out, int64_t n, double k, double inv_tau) {
     double *wide = (double *)malloc(2 * (size_t)n * sizeof(double));
@@ -2153,7 +2150,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
        gradients on F, not inf or NaN. */                                                        \
     static ALWAYS_INLINE void sparse_write_grad_##SUFFIX(const T *g, const T *p, T *out,         \
                                                          int64_t n, T mean, double inv_tau) {    \
-        const double cap = (sizeof(T) == sizeof(float) ? FLT_MAX : DBL_MAX) / 16;                \
+        const double cap = MAX_FINITE(T) / 16;                                                   \
         const T scale = (T)(inv_tau < cap ? inv_tau : cap);                                      \
         _Pragma("omp simd")                                                                      \
         for (int64_t i = 0; i < n; ++i) {                                                        \
@@ -2744,10 +2741,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
 DEFINE_SPARSE_KERNELS(float, f32)
 DEFINE_SPARSE_KERNELS(double, f64)
 
-#if PREFER_512
-#pragma GCC push_options
-#pragma GCC target("prefer-vector-width=256")
-#endif
+TILE_CODE_BEGIN
 DEFINE_SPARSE_TILE_SOLVE(float, f32, FLT_EPSILON)
 DEFINE_SPARSE_TILE_SOLVE(double, f64, DBL_EPSILON)
 
@@ -2879,9 +2873,7 @@ static void sparse_tile_exact(const float *xt, const float *wf, int64_t n, const
 
 DEFINE_SPARSE_TILE_KERNELS(float, f32)
 DEFINE_SPARSE_TILE_KERNELS(double, f64)
-#if PREFER_512
-#pragma GCC pop_options
-#endif
+TILE_CODE_END
 
 typedef struct {
     int op; /* 0 solve f32, 1 solve f64, 2 vjp f32, 3 vjp f64 */
