@@ -394,6 +394,53 @@ static inline double clamp_f64(double v, double low, double high) {
     return v < low ? low : (v > high ? high : v);
 }
 
+/* ------------------------------------------------------------------ AVX-512 row scans
+ * Two scans of the long-row solve whose per-entry work is a comparison: on AVX-512 they take
+ * 64 bytes at a time into a mask register (one kortest per 16 floats), where the generic
+ * vector code tests a 32-byte mask through four general registers, and the compaction
+ * (branch-free scalar stores otherwise) compresses each vector's kept entries into one store.
+ * ROW_SCAN_WIDTH_f32/f64 entries per call; without AVX-512 the loops of the macro below run. */
+#if defined(__AVX512F__)
+#define ROW_SCANS 1
+#define ROW_SCAN_WIDTH_f32 16
+#define ROW_SCAN_WIDTH_f64 8
+/* Bit l set where x[l] is not −inf and x[l]·sc > bar (top_start's test). */
+static inline unsigned top_hits_f32(const float *x, float sc, float bar) {
+    __m512 v = _mm512_loadu_ps(x);
+    __mmask16 live = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
+    return _mm512_mask_cmp_ps_mask(live, _mm512_mul_ps(v, _mm512_set1_ps(sc)),
+                                   _mm512_set1_ps(bar), _CMP_GT_OQ);
+}
+static inline unsigned top_hits_f64(const double *x, double sc, double bar) {
+    __m512d v = _mm512_loadu_pd(x);
+    __mmask8 live = _mm512_cmp_pd_mask(v, _mm512_set1_pd(-INFINITY), _CMP_NEQ_UQ);
+    return _mm512_mask_cmp_pd_mask(live, _mm512_mul_pd(v, _mm512_set1_pd(sc)),
+                                   _mm512_set1_pd(bar), _CMP_GT_OQ);
+}
+/* The entries e[l] ≤ cut, in order, stored from out (which has room for a whole vector):
+   returns how many. */
+static inline int64_t keep_below_f32(const float *e, float cut, float *out) {
+    __m512 v = _mm512_loadu_ps(e);
+    __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(cut), _CMP_LE_OQ);
+    _mm512_storeu_ps(out, _mm512_maskz_compress_ps(keep, v));
+    return __builtin_popcount(keep);
+}
+static inline int64_t keep_below_f64(const double *e, double cut, double *out) {
+    __m512d v = _mm512_loadu_pd(e);
+    __mmask8 keep = _mm512_cmp_pd_mask(v, _mm512_set1_pd(cut), _CMP_LE_OQ);
+    _mm512_storeu_pd(out, _mm512_maskz_compress_pd(keep, v));
+    return __builtin_popcount(keep);
+}
+#else /* (stand-ins the macro's dead branches name) */
+#define ROW_SCANS 0
+#define ROW_SCAN_WIDTH_f32 1
+#define ROW_SCAN_WIDTH_f64 1
+#define top_hits_f32(x, sc, bar) 0u
+#define top_hits_f64(x, sc, bar) 0u
+#define keep_below_f32(e, cut, out) 0
+#define keep_below_f64(e, cut, out) 0
+#endif
+
 /* ------------------------------------------------------------------ per-row solve
  * Instantiated for float and double by the macro below.  Scalars are double throughout.
  *
@@ -695,8 +742,11 @@ static inline double clamp_f64(double v, double low, double high) {
             }                                                                                    \
             int status = 4;                                                                      \
             if (count <= NEAR_SHARE * (double)n) { /* (else the copy would not pay) */           \
-                int64_t kept = 0;                                                                \
-                for (int64_t i = 0; i < n; ++i) { /* branch-free: kept entries are scattered */  \
+                int64_t kept = 0, i = 0;                                                         \
+                if (ROW_SCANS) /* (count ≤ n/4: room for a vector's store past the last kept) */ \
+                    for (; i + ROW_SCAN_WIDTH_##SUFFIX <= n; i += ROW_SCAN_WIDTH_##SUFFIX)       \
+                        kept += keep_below_##SUFFIX(e + i, cut, near + kept);                    \
+                for (; i < n; ++i) { /* branch-free: kept entries are scattered */               \
                     near[kept] = e[i];                                                           \
                     kept += e[i] <= cut;                                                         \
                 }                                                                                \
@@ -742,6 +792,11 @@ static inline double clamp_f64(double v, double low, double high) {
         int64_t size = 0, i = 0;                                                                 \
         for (; i < n && size < capacity; ++i) /* (live entries: at least m + 1) */               \
             if (x[i] != minus_inf) top_insert_##SUFFIX(top, &size, capacity, x[i] * sc);         \
+        if (ROW_SCANS) /* (the lanes that pass, in order: the list the loop below builds) */     \
+            for (; i + ROW_SCAN_WIDTH_##SUFFIX <= n; i += ROW_SCAN_WIDTH_##SUFFIX)               \
+                for (unsigned hits = top_hits_##SUFFIX(x + i, sc, top[capacity - 1]); hits;      \
+                     hits &= hits - 1)                                                           \
+                    top_insert_##SUFFIX(top, &size, capacity, x[i + __builtin_ctz(hits)] * sc);  \
         for (; i + WIDTH <= n; i += WIDTH) {                                                     \
             tile_vec_##SUFFIX v;                                                                 \
             memcpy(&v, x + i, sizeof v);                                                         \
