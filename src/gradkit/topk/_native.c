@@ -404,18 +404,52 @@ static inline double clamp_f64(double v, double low, double high) {
 #define ROW_SCANS 1
 #define ROW_SCAN_WIDTH_f32 16
 #define ROW_SCAN_WIDTH_f64 8
-/* Bit l set where x[l] is not −inf and x[l]·sc > bar (top_start's test). */
+/* Bit l set where x[l] is not −inf and x[l]·sc ≥ bar (top_start's test). */
 static inline unsigned top_hits_f32(const float *x, float sc, float bar) {
     __m512 v = _mm512_loadu_ps(x);
     __mmask16 live = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
     return _mm512_mask_cmp_ps_mask(live, _mm512_mul_ps(v, _mm512_set1_ps(sc)),
-                                   _mm512_set1_ps(bar), _CMP_GT_OQ);
+                                   _mm512_set1_ps(bar), _CMP_GE_OQ);
 }
 static inline unsigned top_hits_f64(const double *x, double sc, double bar) {
     __m512d v = _mm512_loadu_pd(x);
     __mmask8 live = _mm512_cmp_pd_mask(v, _mm512_set1_pd(-INFINITY), _CMP_NEQ_UQ);
     return _mm512_mask_cmp_pd_mask(live, _mm512_mul_pd(v, _mm512_set1_pd(sc)),
-                                   _mm512_set1_pd(bar), _CMP_GT_OQ);
+                                   _mm512_set1_pd(bar), _CMP_GE_OQ);
+}
+/* The capacity-th largest (capacity ≤ 16) of 16 values, in place. */
+#define NTH_LARGEST_OF_16(T, v, capacity)                                                        \
+    for (int a = 1; a < 16; ++a)                                                                 \
+        for (int b = a; b > 0 && v[b - 1] < v[b]; --b) {                                         \
+            T swap_ = v[b];                                                                      \
+            v[b] = v[b - 1], v[b - 1] = swap_;                                                   \
+        }                                                                                        \
+    return v[(capacity) - 1];
+/* A bar that at least `capacity` (≤ 16) live entries x_i·sc of the row reach: the capacity-th
+   largest of 16 lanes' maxima over its whole 16-entry blocks (−inf if fewer lanes hold one). */
+static inline float top_bar_f32(const float *x, int64_t n, float sc, int64_t capacity) {
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        __mmask16 live = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
+        best = _mm512_mask_max_ps(best, live, best, _mm512_mul_ps(v, _mm512_set1_ps(sc)));
+    }
+    float lanes[16];
+    _mm512_storeu_ps(lanes, best);
+    NTH_LARGEST_OF_16(float, lanes, capacity)
+}
+static inline double top_bar_f64(const double *x, int64_t n, double sc, int64_t capacity) {
+    __m512d best[2] = {_mm512_set1_pd(-INFINITY), _mm512_set1_pd(-INFINITY)};
+    for (int64_t i = 0; i + 16 <= n; i += 16)
+        for (int h = 0; h < 2; ++h) {
+            __m512d v = _mm512_loadu_pd(x + i + 8 * h);
+            __mmask8 live = _mm512_cmp_pd_mask(v, _mm512_set1_pd(-INFINITY), _CMP_GT_OQ);
+            best[h] = _mm512_mask_max_pd(best[h], live, best[h], _mm512_mul_pd(v, _mm512_set1_pd(sc)));
+        }
+    double lanes[16];
+    _mm512_storeu_pd(lanes, best[0]);
+    _mm512_storeu_pd(lanes + 8, best[1]);
+    NTH_LARGEST_OF_16(double, lanes, capacity)
 }
 /* The entries e[l] ≤ cut, in order, stored from out (which has room for a whole vector):
    returns how many. */
@@ -437,6 +471,8 @@ static inline int64_t keep_below_f64(const double *e, double cut, double *out) {
 #define ROW_SCAN_WIDTH_f64 1
 #define top_hits_f32(x, sc, bar) 0u
 #define top_hits_f64(x, sc, bar) 0u
+#define top_bar_f32(x, n, sc, capacity) 0.0f
+#define top_bar_f64(x, n, sc, capacity) 0.0
 #define keep_below_f32(e, cut, out) 0
 #define keep_below_f64(e, cut, out) 0
 #endif
@@ -790,13 +826,17 @@ static inline int64_t keep_below_f64(const double *e, double cut, double *out) {
         const int64_t m = (int64_t)floor(budget), capacity = m + 1;                              \
         T top[TOP_LIST];                                                                         \
         int64_t size = 0, i = 0;                                                                 \
+        if (ROW_SCANS) { /* Entries reaching a bar that m + 1 of them reach, while the list      \
+                            fills, then those reaching its last: few are inserted. */            \
+            const T bar = top_bar_##SUFFIX(x, n, sc, capacity);                                  \
+            for (; i + ROW_SCAN_WIDTH_##SUFFIX <= n; i += ROW_SCAN_WIDTH_##SUFFIX) {             \
+                T least = size < capacity ? bar : top[capacity - 1];                             \
+                for (unsigned hits = top_hits_##SUFFIX(x + i, sc, least); hits; hits &= hits - 1) \
+                    top_insert_##SUFFIX(top, &size, capacity, x[i + __builtin_ctz(hits)] * sc);  \
+            }                                                                                    \
+        }                                                                                        \
         for (; i < n && size < capacity; ++i) /* (live entries: at least m + 1) */               \
             if (x[i] != minus_inf) top_insert_##SUFFIX(top, &size, capacity, x[i] * sc);         \
-        if (ROW_SCANS) /* (the lanes that pass, in order: the list the loop below builds) */     \
-            for (; i + ROW_SCAN_WIDTH_##SUFFIX <= n; i += ROW_SCAN_WIDTH_##SUFFIX)               \
-                for (unsigned hits = top_hits_##SUFFIX(x + i, sc, top[capacity - 1]); hits;      \
-                     hits &= hits - 1)                                                           \
-                    top_insert_##SUFFIX(top, &size, capacity, x[i + __builtin_ctz(hits)] * sc);  \
         for (; i + WIDTH <= n; i += WIDTH) {                                                     \
             tile_vec_##SUFFIX v;                                                                 \
             memcpy(&v, x + i, sizeof v);                                                         \
