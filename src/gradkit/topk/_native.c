@@ -417,39 +417,28 @@ static inline unsigned top_hits_f64(const double *x, double sc, double bar) {
     return _mm512_mask_cmp_pd_mask(live, _mm512_mul_pd(v, _mm512_set1_pd(sc)),
                                    _mm512_set1_pd(bar), _CMP_GE_OQ);
 }
-/* The capacity-th largest (capacity ≤ 16) of 16 values, in place. */
-#define NTH_LARGEST_OF_16(T, v, capacity)                                                        \
-    for (int a = 1; a < 16; ++a)                                                                 \
-        for (int b = a; b > 0 && v[b - 1] < v[b]; --b) {                                         \
-            T swap_ = v[b];                                                                      \
-            v[b] = v[b - 1], v[b - 1] = swap_;                                                   \
-        }                                                                                        \
-    return v[(capacity) - 1];
-/* A bar that at least `capacity` (≤ 16) live entries x_i·sc of the row reach: the capacity-th
-   largest of 16 lanes' maxima over its whole 16-entry blocks (−inf if fewer lanes hold one). */
-static inline float top_bar_f32(const float *x, int64_t n, float sc, int64_t capacity) {
+/* The maxima of 16 lanes over the whole 16-entry blocks of a row's live x_i·sc (−inf where
+   a lane holds none): 16 distinct entries, of which the j-th largest is a bar that at least
+   j entries of the row reach (top_start). */
+static inline void top_lanes_f32(const float *x, int64_t n, float sc, float *lanes) {
     __m512 best = _mm512_set1_ps(-INFINITY);
     for (int64_t i = 0; i + 16 <= n; i += 16) {
         __m512 v = _mm512_loadu_ps(x + i);
         __mmask16 live = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
         best = _mm512_mask_max_ps(best, live, best, _mm512_mul_ps(v, _mm512_set1_ps(sc)));
     }
-    float lanes[16];
     _mm512_storeu_ps(lanes, best);
-    NTH_LARGEST_OF_16(float, lanes, capacity)
 }
-static inline double top_bar_f64(const double *x, int64_t n, double sc, int64_t capacity) {
+static inline void top_lanes_f64(const double *x, int64_t n, double sc, double *lanes) {
     __m512d best[2] = {_mm512_set1_pd(-INFINITY), _mm512_set1_pd(-INFINITY)};
     for (int64_t i = 0; i + 16 <= n; i += 16)
         for (int h = 0; h < 2; ++h) {
-            __m512d v = _mm512_loadu_pd(x + i + 8 * h);
+            __m512d v = _mm512_loadu_pd(x + i + 8 * h), w = _mm512_mul_pd(v, _mm512_set1_pd(sc));
             __mmask8 live = _mm512_cmp_pd_mask(v, _mm512_set1_pd(-INFINITY), _CMP_GT_OQ);
-            best[h] = _mm512_mask_max_pd(best[h], live, best[h], _mm512_mul_pd(v, _mm512_set1_pd(sc)));
+            best[h] = _mm512_mask_max_pd(best[h], live, best[h], w);
         }
-    double lanes[16];
     _mm512_storeu_pd(lanes, best[0]);
     _mm512_storeu_pd(lanes + 8, best[1]);
-    NTH_LARGEST_OF_16(double, lanes, capacity)
 }
 /* The entries e[l] ≤ cut, in order, stored from out (which has room for a whole vector):
    returns how many. */
@@ -471,8 +460,8 @@ static inline int64_t keep_below_f64(const double *e, double cut, double *out) {
 #define ROW_SCAN_WIDTH_f64 1
 #define top_hits_f32(x, sc, bar) 0u
 #define top_hits_f64(x, sc, bar) 0u
-#define top_bar_f32(x, n, sc, capacity) 0.0f
-#define top_bar_f64(x, n, sc, capacity) 0.0
+#define top_lanes_f32(x, n, sc, lanes) (void)0
+#define top_lanes_f64(x, n, sc, lanes) (void)0
 #define keep_below_f32(e, cut, out) 0
 #define keep_below_f64(e, cut, out) 0
 #endif
@@ -828,7 +817,11 @@ static inline int64_t keep_below_f64(const double *e, double cut, double *out) {
         int64_t size = 0, i = 0;                                                                 \
         if (ROW_SCANS) { /* Entries reaching a bar that m + 1 of them reach, while the list      \
                             fills, then those reaching its last: few are inserted. */            \
-            const T bar = top_bar_##SUFFIX(x, n, sc, capacity);                                  \
+            T lanes[16], bars[TOP_LIST];                                                         \
+            int64_t filled = 0;                                                                  \
+            top_lanes_##SUFFIX(x, n, sc, lanes);                                                 \
+            for (int l = 0; l < 16; ++l) top_insert_##SUFFIX(bars, &filled, capacity, lanes[l]); \
+            const T bar = bars[capacity - 1]; /* (−inf where fewer lanes hold an entry) */       \
             for (; i + ROW_SCAN_WIDTH_##SUFFIX <= n; i += ROW_SCAN_WIDTH_##SUFFIX) {             \
                 T least = size < capacity ? bar : top[capacity - 1];                             \
                 for (unsigned hits = top_hits_##SUFFIX(x + i, sc, least); hits; hits &= hits - 1) \
