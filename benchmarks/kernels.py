@@ -51,6 +51,8 @@ SOLVES = [
     ("soft", 100_000, 10_000, 10, "float64"),
     ("sparse", 10_000, 1000, 3, "float32"),
     ("sparse", 100_000, 10, 1, "float32"),
+    ("sparse", 10_000, 1, 10, "float32"),  # (the order-statistics window of small budgets)
+    ("sparse", 10_000, 2, 10, "float64"),
 ]
 VJPS = [
     *((op, n, max(1, n // 4), 3.0, "float32") for op in ("soft", "sparse") for n in (8, 16, 64)),

@@ -454,6 +454,29 @@ static inline int64_t keep_below_f64(const double *e, double cut, double *out) {
     _mm512_storeu_pd(out, _mm512_maskz_compress_pd(keep, v));
     return __builtin_popcount(keep);
 }
+/* sparse_topk's window of a wide row, 8 entries at x: w = (x − ref)·inv in double; returns
+   how many lie at or above high (fixed at p = 1) and stores those in (low, high), in order,
+   from out (room for 8), adding their count to *kept. */
+static inline int window_f32(const float *x, double ref, double inv, double low, double high,
+                             double *out, int64_t *kept) {
+    __m512d w = _mm512_mul_pd(_mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x)),
+                                            _mm512_set1_pd(ref)), _mm512_set1_pd(inv));
+    __mmask8 above = _mm512_cmp_pd_mask(w, _mm512_set1_pd(high), _CMP_GE_OQ);
+    __mmask8 keep = _mm512_mask_cmp_pd_mask(~above, w, _mm512_set1_pd(low), _CMP_GT_OQ);
+    _mm512_storeu_pd(out, _mm512_maskz_compress_pd(keep, w));
+    *kept += __builtin_popcount(keep);
+    return __builtin_popcount(above);
+}
+static inline int window_f64(const double *x, double ref, double inv, double low, double high,
+                             double *out, int64_t *kept) {
+    __m512d w = _mm512_mul_pd(_mm512_sub_pd(_mm512_loadu_pd(x), _mm512_set1_pd(ref)),
+                              _mm512_set1_pd(inv));
+    __mmask8 above = _mm512_cmp_pd_mask(w, _mm512_set1_pd(high), _CMP_GE_OQ);
+    __mmask8 keep = _mm512_mask_cmp_pd_mask(~above, w, _mm512_set1_pd(low), _CMP_GT_OQ);
+    _mm512_storeu_pd(out, _mm512_maskz_compress_pd(keep, w));
+    *kept += __builtin_popcount(keep);
+    return __builtin_popcount(above);
+}
 #else /* (stand-ins the macro's dead branches name) */
 #define ROW_SCANS 0
 #define ROW_SCAN_WIDTH_f32 1
@@ -464,6 +487,8 @@ static inline int64_t keep_below_f64(const double *e, double cut, double *out) {
 #define top_lanes_f64(x, n, sc, lanes) (void)0
 #define keep_below_f32(e, cut, out) 0
 #define keep_below_f64(e, cut, out) 0
+#define window_f32(x, ref, inv, low, high, out, kept) 0
+#define window_f64(x, ref, inv, low, high, out, kept) 0
 #endif
 
 /* ------------------------------------------------------------------ per-row solve
@@ -2166,8 +2191,22 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
     static void sparse_top_list_##SUFFIX(const T *x, int64_t n, int64_t up, int64_t down,        \
                                          double *a, double *b) {                                 \
         double top[SPARSE_TOP_LIST];                                                             \
-        int64_t size = 0;                                                                        \
-        for (int64_t i = 0; i < n; ++i) {                                                        \
+        int64_t size = 0, i = 0;                                                                 \
+        if (ROW_SCANS) { /* as top_start: entries reaching a bar, then the list's last */        \
+            T lanes[16];                                                                         \
+            double bars[SPARSE_TOP_LIST];                                                        \
+            int64_t filled = 0;                                                                  \
+            top_lanes_##SUFFIX(x, n, (T)1, lanes);                                               \
+            for (int l = 0; l < 16; ++l) top_insert_f64(bars, &filled, up, (double)lanes[l]);    \
+            const T bar = (T)bars[up - 1]; /* (an entry of x: exact in T) */                     \
+            for (; i + ROW_SCAN_WIDTH_##SUFFIX <= n; i += ROW_SCAN_WIDTH_##SUFFIX) {             \
+                T least = size < up ? bar : (T)top[up - 1];                                      \
+                for (unsigned hits = top_hits_##SUFFIX(x + i, (T)1, least); hits;                \
+                     hits &= hits - 1)                                                           \
+                    top_insert_f64(top, &size, up, (double)x[i + __builtin_ctz(hits)]);          \
+            }                                                                                    \
+        }                                                                                        \
+        for (; i < n; ++i) {                                                                     \
             double v = (double)x[i];                                                             \
             if (size == up && !(v > top[size - 1])) continue;                                    \
             int64_t j = size < up ? size++ : up - 1;                                             \
@@ -2380,8 +2419,11 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
             double low = (a - top) * inv - 1.0, hi = (b - top) * inv, fixed = 0.0;               \
             low = low > lo ? low : lo;                                                           \
             hi = hi < 0.0 ? hi : 0.0;                                                            \
-            int64_t m = 0;                                                                       \
-            for (int64_t i = 0; i < n; ++i) {                                                    \
+            int64_t m = 0, i = 0;                                                                \
+            if (ROW_SCANS) /* (m ≤ i: cand, n long, has room for 8 past m) */                    \
+                for (; i + 8 <= n; i += 8)                                                       \
+                    fixed += window_##SUFFIX(x + i, top, inv, low, hi + 1.0, cand + m, &m);      \
+            for (; i < n; ++i) {                                                                 \
                 double w = ((double)x[i] - top) * inv; /* −inf for masked entries */             \
                 if (w >= hi + 1.0)                                                               \
                     fixed += 1.0;                                                                \
