@@ -481,8 +481,8 @@ static inline int window_f64(const double *x, double ref, double inv, double low
 #define ROW_SCANS 0
 #define ROW_SCAN_WIDTH_f32 1
 #define ROW_SCAN_WIDTH_f64 1
-#define top_hits_f32(x, sc, bar) 0u
-#define top_hits_f64(x, sc, bar) 0u
+#define top_hits_f32(x, sc, bar) ((void)(bar), 0u)
+#define top_hits_f64(x, sc, bar) ((void)(bar), 0u)
 #define top_lanes_f32(x, n, sc, lanes) (void)0
 #define top_lanes_f64(x, n, sc, lanes) (void)0
 #define keep_below_f32(e, cut, out) 0
