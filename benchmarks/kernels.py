@@ -53,6 +53,10 @@ SOLVES = [
     ("sparse", 100_000, 10, 1, "float32"),
     ("sparse", 10_000, 1, 10, "float32"),  # (the order-statistics window of small budgets)
     ("sparse", 10_000, 2, 10, "float64"),
+    *(("sparse", n, k, s, "float32") for n, k, s in [(1000, 1, 3), (1000, 2, 10), (1000, 10, 1)]),
+    ("sparse", 1000, 1, 0.3, "float32"),
+    ("sparse", 256, 2, 3, "float32"),
+    ("sparse", 1000, 2, 3, "float64"),
 ]
 VJPS = [
     *((op, n, max(1, n // 4), 3.0, "float32") for op in ("soft", "sparse") for n in (8, 16, 64)),

@@ -435,6 +435,29 @@ def test_sparse_long_rows_match_the_sort_based_solve(dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [129, 300, 1000])
+def test_sparse_mid_length_rows_of_small_budgets_match_the_sort_based_solve(n, dtype):
+    # Rows of 129–1024 entries spanning 4–16 τ or more, budgets below 16: the order-statistics
+    # window where the build has AVX-512 (the passes over x elsewhere), masks and ties included.
+    from gradkit.topk import _sparse
+
+    scales = torch.tensor([0.3, 0.8, 1.5, 3.0, 10.0, 1.0, 2.0, 100.0], dtype=torch.float64)
+    x = seeded_randn(8, n, seed=n + 5) * scales[:, None] + 3.0
+    x[5, ::2] = -math.inf
+    x[6, : n // 3] = 4.0  # (a third of the row tied at its top)
+    x = x.to(dtype)
+    k = torch.tensor([1.0, 2.0, 15.0, 2.5, 10.0, 1.0, 3.0, 14.5], dtype=torch.float64)
+    p, status, _ = _native.sparse_solve(x, k, 0.5)
+    assert status.tolist() == [0] * 8
+    expected = _sparse.solve_sparse_nosync(x.double(), k, 0.5)
+    tolerance = 64 * torch.finfo(dtype).eps * 1e3
+    assert bool(((p.double() - expected).abs() <= tolerance).all())
+    assert bool((p[expected == 0] == 0).all()) and bool((p[expected == 1] == 1).all())
+    assert torch.allclose(p.double().sum(-1), k, atol=n * torch.finfo(dtype).eps)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [50, 700])  # (700 ≥ 512: the long-row start; the reference is O(n²))
 def test_sparse_kernel_solves_rows_with_infinities_and_nan(n, dtype):
     # +inf entries take k/m each (at most 1) of the budget, the finite ones share the rest;

@@ -2037,8 +2037,9 @@ void gradkit_sparse_tile_counts(int64_t *counts) {
 }
 
 /* Long rows wider than this many τ with a small budget keep only the entries near the root in
-   a second scan of x (a predictable branch: few entries are kept). */
-#define SPARSE_NARROW 16.0
+   a second scan of x (a predictable branch: few entries are kept).  With AVX-512 both scans
+   are vector loops (top_hits, window_*), and rows from 4 τ wide gain. */
+#define SPARSE_NARROW (ROW_SCANS ? 4.0 : 16.0)
 
 #define SPARSE_TOP_LIST 16 /* budgets below this take their order statistics from one scan */
 /* Rows spanning more than this many τ are solved about a pivot near the root (in double, w
@@ -2147,8 +2148,9 @@ static int sparse_newton(double *cand, int64_t m, double k, double fixed, double
 
 /* Rows of at most this many entries (and longer ones unless wide with a small budget) take
    the pass-over-x path (sparse_pass_row_*): a start from the row's moments, then active-set
-   Newton passes straight over x (no copy, no compaction; each pass one vectorised loop). */
-#define SPARSE_SHORT_PATH 1024
+   Newton passes straight over x (no copy, no compaction; each pass one vectorised loop).
+   With AVX-512 the order-statistics window pays from rows past the tiles' 128 entries. */
+#define SPARSE_SHORT_PATH (ROW_SCANS ? 128 : 1024)
 
 /* z with Φ(z) ≈ 1 − share (0 < share < 1), by the logistic approximation Φ(z) ≈ σ(1.702 z):
    only a starting point, its accuracy matters for speed, never for the result. */
