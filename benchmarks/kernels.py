@@ -47,6 +47,9 @@ SOLVES = [
     ("soft", 10_000, 1000, 20, "float32"),
     ("soft", 1000, 2, 10, "float32"),  # (small budgets of wide rows: the top-list start)
     ("soft", 10_000, 2, 10, "float64"),
+    ("soft", 1000, 10, 10, "float32"),
+    ("soft", 1000, 4, 10, "float32"),
+    ("soft", 300, 2, 10, "float32"),
     ("soft", 100_000, 10_000, 10, "float32"),
     ("soft", 100_000, 10_000, 10, "float64"),
     ("sparse", 10_000, 1000, 3, "float32"),

@@ -480,11 +480,12 @@ def test_rows_of_16_to_40_tau_around_the_small_budget_share_match_the_reference(
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [600, 5000])
+@pytest.mark.parametrize("n", [300, 600, 5000])
 @pytest.mark.parametrize("spread", [10.0, 60.0])
 def test_long_wide_rows_of_small_budgets_match_the_reference(n, spread, dtype):
     # Wide rows of small budgets start from a list of their top entries (budgets < 15 in
-    # long enough rows) and iterate on the entries near the root only (rows of ≥ 512): every
+    # long enough rows: 300 entries for k < 2 with AVX-512, 768 without) and iterate on the
+    # entries near the root only (rows of ≥ 512): every
     # budget near those limits, flipped budgets (n − k) and masked entries.
     x = seeded_randn(3, n, seed=n + int(spread), dtype=torch.float64) * spread
     # θ to the dtype's resolution at the scale of x, and the reference's own rounding of a

@@ -72,7 +72,8 @@
 #define MAX_COUNT_PASSES 8  /* … which narrow its bracket at most 8⁸-fold */
 #define START_WIDTH 2.0     /* … down to this many units of τ */
 #define TOP_LIST 16 /* wide rows of budgets below 15 start from a list of their top entries, */
-#define TOP_SHARE 256 /* … when they hold this many entries per listed one (else count_start) */
+#define TOP_SHARE (ROW_SCANS ? 100 : 256) /* … when they hold this many entries per listed one
+                                            (else count_start; fewer with AVX-512's scans) */
 #define NEAR_ROW 512 /* wide rows this long iterate on the entries near the root only … */
 #define NEAR_MARGIN 4.0 /* … while the threshold stays within this many τ below its start, */
 #define NEAR_SHARE 0.25 /* … if at most this share of the entries is near */
@@ -2149,7 +2150,7 @@ static int sparse_newton(double *cand, int64_t m, double k, double fixed, double
 /* Rows of at most this many entries (and longer ones unless wide with a small budget) take
    the pass-over-x path (sparse_pass_row_*): a start from the row's moments, then active-set
    Newton passes straight over x (no copy, no compaction; each pass one vectorised loop).
-   With AVX-512 the order-statistics window pays from rows past the tiles' 128 entries. */
+   With AVX-512 the order-statistics window pays from rows of more than 128 entries. */
 #define SPARSE_SHORT_PATH (ROW_SCANS ? 128 : 1024)
 
 /* z with Φ(z) ≈ 1 − share (0 < share < 1), by the logistic approximation Φ(z) ≈ σ(1.702 z):
