@@ -419,18 +419,24 @@ def test_sparse_short_path_masked_offset_rows_match_the_reference(n, dtype):
 def test_sparse_long_rows_match_the_sort_based_solve(dtype):
     # Rows over SPARSE_SHORT_PATH: passes over x from the Gaussian-model start, and (wide rows,
     # k < 16) the order-statistics window; against the PyTorch path's sort-based exact solve.
-    from gradkit.topk import _sparse
-
     scales = torch.tensor([0.1, 1.0, 3.0, 100.0, 1000.0, 0.1, 10.0, 300.0], dtype=torch.float64)
     x = (seeded_randn(8, 5000, seed=11) * scales[:, None] - 40.0).to(dtype)
     x[5, ::3] = -math.inf
     k = torch.tensor([1.0, 2.0, 50.0, 2.5, 15.0, 1600.0, 2500.0, 4999.0], dtype=torch.float64)
+    _assert_sparse_kernel_matches_the_sort_based_solve(x, k, 64 * torch.finfo(dtype).eps * 1e4)
+
+
+def _assert_sparse_kernel_matches_the_sort_based_solve(x, k, tolerance: float):
+    """The kernel solves every row (τ = 0.5) as the PyTorch path's sort-based exact solve,
+    within ``tolerance``, with the same exact zeros and ones."""
+    from gradkit.topk import _sparse
+
     p, status, _ = _native.sparse_solve(x, k, 0.5)
-    assert status.tolist() == [0] * 8
+    assert status.tolist() == [0] * len(k)
     expected = _sparse.solve_sparse_nosync(x.double(), k, 0.5)
-    tolerance = 64 * torch.finfo(dtype).eps * 1e4
     assert bool(((p.double() - expected).abs() <= tolerance).all())
     assert bool((p[expected == 0] == 0).all()) and bool((p[expected == 1] == 1).all())
+    return p
 
 
 @needs_kernel
@@ -439,20 +445,13 @@ def test_sparse_long_rows_match_the_sort_based_solve(dtype):
 def test_sparse_mid_length_rows_of_small_budgets_match_the_sort_based_solve(n, dtype):
     # Rows of 129–1024 entries spanning 4–16 τ or more, budgets below 16: the order-statistics
     # window where the build has AVX-512 (the passes over x elsewhere), masks and ties included.
-    from gradkit.topk import _sparse
-
     scales = torch.tensor([0.3, 0.8, 1.5, 3.0, 10.0, 1.0, 2.0, 100.0], dtype=torch.float64)
     x = seeded_randn(8, n, seed=n + 5) * scales[:, None] + 3.0
     x[5, ::2] = -math.inf
     x[6, : n // 3] = 4.0  # (a third of the row tied at its top)
     x = x.to(dtype)
     k = torch.tensor([1.0, 2.0, 15.0, 2.5, 10.0, 1.0, 3.0, 14.5], dtype=torch.float64)
-    p, status, _ = _native.sparse_solve(x, k, 0.5)
-    assert status.tolist() == [0] * 8
-    expected = _sparse.solve_sparse_nosync(x.double(), k, 0.5)
-    tolerance = 64 * torch.finfo(dtype).eps * 1e3
-    assert bool(((p.double() - expected).abs() <= tolerance).all())
-    assert bool((p[expected == 0] == 0).all()) and bool((p[expected == 1] == 1).all())
+    p = _assert_sparse_kernel_matches_the_sort_based_solve(x, k, 64 * torch.finfo(dtype).eps * 1e3)
     assert torch.allclose(p.double().sum(-1), k, atol=n * torch.finfo(dtype).eps)
 
 
