@@ -800,7 +800,7 @@ static inline int window_f64(const double *x, double ref, double inv, double low
             int status = 4;                                                                      \
             if (count <= NEAR_SHARE * (double)n) { /* (else the copy would not pay) */           \
                 int64_t kept = 0, i = 0;                                                         \
-                if (ROW_SCANS) /* (count ≤ n/4: room for a vector's store past the last kept) */ \
+                if (ROW_SCANS) /* (kept ≤ i: a vector's store stays within near's n) */          \
                     for (; i + ROW_SCAN_WIDTH_##SUFFIX <= n; i += ROW_SCAN_WIDTH_##SUFFIX)       \
                         kept += keep_below_##SUFFIX(e + i, cut, near + kept);                    \
                 for (; i < n; ++i) { /* branch-free: kept entries are scattered */               \
