@@ -58,6 +58,8 @@ SOLVES = [
     ("sparse", 10_000, 2, 10, "float64"),
     *(("sparse", n, k, s, "float32") for n, k, s in [(1000, 1, 3), (1000, 2, 10), (1000, 10, 1)]),
     ("sparse", 1000, 1, 0.3, "float32"),
+    ("sparse", 1000, 10, 3, "float32"),
+    ("sparse", 1000, 14, 10, "float32"),
     ("sparse", 256, 2, 3, "float32"),
     ("sparse", 1000, 2, 3, "float64"),
 ]

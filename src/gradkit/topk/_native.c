@@ -2423,8 +2423,22 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                scan of x; then only the entries inside the window (lo, hi + 1) are               \
                kept (few, and a predictable branch) */                                           \
             int64_t up = (int64_t)floor(k) + 1, down = (int64_t)ceil(k);                         \
-            double a, b;                                                                         \
-            sparse_top_list_##SUFFIX(x, n, up, down < 1 ? 1 : down, &a, &b);                     \
+            double a, b, mass_hi = ceil(k) - 1.0;                                                \
+            if (ROW_SCANS && lo > -SPARSE_POLISH_SPAN) {                                         \
+                /* A bracket for free: at least `up` entries reach the up-th largest of 16       \
+                   lanes' maxima (mass ≥ up > k there), none lies above the top (mass 0); the    \
+                   window holds a few more entries.  (Rows wider than SPARSE_POLISH_SPAN·τ keep  \
+                   the order statistics' tight bracket: from this one, float64 rows at τ = 1e−4  \
+                   ended 4× further from the root, 1e−12.) */                                    \
+                T lanes[16];                                                                     \
+                double bars[SPARSE_TOP_LIST];                                                    \
+                int64_t filled = 0;                                                              \
+                top_lanes_##SUFFIX(x, n, (T)1, lanes);                                           \
+                for (int l = 0; l < 16; ++l) top_insert_f64(bars, &filled, up, (double)lanes[l]); \
+                a = bars[up - 1], b = top, mass_hi = 0.0;                                        \
+            } else {                                                                             \
+                sparse_top_list_##SUFFIX(x, n, up, down < 1 ? 1 : down, &a, &b);                 \
+            }                                                                                    \
             double low = (a - top) * inv - 1.0, hi = (b - top) * inv, fixed = 0.0;               \
             low = low > lo ? low : lo;                                                           \
             hi = hi < 0.0 ? hi : 0.0;                                                            \
@@ -2439,7 +2453,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                 else if (w > low)                                                                \
                     cand[m++] = w;                                                               \
             }                                                                                    \
-            status = sparse_newton(cand, m, k, fixed, low, hi, floor(k) + 1.0, ceil(k) - 1.0,    \
+            status = sparse_newton(cand, m, k, fixed, low, hi, floor(k) + 1.0, mass_hi,          \
                                    hi + 1.0 - low, 0.5 * (low + hi), &t);                        \
         }                                                                                        \
         if (status) return status;                                                               \
