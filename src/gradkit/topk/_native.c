@@ -490,8 +490,8 @@ static inline int window_f64(const double *x, double ref, double inv, double low
 #define ROW_SCAN_WIDTH_f64 1
 #define top_hits_f32(x, sc, bar) ((void)(bar), 0u)
 #define top_hits_f64(x, sc, bar) ((void)(bar), 0u)
-#define top_lanes_f32(x, n, sc, lanes) (void)0
-#define top_lanes_f64(x, n, sc, lanes) (void)0
+#define top_lanes_f32(x, n, sc, lanes) ((void)(x), (void)(n), (void)(sc), (void)(lanes))
+#define top_lanes_f64(x, n, sc, lanes) ((void)(x), (void)(n), (void)(sc), (void)(lanes))
 #define keep_below_f32(e, cut, out) 0
 #define keep_below_f64(e, cut, out) 0
 #define window_f32(x, ref, inv, low, high, out, kept) 0
@@ -836,6 +836,17 @@ static inline int window_f64(const double *x, double ref, double inv, double low
         top[j] = w;                                                                              \
     }                                                                                            \
                                                                                                  \
+    /* With AVX-512 (ROW_SCANS): a bar that at least `capacity` (≤ 16) live entries x_i·sc of   \
+       the row reach, the capacity-th largest of 16 lanes' maxima (top_lanes; −inf where fewer   \
+       lanes hold an entry). */                                                                  \
+    static inline T top_bar_##SUFFIX(const T *x, int64_t n, T sc, int64_t capacity) {            \
+        T lanes[16], bars[16];                                                                   \
+        int64_t filled = 0;                                                                      \
+        top_lanes_##SUFFIX(x, n, sc, lanes);                                                     \
+        for (int l = 0; l < 16; ++l) top_insert_##SUFFIX(bars, &filled, capacity, lanes[l]);     \
+        return bars[capacity - 1];                                                               \
+    }                                                                                            \
+                                                                                                 \
     /* For budgets with m = ⌊budget⌋ < TOP_LIST: w_(m+1) and w_(m) (the start of                 \
        solve_wide_row, as count_start) from a sorted list of the m + 1 largest live w, built in  \
        one scan.  Once the list is full, a vector of entries none of which can enter it (one     \
@@ -849,11 +860,7 @@ static inline int window_f64(const double *x, double ref, double inv, double low
         int64_t size = 0, i = 0;                                                                 \
         if (ROW_SCANS) { /* Entries reaching a bar that m + 1 of them reach, while the list      \
                             fills, then those reaching its last: few are inserted. */            \
-            T lanes[16], bars[TOP_LIST];                                                         \
-            int64_t filled = 0;                                                                  \
-            top_lanes_##SUFFIX(x, n, sc, lanes);                                                 \
-            for (int l = 0; l < 16; ++l) top_insert_##SUFFIX(bars, &filled, capacity, lanes[l]); \
-            const T bar = bars[capacity - 1]; /* (−inf where fewer lanes hold an entry) */       \
+            const T bar = top_bar_##SUFFIX(x, n, sc, capacity);                                  \
             for (; i + ROW_SCAN_WIDTH_##SUFFIX <= n; i += ROW_SCAN_WIDTH_##SUFFIX) {             \
                 T least = size < capacity ? bar : top[capacity - 1];                             \
                 for (unsigned hits = top_hits_##SUFFIX(x + i, sc, least); hits; hits &= hits - 1) \
@@ -2202,12 +2209,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
         double top[SPARSE_TOP_LIST];                                                             \
         int64_t size = 0, i = 0;                                                                 \
         if (ROW_SCANS) { /* as top_start: entries reaching a bar, then the list's last */        \
-            T lanes[16];                                                                         \
-            double bars[SPARSE_TOP_LIST];                                                        \
-            int64_t filled = 0;                                                                  \
-            top_lanes_##SUFFIX(x, n, (T)1, lanes);                                               \
-            for (int l = 0; l < 16; ++l) top_insert_f64(bars, &filled, up, (double)lanes[l]);    \
-            const T bar = (T)bars[up - 1]; /* (an entry of x: exact in T) */                     \
+            const T bar = top_bar_##SUFFIX(x, n, (T)1, up);                                      \
             for (; i + ROW_SCAN_WIDTH_##SUFFIX <= n; i += ROW_SCAN_WIDTH_##SUFFIX) {             \
                 T least = size < up ? bar : (T)top[up - 1];                                      \
                 for (unsigned hits = top_hits_##SUFFIX(x + i, (T)1, least); hits;                \
@@ -2430,12 +2432,7 @@ static double sparse_model_root(double mean, double sd, double live, double k, d
                    window holds a few more entries.  (Rows wider than SPARSE_POLISH_SPAN·τ keep  \
                    the order statistics' tight bracket: from this one, float64 rows at τ = 1e−4  \
                    ended 4× further from the root, 1e−12.) */                                    \
-                T lanes[16];                                                                     \
-                double bars[SPARSE_TOP_LIST];                                                    \
-                int64_t filled = 0;                                                              \
-                top_lanes_##SUFFIX(x, n, (T)1, lanes);                                           \
-                for (int l = 0; l < 16; ++l) top_insert_f64(bars, &filled, up, (double)lanes[l]); \
-                a = bars[up - 1], b = top, mass_hi = 0.0;                                        \
+                a = (double)top_bar_##SUFFIX(x, n, (T)1, up), b = top, mass_hi = 0.0;            \
             } else {                                                                             \
                 sparse_top_list_##SUFFIX(x, n, up, down < 1 ? 1 : down, &a, &b);                 \
             }                                                                                    \
