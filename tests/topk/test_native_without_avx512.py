@@ -12,8 +12,6 @@ from __future__ import annotations
 import ctypes
 import math
 import platform
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,13 +23,8 @@ _V3_FLAGS = {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}  # (x86-64-v
 
 
 def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    """The CPU's feature flags (the cache key's ``flags`` line of /proc/cpuinfo)."""
+    return set(_kernel_cache._cpu_signature().partition(":")[2].split())
 
 
 pytestmark = pytest.mark.skipif(
@@ -48,20 +41,14 @@ def generic_build(tmp_path_factory) -> ctypes.CDLL:
     """``_native.c`` compiled for x86-64-v3 (no AVX-512), with the kernel's signatures."""
     folder = tmp_path_factory.mktemp("v3")
     compiler, _ = _kernel_cache.compiler_command()
-    objects, library = folder / "topk.o", folder / "topk_v3.so"
-    flags = [*_kernel_cache.FLAGS, "-march=x86-64-v3", *_kernel_cache.VARIANTS["pthreads"]]
-    for command in (
-        [*compiler, *flags, "-c", str(_kernel_cache.SOURCE), "-o", str(objects)],
-        [*compiler, "-shared", str(objects), "-o", str(library), "-lm", "-pthread"],
-    ):
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:  # (-march=x86-64-v3: GCC 11, Clang 12 and later)
-            pytest.skip(f"no x86-64-v3 build here: {result.stderr.strip()[-300:]}")
-    loaded = ctypes.CDLL(str(library))
-    for name, (restype, argtypes) in _native._SIGNATURES.items():
-        getattr(loaded, name).restype = restype
-        getattr(loaded, name).argtypes = argtypes
-    return loaded
+    library = folder / "topk_v3.so"
+    try:
+        _kernel_cache._compile(
+            compiler, "pthreads", folder, library, arches=(["-march=x86-64-v3"],)
+        )
+    except _kernel_cache.BuildError as error:  # (-march=x86-64-v3: GCC 11, Clang 12 and later)
+        pytest.skip(f"no x86-64-v3 build here: {error}")
+    return _native._open_library(library)
 
 
 def _with_library(monkeypatch, library: ctypes.CDLL | None):

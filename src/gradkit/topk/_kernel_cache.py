@@ -306,13 +306,20 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 
 def _compile(
-    compiler: list[str], variant: str, scratch: Path, output: Path, source: Path = SOURCE
+    compiler: list[str],
+    variant: str,
+    scratch: Path,
+    output: Path,
+    source: Path = SOURCE,
+    arches: tuple[list[str], ...] = (["-march=native"], []),
 ) -> None:
     """Compile ``source`` (the kernel's, unless a benchmark builds another revision of it)
-    into ``output``, with the flags of :data:`FLAGS` and ``variant``; objects in ``scratch``."""
+    into ``output``, with the flags of :data:`FLAGS` and ``variant``; objects in ``scratch``.
+    ``arches``: the target flags tried in turn (not every compiler knows -march=native; a
+    test builds for another CPU than this one)."""
     objects = scratch / "topk.o"
     timeout, error = _timeout(), ""
-    for arch in (["-march=native"], []):  # not every compiler knows -march=native
+    for arch in arches:
         steps = [
             [*compiler, *FLAGS, *arch, *VARIANTS[variant], "-c", str(source), "-o", str(objects)],
             [*compiler, "-shared", str(objects), "-o", str(output), "-lm", "-pthread"],
